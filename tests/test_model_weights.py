@@ -1,0 +1,92 @@
+"""Weights I/O: checksum verification, malformed files, no unpickling, untrained fallback."""
+
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from backend import weights as W
+from backend.errors import WeightsError
+
+
+def _write(tmp_path, cfg=None):
+    lm = W.load_model(tmp_path / "nothing-here")
+    meta = {"format": W.FORMAT, "config": lm.config.to_json(), "note": "test"}
+    W.save_weights(tmp_path / W.WEIGHTS_FILE, W.model_tensors(lm.model, lm.extras), meta)
+    return lm
+
+
+def test_missing_file_gives_deterministic_untrained_model(tmp_path):
+    a = W.load_model(tmp_path)
+    b = W.load_model(tmp_path)
+    assert not a.trained
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert set(W.EXTRA_KEYS) <= set(a.extras)
+
+
+def test_roundtrip_fp16_and_no_pickle(tmp_path, monkeypatch):
+    src = _write(tmp_path)
+    digest = (tmp_path / (W.WEIGHTS_FILE + ".sha256")).read_text().split()[0]
+    assert digest == W.sha256_file(tmp_path / W.WEIGHTS_FILE)
+
+    def forbidden(*a, **k):
+        raise AssertionError("unpickling attempted")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    lm = W.load_model(tmp_path)
+    assert lm.trained and lm.meta["note"] == "test"
+    for k, v in src.model.state_dict().items():
+        assert torch.allclose(lm.model.state_dict()[k], v.half().float())
+
+
+def test_corrupted_copy_raises(tmp_path):
+    _write(tmp_path)
+    path = tmp_path / W.WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="SHA-256"):
+        W.load_model(tmp_path)
+
+
+def test_missing_checksum_raises(tmp_path):
+    _write(tmp_path)
+    (tmp_path / (W.WEIGHTS_FILE + ".sha256")).unlink()
+    with pytest.raises(WeightsError, match="missing"):
+        W.load_model(tmp_path)
+
+
+def test_malformed_file_with_matching_checksum_raises(tmp_path):
+    path = tmp_path / W.WEIGHTS_FILE
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    (tmp_path / (W.WEIGHTS_FILE + ".sha256")).write_text(W.sha256_file(path) + "  imhead.safetensors\n")
+    with pytest.raises(WeightsError, match="not a readable"):
+        W.load_model(tmp_path)
+
+
+def test_wrong_parameters_raise(tmp_path):
+    lm = W.load_model(tmp_path / "none")
+    tensors = W.model_tensors(lm.model, lm.extras)
+    del tensors["model.anchor_bias"]
+    W.save_weights(tmp_path / W.WEIGHTS_FILE, tensors, {"format": W.FORMAT, "config": lm.config.to_json()})
+    with pytest.raises(WeightsError, match="do not match"):
+        W.load_model(tmp_path)
+
+
+def test_shipped_weights_copy_corrupted_raises(tmp_path):
+    shipped = W.default_weights_dir() / W.WEIGHTS_FILE
+    if not shipped.exists():
+        pytest.skip("no shipped weights yet")
+    shutil.copy(shipped, tmp_path / W.WEIGHTS_FILE)
+    shutil.copy(shipped.with_name(W.WEIGHTS_FILE + ".sha256"), tmp_path / (W.WEIGHTS_FILE + ".sha256"))
+    assert W.load_model(tmp_path).trained
+    data = bytearray((tmp_path / W.WEIGHTS_FILE).read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / W.WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(WeightsError):
+        W.load_model(tmp_path)
