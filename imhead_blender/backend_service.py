@@ -1,0 +1,239 @@
+"""The one backend client per Blender session, the jobs in flight, and `pump_backend()`.
+
+Operators only submit; replies are applied on Blender's main thread by `pump_backend()`, which a
+`bpy.app.timers` callback calls. Timers never fire when Blender runs as the `bpy` module, so scripts and
+tests call `pump_backend()` (or `drain()`, a pump loop with a timeout) directly.
+"""
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import bpy
+import numpy as np
+
+from . import expressions, preferences
+from .client import BackendClient, BackendFailure, Future
+
+OnSuccess = Callable[[dict, dict[str, np.ndarray]], None]
+OnFailure = Callable[[BackendFailure], None]
+
+TIMER_BUSY_S = 0.05
+TIMER_IDLE_S = 0.5
+
+
+@dataclass
+class Job:
+    future: Future
+    label: str
+    object_name: str | None
+    on_success: OnSuccess
+    on_failure: OnFailure | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def request_id(self) -> int:
+        return self.future.request_id
+
+
+class _State:
+    client: BackendClient | None = None
+    python: str = ""
+    jobs: list[Job] = []
+    last_error: str = ""
+    handshake_checked: bool = False
+
+
+_state = _State()
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot take requests (not configured, or its process died); the message says what to do."""
+
+
+# --- lifecycle -------------------------------------------------------------------------------------------
+
+def ensure_started() -> BackendClient:
+    """Start the backend on first use. A process that died is not silently restarted: the user sees why it
+    stopped and presses Restart (so a crash loop is visible rather than hidden)."""
+    client = _state.client
+    if client is not None:
+        if client.alive():
+            return client
+        raise BackendUnavailable(f"The imHead backend stopped: {_state.last_error or 'process exited'}. "
+                                 "Press 'Restart Backend'.")
+    return _start()
+
+
+def _start() -> BackendClient:
+    try:
+        python, _source = preferences.resolve_python(preferences.get_preferences().python_path)
+        root = preferences.backend_root()
+    except RuntimeError as exc:
+        _state.last_error = str(exc)
+        raise BackendUnavailable(str(exc)) from exc
+    client = BackendClient(python, str(root))
+    client.start()
+    _state.client, _state.python = client, python
+    _state.last_error, _state.handshake_checked = "", False
+    _ensure_timer()
+    return client
+
+
+def restart() -> BackendClient:
+    shutdown()
+    return _start()
+
+
+def shutdown() -> None:
+    """Stop the process and forget its jobs (used by Restart and unregister)."""
+    if bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.unregister(_timer)
+    client, _state.client = _state.client, None
+    _state.jobs.clear()
+    if client is not None:
+        try:
+            client.shutdown(timeout=5.0)
+        except BackendFailure:
+            pass  # it is going away either way
+
+
+def client() -> BackendClient | None:
+    return _state.client
+
+
+# --- requests --------------------------------------------------------------------------------------------
+
+def submit(op: str, params: dict, arrays: dict[str, np.ndarray] | None, *, label: str,
+           on_success: OnSuccess, on_failure: OnFailure | None = None, object_name: str | None = None) -> Job:
+    """Send a request; never blocks. Callbacks run later on the main thread inside pump_backend()."""
+    client = ensure_started()
+    future = client.submit(op, params, arrays)
+    job = Job(future, label, object_name, on_success, on_failure)
+    _state.jobs.append(job)
+    future.add_done_callback(lambda _f, job=job: _finish(job))
+    _ensure_timer()
+    return job
+
+
+def _finish(job: Job) -> None:
+    if job in _state.jobs:
+        _state.jobs.remove(job)
+    try:
+        params, arrays = job.future.result()
+    except BackendFailure as exc:
+        if exc.code != "cancelled":
+            _state.last_error = f"{job.label}: {exc.message}"
+        if job.on_failure is not None:
+            job.on_failure(exc)
+        _redraw()
+        return
+    try:
+        job.on_success(params, arrays)
+    except Exception as exc:  # a bad reply must not kill the timer; show it instead
+        traceback.print_exc()
+        _state.last_error = f"{job.label}: could not apply the reply: {exc}"
+    _redraw()
+
+
+def jobs(object_name: str | None = None) -> list[Job]:
+    return [j for j in _state.jobs if object_name is None or j.object_name == object_name]
+
+
+def cancel(request_id: int) -> bool:
+    for job in _state.jobs:
+        if job.request_id == request_id and _state.client is not None:
+            _state.client.cancel(job.future)
+            return True
+    return False
+
+
+def pump_backend() -> int:
+    """Apply whatever the backend sent (progress, replies, death). Cheap when idle; main thread only."""
+    client = _state.client
+    if client is None:
+        return 0
+    handled = client.pump()
+    if client.handshake is not None and not _state.handshake_checked:
+        _state.handshake_checked = True
+        _check_handshake(client.handshake.info)
+    if not client.alive() and not _state.last_error:
+        _state.last_error = "the backend process exited"
+    if handled:
+        _redraw()
+    return handled
+
+
+def drain(timeout: float, until: Callable[[], bool] | None = None) -> None:
+    """Pump until no job is in flight (or `until()` holds) — for scripts and tests, where timers never fire.
+    Raises TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while (until is None and _state.jobs) or (until is not None and not until()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"backend jobs still running after {timeout:.0f} s: "
+                               + ", ".join(j.label for j in _state.jobs))
+        if pump_backend() == 0:
+            time.sleep(0.01)
+
+
+# --- status ----------------------------------------------------------------------------------------------
+
+def _check_handshake(info: dict) -> None:
+    names = info.get("expressions")
+    if names is not None and tuple(names) != expressions.EXPRESSION_NAMES:
+        _state.last_error = ("backend expression list differs from the add-on's; "
+                             "the extension and its backend come from different builds")
+
+
+def handshake():
+    return None if _state.client is None else _state.client.handshake
+
+
+def regions() -> list[dict]:
+    """[{id, name, mirror}] from the handshake (empty until it arrived)."""
+    hs = handshake()
+    return list(hs.info.get("regions", [])) if hs is not None else []
+
+
+def status() -> tuple[str, str]:
+    """(state, text) with state in NOT_STARTED, STARTING, READY, ERROR."""
+    client = _state.client
+    if client is None:
+        return ("ERROR", _state.last_error) if _state.last_error else ("NOT_STARTED", "Backend not started")
+    if not client.alive():
+        return "ERROR", _state.last_error or "the backend process exited"
+    if client.handshake is None:
+        return "STARTING", f"Starting backend ({_state.python})"
+    return "READY", _state.last_error
+
+
+def clear_error() -> None:
+    _state.last_error = ""
+
+
+# --- timer -----------------------------------------------------------------------------------------------
+
+def _timer() -> float | None:
+    if _state.client is None:
+        return None
+    try:
+        pump_backend()
+    except Exception:  # keep the timer alive; the error is shown via last_error
+        traceback.print_exc()
+    return TIMER_BUSY_S if _state.jobs else TIMER_IDLE_S
+
+
+def _ensure_timer() -> None:
+    if not bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.register(_timer, first_interval=TIMER_BUSY_S, persistent=True)
+
+
+def _redraw() -> None:
+    wm = getattr(bpy.context, "window_manager", None)
+    if wm is None:
+        return
+    for window in wm.windows:
+        for area in window.screen.areas:
+            if area.type == "VIEW_3D":
+                area.tag_redraw()

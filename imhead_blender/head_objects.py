@@ -1,0 +1,80 @@
+"""imHead objects in the scene: create one from a backend reply, replace its mesh, read its stored head.
+
+The generation parameters live on the object itself (Object.imhead: HeadSpec JSON, seed, resolution,
+model), so a .blend file alone says how every head was made.
+"""
+
+import json
+
+import bpy
+import numpy as np
+
+from . import backend_service, live_deform, mesh_build
+
+HEAD_FORMAT = "imhead-head/1"
+
+
+def head_spec(obj: bpy.types.Object) -> dict:
+    """The object's stored HeadSpec; raises ValueError when it is not an imHead object."""
+    props = obj.imhead
+    if not props.is_head or not props.head_json:
+        raise ValueError(f"'{obj.name}' is not an imHead head (no stored head)")
+    spec = json.loads(props.head_json)
+    if spec.get("format") != HEAD_FORMAT:
+        raise ValueError(f"'{obj.name}' stores an unknown head format {spec.get('format')!r}")
+    return spec
+
+
+def create_head_object(scene: bpy.types.Scene, name: str, head: dict, arrays: dict[str, np.ndarray], *,
+                       seed: int, resolution: int, location=(0.0, 0.0, 0.0),
+                       vertices_in_backend_axes: bool = True) -> bpy.types.Object:
+    mesh = mesh_build.build_mesh(name, arrays, vertices_in_backend_axes=vertices_in_backend_axes)
+    obj = bpy.data.objects.new(name, mesh)
+    obj.location = location
+    scene.collection.objects.link(obj)
+    store_head(obj, head, seed=seed, resolution=resolution)
+    _make_active(scene, obj)
+    return obj
+
+
+def replace_head_mesh(obj: bpy.types.Object, head: dict, arrays: dict[str, np.ndarray]) -> None:
+    """New geometry for an existing head (region edit, regenerate): the object, its transform, material
+    slots and animation stay; the old mesh datablock is dropped when nothing else uses it."""
+    old = obj.data
+    mesh = mesh_build.build_mesh(old.name, arrays)
+    for material in old.materials:
+        mesh.materials.append(material)
+    obj.data = mesh
+    if old.users == 0:
+        bpy.data.meshes.remove(old)
+    store_head(obj, head, seed=obj.imhead.seed, resolution=obj.imhead.resolution)
+    live_deform.forget(obj.name)
+    live_deform.request_for_object(obj)
+
+
+def store_head(obj: bpy.types.Object, head: dict, *, seed: int, resolution: int) -> None:
+    if head.get("format") != HEAD_FORMAT:
+        raise ValueError(f"backend returned an unknown head format {head.get('format')!r}")
+    props = obj.imhead
+    props.is_head = True
+    props.head_json = json.dumps(head, separators=(",", ":"))
+    props.seed = seed
+    props.resolution = resolution
+    hs = backend_service.handshake()
+    if hs is not None:
+        props.model_name = hs.model_name
+        props.trained = hs.trained
+    if not props.regions:
+        for region in backend_service.regions():
+            item = props.regions.add()
+            item.name = str(region["name"])
+            item.region_id = int(region["id"])
+            item.mirror = int(region.get("mirror", -1) if region.get("mirror") is not None else -1)
+
+
+def _make_active(scene: bpy.types.Scene, obj: bpy.types.Object) -> None:
+    for view_layer in scene.view_layers:
+        for other in view_layer.objects:
+            other.select_set(False, view_layer=view_layer)
+        obj.select_set(True, view_layer=view_layer)
+        view_layer.objects.active = obj

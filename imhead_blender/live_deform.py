@@ -1,0 +1,224 @@
+"""Expressions on a fixed topology: weights -> `deform` request -> vertex positions, without blocking.
+
+Property updates and the frame_change_post handler only submit. Per object at most one deform is in
+flight; changes arriving meanwhile are coalesced into one follow-up request with the latest weights.
+Results are cached per object by their (rounded) weight vector, so scrubbing a keyframed timeline a second
+time costs no requests.
+"""
+
+from collections import OrderedDict
+from functools import partial
+
+import bpy
+import numpy as np
+
+from . import axes, expressions, mesh_build
+
+CACHE_ENTRIES = 256
+KEY_DECIMALS = 4  # weights equal to 1e-4 give the same surface for all practical purposes
+
+
+class _State:
+    def __init__(self) -> None:
+        self.in_flight: dict[str, bytes] = {}
+        self.dirty: set[str] = set()
+        self.shown: dict[str, bytes] = {}
+        self.cache: dict[str, OrderedDict[bytes, np.ndarray]] = {}
+        self.stats: dict[str, tuple[float, int]] = {}  # name -> (residual p99 in metres, non-converged)
+        self.suspended = 0
+
+
+_state = _State()
+
+
+def weights_of(obj: bpy.types.Object) -> np.ndarray:
+    values = obj.imhead.expressions
+    return np.array([getattr(values, n) for n in expressions.EXPRESSION_NAMES], dtype=np.float32)
+
+
+def weights_key(weights: np.ndarray) -> bytes:
+    return np.round(np.asarray(weights, dtype=np.float64), KEY_DECIMALS).tobytes()
+
+
+def is_baked(obj: bpy.types.Object) -> bool:
+    keys = getattr(obj.data, "shape_keys", None)
+    return keys is not None and any(k.name.startswith(BAKED_PREFIX) for k in keys.key_blocks)
+
+
+BAKED_PREFIX = "imhead_f"
+
+
+def request_for_object(obj: bpy.types.Object) -> None:
+    """Show the object's current expression weights: from the cache, or by submitting one deform."""
+    if _state.suspended or obj is None or obj.type != "MESH" or not obj.imhead.is_head or is_baked(obj):
+        return
+    if mesh_build.CANONICAL not in obj.data.attributes:
+        return
+    weights = weights_of(obj)
+    key = weights_key(weights)
+    name = obj.name
+    if _state.shown.get(name) == key:
+        return
+    cached = _state.cache.get(name, {}).get(key)
+    if cached is not None:
+        mesh_build.set_positions(obj.data, cached)
+        _state.shown[name] = key
+        return
+    if name in _state.in_flight:
+        _state.dirty.add(name)
+        return
+    _submit(obj, weights[None, :], partial(_apply_live, name, key))
+    _state.in_flight[name] = key
+
+
+def _submit(obj: bpy.types.Object, weights: np.ndarray, on_success, label: str = "Expression") -> None:
+    from . import backend_service, head_objects
+
+    canonical = axes.blender_to_backend(mesh_build.read_point_vector(obj.data, mesh_build.CANONICAL))
+    name = obj.name
+    try:
+        backend_service.submit(
+            "deform", {"head": head_objects.head_spec(obj)},
+            {"canonical": canonical, "expressions": np.ascontiguousarray(weights, dtype=np.float32)},
+            label=f"{label} ({name})", object_name=name, on_success=on_success,
+            on_failure=lambda _exc: _forget_in_flight(name))
+    except backend_service.BackendUnavailable:
+        _forget_in_flight(name)
+        raise
+
+
+def _forget_in_flight(name: str) -> None:
+    _state.in_flight.pop(name, None)
+    _state.dirty.discard(name)
+
+
+def _apply_live(name: str, key: bytes, params: dict, arrays: dict[str, np.ndarray]) -> None:
+    _state.in_flight.pop(name, None)
+    obj = bpy.data.objects.get(name)
+    if obj is None or obj.type != "MESH":
+        return
+    positions = _positions_from_reply(obj, arrays, frames=1)[0]
+    _record_stats(name, arrays)
+    cache = _state.cache.setdefault(name, OrderedDict())
+    cache[key] = positions
+    while len(cache) > CACHE_ENTRIES:
+        cache.popitem(last=False)
+    if weights_key(weights_of(obj)) == key:
+        mesh_build.set_positions(obj.data, positions)
+        _state.shown[name] = key
+    if name in _state.dirty:
+        _state.dirty.discard(name)
+        request_for_object(obj)
+
+
+def _positions_from_reply(obj: bpy.types.Object, arrays: dict[str, np.ndarray], frames: int) -> np.ndarray:
+    verts = np.asarray(arrays.get("vertices"))
+    n = len(obj.data.vertices)
+    if verts.shape != (frames, n, 3):
+        raise ValueError(f"deform reply 'vertices' should be ({frames},{n},3), got {verts.shape}; "
+                         "the mesh changed while the request was running")
+    return axes.backend_to_blender(verts)
+
+
+def _record_stats(name: str, arrays: dict[str, np.ndarray]) -> None:
+    residual = arrays.get("residual")
+    converged = arrays.get("converged")
+    p99 = float(np.percentile(np.abs(residual), 99)) if residual is not None and residual.size else -1.0
+    failed = int(np.count_nonzero(np.asarray(converged) == 0)) if converged is not None else -1
+    _state.stats[name] = (p99, failed)
+
+
+def stats(name: str) -> tuple[float, int] | None:
+    return _state.stats.get(name)
+
+
+def forget(name: str) -> None:
+    """Drop cached results for an object whose mesh was replaced."""
+    _state.cache.pop(name, None)
+    _state.shown.pop(name, None)
+    _state.stats.pop(name, None)
+
+
+class suspended:
+    """Context manager: no live requests (while the bake operator steps through frames)."""
+
+    def __enter__(self):
+        _state.suspended += 1
+
+    def __exit__(self, *exc):
+        _state.suspended -= 1
+
+
+@bpy.app.handlers.persistent
+def on_frame_change(scene: bpy.types.Scene, depsgraph=None) -> None:
+    """frame_change_post: animated weights are evaluated by now; submit only, never wait."""
+    from . import backend_service
+
+    for obj in scene.objects:
+        if obj.type == "MESH" and obj.imhead.is_head:
+            try:
+                request_for_object(obj)
+            except backend_service.BackendUnavailable:
+                return  # the panel shows why; do not raise inside a handler on every frame
+
+
+# --- bake ----------------------------------------------------------------------------------------------
+
+def frame_weights(scene: bpy.types.Scene, obj: bpy.types.Object, frames: list[int]) -> np.ndarray:
+    """(T,53) weights of `obj` at each frame, evaluated by stepping the scene (restores the frame)."""
+    current = scene.frame_current
+    out = np.empty((len(frames), len(expressions.EXPRESSION_NAMES)), dtype=np.float32)
+    with suspended():
+        try:
+            for i, frame in enumerate(frames):
+                scene.frame_set(frame)
+                out[i] = weights_of(obj)
+        finally:
+            scene.frame_set(current)
+    return out
+
+
+def submit_bake(obj: bpy.types.Object, frames: list[int], weights: np.ndarray) -> None:
+    """One batched deform for all distinct weight vectors; the reply becomes per-frame shape keys."""
+    unique, inverse = np.unique(np.round(weights, KEY_DECIMALS), axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    _submit(obj, unique.astype(np.float32),
+            partial(_apply_bake, obj.name, list(frames), inverse, len(unique)),
+            label=f"Bake {len(frames)} frames")
+
+
+def _apply_bake(name: str, frames: list[int], inverse: np.ndarray, n_unique: int,
+                params: dict, arrays: dict[str, np.ndarray]) -> None:
+    obj = bpy.data.objects.get(name)
+    if obj is None or obj.type != "MESH":
+        return
+    positions = _positions_from_reply(obj, arrays, frames=n_unique)
+    _record_stats(name, arrays)
+    bake_shape_keys(obj, frames, inverse, positions)
+
+
+def bake_shape_keys(obj: bpy.types.Object, frames: list[int], inverse: np.ndarray, positions: np.ndarray) -> None:
+    """A shape key per distinct pose, keyed to 1 on the frames that use it and 0 on their neighbours."""
+    mesh = obj.data
+    canonical = mesh_build.read_point_vector(mesh, mesh_build.CANONICAL)
+    if mesh.shape_keys is None:
+        mesh_build.set_positions(mesh, canonical)
+        obj.shape_key_add(name="Basis", from_mix=False)
+    for block in [k for k in mesh.shape_keys.key_blocks if k.name.startswith(BAKED_PREFIX)]:
+        obj.shape_key_remove(block)
+    edit_prefs = bpy.context.preferences.edit
+    old_interp = edit_prefs.keyframe_new_interpolation_type
+    edit_prefs.keyframe_new_interpolation_type = "LINEAR"  # exact at frames, linear blend between them
+    try:
+        for u in range(len(positions)):
+            used = [f for f, idx in zip(frames, inverse) if idx == u]
+            block = obj.shape_key_add(name=f"{BAKED_PREFIX}{used[0]:04d}", from_mix=False)
+            block.data.foreach_set("co", np.ascontiguousarray(positions[u], dtype=np.float32).ravel())
+            used_set = set(used)
+            for f in sorted(used_set | {f - 1 for f in used} | {f + 1 for f in used}):
+                block.value = 1.0 if f in used_set else 0.0
+                block.keyframe_insert("value", frame=f)
+    finally:
+        edit_prefs.keyframe_new_interpolation_type = old_interp
+    mesh.update()
+    forget(obj.name)

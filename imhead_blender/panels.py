@@ -1,0 +1,125 @@
+"""The "imHead" tab in the 3D viewport sidebar."""
+
+import bpy
+
+from . import backend_service, expressions, live_deform
+from .operators.common import active_head
+
+
+class _ImHeadPanel:
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "imHead"
+
+
+class IMHEAD_PT_main(_ImHeadPanel, bpy.types.Panel):
+    bl_label = "imHead"
+
+    def draw(self, context):
+        layout = self.layout
+        _draw_backend_status(layout)
+        settings = context.scene.imhead
+        col = layout.column(align=True)
+        row = col.row(align=True)
+        row.prop(settings, "seed")
+        row.prop(settings, "random_seed", text="", icon="FILE_REFRESH")
+        col.prop(settings, "resolution")
+        layout.operator("imhead.generate", icon="USER")
+        for job in backend_service.jobs():
+            box = layout.box()
+            row = box.row(align=True)
+            message = job.future.message or "waiting"
+            row.progress(factor=float(job.future.progress), type="BAR", text=f"{job.label}: {message}")
+            op = row.operator("imhead.cancel_job", text="", icon="CANCEL")
+            op.request_id = job.request_id
+
+
+def _draw_backend_status(layout) -> None:
+    state, text = backend_service.status()
+    box = layout.box()
+    if state == "READY":
+        hs = backend_service.handshake()
+        row = box.row()
+        row.label(text=f"{hs.model_name} on {hs.torch_device}", icon="CHECKMARK")
+        sub = box.row()
+        sub.alert = not hs.trained
+        sub.label(text="TRAINED weights" if hs.trained else "UNTRAINED weights (geometric init only)",
+                  icon="INFO" if hs.trained else "ERROR")
+        if text:
+            _draw_error(box, text)
+    elif state == "STARTING":
+        box.label(text="Starting backend...", icon="SORTTIME")
+    elif state == "ERROR":
+        _draw_error(box, text)
+        box.operator("imhead.restart_backend", icon="FILE_REFRESH")
+    else:
+        box.label(text="Backend starts on first use", icon="DOT")
+
+
+def _draw_error(layout, text: str) -> None:
+    col = layout.column(align=True)
+    col.alert = True
+    words, line = text.split(), ""
+    first = True
+    for word in words:  # crude wrap: the sidebar is narrow and labels do not wrap
+        if len(line) + len(word) > 40:
+            col.label(text=line, icon="ERROR" if first else "BLANK1")
+            first, line = False, ""
+        line = f"{line} {word}".strip()
+    if line:
+        col.label(text=line, icon="ERROR" if first else "BLANK1")
+
+
+class IMHEAD_PT_head(_ImHeadPanel, bpy.types.Panel):
+    bl_label = "Active Head"
+    bl_parent_id = "IMHEAD_PT_main"
+
+    @classmethod
+    def poll(cls, context):
+        return active_head(context) is not None
+
+    def draw(self, context):
+        obj = active_head(context)
+        props = obj.imhead
+        layout = self.layout
+        col = layout.column(align=True)
+        col.label(text=f"{obj.name}: seed {props.seed}, {len(obj.data.vertices)} vertices")
+        col.label(text=f"Model {props.model_name or '?'} ({'trained' if props.trained else 'UNTRAINED'})")
+        if props.fit_error_mm >= 0.0:
+            col.label(text=f"Fit error {props.fit_error_mm:.2f} mm")
+        row = layout.row(align=True)
+        row.prop(props, "resolution")
+        row.operator("imhead.regenerate", text="", icon="FILE_REFRESH")
+
+
+class IMHEAD_PT_expressions(_ImHeadPanel, bpy.types.Panel):
+    bl_label = "Expressions"
+    bl_parent_id = "IMHEAD_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    @classmethod
+    def poll(cls, context):
+        return active_head(context) is not None
+
+    def draw(self, context):
+        obj = active_head(context)
+        layout = self.layout
+        row = layout.row(align=True)
+        row.operator("imhead.reset_expressions", icon="LOOP_BACK")
+        row.operator("imhead.bake_expressions", text="Bake", icon="SHAPEKEY_DATA")
+        if live_deform.is_baked(obj):
+            layout.label(text="Baked to shape keys: delete them for live editing", icon="INFO")
+        stats = live_deform.stats(obj.name)
+        if stats is not None and stats[0] >= 0.0:
+            layout.label(text=f"Residual p99 {stats[0] * 1000:.3f} mm, {stats[1]} not converged")
+        weights = obj.imhead.expressions
+        for title, prefix in expressions.GROUPS:
+            header, body = layout.panel(f"imhead_expr_{prefix}", default_closed=True)
+            header.label(text=title)
+            if body is not None:
+                col = body.column(align=True)
+                for name in expressions.group_members(prefix):
+                    col.prop(weights, name, slider=True)
+
+
+CLASSES = (IMHEAD_PT_main, IMHEAD_PT_head, IMHEAD_PT_expressions)

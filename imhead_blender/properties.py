@@ -1,0 +1,96 @@
+"""Per-object imHead state (several heads may share a scene) and the scene's settings for new heads.
+
+Everything an artist tweaks is an animatable Float/Int property so it can be keyframed.
+"""
+
+import bpy
+
+from . import expressions
+
+ANIMATABLE = {"ANIMATABLE"}
+
+
+def _expression_changed(self, context):
+    # Imported here: backend_service imports this module for the PropertyGroup types.
+    from . import live_deform
+
+    live_deform.request_for_object(self.id_data)
+
+
+def _expression_annotations() -> dict:
+    return {
+        name: bpy.props.FloatProperty(
+            name=expressions.pretty(name),
+            description=f"ICT-FaceKit / ARKit expression '{name}'",
+            min=0.0, max=1.0, default=0.0,
+            options=ANIMATABLE,
+            update=_expression_changed,
+        )
+        for name in expressions.EXPRESSION_NAMES
+    }
+
+
+ImHeadExpressions = type(
+    "ImHeadExpressions",
+    (bpy.types.PropertyGroup,),
+    {"__annotations__": _expression_annotations(), "__doc__": "53 keyframeable expression weights"},
+)
+
+
+class ImHeadRegion(bpy.types.PropertyGroup):
+    """One of the 39 regions (name, id and mirror partner from the handshake); `selected` marks it for
+    randomise / swap."""
+
+    region_id: bpy.props.IntProperty(options=set())
+    mirror: bpy.props.IntProperty(default=-1, options=set())
+    selected: bpy.props.BoolProperty(name="Selected", default=False, options=set())
+
+
+def _is_other_head(self, obj) -> bool:
+    return obj.imhead.is_head and obj != self.id_data
+
+
+class ImHeadObjectProperties(bpy.types.PropertyGroup):
+    is_head: bpy.props.BoolProperty(default=False, options=set())
+    head_json: bpy.props.StringProperty(
+        name="Head", description="HeadSpec JSON (imhead-head/1): identity code, region overrides",
+        options=set())
+    seed: bpy.props.IntProperty(name="Seed", min=0, default=0, options=ANIMATABLE)
+    resolution: bpy.props.IntProperty(name="Resolution", min=16, max=1024, default=128, options=ANIMATABLE)
+    model_name: bpy.props.StringProperty(name="Model", options=set())
+    trained: bpy.props.BoolProperty(name="Trained", options=set())
+    expressions: bpy.props.PointerProperty(type=ImHeadExpressions)
+    regions: bpy.props.CollectionProperty(type=ImHeadRegion)
+    active_region: bpy.props.IntProperty(name="Region", default=0, min=0, options=set())
+    swap_source: bpy.props.PointerProperty(
+        name="Swap From", type=bpy.types.Object, poll=_is_other_head,
+        description="Another imHead object whose selected regions replace this head's")
+    fit_error_mm: bpy.props.FloatProperty(name="Fit Error (mm)", default=-1.0, options=set())
+
+
+class ImHeadSceneSettings(bpy.types.PropertyGroup):
+    """Parameters for the next Generate."""
+
+    seed: bpy.props.IntProperty(name="Seed", min=0, default=0, options=ANIMATABLE)
+    random_seed: bpy.props.BoolProperty(
+        name="Random Seed", description="Pick a new seed on every Generate", default=False, options=set())
+    resolution: bpy.props.IntProperty(
+        name="Resolution", min=16, max=1024, default=128, options=ANIMATABLE,
+        description="Marching-cubes cells along the longest side of the 0.40 m canonical box")
+
+
+CLASSES = (ImHeadExpressions, ImHeadRegion, ImHeadObjectProperties, ImHeadSceneSettings)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Object.imhead = bpy.props.PointerProperty(type=ImHeadObjectProperties)
+    bpy.types.Scene.imhead = bpy.props.PointerProperty(type=ImHeadSceneSettings)
+
+
+def unregister() -> None:
+    del bpy.types.Scene.imhead
+    del bpy.types.Object.imhead
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

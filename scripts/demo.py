@@ -1,0 +1,182 @@
+"""Headless demo: install the built extension into Blender (the bpy module) with an isolated user config,
+press the sidebar's Generate operator, then light, save and render the head with Cycles.
+
+Run with the venv's python (it has bpy and is also the backend's python):
+    .venv/bin/python scripts/demo.py [--zip dist/imhead-X.zip] [--seed 7] [--resolution 192]
+"""
+
+import argparse
+import glob
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_DIRS = ("CONFIG", "SCRIPTS", "EXTENSIONS", "DATAFILES")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--zip", type=Path, help="extension zip (default: newest dist/imhead-*.zip)")
+    p.add_argument("--out", type=Path, default=ROOT / "out", help="output folder (default: out/)")
+    p.add_argument("--python", default=sys.executable, help="python with torch that runs the backend")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--resolution", type=int, default=192)
+    p.add_argument("--size", type=int, default=768, help="square image size in pixels")
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the backend")
+    p.add_argument("--update-docs", action="store_true", help="also copy the picture to docs/demo.png")
+    return p.parse_args()
+
+
+def isolate_user_dirs(base: Path) -> None:
+    """Blender reads these before bpy is imported: keep the user's own config and extensions out of it."""
+    if base.exists():
+        shutil.rmtree(base)
+    os.environ["BLENDER_USER_RESOURCES"] = str(base)
+    for kind in USER_DIRS:
+        path = base / kind.lower()
+        path.mkdir(parents=True)
+        os.environ[f"BLENDER_USER_{kind}"] = str(path)
+
+
+def newest_zip() -> Path:
+    zips = sorted(glob.glob(str(ROOT / "dist" / "imhead-*.zip")), key=os.path.getmtime)
+    if not zips:
+        sys.exit("no dist/imhead-*.zip: run `python build.py` first")
+    return Path(zips[-1])
+
+
+def install_extension(bpy, zip_path: Path) -> str:
+    """Install from disk into the user repository and return the add-on's module name."""
+    before = {a.module for a in bpy.context.preferences.addons}
+    result = bpy.ops.extensions.package_install_files(
+        filepath=str(zip_path), repo="user_default", enable_on_install=True, overwrite=True)
+    if result != {"FINISHED"}:
+        sys.exit(f"installing {zip_path} failed: {result}")
+    added = [m for m in {a.module for a in bpy.context.preferences.addons} - before if m.startswith("bl_ext.")]
+    if len(added) != 1:
+        sys.exit(f"expected the extension to be enabled once, got {added}")
+    return added[0]
+
+
+def clear_scene(bpy) -> None:
+    for obj in list(bpy.data.objects):
+        bpy.data.objects.remove(obj)
+
+
+def frame_head(bpy, obj, scene, size: int) -> None:
+    """Camera on the face side (-Y in Blender) in a slight three-quarter view, framed on the head's bounds."""
+    from mathutils import Vector
+
+    corners = [obj.matrix_world @ Vector(c) for c in obj.bound_box]
+    lo = Vector((min(c.x for c in corners), min(c.y for c in corners), min(c.z for c in corners)))
+    hi = Vector((max(c.x for c in corners), max(c.y for c in corners), max(c.z for c in corners)))
+    center, extent = (lo + hi) / 2, hi - lo
+    cam_data = bpy.data.cameras.new("Camera")
+    cam_data.lens = 85.0
+    cam_data.sensor_width = 36.0
+    half_fov = math.atan(cam_data.sensor_width / 2 / cam_data.lens)
+    distance = 1.25 * max(extent.x, extent.z) / 2 / math.tan(half_fov) + extent.y / 2
+    yaw, pitch = math.radians(20.0), math.radians(8.0)
+    offset = Vector((math.sin(yaw) * math.cos(pitch), -math.cos(yaw) * math.cos(pitch), math.sin(pitch)))
+    cam = bpy.data.objects.new("Camera", cam_data)
+    cam.location = center + distance * offset
+    cam.rotation_euler = (center - cam.location).to_track_quat("-Z", "Y").to_euler()
+    scene.collection.objects.link(cam)
+    scene.camera = cam
+
+    def area_light(name, energy, size_m, direction, color):
+        data = bpy.data.lights.new(name, "AREA")
+        data.energy, data.size, data.color = energy, size_m, color
+        light = bpy.data.objects.new(name, data)
+        light.location = center + 1.2 * Vector(direction).normalized()
+        light.rotation_euler = (center - light.location).to_track_quat("-Z", "Y").to_euler()
+        scene.collection.objects.link(light)
+
+    area_light("Key", 60.0, 0.8, (-0.8, -1.0, 0.7), (1.0, 0.95, 0.88))
+    area_light("Fill", 20.0, 1.2, (1.0, -0.8, 0.1), (0.85, 0.9, 1.0))
+    area_light("Rim", 40.0, 0.6, (0.4, 1.0, 0.8), (1.0, 1.0, 1.0))
+
+    scene.render.resolution_x = scene.render.resolution_y = size
+    scene.render.resolution_percentage = 100
+
+
+def skin_material(bpy):
+    mat = bpy.data.materials.new("imHead skin")
+    mat.use_nodes = True
+    bsdf = mat.node_tree.nodes["Principled BSDF"]
+    bsdf.inputs["Base Color"].default_value = (0.80, 0.58, 0.48, 1.0)
+    bsdf.inputs["Roughness"].default_value = 0.55
+    return mat
+
+
+def setup_render(bpy, scene, samples: int, out_png: Path) -> None:
+    scene.render.engine = "CYCLES"
+    scene.cycles.device = "CPU"
+    scene.cycles.samples = samples
+    scene.cycles.use_denoising = True
+    scene.render.film_transparent = False
+    world = bpy.data.worlds.new("World")
+    world.use_nodes = True
+    world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.06, 0.065, 0.075, 1.0)
+    scene.world = world
+    scene.view_settings.view_transform = "AgX"
+    scene.render.image_settings.file_format = "PNG"
+    scene.render.filepath = str(out_png)
+
+
+def main() -> int:
+    args = parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    zip_path = (args.zip or newest_zip()).resolve()
+    isolate_user_dirs(out / "blender_user")
+
+    import bpy  # only now: Blender picks its user folders at import
+
+    module = install_extension(bpy, zip_path)
+    addon = bpy.context.preferences.addons[module]
+    addon.preferences.python_path = args.python
+    service = sys.modules[f"{module}.backend_service"]
+    print(f"installed {zip_path.name} as {module}; backend python {args.python}")
+
+    clear_scene(bpy)
+    scene = bpy.context.scene
+    scene.imhead.seed, scene.imhead.resolution = args.seed, args.resolution
+    t0 = time.monotonic()
+    if bpy.ops.imhead.generate() != {"FINISHED"}:
+        sys.exit("the Generate operator did not start")
+    # Headless Blender runs no timers: pump the replies ourselves, as the add-on's timer would.
+    service.drain(args.timeout)
+    state, text = service.status()
+    heads = [o for o in scene.objects if o.imhead.is_head]
+    if not heads:
+        sys.exit(f"no head was created: {state} {text}")
+    head = heads[0]
+    hs = service.handshake()
+    print(f"generated {head.name}: {len(head.data.vertices)} vertices, {len(head.data.polygons)} faces "
+          f"in {time.monotonic() - t0:.1f} s (backend {hs.model_name} on {hs.torch_device}, "
+          f"{'trained' if hs.trained else 'UNTRAINED'} weights)")
+
+    head.data.materials.append(skin_material(bpy))
+    frame_head(bpy, head, scene, args.size)
+    png = out / "demo.png"
+    setup_render(bpy, scene, args.samples, png)
+    blend = out / "demo.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    t0 = time.monotonic()
+    bpy.ops.render.render(write_still=True)
+    print(f"saved {blend}; rendered {png} in {time.monotonic() - t0:.1f} s")
+    service.shutdown()
+    if args.update_docs:
+        shutil.copyfile(png, ROOT / "docs" / "demo.png")
+        print(f"copied to {ROOT / 'docs' / 'demo.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
