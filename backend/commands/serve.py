@@ -1,0 +1,28 @@
+"""`python -m backend serve`: the stdio server the Blender add-on spawns (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..server import SESSION_OPS, Server, take_stdout
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
+                        help="folder with imhead.safetensors (default: the engine's default weights folder)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="torch device for the model (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    frames = take_stdout()
+
+    def make_session():
+        from ..engine.session import Session  # imported on the first handshake: torch loads only then
+
+        return Session(weights_dir=args.weights, device=args.device)
+
+    server = Server(make_session, SESSION_OPS, sys.stdin.buffer, frames)
+    return server.serve()

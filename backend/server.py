@@ -1,0 +1,276 @@
+"""stdio server: frames in on stdin, frames out on stdout (docs/protocol.md).
+
+The main thread only reads and routes frames, so `cancel` and `shutdown` are seen while an op runs; ops run on
+one worker thread, one at a time, in arrival order. The engine (`backend.engine.session.Session`) is built on
+the first handshake, not at start, so a start-up failure (missing weights, no CUDA) reaches the client as a
+structured error reply instead of a dead process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Iterable, TextIO
+
+import numpy as np
+
+from . import __version__, wire
+from .errors import BackendError, Cancelled
+
+SESSION_OPS = ("generate", "deform", "edit", "fit")
+# Handled by the server itself; "echo" returns its input unchanged (connection checks, transfer timing).
+CONTROL_OPS = ("handshake", "cancel", "shutdown", "echo")
+HANDSHAKE_FIELDS = {"backend_version": str, "torch_device": str, "model_name": str, "trained": bool,
+                    "regions": list, "expressions": list}
+EXIT_OK = 0
+EXIT_BROKEN_STREAM = 3
+PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress frames per second per request, unless the message changes
+
+
+def take_stdout() -> BinaryIO:
+    """Return a private handle on the real stdout for frames; from here on fd 1 and sys.stdout both go to
+    stderr, so a stray print (from Python, or from C++ inside torch) can never corrupt the frame stream."""
+    frames = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    if sys.stdin.isatty():
+        print("[imhead-backend] this server speaks binary frames on stdin/stdout (docs/protocol.md); it is "
+              "meant to be started by the Blender add-on", file=sys.stderr, flush=True)
+    return frames
+
+
+@dataclass
+class _Job:
+    id: int
+    op: str
+    params: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class _Progress:
+    """What an op sees (the `Progress` protocol in docs/architecture.md)."""
+
+    def __init__(self, server: Server, job: _Job):
+        self._server, self._job = server, job
+        self._last_sent, self._last_message = -math.inf, None
+
+    def report(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_sent < PROGRESS_INTERVAL_S and message == self._last_message:
+            return
+        fraction = float(fraction)
+        fraction = 0.0 if math.isnan(fraction) else min(max(fraction, 0.0), 1.0)
+        self._last_sent, self._last_message = now, message
+        self._server.send(wire.progress(self._job.id, fraction, str(message)))
+
+    @property
+    def cancelled(self) -> bool:
+        return self._job.cancel.is_set()
+
+
+class Server:
+    """`backend_factory` builds the object whose methods `ops` name: `info() -> dict` plus
+    `op(params, arrays, progress) -> (params, arrays)`. The product passes the engine Session; protocol tests
+    pass their own op table."""
+
+    def __init__(self, backend_factory: Callable[[], Any], ops: Iterable[str], instream: BinaryIO,
+                 outstream: BinaryIO, log: TextIO = sys.stderr, shutdown_grace_s: float = 10.0):
+        self._factory = backend_factory
+        self._ops = tuple(ops)
+        clash = set(self._ops) & set(CONTROL_OPS)
+        if clash:
+            raise ValueError(f"ops {sorted(clash)} are reserved by the server")
+        self._in, self._out, self._log = instream, outstream, log
+        self._grace = shutdown_grace_s
+        self._backend: Any = None
+        self._handshake_ok = False
+        self._handshake_refusal = "send a handshake request first"
+        self._write_lock = threading.Lock()
+        self._jobs: dict[int, _Job] = {}  # queued or running, by request id
+        self._queue: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="imhead-worker", daemon=True)
+
+    # ------------------------------------------------------------------------------------------ main thread
+
+    def serve(self) -> int:
+        """Serve until `shutdown`, end of stdin, or a broken stream; returns the process exit status."""
+        self.log(f"imhead backend {__version__}, protocol {wire.PROTOCOL_VERSION}, ready")
+        self._worker.start()
+        while True:
+            try:
+                msg = wire.read_frame(self._in)
+            except wire.ProtocolError as exc:
+                self.log(f"bad frame: {exc}")
+                self.send(wire.reply_error(exc.request_id, exc.code, str(exc)))
+                if exc.fatal:
+                    self.log("the input stream cannot be resynchronised; exiting")
+                    self._stop(reason="the input stream broke")
+                    return EXIT_BROKEN_STREAM
+                continue
+            if msg is None:
+                self.log("end of input; exiting")
+                self._stop(reason="the client went away")
+                return EXIT_OK
+            if msg.kind != "request":
+                self.send(wire.reply_error(msg.id, "protocol_error", f"the server accepts requests, not {msg.kind}"))
+                continue
+            if self._route(msg) == "shutdown":
+                return EXIT_OK
+
+    def _route(self, msg: wire.Message) -> str | None:
+        rid, op, params = msg.id, msg.header["op"], msg.header["params"]
+        assert rid is not None  # a request's id is validated by the codec
+        with self._cv:
+            duplicate = rid in self._jobs
+        if duplicate:
+            self.send(wire.reply_error(rid, "duplicate_id", f"request id {rid} is already queued or running"))
+        elif op == "handshake":
+            self._handshake(rid, params)
+        elif op == "shutdown":
+            self._stop(reason="the backend is shutting down")
+            self.send(wire.reply_ok(rid, {}))
+            self.log("shutdown requested; exiting")
+            return "shutdown"
+        elif not self._handshake_ok:
+            self.send(wire.reply_error(rid, "handshake_required", f"no successful handshake: "
+                                                                  f"{self._handshake_refusal}"))
+        elif op == "cancel":
+            self._cancel(rid, params)
+        elif op == "echo" or op in self._ops:
+            self._enqueue(_Job(rid, op, params, msg.arrays))
+        else:
+            self.send(wire.reply_error(rid, "unknown_op", f"unknown op {op!r}; this backend serves "
+                                                          f"{', '.join(self._ops + CONTROL_OPS)}"))
+        return None
+
+    def _handshake(self, rid: int, params: dict[str, Any]) -> None:
+        theirs = params.get("protocol")
+        if theirs != wire.PROTOCOL_VERSION:
+            self._handshake_ok = False
+            self._handshake_refusal = (f"the client speaks imhead protocol {theirs!r} but this backend "
+                                       f"({__version__}) speaks protocol {wire.PROTOCOL_VERSION}; install the "
+                                       "add-on and the backend from the same imhead release")
+            self.send(wire.reply_error(rid, "protocol_mismatch", self._handshake_refusal))
+            return
+        self._handshake_ok = True
+        self._enqueue(_Job(rid, "handshake", params, {}))
+
+    def _cancel(self, rid: int, params: dict[str, Any]) -> None:
+        target = params.get("target")
+        if not wire.is_int(target):
+            self.send(wire.reply_error(rid, "invalid_input", "cancel needs params {\"target\": <request id>}"))
+            return
+        with self._cv:
+            job = self._jobs.get(target)
+            queued = job is not None and job in self._queue
+            if queued:
+                self._queue.remove(job)
+                del self._jobs[target]
+            if job is not None:
+                job.cancel.set()
+        if queued:
+            self.send(wire.reply_error(target, Cancelled.code, "cancelled before it started"))
+        state = "queued" if queued else "running" if job is not None else "unknown"
+        self.send(wire.reply_ok(rid, {"target": target, "state": state}))
+
+    def _enqueue(self, job: _Job) -> None:
+        with self._cv:
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._cv.notify()
+
+    def _stop(self, reason: str) -> None:
+        """Cancel everything and let the worker finish its current op (bounded by the grace period)."""
+        with self._cv:
+            dropped = list(self._queue)
+            self._queue.clear()
+            for job in self._jobs.values():
+                job.cancel.set()
+            for job in dropped:
+                del self._jobs[job.id]
+            self._stopping = True
+            self._cv.notify()
+        for job in dropped:
+            self.send(wire.reply_error(job.id, Cancelled.code, f"cancelled: {reason}"))
+        self._worker.join(self._grace)
+        if self._worker.is_alive():
+            self.log(f"the running op did not stop within {self._grace:g} s; leaving it behind")
+
+    # ------------------------------------------------------------------------------------------ worker thread
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+            header, arrays = self._run(job)
+            with self._cv:
+                self._jobs.pop(job.id, None)
+            self._send_reply(job, header, arrays)
+
+    def _run(self, job: _Job) -> tuple[dict[str, Any], dict[str, Any]]:
+        try:
+            if job.op == "echo":
+                return wire.reply_ok(job.id, job.params), job.arrays
+            if self._backend is None:
+                self._backend = self._factory()  # a failure here is retried by the next request
+            if job.op == "handshake":
+                return wire.reply_ok(job.id, self._handshake_info()), {}
+            params, arrays = getattr(self._backend, job.op)(job.params, job.arrays, _Progress(self, job))
+            if not isinstance(params, dict) or not isinstance(arrays, dict):
+                raise TypeError(f"op {job.op} returned {type(params).__name__}, {type(arrays).__name__}; "
+                                "expected (dict, dict)")
+            return wire.reply_ok(job.id, params), arrays
+        except BackendError as exc:
+            return wire.reply_error(job.id, exc.code, str(exc)), {}
+        except Exception as exc:  # noqa: BLE001 - any failure becomes a reply; the server keeps serving
+            return self._internal_error(job, exc), {}
+
+    def _handshake_info(self) -> dict[str, Any]:
+        info = self._backend.info()
+        for key, typ in HANDSHAKE_FIELDS.items():
+            if not isinstance(info.get(key), typ):
+                raise TypeError(f"Session.info() field {key!r} must be {typ.__name__}, got {info.get(key)!r}")
+        return {**info, "protocol": wire.PROTOCOL_VERSION}
+
+    def _send_reply(self, job: _Job, header: dict[str, Any], arrays: dict[str, Any]) -> None:
+        try:
+            frame = wire.encode(header, arrays)
+        except wire.ProtocolError as exc:  # the op returned something the wire cannot carry
+            frame = wire.encode(self._internal_error(job, exc))
+        self._write(frame)
+
+    def _internal_error(self, job: _Job, exc: BaseException) -> dict[str, Any]:
+        self.log(f"internal error in request {job.id} ({job.op}):\n"
+                 + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip())
+        return wire.reply_error(job.id, "internal_error", f"{job.op} failed: {type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------------------------------ both threads
+
+    def send(self, header: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
+        self._write(wire.encode(header, arrays))
+
+    def _write(self, chunks: list) -> None:
+        with self._write_lock:
+            try:
+                for chunk in chunks:
+                    self._out.write(chunk)
+                self._out.flush()
+            except (BrokenPipeError, ValueError, OSError) as exc:  # the client is gone; stdin EOF follows
+                self.log(f"cannot write to the client: {exc}")
+
+    def log(self, text: str) -> None:
+        print(f"[imhead-backend] {text}", file=self._log, flush=True)
