@@ -37,10 +37,11 @@ class Job:
         return self.future.request_id
 
 
+@dataclass
 class _State:
     client: BackendClient | None = None
     python: str = ""
-    jobs: list[Job] = []
+    jobs: list[Job] = field(default_factory=list)
     last_error: str = ""
     handshake_checked: bool = False
 

@@ -41,12 +41,14 @@ def replace_head_mesh(obj: bpy.types.Object, head: dict, arrays: dict[str, np.nd
     """New geometry for an existing head (region edit, regenerate): the object, its transform, material
     slots and animation stay; the old mesh datablock is dropped when nothing else uses it."""
     old = obj.data
-    mesh = mesh_build.build_mesh(old.name, arrays)
+    name = old.name
+    mesh = mesh_build.build_mesh(name, arrays)
     for material in old.materials:
         mesh.materials.append(material)
     obj.data = mesh
     if old.users == 0:
         bpy.data.meshes.remove(old)
+        mesh.name = name
     store_head(obj, head, seed=obj.imhead.seed, resolution=obj.imhead.resolution)
     live_deform.forget(obj.name)
     live_deform.request_for_object(obj)

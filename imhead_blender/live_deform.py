@@ -60,6 +60,9 @@ def request_for_object(obj: bpy.types.Object) -> None:
     if _state.shown.get(name) == key:
         return
     cached = _state.cache.get(name, {}).get(key)
+    if cached is None and not weights.any():
+        # Neutral is the canonical surface itself: that is what generate/edit return and show.
+        cached = mesh_build.read_point_vector(obj.data, mesh_build.CANONICAL)
     if cached is not None:
         mesh_build.set_positions(obj.data, cached)
         _state.shown[name] = key

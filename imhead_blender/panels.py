@@ -122,4 +122,17 @@ class IMHEAD_PT_expressions(_ImHeadPanel, bpy.types.Panel):
                     col.prop(weights, name, slider=True)
 
 
-CLASSES = (IMHEAD_PT_main, IMHEAD_PT_head, IMHEAD_PT_expressions)
+class IMHEAD_PT_fit(_ImHeadPanel, bpy.types.Panel):
+    bl_label = "Fit Imported Character"
+    bl_parent_id = "IMHEAD_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        obj = context.active_object
+        if obj is None or obj.type != "MESH" or obj.imhead.is_head:
+            layout.label(text="Select a mesh (not an imHead head)", icon="INFO")
+        layout.operator("imhead.fit_selected", icon="MOD_SHRINKWRAP")
+
+
+CLASSES = (IMHEAD_PT_main, IMHEAD_PT_head, IMHEAD_PT_expressions, IMHEAD_PT_fit)

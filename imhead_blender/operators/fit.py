@@ -1,0 +1,71 @@
+"""Fit an imHead head to an imported character (any mesh: topology, units, position and orientation)."""
+
+from functools import partial
+
+import bpy
+import numpy as np
+
+from .. import axes, backend_service, head_objects, mesh_build
+
+MAX_POINTS = 5_000_000  # the backend refuses more; say so before sending hundreds of MB
+
+
+class IMHEAD_OT_fit_selected(bpy.types.Operator):
+    """Fit the model to the active mesh object; the fitted head is added as a new imHead object that
+    overlays it (same transform), editable and swappable like a generated one"""
+
+    bl_idname = "imhead.fit_selected"
+    bl_label = "Fit to Selected Mesh"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        obj = context.active_object
+        return obj is not None and obj.type == "MESH" and not obj.imhead.is_head
+
+    def execute(self, context):
+        obj = context.active_object
+        points, normals, triangles = mesh_build.evaluated_points(obj, context.evaluated_depsgraph_get())
+        if len(points) < 3 or len(triangles) == 0:
+            self.report({"ERROR"}, f"'{obj.name}' has no faces to fit to")
+            return {"CANCELLED"}
+        if len(points) > MAX_POINTS:
+            self.report({"ERROR"}, f"'{obj.name}' has {len(points)} vertices; at most {MAX_POINTS} can be fitted "
+                                   "(decimate it first)")
+            return {"CANCELLED"}
+        if not np.isfinite(points).all():
+            self.report({"ERROR"}, f"'{obj.name}' has NaN or infinite vertex coordinates")
+            return {"CANCELLED"}
+        # The object's own frame, turned into the backend's axes (a pure rotation, undone on the way back),
+        # so a character modelled Z-up facing -Y starts out roughly upright for the robust alignment.
+        arrays = {"points": axes.blender_to_backend(points), "normals": axes.blender_to_backend(normals),
+                  "faces": triangles}
+        scene = context.scene
+        params = {"resolution": scene.imhead.resolution}
+        try:
+            backend_service.submit("fit", params, arrays, label=f"Fit {obj.name}", object_name=obj.name,
+                                   on_success=partial(_add_fitted, scene.name, obj.name, scene.imhead.resolution))
+        except backend_service.BackendUnavailable as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+def fit_error_mm(params: dict) -> float:
+    """The reply's fit error in millimetres (the backend reports metres in the input's units scale)."""
+    error = params.get("error", {})
+    value = error.get("mean_m") if isinstance(error, dict) else error
+    return -1.0 if value is None else 1000.0 * float(value)
+
+
+def _add_fitted(scene_name: str, source_name: str, resolution: int, params: dict, arrays: dict) -> None:
+    scene, source = bpy.data.scenes.get(scene_name), bpy.data.objects.get(source_name)
+    if scene is None or source is None:
+        return
+    obj = head_objects.create_head_object(scene, f"{source_name}.imHead", params["head"], arrays, seed=0,
+                                          resolution=resolution)
+    obj.matrix_world = source.matrix_world.copy()
+    obj.imhead.fit_error_mm = fit_error_mm(params)
+
+
+CLASSES = (IMHEAD_OT_fit_selected,)

@@ -1,0 +1,263 @@
+"""The extension in real Blender (bpy 5.0.1) against the real backend subprocess: install from the built zip,
+Generate from the panel's operator, what lands on the object, backend death and restart, unregister.
+
+bpy can be imported once per process and keeps its state, so each scenario runs in its own subprocess
+(this file run as a script, with an isolated Blender user folder); the tests assert on the facts it reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve()
+SCENARIO_TIMEOUT_S = 900
+BBOX_MIN = (-0.16, -0.22, -0.13)  # backend/constants.py; repeated so this file needs no backend import
+BBOX_MAX = (0.16, 0.18, 0.17)
+
+
+def run_scenario(name: str, zip_path: Path, python: str, tmp_path: Path) -> dict:
+    """Run `name` in a fresh Blender process; returns the JSON facts it wrote."""
+    user = tmp_path / "blender_user"
+    env = dict(os.environ, BLENDER_USER_RESOURCES=str(user))
+    for kind in ("CONFIG", "SCRIPTS", "EXTENSIONS", "DATAFILES"):
+        (user / kind.lower()).mkdir(parents=True, exist_ok=True)
+        env[f"BLENDER_USER_{kind}"] = str(user / kind.lower())
+    facts = tmp_path / f"{name}.json"
+    proc = subprocess.run([python, str(HERE), name, str(zip_path), str(facts)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=SCENARIO_TIMEOUT_S)
+    assert proc.returncode == 0, f"scenario {name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return json.loads(facts.read_text())
+
+
+@pytest.fixture(scope="module")
+def lifecycle(built_zip, venv_python, tmp_path_factory) -> dict:
+    return run_scenario("lifecycle", built_zip, venv_python, tmp_path_factory.mktemp("lifecycle"))
+
+
+def test_installs_from_zip_and_registers(lifecycle):
+    reg = lifecycle["registered"]
+    assert lifecycle["module"].startswith("bl_ext.user_default.")
+    assert reg["panel"] and reg["generate_op"] and reg["object_props"] and reg["scene_props"]
+    assert reg["frame_handler"]
+
+
+def test_handshake_is_shown(lifecycle):
+    hs = lifecycle["handshake"]
+    assert hs["model_name"]
+    assert hs["torch_device"] == "cpu" or hs["torch_device"].startswith("cuda")
+    assert isinstance(hs["trained"], bool)
+    assert hs["expressions_match"], "backend expression list differs from the add-on's"
+    assert hs["regions"] == 39
+
+
+def test_generate_creates_head_with_attributes(lifecycle):
+    g = lifecycle["generate"]
+    assert g["heads"] == 1
+    n = g["vertices"]
+    assert n > 1000 and g["faces"] > 1000
+    attrs = g["attributes"]
+    assert attrs["imhead_canonical"] == ["FLOAT_VECTOR", "POINT", n]
+    assert attrs["imhead_region"] == ["INT", "POINT", n]
+    assert 0 <= g["region_min"] <= g["region_max"] < 39
+    # The canonical attribute, converted back to backend axes, lies in the canonical extraction box.
+    half_voxel = 0.5 * 0.40 / g["resolution"]
+    for axis in range(3):
+        assert g["canonical_backend_min"][axis] >= BBOX_MIN[axis] - half_voxel
+        assert g["canonical_backend_max"][axis] <= BBOX_MAX[axis] + half_voxel
+
+
+def test_generate_stores_parameters_on_the_object(lifecycle):
+    g = lifecycle["generate"]
+    assert g["stored_seed"] == g["seed"] and g["stored_resolution"] == g["resolution"]
+    assert g["head_format"] == "imhead-head/1" and g["identity_len"] == 256
+    assert g["stored_model_name"] == lifecycle["handshake"]["model_name"]
+    assert g["region_items"] == 39
+
+
+def test_axes_converted_face_toward_minus_y(lifecycle):
+    a = lifecycle["axes"]
+    assert a["same_vertex_count"]
+    assert a["max_abs_diff"] < 1e-6  # Blender co == (x, -z, y) of the backend's vertices
+    # The most frontal backend vertex (max +Z) is the one with minimal Blender Y.
+    assert a["face_vertex_y"] == pytest.approx(a["min_blender_y"], abs=1e-7)
+
+
+def test_backend_death_gives_clear_error_then_restart_works(lifecycle):
+    d = lifecycle["death"]
+    assert d["killed"]
+    assert "backend_died" in d["pending_error_code"]
+    assert d["status_after_death"] == "ERROR"
+    assert "Restart" in d["next_request_error"] and "stopped" in d["next_request_error"]
+    assert d["heads_after_restart"] == 2 and d["restart_status"] == "READY"
+
+
+def test_unregisters_cleanly(lifecycle):
+    u = lifecycle["unregistered"]
+    assert u["leftover_classes"] == []
+    assert not u["object_props"] and not u["scene_props"] and not u["frame_handler"]
+    assert not u["timer"] and not u["backend_alive"]
+    assert u["reenabled_panel"]
+
+
+# ===================================================================== scenarios (run inside Blender)
+
+def _install(bpy, zip_path: str) -> str:
+    before = {a.module for a in bpy.context.preferences.addons}
+    assert bpy.ops.extensions.package_install_files(
+        filepath=zip_path, repo="user_default", enable_on_install=True, overwrite=True) == {"FINISHED"}
+    added = [m for m in {a.module for a in bpy.context.preferences.addons} - before if m.startswith("bl_ext.")]
+    assert len(added) == 1, added
+    bpy.context.preferences.addons[added[0]].preferences.python_path = sys.executable
+    return added[0]
+
+
+def _backend_pids() -> list[int]:
+    """Children of this process running `-m backend serve` (Linux /proc)."""
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"backend" in cmd and b"serve" in cmd:
+                pids.append(int(child))
+    return pids
+
+
+def _heads(scene) -> list:
+    return [o for o in scene.objects if o.type == "MESH" and o.imhead.is_head]
+
+
+def scenario_lifecycle(zip_path: str) -> dict:
+    import bpy
+    import numpy as np
+
+    facts: dict = {}
+    module = _install(bpy, zip_path)
+    facts["module"] = module
+    service = sys.modules[f"{module}.backend_service"]
+    live = sys.modules[f"{module}.live_deform"]
+    axes = sys.modules[f"{module}.axes"]
+    expressions = sys.modules[f"{module}.expressions"]
+    facts["registered"] = {
+        "panel": hasattr(bpy.types, "IMHEAD_PT_main"),
+        "generate_op": hasattr(bpy.ops.imhead, "generate"),
+        "object_props": hasattr(bpy.types.Object, "imhead"),
+        "scene_props": hasattr(bpy.types.Scene, "imhead"),
+        "frame_handler": live.on_frame_change in bpy.app.handlers.frame_change_post,
+    }
+    for obj in list(bpy.data.objects):
+        bpy.data.objects.remove(obj)
+    scene = bpy.context.scene
+
+    # --- Generate through the operator, replies applied by pump_backend() (timers do not run here).
+    seed, resolution = 11, 64
+    scene.imhead.seed, scene.imhead.resolution = seed, resolution
+    assert bpy.ops.imhead.generate() == {"FINISHED"}
+    service.drain(600)
+    state, text = service.status()
+    assert state == "READY" and not text, (state, text)
+    hs = service.handshake()
+    facts["handshake"] = {"model_name": hs.model_name, "torch_device": hs.torch_device, "trained": hs.trained,
+                          "expressions_match": tuple(hs.info["expressions"]) == expressions.EXPRESSION_NAMES,
+                          "regions": len(hs.info["regions"])}
+    heads = _heads(scene)
+    obj = heads[0]
+    mesh = obj.data
+    n = len(mesh.vertices)
+    region = np.empty(n, np.int32)
+    mesh.attributes["imhead_region"].data.foreach_get("value", region)
+    canonical = np.empty(n * 3, np.float32)
+    mesh.attributes["imhead_canonical"].data.foreach_get("vector", canonical)
+    canonical_backend = axes.blender_to_backend(canonical.reshape(-1, 3))
+    head = json.loads(obj.imhead.head_json)
+    facts["generate"] = {
+        "heads": len(heads), "vertices": n, "faces": len(mesh.polygons), "seed": seed, "resolution": resolution,
+        "attributes": {a.name: [a.data_type, a.domain, len(a.data)] for a in mesh.attributes
+                       if a.name.startswith("imhead_")},
+        "region_min": int(region.min()), "region_max": int(region.max()),
+        "canonical_backend_min": canonical_backend.min(0).tolist(),
+        "canonical_backend_max": canonical_backend.max(0).tolist(),
+        "stored_seed": obj.imhead.seed, "stored_resolution": obj.imhead.resolution,
+        "head_format": head.get("format"), "identity_len": len(head.get("identity", [])),
+        "stored_model_name": obj.imhead.model_name, "region_items": len(obj.imhead.regions),
+    }
+
+    # --- Axis conversion: the same request straight through the client, compared with the mesh.
+    client = service.client()
+    _params, raw = client.wait(client.submit("generate", {"seed": seed, "resolution": resolution}), 600)
+    co = np.empty(n * 3, np.float32)
+    mesh.vertices.foreach_get("co", co)
+    co = co.reshape(-1, 3)
+    same = raw["vertices"].shape == co.shape
+    facts["axes"] = {
+        "same_vertex_count": same,
+        "max_abs_diff": float(np.abs(axes.backend_to_blender(raw["vertices"]) - co).max()) if same else 1.0,
+        "face_vertex_y": float(co[int(np.argmax(raw["vertices"][:, 2])), 1]) if same else 1.0,
+        "min_blender_y": float(co[:, 1].min()),
+    }
+
+    # --- Kill the backend while a request runs.
+    scene.imhead.resolution = 256
+    assert bpy.ops.imhead.generate() == {"FINISHED"}
+    job = service.jobs()[0]
+    pids = _backend_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not job.future.done() and time.monotonic() < deadline:
+        service.pump_backend()
+        time.sleep(0.02)
+    try:
+        job.future.result()
+        code = "no error"
+    except Exception as exc:
+        code = f"{getattr(exc, 'code', '')}: {getattr(exc, 'message', exc)}"
+    status_after, _ = service.status()
+    try:
+        bpy.ops.imhead.generate()
+        next_error = ""
+    except RuntimeError as exc:  # the operator's ERROR report
+        next_error = str(exc)
+    scene.imhead.resolution = resolution
+    assert bpy.ops.imhead.restart_backend() == {"FINISHED"}
+    assert bpy.ops.imhead.generate() == {"FINISHED"}
+    service.drain(600)
+    facts["death"] = {"killed": len(pids) == 1, "pending_error_code": code, "status_after_death": status_after,
+                      "next_request_error": next_error, "heads_after_restart": len(_heads(scene)),
+                      "restart_status": service.status()[0]}
+
+    # --- Disable the add-on: nothing of it may stay registered, the backend must be gone.
+    timer = service._timer
+    assert bpy.ops.preferences.addon_disable(module=module) == {"FINISHED"}
+    time.sleep(0.5)
+    facts["unregistered"] = {
+        "leftover_classes": [c for c in dir(bpy.types) if c.startswith(("IMHEAD_", "ImHead"))],
+        "object_props": hasattr(bpy.types.Object, "imhead"),
+        "scene_props": hasattr(bpy.types.Scene, "imhead"),
+        "frame_handler": any(getattr(h, "__module__", "").startswith(module)
+                             for h in bpy.app.handlers.frame_change_post),
+        "timer": bpy.app.timers.is_registered(timer),
+        "backend_alive": bool(_backend_pids()),
+    }
+    assert bpy.ops.preferences.addon_enable(module=module) == {"FINISHED"}
+    facts["unregistered"]["reenabled_panel"] = hasattr(bpy.types, "IMHEAD_PT_main")
+    sys.modules[f"{module}.backend_service"].shutdown()
+    return facts
+
+
+SCENARIOS = {"lifecycle": scenario_lifecycle}
+
+if __name__ == "__main__":
+    name, zip_arg, out_arg = sys.argv[1:4]
+    result = SCENARIOS[name](zip_arg)
+    Path(out_arg).write_text(json.dumps(result, indent=1))
