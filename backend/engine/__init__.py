@@ -1,0 +1,1 @@
+"""Inference engine: mesh extraction, attributes, expression deform, region edit, fitting, session."""
