@@ -62,9 +62,14 @@ def ensure_started() -> BackendClient:
     if client is not None:
         if client.alive():
             return client
-        raise BackendUnavailable(f"The imHead backend stopped: {_state.last_error or 'process exited'}. "
+        raise BackendUnavailable(f"The imHead backend stopped ({_death_reason(client)}). "
                                  "Press 'Restart Backend'.")
     return _start()
+
+
+def _death_reason(client: BackendClient) -> str:
+    failure = client.last_error
+    return failure.message.splitlines()[0] if failure is not None else "its process exited"
 
 
 def _start() -> BackendClient:
@@ -160,7 +165,7 @@ def pump_backend() -> int:
         _state.handshake_checked = True
         _check_handshake(client.handshake.info)
     if not client.alive() and not _state.last_error:
-        _state.last_error = "the backend process exited"
+        _state.last_error = _death_reason(client)
     if handled:
         _redraw()
     return handled
@@ -203,7 +208,7 @@ def status() -> tuple[str, str]:
     if client is None:
         return ("ERROR", _state.last_error) if _state.last_error else ("NOT_STARTED", "Backend not started")
     if not client.alive():
-        return "ERROR", _state.last_error or "the backend process exited"
+        return "ERROR", _state.last_error or _death_reason(client)
     if client.handshake is None:
         return "STARTING", f"Starting backend ({_state.python})"
     return "READY", _state.last_error
