@@ -1,0 +1,399 @@
+"""Client for the backend subprocess (`python -m backend serve`, docs/protocol.md) — bpy-free, numpy only.
+
+An actor in the style of Dream Textures' generator_process: `submit()` hands an encoded frame to a writer
+thread and returns a `Future` at once; a reader thread decodes stdout frames into a queue; `pump()` applies
+them on the caller's thread (Blender's main thread), so futures change state and done-callbacks run only
+there. `pump()` is callable directly because timers never fire when Blender runs as a module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+if (Path(__file__).resolve().parent / "backend" / "wire.py").is_file():
+    from .backend import wire  # inside the built extension, backend/ is part of the add-on package
+else:
+    from backend import wire  # source checkout: backend/ sits beside imhead_blender/
+
+STDERR_TAIL_LINES = 12
+KILL_GRACE_S = 2.0
+
+
+class BackendFailure(Exception):
+    """An error reply from the backend, or the backend died, timed out or is not running."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"BackendFailure({self.code!r}, {self.message!r})"
+
+
+@dataclass
+class Handshake:
+    protocol: int
+    backend_version: str
+    torch_device: str
+    model_name: str
+    trained: bool
+    info: dict
+
+
+class Future:
+    """One request's outcome. State changes only inside `pump()` (or `shutdown()`), on the caller's thread."""
+
+    def __init__(self, request_id: int, op: str, deadline: float):
+        self.request_id = request_id
+        self.op = op
+        self.progress = 0.0
+        self.message = ""
+        self._deadline = deadline
+        self._outcome: tuple[dict, dict[str, np.ndarray]] | None = None
+        self._failure: BackendFailure | None = None
+        self._callbacks: list[Callable[[Future], None]] = []
+
+    def done(self) -> bool:
+        return self._outcome is not None or self._failure is not None
+
+    def result(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(params, arrays) of the reply. Never blocks: raises BackendFailure("not_done") if not done."""
+        if self._failure is not None:
+            raise self._failure
+        if self._outcome is None:
+            raise BackendFailure("not_done", f"request {self.request_id} ({self.op}) has not finished; pump() "
+                                             "until done() is true")
+        return self._outcome
+
+    def add_done_callback(self, fn: Callable[[Future], None]) -> None:
+        """`fn(future)` runs inside the pump() that finishes it, or at once if it is already done."""
+        if self.done():
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    def _settle(self, outcome=None, failure: BackendFailure | None = None) -> list[Callable[[], None]]:
+        """Record the outcome; returns the callbacks to run (after all state is consistent)."""
+        if self.done():
+            return []
+        self._outcome, self._failure = outcome, failure
+        if outcome is not None:
+            self.progress = 1.0
+        callbacks, self._callbacks = self._callbacks, []
+        return [lambda fn=fn: fn(self) for fn in callbacks]
+
+
+class BackendClient:
+    """`python` runs `-m backend serve` with cwd and PYTHONPATH = `backend_root` (the folder holding backend/
+    and weights/). `env` adds to (and overrides) the inherited environment."""
+
+    def __init__(self, python: str, backend_root: str, *, startup_timeout: float = 60.0,
+                 request_timeout: float = 600.0, env: dict | None = None):
+        self.python = python
+        self.backend_root = str(backend_root)
+        self.startup_timeout = startup_timeout
+        self.request_timeout = request_timeout
+        self.env = dict(env or {})
+        self.handshake: Handshake | None = None
+        self.last_error: BackendFailure | None = None  # why the backend stopped or a frame was refused
+        self._proc: subprocess.Popen | None = None
+        self._generation = 0  # events from a previous process are ignored after a restart
+        self._events: queue.Queue = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self._pending: dict[int, Future] = {}
+        self._ids = itertools.count(1)
+        self._handshake_id: int | None = None
+        self._stopped: BackendFailure | None = BackendFailure("not_running", "the backend is not started")
+        self._ready: list[Callable[[], None]] = []  # callbacks to run at the end of this pump
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Spawn the backend (no-op while it is alive) and send the handshake; returns without waiting."""
+        if self.alive():
+            return
+        self._reap()
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
+        env.update(self.env)
+        env["PYTHONPATH"] = self.backend_root
+        kwargs: dict[str, Any] = {}
+        if sys.platform == "win32":
+            kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
+        else:
+            kwargs["start_new_session"] = True  # Ctrl+C in Blender's terminal must not kill the backend
+        try:
+            proc = subprocess.Popen([self.python, "-m", "backend", "serve"], cwd=self.backend_root, env=env,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+        except OSError as exc:
+            self._stopped = self.last_error = BackendFailure(
+                "not_running", f"cannot start the backend with {self.python}: {exc}")
+            raise self._stopped from None
+        self._generation += 1
+        self._proc, self._stopped, self.handshake = proc, None, None
+        self._events, self._outbox = queue.Queue(), queue.Queue()
+        self._stderr_tail.clear()
+        gen = self._generation
+        self._threads = [
+            threading.Thread(target=self._read_frames, args=(gen, proc.stdout, self._events), daemon=True),
+            threading.Thread(target=self._write_frames, args=(gen, proc.stdin, self._outbox, self._events),
+                             daemon=True),
+            threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        self._handshake_id = self._send("handshake", {"protocol": wire.PROTOCOL_VERSION}, None,
+                                        self.startup_timeout).request_id
+
+    def alive(self) -> bool:
+        return self._stopped is None and self._proc is not None and self._proc.poll() is None
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Ask the backend to exit, wait up to `timeout`, then terminate/kill it. Open requests fail with
+        "cancelled"; their callbacks run here."""
+        if self._proc is None:
+            return
+        if self.alive():
+            self._send("shutdown", {}, None, timeout)
+            self._outbox.put(None)  # the writer closes stdin after the shutdown frame
+        self._stop(BackendFailure("not_running", "the backend was shut down; start() it again"),
+                   BackendFailure("cancelled", "the backend was shut down"), timeout)
+        self._run_ready()
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def submit(self, op: str, params: dict, arrays: dict[str, np.ndarray] | None = None) -> Future:
+        """Send a request; never blocks. A request that cannot be sent comes back as an already-failed future."""
+        return self._send(op, params, arrays, self.request_timeout)
+
+    def cancel(self, future: Future) -> None:
+        """Ask the backend to stop `future`'s op; its future then fails with "cancelled" (unless it finished)."""
+        if not future.done() and self.alive():
+            self._send("cancel", {"target": future.request_id}, None, self.request_timeout)
+
+    def pump(self, max_wait: float = 0.0) -> int:
+        """Apply arrived frames, death and timeouts to futures and run done-callbacks; waits at most
+        `max_wait` seconds for the first event. Returns how many events it handled."""
+        handled = 0
+        try:
+            event = self._events.get(timeout=max_wait) if max_wait > 0 else self._events.get_nowait()
+            while True:
+                handled += self._apply(*event)
+                event = self._events.get_nowait()
+        except queue.Empty:
+            pass
+        handled += self._expire(time.monotonic())
+        self._run_ready()
+        return handled
+
+    def wait(self, future: Future, timeout: float) -> tuple[dict, dict[str, np.ndarray]]:
+        """Pump until `future` is done (for tests and scripts; the add-on never blocks like this)."""
+        deadline = time.monotonic() + timeout
+        while not future.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BackendFailure("timeout", f"{future.op} (request {future.request_id}) did not finish "
+                                                f"within {timeout:g} s")
+            self.pump(max_wait=min(left, 0.1))
+        return future.result()
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    def _send(self, op: str, params: dict, arrays: dict | None, timeout: float) -> Future:
+        future = Future(next(self._ids), op, time.monotonic() + timeout)
+        if not self.alive():
+            future._settle(failure=self._not_running())
+            return future
+        try:  # copied into one buffer now: the caller may reuse its arrays at once
+            frame = wire.encode_bytes(wire.request(future.request_id, op, params), arrays)
+        except wire.ProtocolError as exc:
+            future._settle(failure=BackendFailure("invalid_input", f"cannot send {op}: {exc}"))
+            return future
+        self._pending[future.request_id] = future
+        self._outbox.put(frame)
+        return future
+
+    def _not_running(self) -> BackendFailure:
+        if self._stopped is None:  # the process ended but pump() has not seen it yet
+            self._declare_dead()
+        assert self._stopped is not None
+        return self._stopped
+
+    def _apply(self, gen: int, kind: str, payload: Any) -> int:
+        if gen != self._generation or self._stopped is not None:
+            return 0
+        if kind == "frame":
+            self._apply_frame(payload)
+        elif kind == "bad_frame":
+            self._stop(BackendFailure("protocol_error", f"the backend sent an unreadable frame ({payload}); "
+                                                        "it was stopped"), timeout=0.2)
+        elif kind == "eof":
+            self._declare_dead()
+        # "write_failed": the process is going away; its end of stdout follows and is reported then
+        return 1
+
+    def _apply_frame(self, msg: wire.Message) -> None:
+        h = msg.header
+        if msg.kind == "progress":
+            future = self._pending.get(h["id"])
+            if future is not None:
+                future.progress, future.message = h["fraction"], h["message"]
+            return
+        if msg.kind != "reply":
+            self._stop(BackendFailure("protocol_error", f"the backend sent a {msg.kind} frame; it was stopped"))
+            return
+        future = self._pending.pop(h["id"], None) if h["id"] is not None else None
+        failure = None if h["ok"] else BackendFailure(h["error"]["code"], h["error"]["message"])
+        if future is None:  # a reply to a timed-out request, or to a frame the server could not attribute
+            if failure is not None and h["id"] is None:
+                self.last_error = failure
+                print(f"[imhead-client] backend refused a frame: {failure.message}", file=sys.stderr)
+            return
+        if future.request_id == self._handshake_id:
+            self._apply_handshake(future, h.get("params"), failure)
+            return
+        self._ready += future._settle(outcome=(h["params"], msg.arrays) if failure is None else None,
+                                      failure=failure)
+
+    def _apply_handshake(self, future: Future, params: dict | None, failure: BackendFailure | None) -> None:
+        if failure is None:
+            try:
+                self.handshake = _parse_handshake(params or {})
+            except BackendFailure as exc:
+                failure = exc
+        if failure is None:
+            self._ready += future._settle(outcome=(params, {}))
+            return
+        # Without a handshake the backend is unusable: stop it and let every request say why.
+        self._ready += future._settle(failure=failure)
+        self._stop(BackendFailure(failure.code, f"backend handshake failed: {failure.message}"))
+
+    def _expire(self, now: float) -> int:
+        late = [f for f in self._pending.values() if now > f._deadline]
+        for future in late:
+            if future.request_id == self._handshake_id:
+                self._stop(BackendFailure("startup_timeout", f"the backend did not answer the handshake within "
+                                                             f"{self.startup_timeout:g} s"), timeout=0.2)
+                return len(late)
+            del self._pending[future.request_id]
+            self._ready += future._settle(failure=BackendFailure(
+                "timeout", f"{future.op} did not finish within {self.request_timeout:g} s"))
+            if future.op not in ("cancel", "shutdown") and self.alive():
+                self._send("cancel", {"target": future.request_id}, None, self.request_timeout)
+        return len(late)
+
+    def _declare_dead(self) -> None:
+        proc = self._proc
+        assert proc is not None
+        try:
+            status = proc.wait(KILL_GRACE_S)
+        except subprocess.TimeoutExpired:  # stdout closed but the process lingers: finish it
+            proc.kill()
+            status = proc.wait()
+        self._threads[2].join(1.0)  # collect the last stderr lines
+        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        tail = "\n".join(self._stderr_tail)
+        message = f"the imhead backend {how}" + (f"; its last output:\n{tail}" if tail else " (no output)")
+        self._stop(BackendFailure("backend_died", message))
+
+    def _stop(self, reason: BackendFailure, pending_failure: BackendFailure | None = None,
+              timeout: float = KILL_GRACE_S) -> None:
+        """Make sure the process is gone; fail every open request; later submits fail with `reason`."""
+        self._stopped = reason
+        if reason.code != "not_running":
+            self.last_error = reason
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            self._outbox.put(None)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(KILL_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            self._ready += future._settle(failure=pending_failure or reason)
+
+    def _reap(self) -> None:
+        """Forget a previous process completely before starting another."""
+        if self._proc is not None:
+            if self._stopped is None:
+                self._declare_dead()
+            self._outbox.put(None)  # release the writer thread
+            for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+                try:
+                    stream.close()
+                except (OSError, ValueError):
+                    pass
+            for t in self._threads:
+                t.join(1.0)
+        self._proc, self._threads = None, []
+
+    def _run_ready(self) -> None:
+        ready, self._ready = self._ready, []
+        for callback in ready:
+            try:
+                callback()
+            except Exception as exc:  # noqa: BLE001 - one bad callback must not starve the others
+                print(f"[imhead-client] a done-callback failed: {exc!r}", file=sys.stderr)
+
+    # ------------------------------------------------------------------------------------------- threads
+
+    @staticmethod
+    def _read_frames(gen: int, stream, events: queue.Queue) -> None:
+        try:
+            while (msg := wire.read_frame(stream)) is not None:
+                events.put((gen, "frame", msg))
+        except wire.ProtocolError as exc:
+            events.put((gen, "bad_frame", str(exc)))
+        except (OSError, ValueError):
+            pass  # the pipe was closed under us during a restart
+        events.put((gen, "eof", None))
+
+    @staticmethod
+    def _write_frames(gen: int, stream, outbox: queue.Queue, events: queue.Queue) -> None:
+        try:
+            while (frame := outbox.get()) is not None:
+                stream.write(frame)
+                stream.flush()
+            stream.close()
+        except (OSError, ValueError) as exc:
+            events.put((gen, "write_failed", str(exc)))
+
+    def _read_stderr(self, stream) -> None:
+        try:
+            for raw in stream:
+                line = raw.decode("utf-8", errors="replace").rstrip()
+                self._stderr_tail.append(line)
+                print(line, file=sys.stderr)
+        except (OSError, ValueError):
+            pass
+
+
+def _parse_handshake(p: dict) -> Handshake:
+    if p.get("protocol") != wire.PROTOCOL_VERSION:
+        raise BackendFailure("protocol_mismatch", f"the backend speaks protocol {p.get('protocol')!r}, this add-on "
+                                                  f"speaks {wire.PROTOCOL_VERSION}")
+    fields = {"backend_version": str, "torch_device": str, "model_name": str, "trained": bool}
+    for key, typ in fields.items():
+        if not isinstance(p.get(key), typ):
+            raise BackendFailure("protocol_error", f"handshake field {key!r} must be {typ.__name__}")
+    return Handshake(p["protocol"], p["backend_version"], p["torch_device"], p["model_name"], p["trained"], p)
