@@ -99,6 +99,14 @@ def test_backend_death_gives_clear_error_then_restart_works(lifecycle):
     assert d["heads_after_restart"] == 2 and d["restart_status"] == "READY"
 
 
+def test_panels_draw_in_every_state(lifecycle):
+    # Checked call by call against Blender's RNA (a headless Blender has no window to draw in).
+    assert set(lifecycle["panels_before"]) == {"IMHEAD_PT_main", "IMHEAD_PT_fit"}
+    assert {"IMHEAD_PT_main", "IMHEAD_PT_head", "IMHEAD_PT_expressions"} <= set(lifecycle["panels_with_head"])
+    assert lifecycle["panels_with_head"]["IMHEAD_PT_expressions"] > 53  # every expression slider
+    assert "IMHEAD_PT_main" in lifecycle["panels_after_death"]
+
+
 def test_unregisters_cleanly(lifecycle):
     u = lifecycle["unregistered"]
     assert u["leftover_classes"] == []
@@ -137,6 +145,81 @@ def _heads(scene) -> list:
     return [o for o in scene.objects if o.type == "MESH" and o.imhead.is_head]
 
 
+class LayoutChecker:
+    """Stands in for a panel's UILayout when no window exists (headless Blender cannot draw) and checks each
+    call against Blender's own RNA: the function exists, its keywords are real parameters, icons are known,
+    `prop` names a real property of its data, `operator` a registered operator whose fields exist."""
+
+    def __init__(self, log: list):
+        object.__setattr__(self, "_log", log)
+
+    def __setattr__(self, name, value):
+        import bpy
+
+        if name not in bpy.types.UILayout.bl_rna.properties:
+            raise AttributeError(f"UILayout has no attribute {name!r}")
+
+    def __getattr__(self, name):
+        import bpy
+
+        func = bpy.types.UILayout.bl_rna.functions.get(name)
+        if func is None:
+            raise AttributeError(f"UILayout has no function {name!r}")
+        params = {p.identifier: p for p in func.parameters}
+
+        def call(*args, **kwargs):
+            unknown = set(kwargs) - set(params)
+            if unknown:
+                raise TypeError(f"UILayout.{name}() got unknown keywords {sorted(unknown)}")
+            icon = kwargs.get("icon")
+            if icon is not None and icon not in params["icon"].enum_items:
+                raise ValueError(f"unknown icon {icon!r}")
+            self._log.append(name)
+            if name in ("prop", "prop_search"):
+                data, prop = args[0], args[1]
+                if prop not in data.bl_rna.properties:
+                    raise AttributeError(f"{data!r} has no property {prop!r}")
+            if name == "template_list":
+                for data, prop in ((args[2], args[3]), (args[4], args[5])):
+                    if prop not in data.bl_rna.properties:
+                        raise AttributeError(f"{data!r} has no property {prop!r}")
+            if name == "operator":
+                category, op = args[0].split(".")
+                return _OperatorFields(getattr(getattr(bpy.ops, category), op).get_rna_type())
+            if name in ("row", "column", "box", "split", "column_flow", "grid_flow"):
+                return LayoutChecker(self._log)
+            if name == "panel":
+                return LayoutChecker(self._log), LayoutChecker(self._log)
+            return None
+
+        return call
+
+
+class _OperatorFields:
+    def __init__(self, rna):
+        object.__setattr__(self, "_rna", rna)
+
+    def __setattr__(self, name, value):
+        if name not in self._rna.properties:
+            raise AttributeError(f"operator {self._rna.identifier} has no property {name!r}")
+
+
+def draw_panels(bpy, module: str) -> dict:
+    """Draw every imHead panel whose poll passes; returns {panel: number of layout calls}."""
+    drawn = {}
+    for name in dir(bpy.types):
+        cls = getattr(bpy.types, name)
+        if not name.startswith("IMHEAD_PT_"):
+            continue
+        if hasattr(cls, "poll") and not cls.poll(bpy.context):
+            continue
+        log: list = []
+        panel = type("PanelSelf", (), {"layout": LayoutChecker(log)})()
+        cls.draw(panel, bpy.context)
+        drawn[name] = len(log)
+    return drawn
+
+
 def scenario_lifecycle(zip_path: str) -> dict:
     import bpy
     import numpy as np
@@ -158,6 +241,7 @@ def scenario_lifecycle(zip_path: str) -> dict:
     for obj in list(bpy.data.objects):
         bpy.data.objects.remove(obj)
     scene = bpy.context.scene
+    facts["panels_before"] = draw_panels(bpy, module)
 
     # --- Generate through the operator, replies applied by pump_backend() (timers do not run here).
     seed, resolution = 11, 64
@@ -192,6 +276,8 @@ def scenario_lifecycle(zip_path: str) -> dict:
         "stored_model_name": obj.imhead.model_name, "region_items": len(obj.imhead.regions),
     }
 
+    facts["panels_with_head"] = draw_panels(bpy, module)
+
     # --- Axis conversion: the same request straight through the client, compared with the mesh.
     client = service.client()
     _params, raw = client.wait(client.submit("generate", {"seed": seed, "resolution": resolution}), 600)
@@ -223,6 +309,7 @@ def scenario_lifecycle(zip_path: str) -> dict:
     except Exception as exc:
         code = f"{getattr(exc, 'code', '')}: {getattr(exc, 'message', exc)}"
     status_after, _ = service.status()
+    death_panels = draw_panels(bpy, module)
     try:
         bpy.ops.imhead.generate()
         next_error = ""
@@ -232,6 +319,7 @@ def scenario_lifecycle(zip_path: str) -> dict:
     assert bpy.ops.imhead.restart_backend() == {"FINISHED"}
     assert bpy.ops.imhead.generate() == {"FINISHED"}
     service.drain(600)
+    facts["panels_after_death"] = death_panels
     facts["death"] = {"killed": len(pids) == 1, "pending_error_code": code, "status_after_death": status_after,
                       "next_request_error": next_error, "heads_after_restart": len(_heads(scene)),
                       "restart_status": service.status()[0]}
