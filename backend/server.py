@@ -104,7 +104,8 @@ class Server:
 
     def serve(self) -> int:
         """Serve until `shutdown`, end of stdin, or a broken stream; returns the process exit status."""
-        self.log(f"imhead backend {__version__}, protocol {wire.PROTOCOL_VERSION}, ready")
+        self.log(f"imhead backend {__version__} ({os.path.dirname(os.path.abspath(__file__))}), protocol "
+                 f"{wire.PROTOCOL_VERSION}, ready")
         self._worker.start()
         while True:
             try:

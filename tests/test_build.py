@@ -1,0 +1,112 @@
+"""build.py: the zip's layout, what it leaves out, Blender's own validator, and that the packaged copy runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+
+def blender_ext() -> Path:
+    spec = importlib.util.find_spec("bpy")  # locates the package without importing Blender
+    assert spec is not None and spec.submodule_search_locations, "bpy is not installed (run scripts/setup.sh)"
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob(
+        "*/scripts/addons_core/bl_pkg/cli/blender_ext.py"))
+    assert found, "blender_ext.py not found inside the bpy package"
+    return found[-1]
+
+
+def validate(venv_python: str, path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([venv_python, str(blender_ext()), "validate", str(path)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_blender_validator_accepts_the_zip(built_zip, venv_python):
+    proc = validate(venv_python, built_zip)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Success" in proc.stdout
+
+
+def test_blender_validator_catches_a_bad_manifest(built_zip, venv_python, tmp_path):
+    """Control for the test above: the same zip with a tagline ending in punctuation must fail."""
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(built_zip) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "blender_manifest.toml":
+                data = data.replace(b'heads"', b'heads."')
+            dst.writestr(item, data)
+    proc = validate(venv_python, bad)
+    assert proc.returncode != 0 and "tagline" in proc.stdout + proc.stderr
+
+
+def test_zip_layout(built_zip, repo_root, venv_python):
+    with zipfile.ZipFile(built_zip) as zf:
+        names = set(zf.namelist())
+        info = json.loads(zf.read("build_info.json"))
+    assert built_zip.name == "imhead-0.1.0.zip"
+    for required in ("blender_manifest.toml", "__init__.py", "client.py", "build_info.json", "backend/__init__.py",
+                     "backend/__main__.py", "backend/wire.py", "backend/server.py", "backend/commands/serve.py"):
+        assert required in names, required
+    assert not any(n.startswith(("imhead_blender/", "backend/train/")) or "/train/" in n for n in names)
+    assert not any("__pycache__" in n or n.endswith((".pyc", ".pyo")) for n in names)
+    assert not any(n.startswith("tests/") or Path(n).name.startswith("test_") for n in names)
+    shipped = {f"weights/{p.name}" for p in (repo_root / "weights").glob("*")
+               if p.suffix in (".safetensors", ".sha256") or p.name == "MODEL_CARD.md"}
+    assert {n for n in names if n.startswith("weights/")} == shipped
+    addon = {p.relative_to(repo_root / "imhead_blender").as_posix() for p in (repo_root / "imhead_blender").rglob("*.py")
+             if "__pycache__" not in p.parts}
+    assert addon <= names, addon - names
+    assert info["version"] == "0.1.0" and info["python"] == venv_python
+
+
+def test_python_override_and_bad_python(repo_root, venv_python, tmp_path):
+    out = tmp_path / "out"
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text("")
+    ok = subprocess.run([venv_python, "build.py", "--out", str(out), "--python", str(fake)], cwd=repo_root,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    with zipfile.ZipFile(out / "imhead-0.1.0.zip") as zf:
+        assert json.loads(zf.read("build_info.json"))["python"] == str(fake)
+    bad = subprocess.run([venv_python, "build.py", "--out", str(out), "--python", str(tmp_path / "nope")],
+                         cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not a file" in bad.stderr
+
+
+def test_build_is_reproducible(built_zip, repo_root, venv_python, tmp_path):
+    subprocess.run([venv_python, "build.py", "--out", str(tmp_path)], cwd=repo_root, check=True,
+                   capture_output=True, timeout=300)
+    assert (tmp_path / built_zip.name).read_bytes() == built_zip.read_bytes()
+
+
+def test_packaged_client_talks_to_the_packaged_backend(built_zip, venv_python, tmp_path):
+    """Unzip as Blender would (a package folder), import the add-on's client from it — which must use the
+    bundled backend/wire.py — and run the bundled `python -m backend serve` with the bundled weights."""
+    pkg = tmp_path / "imhead"
+    with zipfile.ZipFile(built_zip) as zf:
+        zf.extractall(pkg)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from imhead import client
+        assert client.wire.__name__ == "imhead.backend.wire", client.wire.__name__
+        c = client.BackendClient({venv_python!r}, {str(pkg)!r}, startup_timeout=120)
+        c.start()
+        params, arrays = c.wait(c.submit("echo", {{"x": 1}}, {{"a": client.np.arange(3)}}), 120)
+        assert params == {{"x": 1}} and arrays["a"].tolist() == [0, 1, 2]
+        assert c.handshake is not None, c.last_error
+        print("MODEL", c.handshake.model_name, c.handshake.trained)
+        print("LOG", *c._stderr_tail, sep="\\n")
+        c.shutdown()
+    """)
+    proc = subprocess.run([venv_python, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MODEL" in proc.stdout
+    assert f"imhead backend 0.1.0 ({pkg / 'backend'})" in proc.stdout  # the unzipped copy ran, not the repo
