@@ -52,7 +52,7 @@ def resolve_python(preference: str) -> tuple[str, str]:
     candidates = [
         (bpy.path.abspath(preference) if preference else "", "preference"),
         (os.environ.get("IMHEAD_PYTHON", ""), "IMHEAD_PYTHON"),
-        (str(build_info().get("python", "")), "build .venv"),
+        (str(build_info().get("python") or ""), "build .venv"),
     ]
     for path, source in candidates:
         if path:
