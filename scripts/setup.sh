@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Create .venv in the repository root with Python 3.11 and install the pinned dependencies from
+# pyproject.toml (runtime + test extras). Idempotent: an existing .venv is reused and pip runs only when a
+# requirement is missing or at the wrong version.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+is_311() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' >/dev/null 2>&1; }
+
+if [ ! -x .venv/bin/python ]; then
+    base=""
+    for candidate in python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 && is_311 "$candidate"; then
+            base="$candidate"
+            break
+        fi
+    done
+    if [ -z "$base" ]; then
+        echo "setup: Python 3.11 is required (neither python3.11 nor python3 is 3.11)" >&2
+        exit 1
+    fi
+    echo "setup: creating .venv with $(command -v "$base")"
+    "$base" -m venv .venv
+fi
+if ! is_311 .venv/bin/python; then
+    echo "setup: .venv is not a working Python 3.11 environment; remove it (rm -rf .venv) and run again" >&2
+    exit 1
+fi
+
+# Pinned requirements, straight from pyproject.toml (dependencies + the "test" extra).
+.venv/bin/python - > .venv/imhead-requirements.txt <<'PY'
+import tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+PY
+
+# Which of them are not installed at a matching version? (pip vendors `packaging`; nothing else is needed.)
+missing=$(.venv/bin/python - <<'PY'
+import importlib.metadata as md
+from pip._vendor.packaging.requirements import Requirement
+for line in filter(str.strip, open(".venv/imhead-requirements.txt").read().splitlines()):
+    req = Requirement(line)
+    try:
+        ok = req.specifier.contains(md.version(req.name), prereleases=True)
+    except md.PackageNotFoundError:
+        ok = False
+    if not ok:
+        print(line)
+PY
+)
+if [ -n "$missing" ]; then
+    echo "setup: installing $(echo "$missing" | tr '\n' ' ')"
+    .venv/bin/python -m pip install -r .venv/imhead-requirements.txt
+else
+    echo "setup: dependencies already satisfied"
+fi
+echo "setup: ready: $(pwd)/.venv/bin/python"
