@@ -115,6 +115,37 @@ def test_unregisters_cleanly(lifecycle):
     assert u["reenabled_panel"]
 
 
+@pytest.fixture(scope="module")
+def expressions(built_zip, venv_python, tmp_path_factory) -> dict:
+    return run_scenario("expressions", built_zip, venv_python, tmp_path_factory.mktemp("expressions"))
+
+
+def test_expression_edits_deform_without_blocking_and_coalesce(expressions):
+    e = expressions
+    assert e["in_flight_after_two_edits"] == 1  # the second edit waits for the first reply
+    assert e["cached_poses"] == 2  # first pose, then one follow-up with both weights
+    assert e["same_topology"]
+    if e["trained"]:  # the untrained warp is initialised to zero motion
+        assert e["moved_max_m"] > 1e-4
+    assert e["matches_direct_deform"] < 1e-6
+
+
+def test_keyframed_expressions_follow_frame_changes_with_cache(expressions):
+    e = expressions
+    assert e["jaw_weight_at_5"] == pytest.approx(0.5, abs=0.05)  # Bezier between 0 at 1 and 1 at 9
+    assert e["jobs_after_frame_change"] == 1
+    if e["trained"]:
+        assert e["frame_5_moved_m"] > 1e-4
+    assert e["jobs_on_revisit"] == 0 and e["revisit_same"]
+
+
+def test_bake_is_one_request_and_reproduces_live_poses(expressions):
+    e = expressions
+    assert e["bake_jobs"] == 1
+    assert e["shape_keys"][0] == "Basis" and len(e["shape_keys"]) == 1 + 6  # six distinct poses
+    assert e["baked_frame_5_vs_live"] < 1e-6
+
+
 # ===================================================================== scenarios (run inside Blender)
 
 def _install(bpy, zip_path: str) -> str:
@@ -343,7 +374,89 @@ def scenario_lifecycle(zip_path: str) -> dict:
     return facts
 
 
-SCENARIOS = {"lifecycle": scenario_lifecycle}
+def scenario_expressions(zip_path: str) -> dict:
+    import bpy
+    import numpy as np
+
+    module = _install(bpy, zip_path)
+    service = sys.modules[f"{module}.backend_service"]
+    live = sys.modules[f"{module}.live_deform"]
+    axes = sys.modules[f"{module}.axes"]
+    names = sys.modules[f"{module}.expressions"].EXPRESSION_NAMES
+    for obj in list(bpy.data.objects):
+        bpy.data.objects.remove(obj)
+    scene = bpy.context.scene
+    scene.imhead.seed, scene.imhead.resolution = 5, 48
+    assert bpy.ops.imhead.generate() == {"FINISHED"}
+    service.drain(600)
+    obj = _heads(scene)[0]
+    mesh = obj.data
+    n = len(mesh.vertices)
+
+    def positions():
+        co = np.empty(n * 3, np.float32)
+        mesh.vertices.foreach_get("co", co)
+        return co.reshape(-1, 3)
+
+    canonical = positions()
+    facts: dict = {"vertices": n, "trained": service.handshake().trained}
+
+    # Two edits in a row: one request in flight, the second coalesced into one follow-up.
+    obj.imhead.expressions.jawOpen = 0.8
+    obj.imhead.expressions.mouthSmile_L = 0.5
+    facts["in_flight_after_two_edits"] = len(service.jobs(obj.name))
+    service.drain(600)
+    facts["cached_poses"] = len(live._state.cache[obj.name])
+    posed = positions()
+    facts["moved_max_m"] = float(np.abs(posed - canonical).max())
+    facts["same_topology"] = len(mesh.vertices) == n
+    weights = np.zeros((1, len(names)), np.float32)
+    weights[0, names.index("jawOpen")], weights[0, names.index("mouthSmile_L")] = 0.8, 0.5
+    client = service.client()
+    _p, direct = client.wait(client.submit("deform", {"head": json.loads(obj.imhead.head_json)}, {
+        "canonical": axes.blender_to_backend(canonical), "expressions": weights}), 600)
+    facts["matches_direct_deform"] = float(np.abs(axes.backend_to_blender(direct["vertices"][0]) - posed).max())
+
+    # Keyframed weights: frame changes only submit; a revisited pose comes from the cache.
+    expr = obj.imhead.expressions
+    expr.jawOpen, expr.mouthSmile_L = 0.0, 0.0
+    service.drain(600)
+    expr.keyframe_insert("jawOpen", frame=1)
+    expr.jawOpen = 1.0
+    expr.keyframe_insert("jawOpen", frame=9)
+    scene.frame_set(1)
+    service.drain(600)
+    at_1 = positions()
+    scene.frame_set(5)
+    facts["jobs_after_frame_change"] = len(service.jobs(obj.name))
+    service.drain(600)
+    at_5 = positions()
+    facts["jaw_weight_at_5"] = float(expr.jawOpen)
+    facts["frame_5_moved_m"] = float(np.abs(at_5 - at_1).max())
+    scene.frame_set(1)
+    service.drain(600)
+    scene.frame_set(5)
+    facts["jobs_on_revisit"] = len(service.jobs(obj.name))
+    facts["revisit_same"] = bool(np.array_equal(positions(), at_5))
+
+    # Bake frames 1..6 in one batched request into per-frame shape keys.
+    scene.frame_start, scene.frame_end = 1, 6
+    assert bpy.ops.imhead.bake_expressions() == {"FINISHED"}
+    facts["bake_jobs"] = len(service.jobs(obj.name))
+    service.drain(600)
+    blocks = mesh.shape_keys.key_blocks
+    facts["shape_keys"] = [k.name for k in blocks]
+    scene.frame_set(5)
+    evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh()
+    co = np.empty(n * 3, np.float32)
+    evaluated.vertices.foreach_get("co", co)
+    facts["baked_frame_5_vs_live"] = float(np.abs(co.reshape(-1, 3) - at_5).max())
+    obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh_clear()
+    service.shutdown()
+    return facts
+
+
+SCENARIOS = {"lifecycle": scenario_lifecycle, "expressions": scenario_expressions}
 
 if __name__ == "__main__":
     name, zip_arg, out_arg = sys.argv[1:4]
