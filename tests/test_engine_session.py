@@ -19,10 +19,63 @@ def test_info(session):
     info = session.info()
     assert info["torch_device"] == "cpu"
     assert isinstance(info["trained"], bool)
+    assert len(info["regions"]) == 39 and len(info["expressions"]) == 53
+    assert {"id", "name", "mirror"} <= set(info["regions"][0])
 
 
-def test_generate_matches_dense_full_network(session):
-    params, arrays = session.generate({"seed": 3, "resolution": 40}, {})
+@pytest.fixture(scope="module")
+def generated(session):
+    return session.generate({"seed": 3, "resolution": 40}, {})
+
+
+def test_generate_attributes(session, generated):
+    params, arrays = generated
+    n = len(arrays["vertices"])
+    shapes = {"vertices": (n, 3), "canonical": (n, 3), "template": (n, 3), "normals": (n, 3), "uv": (n, 2),
+              "region": (n,)}
+    for name, shape in shapes.items():
+        assert arrays[name].shape == shape, name
+        assert arrays[name].dtype == (np.int32 if name == "region" else np.float32), name
+    assert arrays["region"].min() >= 0 and arrays["region"].max() < 39
+    np.testing.assert_allclose(np.linalg.norm(arrays["normals"], axis=1), 1.0, atol=1e-5)
+    # Outward: the normal agrees with the face normals of the extracted (outward-wound) mesh.
+    v, f = arrays["vertices"].astype(np.float64), arrays["faces"]
+    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+    vn = np.zeros_like(v)
+    for i in range(3):
+        np.add.at(vn, f[:, i], fn)
+    assert np.mean(np.sum(vn * arrays["normals"], axis=1) > 0) > 0.99
+    lo, hi = session.atlas.uv.min((0, 1)), session.atlas.uv.max((0, 1))  # ICT UVs span two tiles in u
+    assert (arrays["uv"] >= lo - 1e-6).all() and (arrays["uv"] <= hi + 1e-6).all()
+    assert params["stats"]["vertex_abs_sdf_p99_m"] < 0.05 * params["stats"]["voxel_m"]
+
+
+def test_deform_identity_for_neutral_and_validation(session, generated):
+    params, arrays = generated
+    canon = arrays["canonical"][:500]
+    expr = np.zeros((3, 53), np.float32)
+    out, res = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr})
+    assert res["vertices"].shape == (3, 500, 3) and res["residual"].shape == (3, 500)
+    assert res["converged"].dtype == np.uint8 and res["converged"].all()
+    np.testing.assert_allclose(res["vertices"][1], canon, atol=1e-6)
+    assert out["non_converged"] == 0
+    bad = [
+        ({"canonical": canon, "expressions": np.zeros((3, 52), np.float32)}, {}),
+        ({"canonical": canon[:, :2], "expressions": expr}, {}),
+        ({"canonical": canon.astype(np.int32), "expressions": expr}, {}),
+        ({"canonical": np.full((4, 3), np.nan, np.float32), "expressions": expr}, {}),
+        ({"canonical": canon[:0], "expressions": expr}, {}),
+        ({"expressions": expr}, {}),
+        ({"canonical": canon, "expressions": expr + 5}, {}),
+        ({"canonical": canon, "expressions": expr}, {"exact_residual": "yes"}),
+    ]
+    for arr, extra in bad:
+        with pytest.raises(errors.InvalidInput):
+            session.deform({"head": params["head"]} | extra, arr)
+
+
+def test_generate_matches_dense_full_network(session, generated):
+    params, arrays = generated
     v, f = arrays["vertices"], arrays["faces"]
     assert v.dtype == np.float32 and f.dtype == np.int32 and v.shape[1] == 3 and f.shape[1] == 3
     assert f.max() < len(v)

@@ -5,22 +5,26 @@ Every op takes (params: dict, arrays: dict[str, np.ndarray], progress) and retur
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
 from .. import __version__, constants, errors
+from ..data.atlas import load_atlas
 from ..weights import load_model
-from . import validate
+from . import deform, validate
 from .extract import ExtractStats, Mesh, check_resolution, extract_mesh
 from .head import HeadSpec
+from .template import TemplateIndex, seam_faces
 
 DEFAULT_RESOLUTION = 256
-TOPK = 8  # nearest local networks evaluated per point during extraction ...
+TOPK = 8  # nearest local networks evaluated per point ...
 DROP_TOL = 1e-3  # ... unless that leaves out more blend-weight mass than this: then all 39 are evaluated
 CHUNK = 1 << 15  # points per network call (bounds the (points x topk x hidden) activations)
 LIPSCHITZ = 1.5  # assumed |grad sdf| bound of the trained SDF (checked on the data by extract_mesh)
+MAX_DEFORM_POINTS = 20_000_000  # frames x vertices per deform request (output memory)
+EXPRESSION_RANGE = (-1.0, 2.0)  # accepted expression weights (ICT uses [0, 1]; a little over/undershoot is art)
 
 
 class Progress(Protocol):
@@ -35,6 +39,11 @@ class NullProgress:
 
     def report(self, fraction: float, message: str) -> None:
         pass
+
+
+def check_cancel(progress: Progress) -> None:
+    if progress.cancelled:
+        raise errors.Cancelled()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -55,17 +64,39 @@ class Session:
         self.loaded = load_model(weights_dir, str(self.device))
         self.model = self.loaded.model.eval().requires_grad_(False)
         self.extras = self.loaded.extras
+        atlas_path = Path(weights_dir) / "atlas.safetensors" if weights_dir is not None else None
+        self.atlas = load_atlas(atlas_path if atlas_path is not None and atlas_path.exists() else None)
+        self._template_index: TemplateIndex | None = None
 
-    # ------------------------------------------------------------------ info
+    # ------------------------------------------------------------------ names
     def info(self) -> dict:
         return {
             "backend_version": __version__,
             "torch_device": str(self.device),
             "model_name": self.loaded.meta.get("name", "imhead"),
             "trained": bool(self.loaded.trained),
+            "regions": [{"id": i, "name": n, "mirror": self.atlas.mirror[i]} for i, n in enumerate(self.atlas.names)],
+            "expressions": list(self.atlas.expressions),
         }
 
+    @property
+    def region_names(self) -> list[str]:
+        return list(self.atlas.names)
+
+    @property
+    def expression_names(self) -> list[str]:
+        return list(self.atlas.expressions)
+
+    @property
+    def template_index(self) -> TemplateIndex:
+        if self._template_index is None:
+            self._template_index = TemplateIndex(self.atlas)
+        return self._template_index
+
     # ------------------------------------------------------------------ heads
+    def parse_head(self, data: object) -> HeadSpec:
+        return HeadSpec.from_dict(data, self.region_names, self.expression_names)
+
     def sample_identity(self, seed: int) -> np.ndarray:
         """id_mean + id_chol @ eps with eps ~ N(0, I) from a numpy generator (same on every device)."""
         eps = np.random.default_rng(seed).standard_normal(constants.ID_DIM)
@@ -79,45 +110,33 @@ class Session:
         with torch.no_grad():
             zr = self.model.region_codes(z_id).clone()
             for name, code in head.region_overrides.items():
-                zr[0, self.region_index(name)] = torch.as_tensor(code, device=self.device)
+                zr[0, self.region_names.index(name)] = torch.as_tensor(code, device=self.device)
             k = self.model.anchors(zr)
         return z_id, zr, k
-
-    def region_index(self, name: str) -> int:
-        return self.region_names.index(name)
-
-    @property
-    def region_names(self) -> list[str]:
-        return []
-
-    @property
-    def expression_names(self) -> list[str]:
-        return []
-
-    def parse_head(self, data: object) -> HeadSpec:
-        return HeadSpec.from_dict(data, self.region_names, self.expression_names)
 
     def decode_params(self, data: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.decode(self.parse_head(data))
 
-    def sdf_fn(self, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]):
-        """Canonical SDF callable (N,3) -> (N,) evaluating each point with its TOPK nearest local networks
-        where the left-out blend mass is <= DROP_TOL, with all 39 elsewhere. dropped[0] tracks the largest
-        mass actually left out."""
+    # ------------------------------------------------------------------ network evaluation
+    def _adaptive(self, x: torch.Tensor, k: torch.Tensor, fn: Callable, dropped: list[float]) -> torch.Tensor:
+        """fn(xb (1,P,3), topk) -> (1,P,...) evaluated with TOPK local networks where the left-out blend
+        mass is <= DROP_TOL, with all 39 elsewhere; dropped[0] tracks the largest mass left out."""
+        _, _, lost = self.model.topk_weights(x[None].detach(), k, TOPK)
+        full = lost[0] > DROP_TOL
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if (~full).any():
+            dropped[0] = max(dropped[0], float(lost[0][~full].max()))
+            parts.append((~full, fn(x[~full][None], TOPK)[0]))
+        if full.any():
+            parts.append((full, fn(x[full][None], None)[0]))
+        first = parts[0][1]
+        out = first.new_zeros((x.shape[0],) + tuple(first.shape[1:]))
+        for mask, value in parts:
+            out = out.index_put((mask,), value.to(out.dtype))
+        return out
 
-        def sdf(x: torch.Tensor) -> torch.Tensor:
-            xb = x[None]
-            _, _, lost = self.model.topk_weights(xb, k, TOPK)
-            full = lost[0] > DROP_TOL
-            out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
-            if (~full).any():
-                out[~full] = self.model.sdf(x[~full][None], zr, k, topk=TOPK)[0].float()
-                dropped[0] = max(dropped[0], float(lost[0][~full].max()))
-            if full.any():
-                out[full] = self.model.sdf(x[full][None], zr, k)[0].float()
-            return out
-
-        return sdf
+    def sdf_fn(self, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]) -> Callable:
+        return lambda x: self._adaptive(x, k, lambda xb, t: self.model.sdf(xb, zr, k, topk=t), dropped).float()
 
     def canonical_mesh(self, zr: torch.Tensor, k: torch.Tensor, resolution: int) -> tuple[Mesh, ExtractStats, float]:
         """Extract the canonical (neutral) surface; also returns the largest blend-weight mass left out."""
@@ -125,6 +144,138 @@ class Session:
         mesh, stats = extract_mesh(self.sdf_fn(zr, k, dropped), resolution, device=self.device,
                                    lipschitz=LIPSCHITZ, chunk=CHUNK)
         return mesh, stats, dropped[0]
+
+    def sdf_grad_template(self, x: np.ndarray, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """At canonical points (N,3): SDF (N,), its gradient (N,3) and the template position (N,3)."""
+        sdf_out, grad_out, tmpl_out = [], [], []
+        for s in range(0, len(x), CHUNK):
+            xt = torch.as_tensor(x[s : s + CHUNK], device=self.device, dtype=torch.float32)
+            with torch.enable_grad():
+                xg = xt.clone().requires_grad_(True)
+
+                def both(xb: torch.Tensor, t: int | None) -> torch.Tensor:
+                    sdf, feat = self.model.sdf_and_features(xb, zr, k, topk=t)
+                    return torch.cat([sdf[..., None], self.model.template_from_features(xb, feat)], -1)
+
+                out = self._adaptive(xg, k, both, dropped)
+                (g,) = torch.autograd.grad(out[:, 0].sum(), xg)
+            sdf_out.append(out[:, 0].detach())
+            grad_out.append(g)
+            tmpl_out.append(out[:, 1:].detach())
+        cat = lambda parts: torch.cat(parts).cpu().numpy()  # noqa: E731
+        return cat(sdf_out), cat(grad_out), cat(tmpl_out)
+
+    def warp_fn(self, z_id: torch.Tensor, expressions: torch.Tensor) -> deform.WarpFn:
+        """Per-point backward warp for frame-indexed expressions (T,53)."""
+
+        def warp(x: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+            out = []
+            for s in range(0, x.shape[0], CHUNK):
+                xs, fs = x[s : s + CHUNK], frame[s : s + CHUNK]
+                zi = z_id.expand(xs.shape[0], -1)
+                # One point per batch row: the warp takes a per-row expression and identity.
+                out.append(self.model.warp(xs[:, None, :], expressions[fs], zi)[:, 0, :])
+            return torch.cat(out) if out else x.new_zeros((0, 3))
+
+        return warp
+
+    # ------------------------------------------------------------------ meshes
+    def head_mesh(self, head: HeadSpec, resolution: int, progress: Progress) -> tuple[dict, dict]:
+        """Canonical mesh of a head with every attribute, posed by the head's expression."""
+        z_id, zr, k = self.decode(head)
+        progress.report(0.05, "extracting the surface")
+        mesh, ext, dropped = self.canonical_mesh(zr, k, resolution)
+        if len(mesh.faces) == 0:
+            raise errors.BackendError("the model produced no surface inside the canonical box", code="empty_surface")
+        check_cancel(progress)
+        progress.report(0.5, "attributes")
+        arrays, attr_stats = self.attributes(mesh, zr, k)
+        stats = extract_stats(ext, dropped) | attr_stats
+        weights = head.expression_vector(self.expression_names)
+        if np.any(weights != 0):
+            check_cancel(progress)
+            progress.report(0.75, "posing")
+            res = self.pose(mesh.vertices, z_id, zr, k, weights[None], exact_residual=False)
+            arrays["vertices"] = res["vertices"][0]
+            arrays["normals"] = self.posed_normals(res["vertices"][0], z_id, zr, k, weights)
+            stats["deform"] = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
+        progress.report(1.0, "done")
+        return {"head": head.to_dict(), "stats": stats}, arrays
+
+    def attributes(self, mesh: Mesh, zr: torch.Tensor, k: torch.Tensor) -> tuple[dict, dict]:
+        dropped = [0.0]
+        sdf, grad, tmpl = self.sdf_grad_template(mesh.vertices, zr, k, dropped)
+        normals = grad / np.maximum(np.linalg.norm(grad, axis=1, keepdims=True), 1e-12)
+        uv, island = self.template_index.uv(tmpl)
+        arrays = {
+            "vertices": mesh.vertices,
+            "faces": mesh.faces,
+            "canonical": mesh.vertices.copy(),
+            "template": tmpl.astype(np.float32),
+            "region": self.template_index.nearest_region(tmpl),
+            "normals": normals.astype(np.float32),
+            "uv": uv,
+        }
+        _, _, tdist = self.template_index.closest(tmpl)
+        stats = {
+            "vertex_abs_sdf_p99_m": float(np.percentile(np.abs(sdf), 99)),
+            "template_to_surface_median_m": float(np.median(tdist)),
+            "uv_seam_faces": seam_faces(mesh.faces, island),
+        }
+        return arrays, stats
+
+    def pose(self, canonical: np.ndarray, z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor,
+             expressions: np.ndarray, exact_residual: bool) -> dict:
+        """Deform canonical vertices (N,3) through expressions (T,53); residual = |posed-space SDF| at each
+        moved vertex, i.e. |sdf(x + warp(x))|. Exact: evaluate it. Otherwise its first-order expansion
+        sdf(x_c) + grad sdf(x_c) . (x + warp(x) - x_c), exact up to |F|^2 curvature with |F| <= 1 um."""
+        x_c = torch.as_tensor(canonical, device=self.device, dtype=torch.float32)
+        e = torch.as_tensor(expressions, device=self.device, dtype=torch.float32)
+        warp = self.warp_fn(z_id, e)
+        result = deform.solve(warp, x_c, e.shape[0])
+        T, N = e.shape[0], x_c.shape[0]
+        with torch.no_grad():
+            frame = torch.arange(T, device=self.device).repeat_interleave(N)
+            x = result.vertices.reshape(-1, 3)
+            f = torch.cat([x[s : s + CHUNK] + warp(x[s : s + CHUNK], frame[s : s + CHUNK]) for s in
+                           range(0, x.shape[0], CHUNK)]) - x_c.repeat(T, 1)
+            if exact_residual:  # the canonical point x + warp(x) is x_c + F
+                sdf = self.sdf_fn(zr, k, [0.0])
+                moved = x_c.repeat(T, 1) + f
+                residual = torch.cat([sdf(moved[s : s + CHUNK]) for s in range(0, moved.shape[0], CHUNK)])
+            else:
+                sdf, grad, _ = self.sdf_grad_template(canonical, zr, k, [0.0])
+                sdf_t = torch.as_tensor(sdf, device=self.device).repeat(T)
+                grad_t = torch.as_tensor(grad, device=self.device).repeat(T, 1)
+                residual = sdf_t + (grad_t * f).sum(1)
+        residual = residual.abs().view(T, N)
+        conv = result.converged
+        return {
+            "vertices": result.vertices.cpu().numpy().astype(np.float32),
+            "residual": residual.cpu().numpy().astype(np.float32),
+            "converged": conv.cpu().numpy().astype(np.uint8),
+            "non_converged": int((~conv).sum()),
+            "residual_p99_m": float(torch.quantile(residual.flatten()[:16_000_000].double(), 0.99)),
+            "root_residual_max_m": float(result.root_residual.max()),
+            "iterations": result.iterations,
+        }
+
+    def posed_normals(self, x: np.ndarray, z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor,
+                      weights: np.ndarray) -> np.ndarray:
+        """Outward normals of the posed surface: the gradient of sdf(x + warp(x)) at posed points."""
+        e = torch.as_tensor(weights, device=self.device, dtype=torch.float32)[None]
+        out = []
+        for s in range(0, len(x), CHUNK):
+            xt = torch.as_tensor(x[s : s + CHUNK], device=self.device, dtype=torch.float32)
+            with torch.enable_grad():
+                xg = xt.clone().requires_grad_(True)
+                xc = xg + self.model.warp(xg[None], e, z_id)[0]
+                sdf = self._adaptive(xc, k, lambda xb, t: self.model.sdf(xb, zr, k, topk=t), [0.0])
+                (g,) = torch.autograd.grad(sdf.sum(), xg)
+            out.append(g)
+        g = torch.cat(out).cpu().numpy()
+        return (g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     # ------------------------------------------------------------------ ops
     def generate(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
@@ -135,15 +286,28 @@ class Session:
             head = self.parse_head(params["head"])
         else:
             head = HeadSpec(identity=self.sample_identity(validate.seed(params.get("seed", 0))))
-        progress.report(0.0, "extracting the surface")
-        _, zr, k = self.decode(head)
-        mesh, stats, dropped = self.canonical_mesh(zr, k, resolution)
-        if len(mesh.faces) == 0:
-            raise errors.BackendError("the model produced no surface inside the canonical box", code="empty_surface")
+        return self.head_mesh(head, resolution, progress)
+
+    def deform(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
+        progress = progress or NullProgress()
+        validate.keys(params, {"head", "exact_residual"}, "deform")
+        head = self.parse_head(params.get("head"))
+        exact = params.get("exact_residual", False)
+        if not isinstance(exact, bool):
+            raise errors.InvalidInput("exact_residual must be true or false")
+        canonical = validate.float_array(arrays, "canonical", (None, 3))
+        expr = validate.float_array(arrays, "expressions", (None, constants.N_EXPRESSIONS))
+        if expr.min() < EXPRESSION_RANGE[0] or expr.max() > EXPRESSION_RANGE[1]:
+            raise errors.InvalidInput(f"expression weights must lie in {list(EXPRESSION_RANGE)}")
+        if len(canonical) * len(expr) > MAX_DEFORM_POINTS:
+            raise errors.InvalidInput(f"{len(expr)} frames x {len(canonical)} vertices is more than "
+                                      f"{MAX_DEFORM_POINTS} points per request; send fewer frames at a time")
+        z_id, zr, k = self.decode(head)
+        progress.report(0.0, f"deforming {len(canonical)} vertices through {len(expr)} frames")
+        res = self.pose(canonical, z_id, zr, k, expr, exact_residual=exact)
         progress.report(1.0, "done")
-        out = {"head": head.to_dict(), "stats": extract_stats(stats, dropped)}
-        arrays = {"vertices": mesh.vertices, "faces": mesh.faces, "canonical": mesh.vertices.copy()}
-        return out, arrays
+        out = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
+        return out, {"vertices": res["vertices"], "residual": res["residual"], "converged": res["converged"]}
 
 
 def extract_stats(stats: ExtractStats, dropped: float) -> dict:

@@ -1,0 +1,141 @@
+"""Queries against the mean template head (the atlas): closest surface point, region label, ICT UVs.
+
+UVs: a point's UV is the barycentric interpolation of the per-corner UVs of the template triangle holding
+its closest point. Seams: a per-vertex UV can hold only one chart, so a vertex takes the chart of its
+closest template triangle; a generated triangle whose corners land in different UV islands of the template
+straddles a seam and gets stretched UVs. Such faces are counted (`seam_faces`) so callers can see them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from ..data.atlas import Atlas
+
+
+def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Barycentric coordinates (..., 3) of the point of triangle (a, b, c) closest to p (Ericson, Real-Time
+    Collision Detection 5.1.5), vectorised over leading axes."""
+    ab, ac, ap, bp, cp = b - a, c - a, p - a, p - b, p - c
+    d1, d2 = (ab * ap).sum(-1), (ac * ap).sum(-1)
+    d3, d4 = (ab * bp).sum(-1), (ac * bp).sum(-1)
+    d5, d6 = (ab * cp).sum(-1), (ac * cp).sum(-1)
+    va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2
+    one, zero = torch.ones_like(d1), torch.zeros_like(d1)
+
+    def safe(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        return num / torch.where(den == 0, one, den)
+
+    denom = va + vb + vc
+    v, w = safe(vb, denom), safe(vc, denom)
+    t_ab, t_ac = safe(d1, d1 - d3), safe(d2, d2 - d6)
+    t_bc = safe(d4 - d3, (d4 - d3) + (d5 - d6))
+    # Ericson's tests in order, the first that holds wins: apply in reverse so earlier ones override.
+    tests = [
+        ((d1 <= 0) & (d2 <= 0), (one, zero, zero)),
+        ((d3 >= 0) & (d4 <= d3), (zero, one, zero)),
+        ((vc <= 0) & (d1 >= 0) & (d3 <= 0), (1 - t_ab, t_ab, zero)),
+        ((d6 >= 0) & (d5 <= d6), (zero, zero, one)),
+        ((vb <= 0) & (d2 >= 0) & (d6 <= 0), (1 - t_ac, zero, t_ac)),
+        ((va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0), (zero, 1 - t_bc, t_bc)),
+    ]
+    bary = torch.stack([1 - v - w, v, w], -1)
+    for mask, value in reversed(tests):
+        bary = torch.where(mask[..., None], torch.stack(value, -1), bary)
+    return bary
+
+
+class TemplateIndex:
+    """Nearest-vertex and closest-triangle queries on the atlas surface."""
+
+    def __init__(self, atlas: Atlas, candidates: int = 3, max_valence: int = 12, centroid_candidates: int = 4):
+        self.atlas = atlas
+        self.vertices = atlas.vertices.astype(np.float64)
+        self.faces = atlas.faces.astype(np.int64)
+        self.tree = cKDTree(self.vertices)
+        self.candidates = candidates
+        self.centroid_candidates = centroid_candidates
+        self.centroid_tree = cKDTree(self.vertices[self.faces].mean(1))
+        # Faces incident to each vertex, padded with the vertex's first face (duplicates are harmless) and
+        # cut at max_valence: only the few fan centres of the neck cap exceed it. Long fan triangles are
+        # also found through the nearest face centroids (centroid_candidates).
+        order = np.argsort(self.faces.ravel(), kind="stable")
+        vert_of = self.faces.ravel()[order]
+        face_of = order // 3
+        counts = np.bincount(vert_of, minlength=len(self.vertices))
+        width = min(int(counts.max()), max_valence)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = np.arange(len(vert_of)) - starts[vert_of]
+        vf = np.full((len(self.vertices), width), -1, np.int64)
+        keep = slot < width
+        vf[vert_of[keep], slot[keep]] = face_of[keep]
+        first = np.where(vf[:, :1] >= 0, vf[:, :1], 0)
+        self.vertex_faces = np.where(vf >= 0, vf, first)
+        self.face_island = _uv_islands(self.faces, atlas.uv)
+
+    def nearest_region(self, points: np.ndarray) -> np.ndarray:
+        """Region id of the nearest template vertex, (N,) int32."""
+        _, idx = self.tree.query(np.asarray(points, np.float64))
+        return self.atlas.region[idx].astype(np.int32)
+
+    def closest(self, points: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Closest template point among the triangles around the nearest `candidates` vertices and the
+        `centroid_candidates` triangles with the nearest centroids:
+        (face (N,), barycentric (N,3) float64, distance (N,))."""
+        points = np.asarray(points, np.float64)
+        n = len(points)
+        face, bary, dist = np.zeros(n, np.int64), np.zeros((n, 3)), np.zeros(n)
+        tri_all = torch.as_tensor(self.vertices[self.faces], dtype=torch.float32)  # (F,3,3)
+        for s in range(0, n, chunk):
+            p = points[s : s + chunk]
+            _, near = self.tree.query(p, k=self.candidates)
+            _, near_faces = self.centroid_tree.query(p, k=self.centroid_candidates)
+            cand = np.concatenate([self.vertex_faces[near].reshape(len(p), -1), near_faces.reshape(len(p), -1)], 1)
+            cand = torch.as_tensor(cand)  # (n, C)
+            # Work relative to the query point: float32 keeps sub-micrometre precision at head scale.
+            tri = tri_all[cand] - torch.as_tensor(p, dtype=torch.float32)[:, None, None, :]
+            q = torch.zeros(len(p), 1, 3)
+            bc = closest_point_on_triangles(q, tri[..., 0, :], tri[..., 1, :], tri[..., 2, :])
+            d = (bc[..., None] * tri).sum(-2).norm(dim=-1)
+            best = d.argmin(dim=1)
+            rows = torch.arange(len(p))
+            face[s : s + chunk] = cand[rows, best].numpy()
+            bary[s : s + chunk] = bc[rows, best].double().numpy()
+            dist[s : s + chunk] = d[rows, best].double().numpy()
+        return face, bary, dist
+
+    def uv(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ICT-layout UV (N,2) float32 of each point's closest template point, and that point's UV island."""
+        face, bary, _ = self.closest(points)
+        uv = (bary[:, :, None] * self.atlas.uv[face].astype(np.float64)).sum(1)
+        return uv.astype(np.float32), self.face_island[face]
+
+
+def seam_faces(faces: np.ndarray, vertex_island: np.ndarray) -> int:
+    """Faces whose corners take their UVs from different template UV islands."""
+    isl = vertex_island[faces]
+    return int(((isl[:, 0] != isl[:, 1]) | (isl[:, 0] != isl[:, 2])).sum())
+
+
+def _uv_islands(faces: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """UV island per face: faces are joined across an edge when both edge ends carry the same UV in both."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    nf = len(faces)
+    # Key each corner by (vertex, rounded uv): a shared edge with identical corner keys is not a seam.
+    uvq = np.round(uv.reshape(-1, 2) * 1e6).astype(np.int64)
+    corner_key = np.unique(np.column_stack([faces.reshape(-1), uvq]), axis=0, return_inverse=True)[1].reshape(nf, 3)
+    e = np.stack([corner_key[:, [0, 1]], corner_key[:, [1, 2]], corner_key[:, [2, 0]]], 1).reshape(-1, 2)
+    e = np.sort(e, axis=1)
+    owner = np.repeat(np.arange(nf), 3)
+    _, inv, counts = np.unique(e, axis=0, return_inverse=True, return_counts=True)
+    inv = inv.ravel()
+    order = np.argsort(inv, kind="stable")
+    grouped = inv[order]
+    same = grouped[1:] == grouped[:-1]
+    a, b = owner[order][:-1][same], owner[order][1:][same]
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(nf, nf))
+    return connected_components(graph, directed=False)[1].astype(np.int32)
