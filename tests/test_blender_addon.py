@@ -90,6 +90,12 @@ def test_axes_converted_face_toward_minus_y(lifecycle):
     assert a["face_vertex_y"] == pytest.approx(a["min_blender_y"], abs=1e-7)
 
 
+def test_cancel_button_stops_a_generate(lifecycle):
+    c = lifecycle["cancel"]
+    assert c["code"] == "cancelled" and c["heads_added"] == 0
+    assert c["status"] == ["READY", ""]
+
+
 def test_backend_death_gives_clear_error_then_restart_works(lifecycle):
     d = lifecycle["death"]
     assert d["killed"]
@@ -322,6 +328,21 @@ def scenario_lifecycle(zip_path: str) -> dict:
         "face_vertex_y": float(co[int(np.argmax(raw["vertices"][:, 2])), 1]) if same else 1.0,
         "min_blender_y": float(co[:, 1].min()),
     }
+
+    # --- Cancel from the panel's button: the job ends as cancelled, no object appears, no error is shown.
+    heads_before = len(_heads(scene))
+    scene.imhead.resolution = 256
+    assert bpy.ops.imhead.generate() == {"FINISHED"}
+    job = service.jobs()[0]
+    assert bpy.ops.imhead.cancel_job(request_id=job.request_id) == {"FINISHED"}
+    service.drain(600)
+    try:
+        job.future.result()
+        cancel_code = "finished"
+    except Exception as exc:
+        cancel_code = getattr(exc, "code", repr(exc))
+    facts["cancel"] = {"code": cancel_code, "heads_added": len(_heads(scene)) - heads_before,
+                       "status": list(service.status())}
 
     # --- Kill the backend while a request runs.
     scene.imhead.resolution = 256
