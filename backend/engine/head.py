@@ -17,7 +17,7 @@ from .. import constants, errors
 FORMAT = "imhead-head/1"
 
 
-def _vector(value: object, size: int, what: str) -> np.ndarray:
+def vector(value: object, size: int, what: str) -> np.ndarray:
     if not isinstance(value, (list, tuple, np.ndarray)):
         raise errors.InvalidInput(f"{what} must be a list of {size} numbers")
     try:
@@ -66,7 +66,7 @@ class HeadSpec:
         extra = set(data) - {"format", "identity", "region_overrides", "expression"}
         if extra:
             raise errors.InvalidInput(f"unknown head fields {sorted(extra)}")
-        identity = _vector(data.get("identity"), constants.ID_DIM, "head identity")
+        identity = vector(data.get("identity"), constants.ID_DIM, "head identity")
         overrides = data.get("region_overrides", {})
         expression = data.get("expression", {})
         if not isinstance(overrides, dict) or not isinstance(expression, dict):
@@ -75,7 +75,7 @@ class HeadSpec:
         check_names(list(expression), expression_names, "expression names")
         return cls(
             identity=identity,
-            region_overrides={k: _vector(v, constants.REGION_DIM, f"region code {k!r}") for k, v in overrides.items()},
+            region_overrides={k: vector(v, constants.REGION_DIM, f"region code {k!r}") for k, v in overrides.items()},
             expression={k: _weight(v, f"expression weight {k!r}") for k, v in expression.items()},
         )
 

@@ -13,7 +13,7 @@ import torch
 from .. import __version__, constants, errors
 from ..data.atlas import load_atlas
 from ..weights import load_model
-from . import deform, validate
+from . import deform, edit, validate
 from .extract import ExtractStats, Mesh, check_resolution, extract_mesh
 from .head import HeadSpec
 from .template import TemplateIndex, seam_faces
@@ -113,6 +113,22 @@ class Session:
                 zr[0, self.region_names.index(name)] = torch.as_tensor(code, device=self.device)
             k = self.model.anchors(zr)
         return z_id, zr, k
+
+    def decode_regions(self, identity: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            z = torch.as_tensor(np.asarray(identity, np.float32), device=self.device)[None]
+            return self.model.region_codes(z)[0].cpu().numpy()
+
+    @property
+    def region_stats(self) -> edit.RegionStats:
+        e = self.extras
+        return edit.RegionStats(*(e[key].double().cpu().numpy() for key in ("region_mean", "region_dirs", "region_std")))
+
+    def sliders(self, head: HeadSpec) -> dict[str, list[float]]:
+        """Every region's slider positions (std units along its principal directions)."""
+        codes = edit.effective_codes(head, self.decode_regions, self.region_names)
+        stats = self.region_stats
+        return {n: [float(v) for v in stats.coords(j, codes[j])] for j, n in enumerate(self.region_names)}
 
     def decode_params(self, data: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.decode(self.parse_head(data))
@@ -287,6 +303,17 @@ class Session:
         else:
             head = HeadSpec(identity=self.sample_identity(validate.seed(params.get("seed", 0))))
         return self.head_mesh(head, resolution, progress)
+
+    def edit(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
+        progress = progress or NullProgress()
+        validate.keys(params, {"head", "ops", "resolution"}, "edit")
+        resolution = check_resolution(params.get("resolution", DEFAULT_RESOLUTION))
+        head = self.parse_head(params.get("head"))
+        new = edit.apply_ops(head, params.get("ops"), self.decode_regions, self.region_names, self.region_stats,
+                             self.parse_head)
+        out, mesh = self.head_mesh(new, resolution, progress)
+        out["sliders"] = self.sliders(new)
+        return out, mesh
 
     def deform(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
         progress = progress or NullProgress()
