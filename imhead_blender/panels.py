@@ -2,7 +2,7 @@
 
 import bpy
 
-from . import backend_service, expressions, live_deform
+from . import backend_service, expressions, live_deform, region_edit
 from .operators.common import active_head
 
 
@@ -122,6 +122,61 @@ class IMHEAD_PT_expressions(_ImHeadPanel, bpy.types.Panel):
                     col.prop(weights, name, slider=True)
 
 
+class IMHEAD_UL_regions(bpy.types.UIList):
+    def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index=0):
+        row = layout.row(align=True)
+        row.prop(item, "selected", text="")
+        row.label(text=item.name)
+
+
+class IMHEAD_PT_regions(_ImHeadPanel, bpy.types.Panel):
+    bl_label = "Regions"
+    bl_parent_id = "IMHEAD_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    @classmethod
+    def poll(cls, context):
+        return active_head(context) is not None
+
+    def draw(self, context):
+        obj = active_head(context)
+        props = obj.imhead
+        layout = self.layout
+        if not props.regions:
+            layout.label(text="Region list arrives with the backend handshake", icon="INFO")
+            return
+        layout.template_list("IMHEAD_UL_regions", "", props, "regions", props, "active_region", rows=6)
+        row = layout.row(align=True)
+        for action, text in (("ALL", "All"), ("NONE", "None"), ("INVERT", "Invert"), ("MIRROR", "Mirror")):
+            row.operator("imhead.region_select", text=text).action = action
+        if region_edit.busy(obj.name):
+            layout.label(text="Editing...", icon="SORTTIME")
+
+        box = layout.box()
+        if 0 <= props.active_region < len(props.regions):
+            active = props.regions[props.active_region]
+            box.label(text=f"{active.name}: principal directions (std)")
+            if props.sliders_known:
+                col = box.column(align=True)
+                for i in range(len(active.sliders)):
+                    col.prop(active, "sliders", index=i, text=f"Direction {i + 1}", slider=True)
+            else:
+                box.operator("imhead.region_edit", text="Edit Sliders", icon="OPTIONS").action = "LOAD_SLIDERS"
+
+        col = layout.column(align=True)
+        row = col.row(align=True)
+        row.operator("imhead.region_edit", text="Randomise", icon="FILE_REFRESH").action = "RANDOMISE"
+        row.prop(props, "randomise_scale")
+        col.operator("imhead.region_edit", text="Reset to Identity", icon="LOOP_BACK").action = "RESET"
+
+        col = layout.column(align=True)
+        col.prop(props, "swap_source")
+        row = col.row(align=True)
+        row.operator("imhead.region_edit", text="Swap", icon="UV_SYNC_SELECT").action = "SWAP"
+        row.operator("imhead.region_edit", text="Blend", icon="MOD_MASK").action = "BLEND"
+        row.prop(props, "blend_amount")
+
+
 class IMHEAD_PT_fit(_ImHeadPanel, bpy.types.Panel):
     bl_label = "Fit Imported Character"
     bl_parent_id = "IMHEAD_PT_main"
@@ -135,4 +190,5 @@ class IMHEAD_PT_fit(_ImHeadPanel, bpy.types.Panel):
         layout.operator("imhead.fit_selected", icon="MOD_SHRINKWRAP")
 
 
-CLASSES = (IMHEAD_PT_main, IMHEAD_PT_head, IMHEAD_PT_expressions, IMHEAD_PT_fit)
+CLASSES = (IMHEAD_UL_regions, IMHEAD_PT_main, IMHEAD_PT_head, IMHEAD_PT_expressions, IMHEAD_PT_regions,
+           IMHEAD_PT_fit)

@@ -10,6 +10,16 @@ from . import expressions
 ANIMATABLE = {"ANIMATABLE"}
 
 
+PCA_SLIDERS = 8  # leading principal directions per region shown as sliders (the backend keeps the rest)
+SLIDER_RANGE = 5.0  # the backend's limit, in standard deviations
+
+
+def _sliders_changed(self, context):
+    from . import region_edit
+
+    region_edit.request_sliders(self.id_data, self.name)
+
+
 def _expression_changed(self, context):
     # Imported here: backend_service imports this module for the PropertyGroup types.
     from . import live_deform
@@ -44,6 +54,11 @@ class ImHeadRegion(bpy.types.PropertyGroup):
     region_id: bpy.props.IntProperty(options=set())
     mirror: bpy.props.IntProperty(default=-1, options=set())
     selected: bpy.props.BoolProperty(name="Selected", default=False, options=set())
+    sliders: bpy.props.FloatVectorProperty(
+        name="Shape", size=PCA_SLIDERS, default=(0.0,) * PCA_SLIDERS,
+        min=-SLIDER_RANGE, max=SLIDER_RANGE, soft_min=-3.0, soft_max=3.0,
+        description="Position along this region's leading principal directions, in standard deviations",
+        options=ANIMATABLE, update=_sliders_changed)
 
 
 def _is_other_head(self, obj) -> bool:
@@ -63,8 +78,16 @@ class ImHeadObjectProperties(bpy.types.PropertyGroup):
     regions: bpy.props.CollectionProperty(type=ImHeadRegion)
     active_region: bpy.props.IntProperty(name="Region", default=0, min=0, options=set())
     swap_source: bpy.props.PointerProperty(
-        name="Swap From", type=bpy.types.Object, poll=_is_other_head,
-        description="Another imHead object whose selected regions replace this head's")
+        name="Other Head", type=bpy.types.Object, poll=_is_other_head,
+        description="Another imHead object to swap or blend the selected regions from")
+    sliders_known: bpy.props.BoolProperty(
+        default=False, options=set(), description="Region sliders hold the backend's positions for this head")
+    blend_amount: bpy.props.FloatProperty(
+        name="Amount", min=0.0, max=1.0, default=0.5, options=ANIMATABLE,
+        description="How far Blend moves the selected regions toward the other head's")
+    randomise_scale: bpy.props.FloatProperty(
+        name="Scale", min=0.0, max=SLIDER_RANGE, default=1.0, options=ANIMATABLE,
+        description="Spread of Randomise, in standard deviations of the training heads")
     fit_error_mm: bpy.props.FloatProperty(name="Fit Error (mm)", default=-1.0, options=set())
 
 

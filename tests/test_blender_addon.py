@@ -152,6 +152,40 @@ def test_bake_is_one_request_and_reproduces_live_poses(expressions):
     assert e["baked_frame_5_vs_live"] < 1e-6
 
 
+@pytest.fixture(scope="module")
+def regions(built_zip, venv_python, tmp_path_factory) -> dict:
+    return run_scenario("regions", built_zip, venv_python, tmp_path_factory.mktemp("regions"))
+
+
+def test_region_sliders_load_from_the_backend(regions):
+    assert not regions["sliders_known_after_generate"] or regions["loaded"]["known"]
+    assert regions["loaded"] == {"known": True, "overrides": 0, "nonzero": True}
+    assert "IMHEAD_PT_regions" in regions["panels"]
+
+
+def test_swap_takes_the_other_heads_region_and_keeps_the_transform(regions):
+    r0 = regions["names"][0]
+    sw = regions["swap"]
+    assert sw["overrides"] == [r0]
+    assert sw["sliders_vs_b"] < 1e-4
+    assert sw["matrix_kept"] and sw["has_attributes"] and sw["objects"] == 2
+
+
+def test_slider_moves_coalesce_into_one_follow_up_edit(regions):
+    r0, r1, _ = regions["names"]
+    assert regions["slider_jobs_in_flight"] == 1
+    assert regions["sliders_after"] == pytest.approx([1.5, -1.0], abs=1e-4)
+    assert regions["slider_overrides"] == sorted([r0, r1])
+
+
+def test_randomise_and_reset(regions):
+    r0, r1, r2 = regions["names"]
+    assert regions["randomised_changed"]
+    assert regions["randomised_overrides"] == sorted([r0, r1, r2])
+    assert regions["reset_overrides"] == 0
+    assert regions["status"] == ["READY", ""]
+
+
 # ===================================================================== scenarios (run inside Blender)
 
 def _install(bpy, zip_path: str) -> str:
@@ -477,7 +511,81 @@ def scenario_expressions(zip_path: str) -> dict:
     return facts
 
 
-SCENARIOS = {"lifecycle": scenario_lifecycle, "expressions": scenario_expressions}
+def scenario_regions(zip_path: str) -> dict:
+    import bpy
+    import numpy as np
+
+    module = _install(bpy, zip_path)
+    service = sys.modules[f"{module}.backend_service"]
+    for obj in list(bpy.data.objects):
+        bpy.data.objects.remove(obj)
+    scene = bpy.context.scene
+    scene.imhead.resolution = 40
+    for seed in (1, 2):
+        scene.imhead.seed = seed
+        assert bpy.ops.imhead.generate() == {"FINISHED"}
+        service.drain(600)
+    a, b = (next(o for o in _heads(scene) if o.imhead.seed == s) for s in (1, 2))
+    bpy.context.view_layer.objects.active = a
+    a.location, a.rotation_euler = (0.5, 0.2, 0.1), (0.1, 0.2, 0.3)
+    bpy.context.view_layer.update()
+    matrix = [list(row) for row in a.matrix_world]
+    names = [r.name for r in a.imhead.regions]
+    facts: dict = {"sliders_known_after_generate": a.imhead.sliders_known}
+
+    assert bpy.ops.imhead.region_edit(action="LOAD_SLIDERS") == {"FINISHED"}
+    service.drain(600)
+    facts["loaded"] = {"known": a.imhead.sliders_known,
+                       "overrides": len(json.loads(a.imhead.head_json)["region_overrides"]),
+                       "nonzero": bool(np.any([list(r.sliders) for r in a.imhead.regions]))}
+    facts["panels"] = draw_panels(bpy, module)
+
+    # Swap one region from B: A's code for it becomes B's (compared through B's slider positions).
+    r0, r1, r2 = names[0], names[5], names[10]
+    a.imhead.regions[r0].selected = True
+    a.imhead.swap_source = b
+    assert bpy.ops.imhead.region_edit(action="SWAP") == {"FINISHED"}
+    service.drain(600)
+    client = service.client()
+    b_params, _ = client.wait(client.submit("edit", {"head": json.loads(b.imhead.head_json), "resolution": 16,
+                                                     "ops": [{"op": "reset", "regions": [r0]}]}), 600)
+    head = json.loads(a.imhead.head_json)
+    facts["swap"] = {
+        "overrides": sorted(head["region_overrides"]),
+        "sliders_vs_b": float(np.abs(np.array(a.imhead.regions[r0].sliders) - b_params["sliders"][r0][:8]).max()),
+        "matrix_kept": [list(row) for row in a.matrix_world] == matrix,
+        "has_attributes": all(k in a.data.attributes for k in ("imhead_canonical", "imhead_region")),
+        "objects": len(_heads(scene)),
+    }
+
+    # Two slider moves in a row on another region: one edit in flight, one follow-up with both values.
+    a.imhead.regions[r0].selected = False
+    a.imhead.regions[r1].sliders[0] = 1.5
+    a.imhead.regions[r1].sliders[1] = -1.0
+    facts["slider_jobs_in_flight"] = len(service.jobs(a.name))
+    service.drain(600)
+    facts["sliders_after"] = list(a.imhead.regions[r1].sliders)[:2]
+    facts["slider_overrides"] = sorted(json.loads(a.imhead.head_json)["region_overrides"])
+
+    # Randomise the active region (nothing checked), then reset all three.
+    a.imhead.active_region = names.index(r2)
+    before = list(a.imhead.regions[r2].sliders)
+    assert bpy.ops.imhead.region_edit(action="RANDOMISE") == {"FINISHED"}
+    service.drain(600)
+    facts["randomised_changed"] = list(a.imhead.regions[r2].sliders) != before
+    facts["randomised_overrides"] = sorted(json.loads(a.imhead.head_json)["region_overrides"])
+    for r in (r0, r1, r2):
+        a.imhead.regions[r].selected = True
+    assert bpy.ops.imhead.region_edit(action="RESET") == {"FINISHED"}
+    service.drain(600)
+    facts["reset_overrides"] = len(json.loads(a.imhead.head_json)["region_overrides"])
+    facts["names"] = [r0, r1, r2]
+    facts["status"] = list(service.status())
+    service.shutdown()
+    return facts
+
+
+SCENARIOS = {"lifecycle": scenario_lifecycle, "expressions": scenario_expressions, "regions": scenario_regions}
 
 if __name__ == "__main__":
     name, zip_arg, out_arg = sys.argv[1:4]

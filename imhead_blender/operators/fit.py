@@ -5,7 +5,7 @@ from functools import partial
 import bpy
 import numpy as np
 
-from .. import axes, backend_service, head_objects, mesh_build
+from .. import axes, backend_service, head_objects, mesh_build, region_edit
 
 MAX_POINTS = 5_000_000  # the backend refuses more; say so before sending hundreds of MB
 
@@ -66,6 +66,7 @@ def _add_fitted(scene_name: str, source_name: str, resolution: int, params: dict
                                           resolution=resolution)
     obj.matrix_world = source.matrix_world.copy()
     obj.imhead.fit_error_mm = fit_error_mm(params)
+    region_edit.store_sliders(obj, params.get("sliders"))
 
 
 CLASSES = (IMHEAD_OT_fit_selected,)

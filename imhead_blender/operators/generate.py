@@ -5,7 +5,7 @@ from functools import partial
 
 import bpy
 
-from .. import backend_service, head_objects
+from .. import backend_service, head_objects, region_edit
 from .common import active_head
 
 
@@ -35,8 +35,9 @@ def _add_head(scene_name: str, seed: int, resolution: int, location, params: dic
     scene = bpy.data.scenes.get(scene_name)
     if scene is None:
         return
-    head_objects.create_head_object(scene, f"imHead.{seed}", params["head"], arrays,
-                                    seed=seed, resolution=resolution, location=location)
+    obj = head_objects.create_head_object(scene, f"imHead.{seed}", params["head"], arrays,
+                                          seed=seed, resolution=resolution, location=location)
+    region_edit.store_sliders(obj, params.get("sliders"))
 
 
 class IMHEAD_OT_regenerate(bpy.types.Operator):

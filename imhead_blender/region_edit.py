@@ -1,0 +1,99 @@
+"""Region edits (backend `edit` op: set/swap/blend/randomise/pca/reset on region codes) and the per-region
+sliders, kept in step with the backend's slider positions.
+
+An edit re-extracts the mesh, so per object at most one edit is in flight; slider moves arriving meanwhile
+are collected and sent as one follow-up. The reply replaces the object's mesh (transform kept) and
+refreshes the sliders of every region the user has not touched since.
+"""
+
+from functools import partial
+
+import bpy
+
+from . import backend_service, head_objects
+
+
+class _State:
+    def __init__(self) -> None:
+        self.in_flight: set[str] = set()
+        self.dirty: dict[str, set[str]] = {}  # object -> regions whose sliders moved while in flight
+        self.applying = 0  # >0 while sliders are written from a reply (no requests then)
+
+
+_state = _State()
+
+
+def busy(name: str) -> bool:
+    return name in _state.in_flight
+
+
+def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str) -> None:
+    """Send `ops` for this head; raises BackendUnavailable (the caller reports it)."""
+    name = obj.name
+    params = {"head": head_objects.head_spec(obj), "ops": ops, "resolution": obj.imhead.resolution}
+    backend_service.submit("edit", params, None, label=f"{label} ({name})", object_name=name,
+                           on_success=partial(_apply, name), on_failure=lambda _exc: _done(name))
+    _state.in_flight.add(name)
+
+
+def request_sliders(obj: bpy.types.Object, region: str) -> None:
+    """A slider of `region` moved: edit now, or after the edit in flight."""
+    if _state.applying or not obj.imhead.is_head or not obj.imhead.sliders_known:
+        return
+    name = obj.name
+    if name in _state.in_flight:
+        _state.dirty.setdefault(name, set()).add(region)
+        return
+    try:
+        submit_edit(obj, [_pca_op(obj, region)], "Region sliders")
+    except backend_service.BackendUnavailable:
+        pass  # shown in the panel's status box; a property update cannot report
+
+
+def _pca_op(obj: bpy.types.Object, region: str) -> dict:
+    return {"op": "pca", "region": region, "values": [float(v) for v in obj.imhead.regions[region].sliders]}
+
+
+def selected_regions(obj: bpy.types.Object) -> list[str]:
+    """The checked regions, else the active one."""
+    regions = obj.imhead.regions
+    chosen = [r.name for r in regions if r.selected]
+    if not chosen and 0 <= obj.imhead.active_region < len(regions):
+        chosen = [regions[obj.imhead.active_region].name]
+    return chosen
+
+
+def _done(name: str) -> None:
+    _state.in_flight.discard(name)
+    _state.dirty.pop(name, None)
+
+
+def _apply(name: str, params: dict, arrays: dict) -> None:
+    _state.in_flight.discard(name)
+    dirty = _state.dirty.pop(name, set())
+    obj = bpy.data.objects.get(name)
+    if obj is None:
+        return
+    head_objects.replace_head_mesh(obj, params["head"], arrays)
+    store_sliders(obj, params.get("sliders"), skip=dirty)
+    if dirty:
+        try:
+            submit_edit(obj, [_pca_op(obj, r) for r in sorted(dirty)], "Region sliders")
+        except backend_service.BackendUnavailable:
+            pass
+
+
+def store_sliders(obj: bpy.types.Object, sliders: dict | None, skip: set[str] = frozenset()) -> None:
+    """Write the backend's slider positions ({region: [32 std units]}) without triggering edits."""
+    if not sliders:
+        return
+    _state.applying += 1
+    try:
+        for item in obj.imhead.regions:
+            values = sliders.get(item.name)
+            if values is not None and item.name not in skip:
+                n = len(item.sliders)
+                item.sliders = [float(v) for v in values[:n]] + [0.0] * max(0, n - len(values))
+        obj.imhead.sliders_known = True
+    finally:
+        _state.applying -= 1
