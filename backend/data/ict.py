@@ -20,7 +20,11 @@ File contents (load with `load_ict`):
   neutral (V,3) f32, id_basis (100,V,3) f32, exp_basis (53,V,3) f32   deltas: v = neutral + c@id + w@exp
   faces (F,3) i32 (outward, head triangles then cap then scleras), uv (F,3,2) f32 per-corner ICT UVs,
   face_part (F,) u8 index into metadata parts, ict_index (V,) i32 original ICT vertex of each stored vertex,
-  landmarks (68,) i32 Multi-PIE 68 (stored indices), neck_loop (54,) i32.
+  landmarks (68,) i32 Multi-PIE 68 (stored indices), neck_loop (54,) i32,
+  face_buried (F,) u8: 1 for triangles that lie inside another closed part on the mean neutral head (the back
+  of each sclera inside the head, eye-socket triangles inside a sclera): the union's boundary excludes them,
+  so the sampler neither samples surface points on them nor measures distances to them (static mask; lid
+  motion under expressions is not re-evaluated).
   metadata["ict"]: JSON {expressions, parts: {name: [v_lo, v_hi]}, face_parts: [names], units, source_sha256}.
 """
 
@@ -75,6 +79,7 @@ class IctModel:
     ict_index: np.ndarray
     landmarks: np.ndarray
     neck_loop: np.ndarray
+    face_buried: np.ndarray
     expressions: list[str]
     parts: dict[str, tuple[int, int]]
     face_parts: list[str]
@@ -201,6 +206,8 @@ def convert(source: Path, log=print) -> IctModel:
         if (i + 1) % 20 == 0:
             log(f"  read {i + 1}/{len(names)} shapes")
 
+    face_part = np.concatenate(part_blocks).astype(np.uint8)
+    face_buried = buried_faces(neutral_cm[keep] * CM_TO_M, faces, face_part, FACE_PARTS)
     parts = {k: (lo, hi) for k, (lo, hi) in VERTEX_PARTS.items()}
     start = HEAD_END
     for name, (vlo, vhi, _, _) in SCLERA.items():
@@ -209,9 +216,41 @@ def convert(source: Path, log=print) -> IctModel:
     return IctModel(
         neutral=neutral.astype(np.float32), id_basis=deltas[:N_IDENTITY], exp_basis=deltas[N_IDENTITY:],
         faces=faces.astype(np.int32), uv=np.concatenate(uv_blocks).astype(np.float32),
-        face_part=np.concatenate(part_blocks).astype(np.uint8), ict_index=keep.astype(np.int32),
+        face_part=face_part, face_buried=face_buried, ict_index=keep.astype(np.int32),
         landmarks=remap[MULTIPIE68].astype(np.int32), neck_loop=remap[neck_loop].astype(np.int32),
         expressions=list(expressions), parts=parts, face_parts=list(FACE_PARTS))
+
+
+def closed_groups(face_part: np.ndarray, face_parts: list[str]) -> np.ndarray:
+    """Closed component per triangle: 0 head (+ cap), 1 left sclera, 2 right sclera."""
+    groups = np.zeros(len(face_part), np.int64)
+    groups[face_part == face_parts.index("eyeball_left")] = 1
+    groups[face_part == face_parts.index("eyeball_right")] = 2
+    return groups
+
+
+def buried_faces(vertices: np.ndarray, faces: np.ndarray, face_part: np.ndarray, face_parts: list[str]) -> np.ndarray:
+    """1 where a triangle's centroid is inside another closed component (winding number > 0.5)."""
+    import torch
+
+    from .mesh import ClusteredMesh
+
+    groups = closed_groups(face_part, face_parts)
+    cent = vertices[faces].mean(1)
+    # only triangles near a sclera can be inside another component (head and scleras touch only there)
+    near = np.zeros(len(faces), bool)
+    for g in (1, 2):
+        pts = vertices[np.unique(faces[groups == g])]
+        c, r = pts.mean(0), np.linalg.norm(pts - pts.mean(0), axis=1).max()
+        near |= np.linalg.norm(cent - c, axis=1) < 1.5 * r
+    cm = ClusteredMesh(vertices, faces, groups, leaf=32)
+    q = torch.as_tensor(cent[near], dtype=torch.float64)[None]
+    w = cm.query(q, torch.as_tensor(vertices, dtype=torch.float64)[None], k=32, chunk=1024,
+                 need_distance=False)["winding"][0].numpy()
+    others = w.sum(1) - w[np.arange(len(w)), groups[near]]
+    buried = np.zeros(len(faces), np.uint8)
+    buried[near] = others > 0.5
+    return buried
 
 
 def winding_numbers_np(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -237,7 +276,7 @@ def save_ict(model: IctModel, path: Path, source_sha256: str) -> None:
             "licence": "ICT-FaceKit, MIT licence, Copyright (c) 2020 USC Institute for Creative Technologies"}
     arrays = {k: np.ascontiguousarray(getattr(model, k)) for k in
               ("neutral", "id_basis", "exp_basis", "faces", "uv", "face_part", "ict_index", "landmarks",
-               "neck_loop")}
+               "neck_loop", "face_buried")}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(path), metadata={"ict": json.dumps(meta)})
 

@@ -1,0 +1,241 @@
+"""Batched triangle-mesh geometry in torch (CPU and CUDA): areas/normals, area-weighted surface sampling,
+exact point-triangle distance, generalised winding numbers, and a clustered accelerator for meshes that
+share one topology (every ICT head does).
+
+Conventions: verts (B,V,3), faces (F,3) long, points (B,N,3). Brute-force functions are the references
+(exact; run them in float64 in tests); `ClusteredMesh` gives the same answers much faster:
+  * distances are exact wherever `guaranteed` is True (nearest triangle provably among the candidates);
+  * winding numbers use exact solid angles for the k nearest clusters and the first-order far-field
+    (dipole) term of Barill et al. 2018 for the others; we only threshold them at 0.5 for inside/outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def face_vertices(verts: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corner positions (B,F,3) each."""
+    return verts[:, faces[:, 0]], verts[:, faces[:, 1]], verts[:, faces[:, 2]]
+
+
+def face_area_normals(verts: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Areas (B,F) and unit normals (B,F,3) (right-handed corner order = outward on our meshes)."""
+    a, b, c = face_vertices(verts, faces)
+    n = torch.cross(b - a, c - a, dim=-1)
+    length = n.norm(dim=-1)
+    return 0.5 * length, n / length.clamp_min(1e-20).unsqueeze(-1)
+
+
+def sample_surface(verts: torch.Tensor, faces: torch.Tensor, n: int, generator: torch.Generator | None = None,
+                   weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-weighted uniform samples: (face index (B,n) long, barycentrics (B,n,3)). `weights` (B,F)
+    multiplies the areas (e.g. 0 for buried faces)."""
+    area, _ = face_area_normals(verts, faces)
+    w = area if weights is None else area * weights
+    face = torch.multinomial(w, n, replacement=True, generator=generator)
+    u = torch.rand(verts.shape[0], n, 2, device=verts.device, dtype=verts.dtype, generator=generator)
+    su = u[..., 0].sqrt()
+    bary = torch.stack([1 - su, su * (1 - u[..., 1]), su * u[..., 1]], dim=-1)
+    return face, bary
+
+
+def interpolate(verts: torch.Tensor, faces: torch.Tensor, face: torch.Tensor, bary: torch.Tensor) -> torch.Tensor:
+    """Points (B,n,3) at barycentric coordinates `bary` (B,n,3) of triangles `face` (B,n) of each mesh."""
+    corners = faces[face]                                            # (B,n,3)
+    bidx = torch.arange(verts.shape[0], device=verts.device)[:, None, None]
+    return (verts[bidx, corners] * bary.unsqueeze(-1)).sum(-2)
+
+
+def _closest_sq_dist(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared distance from p to triangles (a,b,c), all broadcast to (..., 3). Inside the prism the plane
+    distance, else the nearest of the three edge segments (exact; degenerate triangles fall back to edges)."""
+    ab, ac, ap = b - a, c - a, p - a
+    n = torch.cross(ab, ac, dim=-1)
+    nn = (n * n).sum(-1)
+    # barycentric test of the projection with edge normals: inside iff all three signs agree with n
+    s1 = (torch.cross(ab, ap, dim=-1) * n).sum(-1)
+    s2 = (torch.cross(c - b, p - b, dim=-1) * n).sum(-1)
+    s3 = (torch.cross(a - c, p - c, dim=-1) * n).sum(-1)
+    inside = (s1 >= 0) & (s2 >= 0) & (s3 >= 0) & (nn > 0)
+    plane = (ap * n).sum(-1) ** 2 / nn.clamp_min(torch.finfo(nn.dtype).tiny)
+
+    def seg(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = y - x
+        t = ((p - x) * d).sum(-1) / (d * d).sum(-1).clamp_min(torch.finfo(d.dtype).tiny)
+        q = p - x - t.clamp(0, 1).unsqueeze(-1) * d
+        return (q * q).sum(-1)
+
+    edge = torch.minimum(torch.minimum(seg(a, b), seg(b, c)), seg(c, a))
+    return torch.where(inside, plane, edge)
+
+
+def _solid_angle(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Signed solid angle / (4 pi) of triangles seen from p (Van Oosterom & Strackee 1983)."""
+    a, b, c = a - p, b - p, c - p
+    la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
+    det = (a * torch.cross(b, c, dim=-1)).sum(-1)
+    den = la * lb * lc + (a * b).sum(-1) * lc + (b * c).sum(-1) * la + (c * a).sum(-1) * lb
+    return torch.atan2(det, den) / (2 * math.pi)
+
+
+def distance_brute(points: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor, chunk: int = 1024,
+                   face_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact unsigned distance (B,N) to the nearest triangle (reference; O(N F)). `face_mask` (B,F) bool
+    keeps only those triangles."""
+    a, b, c = (x[:, None] for x in face_vertices(verts, faces))
+    out = []
+    for p in points.split(chunk, dim=1):
+        d2 = _closest_sq_dist(p[:, :, None], a, b, c)
+        if face_mask is not None:
+            d2 = d2.masked_fill(~face_mask[:, None], float("inf"))
+        out.append(d2.min(-1).values.sqrt())
+    return torch.cat(out, 1)
+
+
+def winding_number_brute(points: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor,
+                         chunk: int = 1024) -> torch.Tensor:
+    """Generalised winding number (B,N) (Jacobson et al. 2013): 1 inside a closed outward mesh, 0 outside."""
+    a, b, c = (x[:, None] for x in face_vertices(verts, faces))
+    return torch.cat([_solid_angle(p[:, :, None], a, b, c).sum(-1) for p in points.split(chunk, dim=1)], 1)
+
+
+def _leaf_order(centroids: np.ndarray, leaf: int) -> list[np.ndarray]:
+    """Balanced median splits along the longest axis until pieces hold <= leaf triangles."""
+    out = []
+    stack = [np.arange(len(centroids))]
+    while stack:
+        idx = stack.pop()
+        if len(idx) <= leaf:
+            out.append(idx)
+            continue
+        pts = centroids[idx]
+        axis = int(np.argmax(pts.max(0) - pts.min(0)))
+        order = idx[np.argsort(pts[:, axis], kind="stable")]
+        half = (len(order) + 1) // 2
+        stack += [order[half:], order[:half]]
+    return out
+
+
+class ClusteredMesh:
+    """Triangles grouped into compact clusters on a template; valid for any deformation of that topology.
+
+    groups: optional (F,) int labels of closed components (e.g. head, left sclera, right sclera); winding
+    numbers can then be returned per group (clusters never mix groups).
+    """
+
+    def __init__(self, template: np.ndarray, faces: np.ndarray, groups: np.ndarray | None = None, leaf: int = 64,
+                 device: str | torch.device = "cpu"):
+        faces = np.asarray(faces, np.int64)
+        groups = np.zeros(len(faces), np.int64) if groups is None else np.asarray(groups, np.int64)
+        cent = np.asarray(template, np.float64)[faces].mean(1)
+        clusters: list[np.ndarray] = []
+        cluster_group: list[int] = []
+        for g in np.unique(groups):
+            for idx in _leaf_order(cent[groups == g], leaf):
+                clusters.append(np.flatnonzero(groups == g)[idx])
+                cluster_group.append(int(g))
+        self.n_groups = int(groups.max()) + 1
+        self.leaf = leaf
+        c = len(clusters)
+        table = np.zeros((c, leaf), np.int64)
+        valid = np.zeros((c, leaf), bool)
+        for i, idx in enumerate(clusters):
+            table[i, :len(idx)] = idx
+            valid[i, :len(idx)] = True
+        self.device = torch.device(device)
+        self.faces = torch.as_tensor(faces, device=self.device)
+        self.cluster_faces = torch.as_tensor(table, device=self.device)       # (C,S) face ids (0 where padded)
+        self.valid = torch.as_tensor(valid, device=self.device)                # (C,S)
+        self.cluster_group = torch.as_tensor(cluster_group, device=self.device)
+        cv = faces[table]                                                      # (C,S,3) vertex ids
+        self.cluster_verts = torch.as_tensor(cv.reshape(c, -1), device=self.device)
+
+    @property
+    def n_clusters(self) -> int:
+        return self.cluster_faces.shape[0]
+
+    def bounds(self, verts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per cluster: centre (B,C,3), bounding radius (B,C), area vector sum (B,C,3) (dipole moment)."""
+        a, b, c = face_vertices(verts, self.faces)
+        area_vec = 0.5 * torch.cross(b - a, c - a, dim=-1)                    # (B,F,3)
+        cv = verts[:, self.cluster_verts]                                      # (B,C,3S,3)
+        valid3 = self.valid.repeat_interleave(3, dim=1)[None, :, :, None]
+        n_valid = valid3.sum(2)
+        centre = (cv * valid3).sum(2) / n_valid
+        radius = ((cv - centre.unsqueeze(2)).norm(dim=-1) * valid3[..., 0]).amax(2)
+        dipole = (area_vec[:, self.cluster_faces] * self.valid[None, :, :, None]).sum(2)
+        return centre, radius, dipole
+
+    def query(self, points: torch.Tensor, verts: torch.Tensor, k: int = 16, chunk: int = 4096,
+              face_mask: torch.Tensor | None = None, need_winding: bool = True,
+              need_distance: bool = True) -> dict[str, torch.Tensor]:
+        """For points (B,N,3) on meshes verts (B,V,3):
+        distance (B,N): distance to the nearest triangle (triangles with face_mask (B,F) False excluded).
+          Candidates are the triangles of the k clusters with the smallest lower bound |p - centre| - radius;
+          a point whose distance exceeds the (k+1)-th lower bound is re-queried with 4k clusters, and so on,
+          so every distance is exact (up to float rounding).
+        winding (B,N,G): per-group winding number, exact solid angles for the k nearest clusters and the
+          dipole term for the others."""
+        bsz, n = points.shape[:2]
+        a, b, c = face_vertices(verts, self.faces)
+        tri = torch.stack([a, b, c], dim=2)[:, self.cluster_faces]             # (B,C,S,3,3) cluster-major
+        geo = self.bounds(verts) + (tri,)
+        flat = points.reshape(-1, 3)
+        bi = torch.arange(bsz, device=points.device).repeat_interleave(n)
+        out: dict[str, torch.Tensor] = {}
+        if need_winding:
+            out["winding"] = torch.cat([self._winding(p, b, geo, min(k, self.n_clusters))
+                                        for p, b in zip(flat.split(chunk), bi.split(chunk))]).view(bsz, n, -1)
+        if need_distance:
+            dist = torch.empty(len(flat), device=points.device, dtype=points.dtype)
+            todo = torch.arange(len(flat), device=points.device)
+            kk = min(k, self.n_clusters)
+            while len(todo):
+                step = max(1, chunk * 16 // kk)
+                done = []
+                for idx in todo.split(step):
+                    d, ok = self._distance(flat[idx], bi[idx], geo, kk, face_mask)
+                    dist[idx] = d
+                    done.append(ok)
+                todo = todo[~torch.cat(done)]
+                kk = min(kk * 4, self.n_clusters)
+            out["distance"] = dist.view(bsz, n)
+        return out
+
+    def _nearest_clusters(self, p: torch.Tensor, b: torch.Tensor, geo, k: int):
+        centre, radius = geo[0], geo[1]
+        rel = centre[b] - p[:, None]                                           # (M,C,3)
+        dist_c = rel.norm(dim=-1)
+        lower = dist_c - radius[b]
+        kq = min(k + 1, self.n_clusters)
+        sel_lower, sel = torch.topk(lower, kq, dim=-1, largest=False)
+        bound = sel_lower[:, k] if kq > k else torch.full_like(sel_lower[:, 0], float("inf"))
+        return rel, dist_c, sel[:, :k], bound
+
+    def _corners(self, b: torch.Tensor, near: torch.Tensor, geo):
+        t = geo[3][b[:, None], near]                                           # (M,k,S,3,3): one block per cluster
+        return self.cluster_faces[near], t[..., 0, :], t[..., 1, :], t[..., 2, :]
+
+    def _distance(self, p, b, geo, k, face_mask):
+        _, _, near, bound = self._nearest_clusters(p, b, geo, k)
+        fid, a, bv, c = self._corners(b, near, geo)
+        d2 = _closest_sq_dist(p[:, None, None], a, bv, c)
+        keep = self.valid[near]
+        if face_mask is not None:
+            keep = keep & face_mask[b[:, None, None], fid]
+        d = d2.masked_fill(~keep, float("inf")).flatten(1).min(-1).values.sqrt()
+        return d, (d <= bound) | (k >= self.n_clusters)
+
+    def _winding(self, p, b, geo, k):
+        rel, dist_c, near, _ = self._nearest_clusters(p, b, geo, k)
+        dipole = geo[2]
+        far = (rel * dipole[b]).sum(-1) / (4 * math.pi * dist_c.clamp_min(1e-12) ** 3)   # (M,C)
+        _, a, bv, c = self._corners(b, near, geo)
+        exact = (_solid_angle(p[:, None, None], a, bv, c) * self.valid[near]).sum(-1)     # (M,k)
+        corr = torch.zeros_like(far).scatter_(1, near, exact - torch.gather(far, 1, near))
+        group_1h = torch.nn.functional.one_hot(self.cluster_group, self.n_groups).to(p.dtype)
+        return (far + corr) @ group_1h

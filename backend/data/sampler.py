@@ -1,0 +1,163 @@
+"""Training batches from the ICT-FaceKit model, generated on the fly on the sampler's device (CPU or CUDA).
+
+    sampler = HeadSampler(".data/ict.safetensors", device="cuda")      # atlas: weights/atlas.safetensors
+    batch = sampler.batch(16, n_surface=2048, n_space=2048, generator=torch.Generator().manual_seed(0))
+
+Batch (all on the sampler's device, float32 unless noted; docs/architecture.md "Sampler batch"):
+  id_index (B,) long, id_coeffs (B,100), exp_weights (B,53)
+  surf_posed, surf_normal, surf_canon, surf_canon_normal, surf_template (B,Ns,3), surf_region (B,Ns) long
+  space_posed (B,Nq,3), space_sdf (B,Nq); canon_space (B,Nq,3), canon_sdf (B,Nq); anchors (B,39,3)
+
+Data: identity i of n_train gets the coefficients row i of splits.train_identities (N(0, I), seeded);
+each sample takes a uniformly random training identity and, with probability p_neutral, the neutral
+expression, else a uniformly random row of splits.train_expressions (65,536 sparse combinations of the 53
+shapes): 4,096 identities x 65,537 expressions. Held-out identities/expressions (splits.py) are other
+seed streams. Vertices = neutral + c @ id_basis + w @ exp_basis, one matmul per batch.
+
+Geometry: the closed surface is head (+ ear-clipped neck cap) + both scleras (backend.data.ict). Surface
+points are area-weighted on the triangles that bound the union (face_buried excluded); normals are the
+face normals; surf_canon / surf_template are the same barycentric point on the identity's neutral head /
+on the mean neutral head; surf_region is the atlas region of the triangle corner with the largest
+barycentric weight. Space points: fractions `space_fractions` of (surface + N(0, sigma_1^2)),
+(surface + N(0, sigma_2^2)) and uniform in the canonical box (constants.BBOX_*). Signed distance = exact
+distance to the nearest unburied triangle (ClusteredMesh; exact, see mesh.py) with the sign of the
+generalised winding number of the union (> 0.5 inside, negative SDF).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..constants import BBOX_MAX, BBOX_MIN
+from . import mesh, splits
+from .atlas import Atlas, load_atlas
+from .ict import closed_groups, load_ict
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    n_train: int = 4096
+    n_expressions: int = 65536
+    seed: int = splits.DEFAULT_SEED
+    n_surface: int = 2048
+    n_space: int = 2048
+    sigmas: tuple[float, float] = (0.002, 0.01)            # metres
+    space_fractions: tuple[float, float, float] = (0.45, 0.35, 0.20)
+    p_neutral: float = 0.1
+    leaf: int = 32                                          # triangles per cluster (mesh.ClusteredMesh)
+    k_exact: int = 16                                       # clusters evaluated exactly per point
+
+
+class HeadSampler:
+    def __init__(self, ict_path: str | Path, atlas: Atlas | str | Path | None = None,
+                 device: str | torch.device = "cpu", config: SamplerConfig = SamplerConfig()):
+        self.cfg = config
+        self.device = torch.device(device)
+        ict = load_ict(ict_path)
+        self.atlas = atlas if isinstance(atlas, Atlas) else load_atlas(atlas)
+        if not np.allclose(self.atlas.vertices, ict.neutral, atol=1e-6) or not np.array_equal(self.atlas.faces, ict.faces):
+            raise ValueError("atlas and converted ICT file describe different meshes; rebuild the atlas")
+        dev = self.device
+        self.expressions = list(ict.expressions)
+        self.n_vertices = len(ict.neutral)
+        self.faces = torch.as_tensor(ict.faces, dtype=torch.long, device=dev)
+        self.neutral = torch.as_tensor(ict.neutral, device=dev)
+        self.id_basis = torch.as_tensor(ict.id_basis.reshape(len(ict.id_basis), -1), device=dev)
+        self.exp_basis = torch.as_tensor(ict.exp_basis.reshape(len(ict.exp_basis), -1), device=dev)
+        self.exposed = torch.as_tensor(ict.face_buried == 0, device=dev)
+        self.region = torch.as_tensor(self.atlas.region, dtype=torch.long, device=dev)
+        self.anchor_vertex = torch.as_tensor(self.atlas.anchor_vertex, dtype=torch.long, device=dev)
+        self.train_ids = torch.as_tensor(splits.train_identities(config.n_train, config.seed), device=dev)
+        self.train_exps = torch.as_tensor(
+            splits.train_expressions(self.expressions, config.n_expressions, config.seed), device=dev)
+        self.accel = mesh.ClusteredMesh(ict.neutral, ict.faces, closed_groups(ict.face_part, ict.face_parts),
+                                        leaf=config.leaf, device=dev)
+        self.bbox_min = torch.tensor(BBOX_MIN, device=dev)
+        self.bbox_size = torch.tensor(BBOX_MAX, device=dev) - self.bbox_min
+
+    # ------------------------------------------------------------------------------------------ public
+    @property
+    def n_train(self) -> int:
+        return self.cfg.n_train
+
+    @property
+    def anchor_init(self) -> torch.Tensor:
+        """(39,3) anchors on the mean head (atlas)."""
+        return self.neutral[self.anchor_vertex]
+
+    @property
+    def mirror_pairs(self) -> list[tuple[int, int]]:
+        return [(i, m) for i, m in enumerate(self.atlas.mirror) if m is not None and i < m]
+
+    def meshes(self, id_coeffs: torch.Tensor, exp_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(posed, canonical) vertices (B,V,3) for coefficients (B,100) and weights (B,53)."""
+        canon = self.neutral + (id_coeffs @ self.id_basis).view(-1, self.n_vertices, 3)
+        return canon + (exp_weights @ self.exp_basis).view(-1, self.n_vertices, 3), canon
+
+    def signed_distance(self, points: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
+        """SDF (B,N) of points (B,N,3) to the closed union surface of meshes verts (B,V,3); negative inside."""
+        r = self.accel.query(points, verts, k=self.cfg.k_exact, face_mask=self.exposed.expand(len(verts), -1))
+        inside = r["winding"].sum(-1) > 0.5
+        return torch.where(inside, -r["distance"], r["distance"])
+
+    def batch(self, batch_size: int, n_surface: int | None = None, n_space: int | None = None,
+              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        ns = n_surface or self.cfg.n_surface
+        nq = n_space or self.cfg.n_space
+        gen = self._device_generator(generator)
+        dev, b = self.device, batch_size
+        id_index = torch.randint(self.cfg.n_train, (b,), device=dev, generator=gen)
+        rows = torch.randint(len(self.train_exps), (b,), device=dev, generator=gen)
+        neutral = torch.rand(b, device=dev, generator=gen) < self.cfg.p_neutral
+        id_coeffs = self.train_ids[id_index]
+        exp_weights = self.train_exps[rows] * (~neutral)[:, None]
+        posed, canon = self.meshes(id_coeffs, exp_weights)
+
+        weights = self.exposed.expand(b, -1).to(posed.dtype)
+        face, bary = mesh.sample_surface(posed, self.faces, ns, gen, weights)
+        _, normals_posed = mesh.face_area_normals(posed, self.faces)
+        _, normals_canon = mesh.face_area_normals(canon, self.faces)
+        bidx = torch.arange(b, device=dev)[:, None]
+        corner = self.faces[face, bary.argmax(-1)]
+        out = {
+            "id_index": id_index, "id_coeffs": id_coeffs, "exp_weights": exp_weights,
+            "surf_posed": mesh.interpolate(posed, self.faces, face, bary),
+            "surf_normal": normals_posed[bidx, face],
+            "surf_canon": mesh.interpolate(canon, self.faces, face, bary),
+            "surf_canon_normal": normals_canon[bidx, face],
+            "surf_template": mesh.interpolate(self.neutral.expand(b, -1, -1), self.faces, face, bary),
+            "surf_region": self.region[corner],
+            "anchors": canon[:, self.anchor_vertex],
+        }
+        out["space_posed"] = self._space_points(posed, weights, nq, gen)
+        out["space_sdf"] = self.signed_distance(out["space_posed"], posed)
+        out["canon_space"] = self._space_points(canon, weights, nq, gen)
+        out["canon_sdf"] = self.signed_distance(out["canon_space"], canon)
+        return out
+
+    # ----------------------------------------------------------------------------------------- private
+    def _space_points(self, verts: torch.Tensor, weights: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+        f1, f2, _ = self.cfg.space_fractions
+        n1, n2 = round(n * f1), round(n * f2)
+        n3 = n - n1 - n2
+        b = len(verts)
+        face, bary = mesh.sample_surface(verts, self.faces, n1 + n2, gen, weights)
+        p = mesh.interpolate(verts, self.faces, face, bary)
+        sigma = torch.cat([torch.full((n1,), self.cfg.sigmas[0]), torch.full((n2,), self.cfg.sigmas[1])]).to(p)
+        near = p + torch.randn(p.shape, device=p.device, dtype=p.dtype, generator=gen) * sigma[None, :, None]
+        box = self.bbox_min + torch.rand(b, n3, 3, device=p.device, dtype=p.dtype, generator=gen) * self.bbox_size
+        return torch.cat([near, box], 1)
+
+    def _device_generator(self, generator: torch.Generator | None) -> torch.Generator:
+        """A generator on the sampler's device; a CPU generator given for a CUDA sampler seeds a new one
+        deterministically (callers pass CPU generators seeded per step)."""
+        if generator is None:
+            return torch.Generator(self.device).manual_seed(int(torch.randint(2**62, (1,))))
+        if generator.device.type == self.device.type:
+            return generator
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        return torch.Generator(self.device).manual_seed(seed)
