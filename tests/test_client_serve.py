@@ -15,10 +15,23 @@ from imhead_blender.client import BackendClient, BackendFailure
 RESOLUTION = 32  # small grid: this tests the process boundary, not extraction quality
 
 
-@pytest.fixture
-def client(venv_python, repo_root):
+def start(venv_python, repo_root) -> BackendClient:
     c = BackendClient(venv_python, str(repo_root), startup_timeout=120, request_timeout=300)
     c.start()
+    return c
+
+
+@pytest.fixture(scope="module")
+def client(venv_python, repo_root):
+    """One backend for the tests that leave it running (loading torch and the model takes seconds)."""
+    c = start(venv_python, repo_root)
+    yield c
+    c.shutdown(timeout=10)
+
+
+@pytest.fixture
+def own_client(venv_python, repo_root):
+    c = start(venv_python, repo_root)
     yield c
     c.shutdown(timeout=10)
 
@@ -66,7 +79,8 @@ def test_malformed_frame_gets_an_error_reply_and_the_server_keeps_serving(client
     assert client.alive()
 
 
-def test_killed_backend_gives_backend_died_then_restart_works(client):
+def test_killed_backend_gives_backend_died_then_restart_works_then_shutdown_exits_0(own_client):
+    client = own_client
     handshake(client)
     os.kill(client._proc.pid, signal.SIGKILL)
     with pytest.raises(BackendFailure) as info:
@@ -77,10 +91,6 @@ def test_killed_backend_gives_backend_died_then_restart_works(client):
     assert handshake(client).protocol == wire.PROTOCOL_VERSION
     params, arrays = client.wait(client.submit("echo", {"restarted": True}, {"x": np.ones(3)}), 60)
     assert params == {"restarted": True} and arrays["x"].sum() == 3
-
-
-def test_serve_exits_0_on_shutdown(client):
-    handshake(client)
     proc = client._proc
     client.shutdown(timeout=30)
     assert proc.returncode == 0
