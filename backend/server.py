@@ -237,7 +237,7 @@ class Server:
             return wire.reply_ok(job.id, params), arrays
         except BackendError as exc:
             return wire.reply_error(job.id, exc.code, str(exc)), {}
-        except Exception as exc:  # noqa: BLE001 - any failure becomes a reply; the server keeps serving
+        except BaseException as exc:  # noqa: BLE001 - even SystemExit in an op must not kill the worker thread
             return self._internal_error(job, exc), {}
 
     def _handshake_info(self) -> dict[str, Any]:

@@ -80,6 +80,9 @@ class ProtocolTestBackend:
     def crash(self, params, arrays, progress):
         raise ValueError("protocol-test crash")
 
+    def exit(self, params, arrays, progress):
+        sys.exit(4)
+
     def die(self, params, arrays, progress):
         print("protocol-test: dying now", file=sys.stderr, flush=True)
         os._exit(int(params.get("status", 9)))
@@ -95,7 +98,7 @@ class ProtocolTestBackend:
         return {}, {"z": np.zeros(2, np.complex64)}
 
 
-PROTOCOL_TEST_OPS = ("slow", "fail", "crash", "die", "noisy", "bad_reply")
+PROTOCOL_TEST_OPS = ("slow", "fail", "crash", "exit", "die", "noisy", "bad_reply")
 
 
 def run_protocol_server() -> int:
