@@ -256,8 +256,15 @@ class ImHead(nn.Module):
 
     def sdf(self, x: Tensor, zr: Tensor, k: Tensor, topk: int | None = None) -> Tensor:
         """Canonical points (B, N, 3) -> signed distance (B, N), negative inside."""
+        return self.sdf_and_features(x, zr, k, topk)[0]
+
+    def sdf_and_features(self, x: Tensor, zr: Tensor, k: Tensor, topk: int | None = None) -> tuple[Tensor, Tensor]:
+        """SDF (B, N) and the blended features (B, N, F) it was fused from (the template head reuses them).
+        The small fusion head runs in float32 even under autocast: SDF residuals need more than bf16."""
         feat = self.features(x, zr, k, topk)
-        return self.prior_sdf(x) + self.cfg.sdf_scale * self.fusion(feat).squeeze(-1).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            res = self.fusion(feat.to(self.fusion[0].weight.dtype)).squeeze(-1)
+        return self.prior_sdf(x) + self.cfg.sdf_scale * res.to(x.dtype), feat
 
     def template(self, x_can: Tensor, zr: Tensor, k: Tensor, topk: int | None = None) -> Tensor:
         """Canonical points (B, N, 3) -> their position on the mean neutral head (B, N, 3)."""
@@ -266,7 +273,10 @@ class ImHead(nn.Module):
 
     def template_from_features(self, x_can: Tensor, feat: Tensor) -> Tensor:
         enc = positional_encoding(x_can, self.cfg.tmpl_pe_freqs, self.cfg.global_pe_scale)
-        return x_can + self.cfg.lm_scale * self.tmpl(torch.cat([feat.to(enc.dtype), enc], -1)).to(x_can.dtype)
+        with torch.autocast(x_can.device.type, enabled=False):
+            dt = self.tmpl[0].weight.dtype
+            off = self.tmpl(torch.cat([feat.to(dt), enc.to(dt)], -1))
+        return x_can + self.cfg.lm_scale * off.to(x_can.dtype)
 
     def warp(self, x: Tensor, z_exp: Tensor, z_id: Tensor) -> Tensor:
         """Backward warp: posed points (B, N, 3), expression weights (B, 53), identity (B, 256) -> dx with

@@ -1,0 +1,85 @@
+"""Training losses (imHead's list plus ICT deformation and correspondence supervision).
+
+One forward pass evaluates every SDF query of a batch together: canonical surface + canonical space points,
+and posed surface + posed space points pulled back through the warp. Gradients with respect to the query
+points (create_graph) feed the normal and eikonal terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..model import ImHead
+
+
+@dataclass
+class LossWeights:
+    surface: float = 3000.0  # |sdf| on surface points (m)
+    normal: float = 1.0  # 1 - cos(grad, normal)
+    eikonal: float = 0.1
+    space: float = 300.0  # |sdf - gt| off the surface (m)
+    anchor: float = 100.0  # |k - k_gt|^2 (m^2), mean over regions, times 1e2 below
+    symmetry: float = 1e-3  # |z_a - z_b|^2 for mirrored region pairs
+    latent: float = 1e-4  # |z_id|^2 / D
+    deform: float = 300.0  # |x + dx - x_canon| (m)
+    corresp: float = 300.0  # |template(x_canon) - x_template| (m)
+    space_clamp: float = 0.05  # off-surface SDF targets are clamped to +-this (m), like DeepSDF
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+class TrainModule(nn.Module):
+    """The network plus the auto-decoder identity codes; forward returns (total loss, per-term losses),
+    so DistributedDataParallel sees one module whose forward makes every gradient."""
+
+    def __init__(self, model: ImHead, n_train: int, code_std: float = 0.01):
+        super().__init__()
+        self.model = model
+        self.codes = nn.Embedding(n_train, model.cfg.id_dim)
+        nn.init.normal_(self.codes.weight, std=code_std)
+
+    def forward(self, batch: dict[str, Tensor], w: LossWeights, topk: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+        m = self.model
+        z_id = self.codes(batch["id_index"])
+        zr, k = m.decode(z_id)
+        z_exp = batch["exp_weights"]
+
+        xc = torch.cat([batch["surf_canon"], batch["canon_space"]], 1).requires_grad_(True)
+        xp = torch.cat([batch["surf_posed"], batch["space_posed"]], 1).requires_grad_(True)
+        dx = m.warp(xp, z_exp, z_id)
+        q = torch.cat([xc, xp + dx], 1)
+        s, feat = m.sdf_and_features(q, zr, k, topk)
+        gc, gp = torch.autograd.grad(s.sum(), [xc, xp], create_graph=True)
+        s, gc, gp = s.float(), gc.float(), gp.float()
+
+        ns, nq = batch["surf_canon"].shape[1], batch["canon_space"].shape[1]
+        nc = ns + nq
+        s_sc, s_qc = s[:, :ns], s[:, ns:nc]
+        s_sp, s_qp = s[:, nc : nc + ns], s[:, nc + ns :]
+        c = w.space_clamp
+        out = {
+            "surface": 0.5 * (s_sc.abs().mean() + s_sp.abs().mean()),
+            "normal": (1 - F.cosine_similarity(gp[:, :ns], batch["surf_normal"], dim=-1)).mean(),
+            "eikonal": 0.5 * (((gc[:, ns:].norm(dim=-1) - 1) ** 2).mean() + ((gp[:, ns:].norm(dim=-1) - 1) ** 2).mean()),
+            "space": 0.5 * (
+                (s_qc.clamp(-c, c) - batch["canon_sdf"].clamp(-c, c)).abs().mean()
+                + (s_qp.clamp(-c, c) - batch["space_sdf"].clamp(-c, c)).abs().mean()
+            ),
+            "deform": (batch["surf_posed"] + dx[:, :ns].float() - batch["surf_canon"]).norm(dim=-1).mean(),
+            "anchor": 1e2 * ((k.float() - batch["anchors"]) ** 2).sum(-1).mean(),
+            "latent": (z_id.float() ** 2).sum(-1).mean() / m.cfg.id_dim,
+        }
+        tmpl = m.template_from_features(xc[:, :ns].detach(), feat[:, :ns])
+        out["corresp"] = (tmpl.float() - batch["surf_template"]).norm(dim=-1).mean()
+        if m.cfg.mirror_pairs:
+            pairs = torch.tensor(m.cfg.mirror_pairs, device=zr.device)
+            out["symmetry"] = ((zr[:, pairs[:, 0]] - zr[:, pairs[:, 1]]).float() ** 2).sum(-1).mean()
+        else:
+            out["symmetry"] = torch.zeros((), device=zr.device)
+        total = sum(getattr(w, name) * val for name, val in out.items())
+        return total, {name: val.detach() for name, val in out.items()}

@@ -1,0 +1,186 @@
+"""Auto-decoder training of ImHead, single process or DistributedDataParallel through torchrun.
+
+    python -m backend.train.train --data ict --ckpt .ckpt/main --minutes 9           # one GPU or CPU
+    torchrun --nproc_per_node 2 -m backend.train.train --data ict --ckpt .ckpt/ddp   # two GPUs
+
+Runs are cut into pieces: each invocation resumes from --ckpt if it exists, trains until --minutes or
+--total-steps, and writes the checkpoint (also every --save-every minutes). Batches are drawn from a
+generator seeded by (seed, rank, step), so a resumed run sees the batches the uninterrupted one would.
+Logs: one JSON line per --log-every steps to stdout and <ckpt>.log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..model import ImHead, ImHeadConfig
+from .checkpoint import load_checkpoint, save_checkpoint
+from .losses import LossWeights, TrainModule
+
+TINY = dict(local_hidden=32, feat_dim=16, fusion_hidden=32, dec_hidden=64, lm_hidden=16, warp_hidden=32,
+            warp_layers=2, tmpl_hidden=32, pe_freqs=4)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", choices=["ict", "synthetic"], default="ict")
+    p.add_argument("--ict", type=Path, default=Path(".data/ict.safetensors"))
+    p.add_argument("--atlas", type=Path, default=None, help="default: weights/atlas.safetensors")
+    p.add_argument("--ckpt", type=Path, required=True)
+    p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this piece")
+    p.add_argument("--save-every", type=float, default=3.0, help="minutes between checkpoints")
+    p.add_argument("--total-steps", type=int, default=20000, help="length of the LR schedule")
+    p.add_argument("--max-steps", type=int, default=None, help="stop this piece after this global step")
+    p.add_argument("--batch", type=int, default=16, help="identities per GPU per step")
+    p.add_argument("--ns", type=int, default=2048, help="surface points per identity")
+    p.add_argument("--nq", type=int, default=2048, help="space points per identity")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--code-lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--topk", type=int, default=8, help="regions evaluated per point (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--tiny", action="store_true", help="tiny network (CPU smoke runs, tests)")
+    p.add_argument("--n-synthetic", type=int, default=8, help="identities of the synthetic source")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    return p.parse_args(argv)
+
+
+def build_source(args: argparse.Namespace, device: torch.device):
+    """(source, n_train, anchor_init, mirror_pairs). The ICT source is the data issue's sampler."""
+    if args.data == "synthetic":
+        from .synthetic import SphereSource
+
+        src = SphereSource(args.n_synthetic, device=str(device), seed=args.seed)
+        return src, src.n, src.anchor_init, []
+    from .ict_source import IctSource
+
+    src = IctSource(args.ict, args.atlas, device)
+    return src, src.n_train, src.anchor_init, src.mirror_pairs
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1:
+        dist.init_process_group("nccl")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    elif args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    amp = device.type == "cuda" and not args.no_amp
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(args.seed)
+    source, n_train, anchor_init, mirror_pairs = build_source(args, device)
+    cfg = ImHeadConfig(mirror_pairs=mirror_pairs, **(TINY if args.tiny else {}))
+    module = TrainModule(ImHead(cfg, anchor_init=anchor_init), n_train).to(device)
+    opt = torch.optim.Adam(
+        [
+            {"params": list(module.model.parameters()), "lr": args.lr, "base_lr": args.lr},
+            {"params": list(module.codes.parameters()), "lr": args.code_lr, "base_lr": args.code_lr},
+        ],
+        betas=(0.9, 0.99),
+    )
+    info = {"step": 0, "samples": 0, "elapsed_s": 0.0, "pieces": 0}
+    if (args.ckpt / "state.safetensors").exists():
+        info = load_checkpoint(args.ckpt, module, opt)
+        saved_cfg = ImHeadConfig.from_json(info["config"])
+        if saved_cfg != cfg:
+            raise SystemExit(f"checkpoint config differs from this run's: {saved_cfg} vs {cfg}")
+        if rank == 0:
+            print(f"resumed from {args.ckpt} at step {info['step']}", flush=True)
+    net = module
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[local])
+    weights = LossWeights()
+    topk = args.topk if args.topk > 0 else None
+
+    step, samples = int(info["step"]), int(info["samples"])
+    log_path = Path(str(args.ckpt) + ".log.jsonl")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    t_save = t_start
+    t_log, s_log, n_log = time.time(), step, 0
+    acc: dict[str, float] = {}
+    stop_step = args.total_steps if args.max_steps is None else min(args.max_steps, args.total_steps)
+
+    def save() -> None:
+        if rank == 0:
+            out = dict(info, step=step, samples=samples, config=cfg.to_json(), args=vars(args) | {"ckpt": str(args.ckpt),
+                       "ict": str(args.ict), "atlas": str(args.atlas)}, weights=weights.to_dict(), world=world,
+                       elapsed_s=info["elapsed_s"] + time.time() - t_start, pieces=info.get("pieces", 0) + 1,
+                       device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+            save_checkpoint(args.ckpt, module, opt, out)
+
+    while step < stop_step and time.time() - t_start < args.minutes * 60:
+        gen = torch.Generator().manual_seed(hash((args.seed, rank, step)) % (2**63))
+        batch = source.batch(args.batch, args.ns, args.nq, gen)
+        f = lr_factor(step, args.warmup, args.total_steps)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, terms = net(batch, weights, topk)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        samples += args.batch * world
+        for k, v in terms.items():
+            acc[k] = acc.get(k, 0.0) + v
+        acc["loss"] = acc.get("loss", 0.0) + loss.detach()
+        n_log += 1
+        if step % args.log_every == 0 or step == stop_step:
+            vals = torch.stack([torch.as_tensor(v, device=device, dtype=torch.float32) for v in acc.values()]) / n_log
+            if world > 1:
+                dist.all_reduce(vals)
+                vals /= world
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.time() - t_log
+            rec = {"step": step, "lr": opt.param_groups[0]["lr"], "step_s": dt / (step - s_log),
+                   "samples_per_s": (step - s_log) * args.batch * world / dt, "world": world}
+            rec.update({k: float(v) for k, v in zip(acc.keys(), vals.tolist())})
+            if rank == 0:
+                line = json.dumps(rec)
+                print(line, flush=True)
+                with open(log_path, "a") as fh:
+                    fh.write(line + "\n")
+            t_log, s_log, n_log, acc = time.time(), step, 0, {}
+        if time.time() - t_save > args.save_every * 60:
+            save()
+            t_save = time.time()
+    save()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
