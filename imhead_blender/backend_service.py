@@ -28,7 +28,7 @@ class Job:
     future: Future
     label: str
     object_name: str | None
-    on_success: OnSuccess
+    on_success: OnSuccess | None
     on_failure: OnFailure | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -135,6 +135,8 @@ def _finish(job: Job) -> None:
             job.on_failure(exc)
         _redraw()
         return
+    if job.on_success is None:  # dropped by cancel_all()
+        return
     try:
         job.on_success(params, arrays)
     except Exception as exc:  # a bad reply must not kill the timer; show it instead
@@ -153,6 +155,15 @@ def cancel(request_id: int) -> bool:
             _state.client.cancel(job.future)
             return True
     return False
+
+
+def cancel_all() -> None:
+    """Cancel every job and drop its callbacks (a new file is being loaded: replies would address objects
+    of the old one by name)."""
+    for job in list(_state.jobs):
+        job.on_success = job.on_failure = None
+        if _state.client is not None:
+            _state.client.cancel(job.future)
 
 
 def pump_backend() -> int:

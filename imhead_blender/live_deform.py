@@ -25,6 +25,7 @@ class _State:
         self.shown: dict[str, bytes] = {}
         self.cache: dict[str, OrderedDict[bytes, np.ndarray]] = {}
         self.stats: dict[str, tuple[float, int]] = {}  # name -> (residual p99 in metres, non-converged)
+        self.tokens: dict[str, tuple[int, int]] = {}  # name -> mesh identity the cache belongs to
         self.suspended = 0
 
 
@@ -57,6 +58,10 @@ def request_for_object(obj: bpy.types.Object) -> None:
     weights = weights_of(obj)
     key = weights_key(weights)
     name = obj.name
+    token = _token(obj)
+    if _state.tokens.get(name) != token:  # another mesh under this name (undo, rebuild, file load)
+        forget(name)
+        _state.tokens[name] = token
     if _state.shown.get(name) == key:
         return
     cached = _state.cache.get(name, {}).get(key)
@@ -90,6 +95,10 @@ def _submit(obj: bpy.types.Object, weights: np.ndarray, on_success, label: str =
         raise
 
 
+def _token(obj: bpy.types.Object) -> tuple[int, int]:
+    return len(obj.data.vertices), hash(obj.imhead.head_json)
+
+
 def _forget_in_flight(name: str) -> None:
     _state.in_flight.pop(name, None)
     _state.dirty.discard(name)
@@ -97,20 +106,24 @@ def _forget_in_flight(name: str) -> None:
 
 def _apply_live(name: str, key: bytes, params: dict, arrays: dict[str, np.ndarray]) -> None:
     _state.in_flight.pop(name, None)
+    dirty = name in _state.dirty
+    _state.dirty.discard(name)
     obj = bpy.data.objects.get(name)
     if obj is None or obj.type != "MESH":
         return
-    positions = _positions_from_reply(obj, arrays, frames=1)[0]
-    _record_stats(name, arrays)
-    cache = _state.cache.setdefault(name, OrderedDict())
-    cache[key] = positions
-    while len(cache) > CACHE_ENTRIES:
-        cache.popitem(last=False)
-    if weights_key(weights_of(obj)) == key:
-        mesh_build.set_positions(obj.data, positions)
-        _state.shown[name] = key
-    if name in _state.dirty:
-        _state.dirty.discard(name)
+    if _state.tokens.get(name) == _token(obj):
+        positions = _positions_from_reply(obj, arrays, frames=1)[0]
+        _record_stats(name, arrays)
+        cache = _state.cache.setdefault(name, OrderedDict())
+        cache[key] = positions
+        while len(cache) > CACHE_ENTRIES:
+            cache.popitem(last=False)
+        if weights_key(weights_of(obj)) == key:
+            mesh_build.set_positions(obj.data, positions)
+            _state.shown[name] = key
+            return
+    # The weights moved on (or the mesh changed) while this request ran: show the current ones.
+    if dirty or _state.shown.get(name) != weights_key(weights_of(obj)):
         request_for_object(obj)
 
 
@@ -140,6 +153,13 @@ def forget(name: str) -> None:
     _state.cache.pop(name, None)
     _state.shown.pop(name, None)
     _state.stats.pop(name, None)
+    _state.tokens.pop(name, None)
+
+
+def reset() -> None:
+    """Forget everything (a new file was loaded; its objects may reuse names)."""
+    global _state
+    _state = _State()
 
 
 class suspended:

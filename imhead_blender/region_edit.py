@@ -23,6 +23,11 @@ class _State:
 _state = _State()
 
 
+def reset() -> None:
+    global _state
+    _state = _State()
+
+
 def busy(name: str) -> bool:
     return name in _state.in_flight
 

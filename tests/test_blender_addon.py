@@ -419,7 +419,7 @@ def scenario_lifecycle(zip_path: str) -> dict:
         "object_props": hasattr(bpy.types.Object, "imhead"),
         "scene_props": hasattr(bpy.types.Scene, "imhead"),
         "frame_handler": any(getattr(h, "__module__", "").startswith(module)
-                             for h in bpy.app.handlers.frame_change_post),
+                             for h in (*bpy.app.handlers.frame_change_post, *bpy.app.handlers.load_pre)),
         "timer": bpy.app.timers.is_registered(timer),
         "backend_alive": bool(_backend_pids()),
     }
