@@ -178,3 +178,11 @@ def test_prefix_layout_is_little_endian():
     magic, hlen, plen = struct.unpack("<4sIQ", raw[:16])
     assert magic == b"IMHF" and plen == 12 and len(raw) == 16 + hlen + plen
     assert json.loads(raw[16 : 16 + hlen])["arrays"][0]["nbytes"] == 12
+
+
+def test_the_example_in_docs_protocol_md_is_what_the_encoder_writes(repo_root):
+    raw = wire.encode_bytes(wire.request(1, "echo", {"note": "hi"}), {"p": np.array([[0.0, 0.1, 0.2]], np.float32)})
+    doc = (repo_root / "docs" / "protocol.md").read_text()
+    assert f"a {len(raw)}-byte `echo` request" in doc
+    assert raw[:16].hex(" ", 4).replace(" ", "  ").replace("  ", " ") in doc.replace("  ", " ")
+    assert raw[-12:].hex(" ") in doc.replace("  ", " ")
