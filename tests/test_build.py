@@ -110,3 +110,19 @@ def test_packaged_client_talks_to_the_packaged_backend(built_zip, venv_python, t
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MODEL" in proc.stdout
     assert f"imhead backend 0.1.0 ({pkg / 'backend'})" in proc.stdout  # the unzipped copy ran, not the repo
+
+
+def test_test_command_fails_when_no_tests_are_collected(repo_root):
+    """pytest's exit status 5 (nothing collected) must fail scripts/test.sh, and so CI."""
+    proc = subprocess.run(["bash", "scripts/test.sh", "-p", "no:cacheprovider", "-k", "no_test_has_this_name_zz"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "collected no tests" in proc.stderr
+
+
+def test_ci_runs_exactly_the_readme_test_command(repo_root):
+    ci = (repo_root / ".ci" / "run").read_text().splitlines()
+    assert ci[0] == "#!/usr/bin/env bash" and "set -euo pipefail" in ci
+    commands = [line for line in ci[1:] if line.strip() and not line.startswith("#")]
+    assert commands[-1] == "bash scripts/test.sh"
+    assert "bash scripts/test.sh" in (repo_root / "README.md").read_text()
