@@ -186,25 +186,39 @@ class ClusteredMesh:
         geo = self.bounds(verts) + (tri,)
         flat = points.reshape(-1, 3)
         bi = torch.arange(bsz, device=points.device).repeat_interleave(n)
+        kk = min(k, self.n_clusters)
+        parts = [self._first_pass(p, pb, geo, kk, face_mask, need_winding, need_distance)
+                 for p, pb in zip(flat.split(chunk), bi.split(chunk))]
         out: dict[str, torch.Tensor] = {}
         if need_winding:
-            out["winding"] = torch.cat([self._winding(p, b, geo, min(k, self.n_clusters))
-                                        for p, b in zip(flat.split(chunk), bi.split(chunk))]).view(bsz, n, -1)
+            out["winding"] = torch.cat([w for w, _, _ in parts]).view(bsz, n, -1)
         if need_distance:
-            dist = torch.empty(len(flat), device=points.device, dtype=points.dtype)
-            todo = torch.arange(len(flat), device=points.device)
-            kk = min(k, self.n_clusters)
-            while len(todo):
-                step = max(1, chunk * 16 // kk)
+            dist = torch.cat([d for _, d, _ in parts])
+            todo = torch.nonzero(~torch.cat([ok for _, _, ok in parts])).flatten()
+            while len(todo):       # refine points whose nearest triangle may lie outside the candidates
+                kk = min(kk * 4, self.n_clusters)
                 done = []
-                for idx in todo.split(step):
+                for idx in todo.split(max(1, chunk * 16 // kk)):
                     d, ok = self._distance(flat[idx], bi[idx], geo, kk, face_mask)
                     dist[idx] = d
                     done.append(ok)
                 todo = todo[~torch.cat(done)]
-                kk = min(kk * 4, self.n_clusters)
             out["distance"] = dist.view(bsz, n)
         return out
+
+    def _first_pass(self, p, b, geo, k, face_mask, need_winding, need_distance):
+        rel, dist_c, near, bound = self._nearest_clusters(p, b, geo, k)
+        fid, a, bv, c = self._corners(b, near, geo)
+        pp = p[:, None, None]
+        w = d = ok = None
+        if need_winding:
+            far = (rel * geo[2][b]).sum(-1) / (4 * math.pi * dist_c.clamp_min(1e-12) ** 3)   # (M,C) dipoles
+            exact = (_solid_angle(pp, a, bv, c) * self.valid[near]).sum(-1)                   # (M,k)
+            far = far.scatter_add_(1, near, exact - torch.gather(far, 1, near))
+            w = far @ torch.nn.functional.one_hot(self.cluster_group, self.n_groups).to(p.dtype)
+        if need_distance:
+            d, ok = self._min_distance(pp, a, bv, c, b, near, fid, face_mask, bound, k)
+        return w, d, ok
 
     def _nearest_clusters(self, p: torch.Tensor, b: torch.Tensor, geo, k: int):
         centre, radius = geo[0], geo[1]
@@ -223,19 +237,11 @@ class ClusteredMesh:
     def _distance(self, p, b, geo, k, face_mask):
         _, _, near, bound = self._nearest_clusters(p, b, geo, k)
         fid, a, bv, c = self._corners(b, near, geo)
-        d2 = _closest_sq_dist(p[:, None, None], a, bv, c)
+        return self._min_distance(p[:, None, None], a, bv, c, b, near, fid, face_mask, bound, k)
+
+    def _min_distance(self, pp, a, bv, c, b, near, fid, face_mask, bound, k):
         keep = self.valid[near]
         if face_mask is not None:
             keep = keep & face_mask[b[:, None, None], fid]
-        d = d2.masked_fill(~keep, float("inf")).flatten(1).min(-1).values.sqrt()
+        d = _closest_sq_dist(pp, a, bv, c).masked_fill(~keep, float("inf")).flatten(1).min(-1).values.sqrt()
         return d, (d <= bound) | (k >= self.n_clusters)
-
-    def _winding(self, p, b, geo, k):
-        rel, dist_c, near, _ = self._nearest_clusters(p, b, geo, k)
-        dipole = geo[2]
-        far = (rel * dipole[b]).sum(-1) / (4 * math.pi * dist_c.clamp_min(1e-12) ** 3)   # (M,C)
-        _, a, bv, c = self._corners(b, near, geo)
-        exact = (_solid_angle(p[:, None, None], a, bv, c) * self.valid[near]).sum(-1)     # (M,k)
-        corr = torch.zeros_like(far).scatter_(1, near, exact - torch.gather(far, 1, near))
-        group_1h = torch.nn.functional.one_hot(self.cluster_group, self.n_groups).to(p.dtype)
-        return (far + corr) @ group_1h

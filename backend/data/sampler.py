@@ -100,7 +100,9 @@ class HeadSampler:
 
     def signed_distance(self, points: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
         """SDF (B,N) of points (B,N,3) to the closed union surface of meshes verts (B,V,3); negative inside."""
-        r = self.accel.query(points, verts, k=self.cfg.k_exact, face_mask=self.exposed.expand(len(verts), -1))
+        chunk = 16384 if self.device.type == "cuda" else 2048
+        r = self.accel.query(points, verts, k=self.cfg.k_exact, chunk=chunk,
+                             face_mask=self.exposed.expand(len(verts), -1))
         inside = r["winding"].sum(-1) > 0.5
         return torch.where(inside, -r["distance"], r["distance"])
 
