@@ -118,6 +118,7 @@ def test_test_command_fails_when_no_tests_are_collected(repo_root):
                           cwd=repo_root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 5, proc.stdout + proc.stderr
     assert "collected no tests" in proc.stderr
+    assert "setup: dependencies already satisfied" in proc.stdout  # set up already: no pip run
 
 
 def test_ci_runs_exactly_the_readme_test_command(repo_root):
