@@ -19,7 +19,8 @@ from ..model import ImHead
 @dataclass
 class LossWeights:
     surface: float = 3000.0  # |sdf| on surface points (m)
-    normal: float = 1.0  # 1 - cos(grad, normal)
+    normal: float = 1.0  # 1 - cos(grad, normal), posed (gradient through the warp)
+    normal_canon: float = 1.0  # same on the canonical head
     eikonal: float = 0.1
     space: float = 300.0  # |sdf - gt| off the surface (m)
     anchor: float = 100.0  # |k - k_gt|^2 (m^2), mean over regions, times 1e2 below
@@ -65,6 +66,7 @@ class TrainModule(nn.Module):
         out = {
             "surface": 0.5 * (s_sc.abs().mean() + s_sp.abs().mean()),
             "normal": (1 - F.cosine_similarity(gp[:, :ns], batch["surf_normal"], dim=-1)).mean(),
+            "normal_canon": (1 - F.cosine_similarity(gc[:, :ns], batch["surf_canon_normal"], dim=-1)).mean(),
             "eikonal": 0.5 * (((gc[:, ns:].norm(dim=-1) - 1) ** 2).mean() + ((gp[:, ns:].norm(dim=-1) - 1) ** 2).mean()),
             "space": 0.5 * (
                 (s_qc.clamp(-c, c) - batch["canon_sdf"].clamp(-c, c)).abs().mean()

@@ -51,6 +51,7 @@ class SphereSource:
             "surf_posed": surf,
             "surf_normal": n,
             "surf_canon": surf,
+            "surf_canon_normal": n,
             "surf_template": self.mean_centre + self.mean_radius * n,
             "surf_region": (n @ self.dirs.T).argmax(-1),
             "space_posed": space,

@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this piece")
     p.add_argument("--save-every", type=float, default=3.0, help="minutes between checkpoints")
-    p.add_argument("--total-steps", type=int, default=20000, help="length of the LR schedule")
+    p.add_argument("--total-steps", type=int, default=20000, help="length of the LR schedule (steps)")
+    p.add_argument("--schedule-minutes", type=float, default=None,
+                   help="if set, the LR schedule runs on cumulative training minutes instead of steps")
     p.add_argument("--max-steps", type=int, default=None, help="stop this piece after this global step")
     p.add_argument("--batch", type=int, default=16, help="identities per GPU per step")
     p.add_argument("--ns", type=int, default=2048, help="surface points per identity")
@@ -70,11 +72,11 @@ def build_source(args: argparse.Namespace, device: torch.device):
     return src, src.n_train, src.anchor_init, src.mirror_pairs
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
+def lr_factor(step: int, warmup: int, progress: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to 0.05 as `progress` goes 0 -> 1."""
     if step < warmup:
         return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,10 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1:
+    if world > 1 and torch.cuda.is_available():
         dist.init_process_group("nccl")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
+    elif world > 1:  # CPU processes (tests of the DDP path without GPUs)
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
     elif args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"resumed from {args.ckpt} at step {info['step']}", flush=True)
     net = module
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[local])
+        net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[local] if device.type == "cuda" else None)
     weights = LossWeights()
     topk = args.topk if args.topk > 0 else None
 
@@ -137,10 +142,22 @@ def main(argv: list[str] | None = None) -> int:
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
             save_checkpoint(args.ckpt, module, opt, out)
 
+    def schedule_progress() -> float:
+        """Fraction of the LR schedule done; on training time it is taken from rank 0 so all ranks agree."""
+        if not args.schedule_minutes:
+            return (step - args.warmup) / max(1, args.total_steps - args.warmup)
+        t = torch.tensor([(info["elapsed_s"] + time.time() - t_start) / (60 * args.schedule_minutes)], device=device)
+        if world > 1:
+            dist.broadcast(t, 0)
+        return float(t)
+
+    progress = 0.0
     while step < stop_step and time.time() - t_start < args.minutes * 60:
         gen = torch.Generator().manual_seed(hash((args.seed, rank, step)) % (2**63))
         batch = source.batch(args.batch, args.ns, args.nq, gen)
-        f = lr_factor(step, args.warmup, args.total_steps)
+        if step % args.log_every == 0 or step == int(info["step"]):
+            progress = schedule_progress()
+        f = lr_factor(step, args.warmup, progress)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * f
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -1,0 +1,20 @@
+"""The ICT training source: the data issue's HeadSampler, seen through the train loop's source interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.sampler import HeadSampler
+
+
+class IctSource:
+    def __init__(self, ict_path: Path, atlas_path: Path | None, device: torch.device):
+        self.sampler = HeadSampler(ict_path, atlas_path, device=device)
+        self.n_train = self.sampler.n_train
+        self.anchor_init = self.sampler.anchor_init.float().cpu()
+        self.mirror_pairs = [[int(a), int(b)] for a, b in self.sampler.mirror_pairs]
+
+    def batch(self, b: int, ns: int, nq: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.sampler.batch(b, ns, nq, gen)
