@@ -26,7 +26,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--resolution", type=int, default=192)
     p.add_argument("--size", type=int, default=768, help="square image size in pixels")
-    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--samples", type=int, default=32)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the backend")
     p.add_argument("--update-docs", action="store_true", help="also copy the picture to docs/demo.png")
     return p.parse_args()
@@ -97,9 +97,9 @@ def frame_head(bpy, obj, scene, size: int) -> None:
         light.rotation_euler = (center - light.location).to_track_quat("-Z", "Y").to_euler()
         scene.collection.objects.link(light)
 
-    area_light("Key", 60.0, 0.8, (-0.8, -1.0, 0.7), (1.0, 0.95, 0.88))
-    area_light("Fill", 20.0, 1.2, (1.0, -0.8, 0.1), (0.85, 0.9, 1.0))
-    area_light("Rim", 40.0, 0.6, (0.4, 1.0, 0.8), (1.0, 1.0, 1.0))
+    area_light("Key", 22.0, 0.6, (-0.9, -1.0, 0.8), (1.0, 0.93, 0.85))
+    area_light("Fill", 3.5, 1.2, (1.0, -0.7, 0.0), (0.8, 0.88, 1.0))
+    area_light("Rim", 30.0, 0.5, (0.6, 1.0, 0.9), (1.0, 0.97, 0.92))
 
     scene.render.resolution_x = scene.render.resolution_y = size
     scene.render.resolution_percentage = 100
@@ -107,10 +107,11 @@ def frame_head(bpy, obj, scene, size: int) -> None:
 
 def skin_material(bpy):
     mat = bpy.data.materials.new("imHead skin")
-    mat.use_nodes = True
     bsdf = mat.node_tree.nodes["Principled BSDF"]
-    bsdf.inputs["Base Color"].default_value = (0.80, 0.58, 0.48, 1.0)
-    bsdf.inputs["Roughness"].default_value = 0.55
+    bsdf.inputs["Base Color"].default_value = (0.60, 0.40, 0.31, 1.0)
+    bsdf.inputs["Roughness"].default_value = 0.5
+    bsdf.inputs["Subsurface Weight"].default_value = 0.15
+    bsdf.inputs["Subsurface Radius"].default_value = (0.012, 0.005, 0.003)
     return mat
 
 
@@ -121,10 +122,11 @@ def setup_render(bpy, scene, samples: int, out_png: Path) -> None:
     scene.cycles.use_denoising = True
     scene.render.film_transparent = False
     world = bpy.data.worlds.new("World")
-    world.use_nodes = True
     world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.06, 0.065, 0.075, 1.0)
     scene.world = world
     scene.view_settings.view_transform = "AgX"
+    scene.view_settings.look = "AgX - Medium High Contrast"
+    scene.cycles.max_bounces = 4
     scene.render.image_settings.file_format = "PNG"
     scene.render.filepath = str(out_png)
 
