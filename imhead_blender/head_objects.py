@@ -55,11 +55,19 @@ def replace_head_mesh(obj: bpy.types.Object, head: dict, arrays: dict[str, np.nd
 
 
 def store_head(obj: bpy.types.Object, head: dict, *, seed: int, resolution: int) -> None:
+    """Keep the head on the object. Its expression weights move into the keyframeable properties (the one
+    place the add-on reads them from); the stored JSON keeps identity and region codes, so edits and
+    rebuilds return the neutral canonical mesh that live deform then poses."""
     if head.get("format") != HEAD_FORMAT:
         raise ValueError(f"backend returned an unknown head format {head.get('format')!r}")
     props = obj.imhead
+    weights = head.get("expression") or {}
+    if weights:
+        with live_deform.suspended():
+            for name, value in weights.items():
+                setattr(props.expressions, name, float(value))
     props.is_head = True
-    props.head_json = json.dumps(head, separators=(",", ":"))
+    props.head_json = json.dumps(dict(head, expression={}), separators=(",", ":"))
     props.seed = seed
     props.resolution = resolution
     hs = backend_service.handshake()

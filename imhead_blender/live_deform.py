@@ -148,6 +148,12 @@ def stats(name: str) -> tuple[float, int] | None:
     return _state.stats.get(name)
 
 
+def mark_shown(obj: bpy.types.Object) -> None:
+    """The mesh already shows the object's current weights (e.g. a fit posed it): no request needed."""
+    _state.tokens[obj.name] = _token(obj)
+    _state.shown[obj.name] = weights_key(weights_of(obj))
+
+
 def forget(name: str) -> None:
     """Drop cached results for an object whose mesh was replaced."""
     _state.cache.pop(name, None)

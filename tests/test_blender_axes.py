@@ -37,3 +37,29 @@ def test_batched_shapes_are_kept():
 def test_rejects_non_vectors(shape):
     with pytest.raises(ValueError, match="3-vectors"):
         axes.backend_to_blender(np.zeros(shape))
+
+
+def _rotation(rng):
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def test_fit_overlay_matrix_maps_the_head_back_onto_the_input():
+    # The fit found x_model = s R x_in + t for x_in = blender_to_backend(p); the head shows
+    # q = backend_to_blender(x_model) and its matrix must take q back to the input's local p.
+    rng = np.random.default_rng(1)
+    s, r, t = 3.7, _rotation(rng), rng.normal(size=3)
+    p = rng.normal(size=(50, 3))
+    x_model = s * axes.blender_to_backend(p).astype(np.float64) @ r.T + t
+    q = axes.backend_to_blender(x_model).astype(np.float64)
+    m = axes.similarity_to_object_matrix(s, r, t)
+    back = q @ m[:3, :3].T + m[:3, 3]
+    np.testing.assert_allclose(back, p, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m[3], [0, 0, 0, 1])
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+def test_fit_overlay_matrix_rejects_bad_scale(scale):
+    with pytest.raises(ValueError, match="scale"):
+        axes.similarity_to_object_matrix(scale, np.eye(3), np.zeros(3))

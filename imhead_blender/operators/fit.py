@@ -4,8 +4,9 @@ from functools import partial
 
 import bpy
 import numpy as np
+from mathutils import Matrix
 
-from .. import axes, backend_service, head_objects, mesh_build, region_edit
+from .. import axes, backend_service, head_objects, live_deform, mesh_build, region_edit
 
 MAX_POINTS = 5_000_000  # the backend refuses more; say so before sending hundreds of MB
 
@@ -52,21 +53,30 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
 
 
 def fit_error_mm(params: dict) -> float:
-    """The reply's fit error in millimetres (the backend reports metres in the input's units scale)."""
-    error = params.get("error", {})
-    value = error.get("mean_m") if isinstance(error, dict) else error
-    return -1.0 if value is None else 1000.0 * float(value)
+    """The reply's trimmed one-sided Chamfer distance (input -> fitted head), in millimetres."""
+    value = (params.get("error") or {}).get("trimmed_one_sided_cd_mm")
+    return -1.0 if value is None else float(value)
 
 
 def _add_fitted(scene_name: str, source_name: str, resolution: int, params: dict, arrays: dict) -> None:
     scene, source = bpy.data.scenes.get(scene_name), bpy.data.objects.get(source_name)
     if scene is None or source is None:
         return
-    obj = head_objects.create_head_object(scene, f"{source_name}.imHead", params["head"], arrays, seed=0,
+    sim = params["transform"]
+    scale, rotation = float(sim["scale"]), np.asarray(sim["rotation"], np.float64)
+    translation = np.asarray(sim["translation"], np.float64)
+    # The reply's vertices are in the input's frame; the head object keeps them in the model frame (like
+    # every imHead object, so live deform and region edits apply) and its transform does the overlay.
+    model = dict(arrays)
+    model["vertices"] = (scale * arrays["vertices"].astype(np.float64) @ rotation.T + translation).astype(np.float32)
+    if "normals" in arrays:  # rotated into the input frame by the backend: rotate them back
+        model["normals"] = (arrays["normals"].astype(np.float64) @ rotation.T).astype(np.float32)
+    obj = head_objects.create_head_object(scene, f"{source_name}.imHead", params["head"], model, seed=0,
                                           resolution=resolution)
-    obj.matrix_world = source.matrix_world.copy()
+    obj.matrix_world = source.matrix_world @ Matrix(axes.similarity_to_object_matrix(scale, rotation, translation))
     obj.imhead.fit_error_mm = fit_error_mm(params)
     region_edit.store_sliders(obj, params.get("sliders"))
+    live_deform.mark_shown(obj)
 
 
 CLASSES = (IMHEAD_OT_fit_selected,)
