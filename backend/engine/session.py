@@ -13,9 +13,10 @@ import torch
 from .. import __version__, constants, errors
 from ..data.atlas import load_atlas
 from ..weights import load_model
-from . import deform, edit, validate
+from . import deform, edit, fit, validate
+from .align import Aligner
 from .extract import ExtractStats, Mesh, check_resolution, extract_mesh
-from .head import HeadSpec
+from .head import HeadSpec, check_names
 from .template import TemplateIndex, seam_faces
 
 DEFAULT_RESOLUTION = 256
@@ -24,6 +25,11 @@ DROP_TOL = 1e-3  # ... unless that leaves out more blend-weight mass than this: 
 CHUNK = 1 << 15  # points per network call (bounds the (points x topk x hidden) activations)
 LIPSCHITZ = 1.5  # assumed |grad sdf| bound of the trained SDF (checked on the data by extract_mesh)
 MAX_DEFORM_POINTS = 20_000_000  # frames x vertices per deform request (output memory)
+FIT_RESOLUTION = 128
+FIT_SAMPLES = 20000
+# Latent-fit budget per device: (steps, points per step, use normals). The normal term needs a double
+# backward pass, which a 2-core CPU cannot afford within the one-minute goal.
+FIT_BUDGET = {"cuda": (300, 4096, True), "cpu": (100, 1024, False)}
 EXPRESSION_RANGE = (-1.0, 2.0)  # accepted expression weights (ICT uses [0, 1]; a little over/undershoot is art)
 
 
@@ -67,6 +73,7 @@ class Session:
         atlas_path = Path(weights_dir) / "atlas.safetensors" if weights_dir is not None else None
         self.atlas = load_atlas(atlas_path if atlas_path is not None and atlas_path.exists() else None)
         self._template_index: TemplateIndex | None = None
+        self._aligner: Aligner | None = None
 
     # ------------------------------------------------------------------ names
     def info(self) -> dict:
@@ -92,6 +99,12 @@ class Session:
         if self._template_index is None:
             self._template_index = TemplateIndex(self.atlas)
         return self._template_index
+
+    @property
+    def aligner(self) -> Aligner:
+        if self._aligner is None:
+            self._aligner = Aligner(*fit.template_surface(self.atlas, 20000))
+        return self._aligner
 
     # ------------------------------------------------------------------ heads
     def parse_head(self, data: object) -> HeadSpec:
@@ -315,6 +328,97 @@ class Session:
         out["sliders"] = self.sliders(new)
         return out, mesh
 
+    def fit(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
+        """Fit a head to a mesh or point cloud in any frame and units (docs: engine/align.py, engine/fit.py)."""
+        progress = progress or NullProgress()
+        validate.keys(params, {"units", "resolution", "steps", "batch_points", "use_normals", "fit_expression",
+                               "landmark_vertices", "landmark_regions", "seed", "samples"}, "fit")
+        resolution = check_resolution(params.get("resolution", FIT_RESOLUTION))
+        default_steps, default_batch, default_normals = FIT_BUDGET["cuda" if self.device.type == "cuda" else "cpu"]
+        steps = validate.integer(params.get("steps", default_steps), "steps", 0, 5000)
+        batch_points = validate.integer(params.get("batch_points", default_batch), "batch_points", 64, 65536)
+        use_normals = params.get("use_normals", default_normals)
+        n_samples = validate.integer(params.get("samples", FIT_SAMPLES), "samples", 100, 200_000)
+        seed = validate.seed(params.get("seed", 0))
+        fit_expression = params.get("fit_expression", True)
+        if not isinstance(fit_expression, bool) or not isinstance(use_normals, bool):
+            raise errors.InvalidInput("fit_expression and use_normals must be true or false")
+        fixed_scale = fit.units_scale(params.get("units", "auto"))
+        points = validate.float_array(arrays, "points", (None, 3)).astype(np.float64)
+        faces = validate.index_array(arrays, "faces", len(points))
+        normals = validate.float_array(arrays, "normals", (len(points), 3), required=False)
+        landmarks = self._landmarks(params, arrays)
+        rng = np.random.default_rng(seed)
+
+        progress.report(0.0, "aligning")
+        samples, sample_normals = fit.input_samples(points, faces, normals, n_samples, rng)
+        sim, align_stats = self.aligner.align(samples, fixed_scale=fixed_scale, landmarks=landmarks, seed=seed)
+        check_cancel(progress)
+        x_model = sim.apply(samples)
+        d_f, _ = self.aligner.tree.query(x_model)
+        lo, hi = np.array(constants.BBOX_MIN), np.array(constants.BBOX_MAX)
+        inlier = (d_f <= max(2.5 * float(np.median(d_f)), 0.003)) & ((x_model > lo) & (x_model < hi)).all(1)
+        if inlier.sum() < 50:
+            raise errors.InvalidInput("could not find a head in the input (too few points near the aligned mean head)")
+        pts = torch.as_tensor(x_model[inlier], device=self.device, dtype=torch.float32)
+        nrm = None
+        if sample_normals is not None and use_normals:
+            n_model = sample_normals[inlier] @ sim.rotation.T
+            nrm = torch.as_tensor(n_model, device=self.device, dtype=torch.float32)
+
+        def callback(step: int, loss: float) -> None:
+            check_cancel(progress)
+            if step % 10 == 0:
+                progress.report(0.1 + 0.7 * step / max(steps, 1), f"fitting latents: step {step}/{steps}")
+
+        from ..model.inversion import fit_latents
+
+        result = fit_latents(self.model, pts, nrm, fit_expression=fit_expression, steps=steps,
+                             id_mean=self.extras["id_mean"], id_chol=self.extras["id_chol"], topk=TOPK,
+                             batch_points=batch_points, seed=seed, callback=callback)
+        weights = result.z_exp[0].cpu().numpy()
+        head = HeadSpec(identity=result.z_id[0].cpu().numpy().astype(np.float32),
+                        expression={n: float(w) for n, w in zip(self.expression_names, weights) if w >= 1e-3})
+        check_cancel(progress)
+        out, mesh = self.head_mesh(head, resolution, _Offset(progress, 0.8, 0.2))
+        err = fit.fit_error(x_model, mesh["vertices"], mesh["faces"], sim.scale)
+        mesh["vertices"] = sim.inverse(mesh["vertices"].astype(np.float64)).astype(np.float32)
+        mesh["normals"] = (mesh["normals"] @ sim.rotation).astype(np.float32)
+        out.update({
+            "error": err.to_dict(),
+            "transform": sim.to_dict(),  # x_model = scale * rotation @ x_input + translation
+            "alignment": {"score_m": align_stats.score, "forward_median_m": align_stats.forward_median,
+                          "hypotheses": align_stats.hypotheses, "inlier_fraction": float(inlier.mean())},
+            "fit": {"steps": steps, "batch_points": batch_points, "normals": nrm is not None,
+                    "final_loss": result.losses[-1] if result.losses else None},
+        })
+        return out, mesh
+
+    def _landmarks(self, params: dict, arrays: dict) -> tuple[np.ndarray, np.ndarray] | None:
+        ids, names = params.get("landmark_vertices"), params.get("landmark_regions")
+        given = validate.float_array(arrays, "landmarks", (None, 3), required=False)
+        if ids is None and names is None and given is None:
+            return None
+        if (ids is None) == (names is None) or given is None:
+            raise errors.InvalidInput("landmarks need the 'landmarks' array and exactly one of "
+                                      "'landmark_vertices' (template vertex ids) or 'landmark_regions' (names)")
+        if names is not None:
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise errors.InvalidInput("landmark_regions must be a list of region names")
+            check_names(names, self.region_names, "region names")
+            target = self.atlas.anchors[[self.region_names.index(n) for n in names]]
+        else:
+            if not isinstance(ids, list):
+                raise errors.InvalidInput("landmark_vertices must be a list of template vertex ids")
+            ids = [validate.integer(i, "landmark vertex id", 0, len(self.atlas.vertices) - 1) for i in ids]
+            target = self.atlas.vertices[ids]
+        if len(target) != len(given) or len(given) < 3:
+            raise errors.InvalidInput(f"need at least 3 landmarks and as many ids as points "
+                                      f"({len(target)} ids, {len(given)} points)")
+        if np.linalg.matrix_rank(given - given.mean(0), tol=1e-9 * np.abs(given).max()) < 2:
+            raise errors.InvalidInput("the landmarks are collinear")
+        return given.astype(np.float64), target.astype(np.float64)
+
     def deform(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
         progress = progress or NullProgress()
         validate.keys(params, {"head", "exact_residual"}, "deform")
@@ -335,6 +439,20 @@ class Session:
         progress.report(1.0, "done")
         out = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
         return out, {"vertices": res["vertices"], "residual": res["residual"], "converged": res["converged"]}
+
+
+class _Offset:
+    """A Progress that maps [0, 1] onto [start, start + span] of another."""
+
+    def __init__(self, inner: Progress, start: float, span: float):
+        self.inner, self.start, self.span = inner, start, span
+
+    def report(self, fraction: float, message: str) -> None:
+        self.inner.report(self.start + self.span * fraction, message)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.inner.cancelled
 
 
 def extract_stats(stats: ExtractStats, dropped: float) -> dict:

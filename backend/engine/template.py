@@ -47,25 +47,25 @@ def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return bary
 
 
-class TemplateIndex:
-    """Nearest-vertex and closest-triangle queries on the atlas surface."""
+class MeshIndex:
+    """Closest-point queries on a triangle mesh (approximate candidate search, exact per candidate)."""
 
-    def __init__(self, atlas: Atlas, candidates: int = 3, max_valence: int = 12, centroid_candidates: int = 4):
-        self.atlas = atlas
-        self.vertices = atlas.vertices.astype(np.float64)
-        self.faces = atlas.faces.astype(np.int64)
+    def __init__(self, vertices: np.ndarray, faces: np.ndarray, candidates: int = 3, max_valence: int = 12,
+                 centroid_candidates: int = 4):
+        self.vertices = np.asarray(vertices, np.float64)
+        self.faces = np.asarray(faces, np.int64)
         self.tree = cKDTree(self.vertices)
-        self.candidates = candidates
-        self.centroid_candidates = centroid_candidates
+        self.candidates = min(candidates, len(self.vertices))
+        self.centroid_candidates = min(centroid_candidates, len(self.faces))
         self.centroid_tree = cKDTree(self.vertices[self.faces].mean(1))
         # Faces incident to each vertex, padded with the vertex's first face (duplicates are harmless) and
-        # cut at max_valence: only the few fan centres of the neck cap exceed it. Long fan triangles are
-        # also found through the nearest face centroids (centroid_candidates).
+        # cut at max_valence: only fan centres (e.g. of the template's neck cap) exceed it. Long fan
+        # triangles are also found through the nearest face centroids (centroid_candidates).
         order = np.argsort(self.faces.ravel(), kind="stable")
         vert_of = self.faces.ravel()[order]
         face_of = order // 3
         counts = np.bincount(vert_of, minlength=len(self.vertices))
-        width = min(int(counts.max()), max_valence)
+        width = max(1, min(int(counts.max()), max_valence))
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         slot = np.arange(len(vert_of)) - starts[vert_of]
         vf = np.full((len(self.vertices), width), -1, np.int64)
@@ -73,15 +73,9 @@ class TemplateIndex:
         vf[vert_of[keep], slot[keep]] = face_of[keep]
         first = np.where(vf[:, :1] >= 0, vf[:, :1], 0)
         self.vertex_faces = np.where(vf >= 0, vf, first)
-        self.face_island = _uv_islands(self.faces, atlas.uv)
-
-    def nearest_region(self, points: np.ndarray) -> np.ndarray:
-        """Region id of the nearest template vertex, (N,) int32."""
-        _, idx = self.tree.query(np.asarray(points, np.float64))
-        return self.atlas.region[idx].astype(np.int32)
 
     def closest(self, points: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Closest template point among the triangles around the nearest `candidates` vertices and the
+        """Closest mesh point among the triangles around the nearest `candidates` vertices and the
         `centroid_candidates` triangles with the nearest centroids:
         (face (N,), barycentric (N,3) float64, distance (N,))."""
         points = np.asarray(points, np.float64)
@@ -105,6 +99,20 @@ class TemplateIndex:
             bary[s : s + chunk] = bc[rows, best].double().numpy()
             dist[s : s + chunk] = d[rows, best].double().numpy()
         return face, bary, dist
+
+
+class TemplateIndex(MeshIndex):
+    """The atlas surface: closest point, region labels, UVs."""
+
+    def __init__(self, atlas: Atlas):
+        super().__init__(atlas.vertices, atlas.faces)
+        self.atlas = atlas
+        self.face_island = _uv_islands(self.faces, atlas.uv)
+
+    def nearest_region(self, points: np.ndarray) -> np.ndarray:
+        """Region id of the nearest template vertex, (N,) int32."""
+        _, idx = self.tree.query(np.asarray(points, np.float64))
+        return self.atlas.region[idx].astype(np.int32)
 
     def uv(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ICT-layout UV (N,2) float32 of each point's closest template point, and that point's UV island."""
