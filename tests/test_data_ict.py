@@ -1,0 +1,103 @@
+"""Converter, atlas rebuild, sampler and held-out split on the real ICT-FaceKit data (skipped without
+../shared). The conversion runs once per module from the shared tarball (~1 min on 2 cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TARBALL = SHARED / "data" / "ict-facekit" / "FaceXModel.tar.xz"
+
+pytestmark = pytest.mark.skipif(not TARBALL.is_file(), reason="ICT-FaceKit not in ../shared")
+
+
+@pytest.fixture(scope="module")
+def ict_path(tmp_path_factory) -> Path:
+    from backend.data.ict import main
+
+    out = tmp_path_factory.mktemp("ict") / "ict.safetensors"
+    assert main(["--source", str(TARBALL), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ict(ict_path):
+    from backend.data.ict import load_ict
+
+    return load_ict(ict_path)
+
+
+def test_converter_counts_units_landmark_and_closure(ict, ict_path):
+    from backend.data import topology
+
+    assert ict.neutral.shape == (14062 + 2 * 770, 3)
+    assert ict.id_basis.shape == (100, 15602, 3) and ict.exp_basis.shape == (53, 15602, 3)
+    assert ict.expressions[0] == "browDown_L" and ict.expressions[26] == "jawOpen" and len(ict.expressions) == 53
+    assert ict.uv.shape == (len(ict.faces), 3, 2)
+    assert ict_path.stat().st_size < 40e6
+    # nose tip, Multi-PIE landmark 30 = ICT vertex 4857, "v 0 0.405942 13.0691" (cm) in generic_neutral_mesh.obj
+    assert ict.landmarks[30] == 4857
+    np.testing.assert_allclose(ict.neutral[4857], [0.0, 0.00405942, 0.130691], atol=1e-7)
+    # metres: a head is ~25 cm wide at the shoulders cut and ~34 cm tall
+    extent = ict.neutral.max(0) - ict.neutral.min(0)
+    assert 0.2 < extent[0] < 0.3 and 0.3 < extent[1] < 0.4
+    # the capped head and each sclera are closed, outward, consistently oriented
+    groups = {"head": np.isin(ict.face_part, [0, 1, 2, 3, 4, 5]),
+              "eyeball_left": ict.face_part == ict.face_parts.index("eyeball_left"),
+              "eyeball_right": ict.face_part == ict.face_parts.index("eyeball_right")}
+    for name, sel in groups.items():
+        assert topology.is_watertight(ict.faces[sel]), name
+        assert topology.signed_volume(ict.neutral, ict.faces[sel]) > 0, name
+    head = ict.faces[groups["head"]]
+    assert topology.is_watertight(head[ict.face_part[groups["head"]] != ict.face_parts.index("neck_cap")]) is False
+    assert len(ict.neck_loop) == 54
+    # expression deltas are displacements: jawOpen moves the chin down by centimetres
+    chin = ict.landmarks[8]
+    assert -0.05 < ict.exp_basis[26, chin, 1] < -0.01
+
+
+def test_atlas_rebuild_matches_shipped(ict):
+    from backend.data.atlas import build_atlas, load_atlas, problems
+
+    built = build_atlas(ict)
+    shipped = load_atlas()
+    assert problems(built) == []
+    np.testing.assert_array_equal(built.region, shipped.region)
+    np.testing.assert_array_equal(built.anchor_vertex, shipped.anchor_vertex)
+    np.testing.assert_allclose(built.vertices, shipped.vertices)
+    assert built.expressions == shipped.expressions == ict.expressions
+
+
+def test_sampler_batch_is_exact_and_reproducible(ict_path, ict):
+    from backend.data import mesh
+    from backend.data.sampler import HeadSampler, SamplerConfig
+
+    s = HeadSampler(ict_path, config=SamplerConfig(n_train=4096, n_expressions=65536))
+    b = s.batch(3, 256, 128, torch.Generator().manual_seed(7))
+    again = s.batch(3, 256, 128, torch.Generator().manual_seed(7))
+    for k, v in b.items():
+        assert torch.equal(v, again[k]), k
+    assert b["surf_posed"].shape == (3, 256, 3) and b["space_sdf"].shape == (3, 128)
+    assert b["anchors"].shape == (3, 39, 3) and b["surf_region"].dtype == torch.long
+    assert (b["exp_weights"] >= 0).all() and (b["exp_weights"] <= 1).all()
+    torch.testing.assert_close(b["surf_normal"].norm(dim=-1), torch.ones(3, 256), rtol=0, atol=1e-5)
+    posed, canon = s.meshes(b["id_coeffs"], b["exp_weights"])
+    # reference SDF: brute force in float64 over all unburied triangles, winding number over all
+    for pts, sdf, verts in ((b["space_posed"], b["space_sdf"], posed), (b["canon_space"], b["canon_sdf"], canon)):
+        p, v = pts[:1, :64].double(), verts[:1].double()
+        w = mesh.winding_number_brute(p, v, s.faces, chunk=16)
+        d = mesh.distance_brute(p, v, s.faces, chunk=16, face_mask=s.exposed[None])
+        torch.testing.assert_close(sdf[:1, :64].double(), torch.where(w > 0.5, -d, d), rtol=0, atol=2e-6)
+    # surface points lie on the posed mesh; template points on the mean head, same barycentric point
+    d_surf = s.accel.query(b["surf_posed"][:1, :64], posed[:1], need_winding=False)["distance"]
+    assert d_surf.max() < 1e-6
+    d_tmpl = s.accel.query(b["surf_template"][:1, :64], s.neutral[None], need_winding=False)["distance"]
+    assert d_tmpl.max() < 1e-6
+    # anchors are the atlas anchor vertices of the identity's neutral head
+    torch.testing.assert_close(b["anchors"], canon[:, s.anchor_vertex])
+    # region labels: the template point's region equals the atlas region of a corner of its triangle
+    assert b["surf_region"].min() >= 0 and b["surf_region"].max() < 39
