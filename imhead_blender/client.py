@@ -128,6 +128,10 @@ class BackendClient:
         if self.alive():
             return
         self._reap()
+        if not (Path(self.backend_root) / "backend" / "__main__.py").is_file():
+            self._stopped = self.last_error = BackendFailure(
+                "not_running", f"{self.backend_root} does not contain the imhead backend (backend/__main__.py)")
+            raise self._stopped
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
         env.update(self.env)
         env["PYTHONPATH"] = self.backend_root

@@ -4,6 +4,7 @@ handshake, generate with arrays back, structured errors, a malformed frame, deat
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -94,3 +95,25 @@ def test_killed_backend_gives_backend_died_then_restart_works_then_shutdown_exit
     proc = client._proc
     client.shutdown(timeout=30)
     assert proc.returncode == 0
+
+
+def test_a_python_without_torch_gets_a_clear_environment_error(venv_python, repo_root, tmp_path):
+    """A backend root whose `torch` cannot be imported (a shadowing package that raises ImportError, as a
+    Python without torch would): the handshake fails with a message naming the interpreter and torch."""
+    shutil.copytree(repo_root / "backend", tmp_path / "backend", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ModuleNotFoundError('No module named torch', name='torch')\n")
+    c = BackendClient(venv_python, str(tmp_path), startup_timeout=60)
+    c.start()
+    with pytest.raises(BackendFailure) as info:
+        c.wait(c.submit("echo", {}), 60)
+    assert info.value.code == "environment_error"
+    assert venv_python in info.value.message and "cannot import torch" in info.value.message
+    assert not c.alive() and c.last_error.code == "environment_error"
+
+
+def test_start_refuses_a_folder_without_the_backend(venv_python, tmp_path):
+    c = BackendClient(venv_python, str(tmp_path))
+    with pytest.raises(BackendFailure) as info:
+        c.start()
+    assert info.value.code == "not_running" and "backend/__main__.py" in info.value.message

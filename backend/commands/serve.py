@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import BackendError
 from ..server import SESSION_OPS, Server, take_stdout
 
 
@@ -20,8 +21,14 @@ def run(args: argparse.Namespace) -> int:
     frames = take_stdout()
 
     def make_session():
-        from ..engine.session import Session  # imported on the first handshake: torch loads only then
-
+        try:
+            from ..engine.session import Session  # imported on the first handshake: torch loads only then
+        except ImportError as exc:
+            if (exc.name or "").split(".")[0] == "backend":
+                raise
+            raise BackendError(f"the Python running the backend ({sys.executable}) cannot import {exc.name}: "
+                               f"{exc}. Choose a Python with imhead's dependencies (scripts/setup.sh makes one) "
+                               "in the add-on preferences", code="environment_error") from exc
         return Session(weights_dir=args.weights, device=args.device)
 
     server = Server(make_session, SESSION_OPS, sys.stdin.buffer, frames)
