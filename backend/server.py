@@ -26,8 +26,8 @@ from .errors import BackendError, Cancelled
 SESSION_OPS = ("generate", "deform", "edit", "fit")
 # Handled by the server itself; "echo" returns its input unchanged (connection checks, transfer timing).
 CONTROL_OPS = ("handshake", "cancel", "shutdown", "echo")
-HANDSHAKE_FIELDS = {"backend_version": str, "torch_device": str, "model_name": str, "trained": bool}
-HANDSHAKE_OPTIONAL = {"regions": list, "expressions": list}  # present once the engine serves them
+HANDSHAKE_FIELDS = {"backend_version": str, "torch_device": str, "model_name": str, "trained": bool,
+                    "regions": list, "expressions": list}
 EXIT_OK = 0
 EXIT_BROKEN_STREAM = 3
 PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress frames per second per request, unless the message changes
@@ -244,9 +244,6 @@ class Server:
         info = self._backend.info()
         for key, typ in HANDSHAKE_FIELDS.items():
             if not isinstance(info.get(key), typ):
-                raise TypeError(f"Session.info() field {key!r} must be {typ.__name__}, got {info.get(key)!r}")
-        for key, typ in HANDSHAKE_OPTIONAL.items():
-            if key in info and not isinstance(info[key], typ):
                 raise TypeError(f"Session.info() field {key!r} must be {typ.__name__}, got {info.get(key)!r}")
         return {**info, "protocol": wire.PROTOCOL_VERSION}
 

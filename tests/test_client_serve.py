@@ -49,6 +49,10 @@ def test_handshake_reports_the_model(client):
     assert hs.torch_device == "cpu"  # the test machines have no GPU; "auto" must fall back
     assert hs.backend_version and hs.model_name
     assert isinstance(hs.trained, bool)
+    regions, names = hs.info["regions"], hs.info["expressions"]
+    assert len(regions) == 39 and all(set(r) == {"id", "name", "mirror"} for r in regions)
+    assert [r["id"] for r in regions] == list(range(39))
+    assert len(names) == 53 and len(set(names)) == 53 and all(isinstance(n, str) for n in names)
 
 
 def test_generate_returns_a_mesh_over_the_wire(client):
