@@ -101,3 +101,20 @@ def test_sampler_batch_is_exact_and_reproducible(ict_path, ict):
     torch.testing.assert_close(b["anchors"], canon[:, s.anchor_vertex])
     # region labels: the template point's region equals the atlas region of a corner of its triangle
     assert b["surf_region"].min() >= 0 and b["surf_region"].max() < 39
+
+
+def test_metrics_on_ict_heads(ict):
+    from backend.data import metrics, splits
+
+    gt, faces = splits.heldout_meshes(ict, splits.heldout_identities(1), splits.heldout_expressions(ict.expressions, 2))
+    outer = faces[ict.face_buried == 0]            # a prediction has no buried triangles
+    n = 100_000
+    same = metrics.evaluate_ict(gt[1], outer, gt[1], ict, n=n)
+    v = gt[1]
+    area = 0.5 * np.linalg.norm(np.cross(v[outer[:, 1]] - v[outer[:, 0]], v[outer[:, 2]] - v[outer[:, 0]]), axis=1).sum()
+    # independent samples of one surface: mean nearest-neighbour distance 0.5 / sqrt(density)
+    assert same["head"]["chamfer_l1"] == pytest.approx(0.5 / np.sqrt(n / area) * 1e3, rel=0.05)
+    assert same["face"]["n_pred"] < 0.5 * same["head"]["n_pred"]              # the face is a part of the head
+    # the neutral vs the expressive head of the same identity differ mostly in the face
+    diff = metrics.evaluate_ict(gt[0], outer, gt[1], ict, n=n)
+    assert diff["face"]["chamfer_l1"] > diff["head"]["chamfer_l1"] > 1.5 * same["head"]["chamfer_l1"]

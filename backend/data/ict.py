@@ -64,6 +64,7 @@ MULTIPIE68 = [1225, 1888, 1052, 367, 1719, 1722, 2199, 1447, 966, 3661, 4390, 39
 N_ICT_VERTICES = 26719
 N_ICT_POLYGONS = 26384
 CM_TO_M = 0.01
+FORMAT = "imhead-ict/2"    # bump when the stored arrays change; load_ict refuses other versions
 
 
 @dataclass
@@ -271,7 +272,7 @@ def winding_numbers_np(points: np.ndarray, vertices: np.ndarray, faces: np.ndarr
 def save_ict(model: IctModel, path: Path, source_sha256: str) -> None:
     from safetensors.numpy import save_file
 
-    meta = {"expressions": model.expressions, "parts": model.parts, "face_parts": model.face_parts,
+    meta = {"format": FORMAT, "expressions": model.expressions, "parts": model.parts, "face_parts": model.face_parts,
             "units": "metres, +Y up, face toward +Z", "source_sha256": source_sha256,
             "licence": "ICT-FaceKit, MIT licence, Copyright (c) 2020 USC Institute for Creative Technologies"}
     arrays = {k: np.ascontiguousarray(getattr(model, k)) for k in
@@ -289,7 +290,10 @@ def load_ict(path: str | Path) -> IctModel:
     if not path.is_file():
         raise FileNotFoundError(f"converted ICT file not found: {path} (run python -m backend.data.ict)")
     with safe_open(str(path), framework="numpy") as f:
-        meta = json.loads((f.metadata() or {})["ict"])
+        meta = json.loads((f.metadata() or {}).get("ict", "{}"))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} was written by another converter version ({meta.get('format')!r}, need "
+                             f"{FORMAT!r}); re-run python -m backend.data.ict")
         arrays = {k: f.get_tensor(k) for k in f.keys()}
     return IctModel(**arrays, expressions=meta["expressions"],
                     parts={k: tuple(v) for k, v in meta["parts"].items()}, face_parts=meta["face_parts"])
