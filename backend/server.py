@@ -230,7 +230,10 @@ class Server:
                 self._backend = self._factory()  # a failure here is retried by the next request
             if job.op == "handshake":
                 return wire.reply_ok(job.id, self._handshake_info()), {}
-            params, arrays = getattr(self._backend, job.op)(job.params, job.arrays, _Progress(self, job))
+            op = getattr(self._backend, job.op, None)
+            if not callable(op):
+                raise BackendError(f"this backend ({__version__}) does not serve {job.op!r}", code="unknown_op")
+            params, arrays = op(job.params, job.arrays, _Progress(self, job))
             if not isinstance(params, dict) or not isinstance(arrays, dict):
                 raise TypeError(f"op {job.op} returned {type(params).__name__}, {type(arrays).__name__}; "
                                 "expected (dict, dict)")

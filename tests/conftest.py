@@ -98,7 +98,7 @@ class ProtocolTestBackend:
         return {}, {"z": np.zeros(2, np.complex64)}
 
 
-PROTOCOL_TEST_OPS = ("slow", "fail", "crash", "exit", "die", "noisy", "bad_reply")
+PROTOCOL_TEST_OPS = ("slow", "fail", "crash", "exit", "die", "noisy", "bad_reply", "missing")  # no `missing`
 
 
 def run_protocol_server() -> int:

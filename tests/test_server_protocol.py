@@ -135,6 +135,8 @@ def test_structured_errors_and_the_server_keeps_serving(conn):
     assert code == "internal_error" and "complex64" in message
     code, message = error_of(conn.call(6, "exit"))
     assert code == "internal_error" and "SystemExit" in message
+    code, message = error_of(conn.call(7, "missing"))
+    assert code == "unknown_op" and "does not serve 'missing'" in message
     code, message = error_of(conn.call(4, "no_such_op"))
     assert code == "unknown_op" and "slow" in message
     assert conn.call(5, "echo", {"still": "alive"}).header["params"] == {"still": "alive"}
