@@ -72,3 +72,21 @@ def test_regions_command_json():
     by_name = {r["name"]: r for r in rows}
     assert by_name["left ear"]["mirror"] == by_name["right ear"]["id"] and by_name["nose tip"]["mirror"] is None
     assert 0.1 < by_name["nose tip"]["anchor"][2] < 0.14                         # metres, face toward +Z
+
+
+def test_atlas_checksum_is_enforced(tmp_path):
+    from backend.data.atlas import load_atlas
+    from backend.errors import WeightsError
+
+    src = REPO / "weights" / "atlas.safetensors"
+    dst = tmp_path / "atlas.safetensors"
+    data = bytearray(src.read_bytes())
+    dst.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256"):
+        load_atlas(dst)                                                          # no checksum file
+    (tmp_path / "atlas.safetensors.sha256").write_text((REPO / "weights" / "atlas.safetensors.sha256").read_text())
+    assert len(load_atlas(dst).names) == 39
+    data[-1] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="corrupt"):
+        load_atlas(dst)

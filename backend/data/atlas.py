@@ -93,22 +93,32 @@ def default_path() -> Path:
 
 
 def load_atlas(path: str | Path | None = None) -> Atlas:
-    """Load and validate the atlas (safetensors + JSON metadata; nothing is unpickled)."""
-    from safetensors import safe_open
+    """Load and validate the atlas. The bytes are checked against `<path>.sha256` (written by save_atlas)
+    before parsing; safetensors + JSON metadata only, nothing is unpickled."""
+    import hashlib
+
+    from safetensors.numpy import load
 
     from ..errors import WeightsError
 
     path = Path(path) if path is not None else default_path()
+    side = path.with_name(path.name + ".sha256")
     if not path.is_file():
         raise WeightsError(f"atlas not found: {path}")
+    if not side.is_file():
+        raise WeightsError(f"{side} is missing: cannot verify {path}")
+    data = path.read_bytes()
+    expected = (side.read_text().split() or [""])[0].lower()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise WeightsError(f"{path} is corrupt or was modified (SHA-256 does not match {side})")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = json.loads((f.metadata() or {})["atlas"])
-            a = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, KeyError, ValueError) as exc:
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["atlas"])
+        a = load(data)
+        atlas = Atlas(**a, names=meta["names"], mirror=meta["mirror"], expressions=meta["expressions"],
+                      licence=meta["licence"])
+    except (KeyError, ValueError, TypeError) as exc:
         raise WeightsError(f"cannot read atlas {path}: {exc}") from exc
-    atlas = Atlas(**a, names=meta["names"], mirror=meta["mirror"], expressions=meta["expressions"],
-                  licence=meta["licence"])
     nv = len(atlas.vertices)
     if (len(atlas.names) != N_REGIONS or atlas.region.shape != (nv,) or atlas.mirror_vertex.shape != (nv,)
             or atlas.anchors.shape != (N_REGIONS, 3) or atlas.region.min() < 0 or atlas.region.max() >= N_REGIONS
@@ -161,7 +171,7 @@ def _seeds(v: np.ndarray, lm: np.ndarray, outer: np.ndarray) -> dict[str, tuple[
     }
 
 
-def _ear_mask(v: np.ndarray, outer: np.ndarray) -> np.ndarray:
+def _ear_mask(v: np.ndarray, outer: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Left ear: outer vertices standing > 4 mm off a quadratic fit x = f(y, z) of the skull around the ear,
     the connected piece holding the ear tip, plus the pockets it encloses (concha, ear canal)."""
     from . import topology
@@ -171,20 +181,18 @@ def _ear_mask(v: np.ndarray, outer: np.ndarray) -> np.ndarray:
     d = np.linalg.norm(v - v[tip] + (0.017, 0.0, 0.0), axis=1)   # ~ ear centre, on the skull
     ball = outer & (v[:, 0] > 0) & (d < 0.05)
     ring = ball & (d > 0.04)
-    def basis(p):
+
+    def basis(p: np.ndarray) -> np.ndarray:
         y, z = p[:, 1], p[:, 2]
         return np.stack([np.ones_like(y), y, z, y * y, z * z, y * z], 1)
+
     coef = np.linalg.lstsq(basis(v[ring]), v[ring, 0], rcond=None)[0]
     raised = ball & (v[:, 0] - basis(v) @ coef > 0.004)
-    return raised, ball, tip
-
-
-def _component(mask: np.ndarray, edges: np.ndarray, vertex: int) -> np.ndarray:
-    from . import topology
-
-    e = edges[mask[edges[:, 0]] & mask[edges[:, 1]]]
-    lab = topology.connected_components(len(mask), e)
-    return mask & (lab == lab[vertex])
+    lab = topology.connected_components(len(v), edges[raised[edges[:, 0]] & raised[edges[:, 1]]])
+    ear = raised & (lab == lab[tip])
+    rest = ball & ~ear
+    pockets = topology.connected_components(len(v), edges[rest[edges[:, 0]] & rest[edges[:, 1]]])
+    return ear | (rest & (pockets != np.argmax(np.bincount(pockets[rest]))))   # all but the outside piece
 
 
 def build_atlas(ict) -> Atlas:
@@ -212,12 +220,7 @@ def build_atlas(ict) -> Atlas:
     outer = np.zeros(nv, bool)
     outer[part["face"]] = outer[part["head_neck"]] = True
     e = topology.edges(ict.faces)
-    raised, ball, tip = _ear_mask(v, outer)
-    ear = _component(raised, e, tip)
-    rest = ball & ~ear
-    pockets = topology.connected_components(nv, e[rest[e[:, 0]] & rest[e[:, 1]]])
-    sizes = np.bincount(pockets[rest])
-    ear |= rest & (pockets != np.argmax(sizes))         # everything the ear encloses inside the ball
+    ear = _ear_mask(v, outer, e)
     region[ear] = rid["left ear"]
     region[mv[ear]] = rid["right ear"]
 
@@ -225,11 +228,15 @@ def build_atlas(ict) -> Atlas:
     seeds = _seeds(v, ict.landmarks, outer & free)
     seed_v, seed_r, bias = [], [], []
     for n, (s, b) in seeds.items():
-        seed_v.append(s), seed_r.append(rid[n]), bias.append(b)
+        members = [(s, rid[n])]
         if n.startswith("left "):
             if v[s, 0] <= 0:
                 raise ValueError(f"atlas seed for {n} is not on the left (+x)")
-            seed_v.append(int(mv[s])), seed_r.append(mirror[rid[n]]), bias.append(b)
+            members.append((int(mv[s]), mirror[rid[n]]))
+        for vertex, r in members:
+            seed_v.append(vertex)
+            seed_r.append(r)
+            bias.append(b)
     if len(set(seed_v)) != len(seed_v):
         raise ValueError("two atlas seeds snapped to the same vertex")
     vor = _voronoi(v, e[free[e[:, 0]] & free[e[:, 1]]], seed_v, seed_r, bias)
@@ -343,8 +350,12 @@ def save_atlas(atlas: Atlas, path: Path) -> None:
     meta = {"format": "imhead-atlas/1", "names": atlas.names, "mirror": atlas.mirror,
             "expressions": atlas.expressions, "licence": atlas.licence,
             "units": "metres, +Y up, face toward +Z; left = subject's left = +x"}
+    import hashlib
+
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(arrays, str(path), metadata={"atlas": json.dumps(meta)})
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
