@@ -116,6 +116,17 @@ def plane_step(sim: Similarity, src: np.ndarray, dst: np.ndarray, nrm: np.ndarra
     return Similarity(sim.scale * (1 + d), rw @ sim.rotation, (1 + d) * rw @ sim.translation + tau)
 
 
+NORMAL_PENALTY = 0.01  # metres of pair cost for perpendicular normals
+
+
+def estimate_normals(x: np.ndarray, tree: cKDTree, points: np.ndarray, k: int = 12) -> np.ndarray:
+    """Unoriented normals at `points` from the local PCA of their k nearest neighbours in x."""
+    _, idx = tree.query(points, k=min(k, len(x)))
+    nb = x[idx] - x[idx].mean(1, keepdims=True)
+    _, vecs = np.linalg.eigh(np.einsum("nki,nkj->nij", nb, nb))
+    return vecs[:, :, 0]
+
+
 class Aligner:
     def __init__(self, template_points: np.ndarray, template_normals: np.ndarray, reliable: np.ndarray | None = None,
                  keep: float = 0.6):
@@ -130,21 +141,24 @@ class Aligner:
         self.t_center, self.t_axes = _principal_axes(self.target)
         self.t_radius = float(np.sqrt(((self.target - self.t_center) ** 2).sum(1).mean()))
 
-    def _icp(self, sim: Similarity, x: np.ndarray, x_tree: cKDTree, t_idx: np.ndarray, iters: int,
-             fixed_scale: float | None, landmarks: tuple[np.ndarray, np.ndarray] | None,
+    def _icp(self, sim: Similarity, x: np.ndarray, x_normals: np.ndarray, x_tree: cKDTree, t_idx: np.ndarray,
+             iters: int, fixed_scale: float | None, landmarks: tuple[np.ndarray, np.ndarray] | None,
              plane: bool = False) -> tuple[Similarity, float]:
         """Symmetric trimmed ICP; point-to-point (robust far from the solution) or point-to-plane (fast
-        near it). Returns the similarity and the final symmetric trimmed mean distance."""
+        near it). Pairs are ranked by distance + NORMAL_PENALTY * (1 - |cos| of the normals' angle), which
+        keeps clutter from matching the face sideways. Returns the similarity and the mean kept pair cost."""
         target = self.target[t_idx]
         score = np.inf
         for _ in range(iters):
             y = sim.apply(x)
             d_f, j = self.tree.query(y)
             d_b, i = x_tree.query(sim.inverse(target))
-            d_b = d_b * sim.scale
-            kf = d_f <= np.quantile(d_f, self.keep)
-            kb = d_b <= np.quantile(d_b, self.keep)
-            score = float(d_f[kf].mean() + d_b[kb].mean())
+            n_x = x_normals @ sim.rotation.T
+            c_f = d_f + NORMAL_PENALTY * (1 - np.abs((n_x * self.normals[j]).sum(1)))
+            c_b = d_b * sim.scale + NORMAL_PENALTY * (1 - np.abs((n_x[i] * self.normals[t_idx]).sum(1)))
+            kf = c_f <= np.quantile(c_f, self.keep)
+            kb = c_b <= np.quantile(c_b, self.keep)
+            score = float(c_f[kf].mean() + c_b[kb].mean())
             src = np.concatenate([x[kf], x[i[kb]]])
             dst = np.concatenate([self.target[j[kf]], target[kb]])
             w = np.ones(len(src))
@@ -166,9 +180,10 @@ class Aligner:
                 sim = umeyama(src, dst, w, fixed_scale)
         return sim, score
 
-    def align(self, points: np.ndarray, *, fixed_scale: float | None = None,
+    def align(self, points: np.ndarray, normals: np.ndarray | None = None, *, fixed_scale: float | None = None,
               landmarks: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0) -> tuple[Similarity, AlignStats]:
-        """points (N,3) in the input frame. landmarks: (input points (L,3), template points (L,3)), L >= 3."""
+        """points (N,3) in the input frame, normals (N,3) or None (then estimated, unoriented).
+        landmarks: (input points (L,3), template points (L,3)), L >= 3."""
         x_all = np.asarray(points, np.float64)
         if len(x_all) < 10:
             raise errors.InvalidInput(f"need at least 10 input points to align, got {len(x_all)}")
@@ -177,9 +192,14 @@ class Aligner:
         radius = float(np.sqrt(((x_all - c) ** 2).sum(1).mean()))
         if radius <= 0 or np.linalg.eigvalsh(np.cov((x_all - c).T))[1] <= 1e-12 * radius**2:
             raise errors.InvalidInput("the input is degenerate (all points on a line or a single point)")
+        all_tree = cKDTree(x_all) if normals is None else None
 
-        def sub(n: int) -> np.ndarray:
-            return rng.choice(len(x_all), min(n, len(x_all)), replace=False)
+        def sub(n: int) -> tuple[np.ndarray, np.ndarray]:
+            idx = rng.choice(len(x_all), min(n, len(x_all)), replace=False)
+            if normals is not None:
+                nrm = np.asarray(normals[idx], np.float64)
+                return x_all[idx], nrm / np.maximum(np.linalg.norm(nrm, axis=1, keepdims=True), 1e-300)
+            return x_all[idx], estimate_normals(x_all, all_tree, x_all[idx])
 
         if landmarks is not None:
             lm_in, lm_t = (np.asarray(a, np.float64) for a in landmarks)
@@ -199,13 +219,12 @@ class Aligner:
         stages = [(250, 3, len(starts)), (500, 8, 24), (4000, 10, 3)]  # (points, iterations, survivors)
         pool = [(s, np.inf) for s in starts]
         for n_points, iters, survivors in stages:
-            x = x_all[sub(n_points)]
+            x, xn = sub(n_points)
             tree = cKDTree(x)
             t_idx = rng.choice(self.reliable, min(n_points, len(self.reliable)), replace=False)
             pool = sorted(pool, key=lambda r: r[1])[:survivors]
-            pool = [self._icp(s, x, tree, t_idx, iters, fixed_scale, landmarks) for s, _ in pool]
-        x_big, t_big = x, t_idx
-        refined = [self._icp(s, x_big, tree, t_big, 15, fixed_scale, landmarks, plane=True) for s, _ in pool]
+            pool = [self._icp(s, x, xn, tree, t_idx, iters, fixed_scale, landmarks) for s, _ in pool]
+        refined = [self._icp(s, x, xn, tree, t_idx, 15, fixed_scale, landmarks, plane=True) for s, _ in pool]
         sim, score = min(refined, key=lambda r: r[1])
-        d_f, _ = self.tree.query(sim.apply(x_big))
+        d_f, _ = self.tree.query(sim.apply(x))
         return sim, AlignStats(score, float(np.median(d_f)), len(starts))

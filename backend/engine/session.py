@@ -27,6 +27,7 @@ LIPSCHITZ = 1.5  # assumed |grad sdf| bound of the trained SDF (checked on the d
 MAX_DEFORM_POINTS = 20_000_000  # frames x vertices per deform request (output memory)
 FIT_RESOLUTION = 128
 FIT_SAMPLES = 20000
+FIT_MIN_WEIGHT = 0.02  # fitted expression weights below this are noise (the fit starts every weight at ~0.007)
 # Latent-fit budget per device: (steps, points per step, use normals). The normal term needs a double
 # backward pass, which a 2-core CPU cannot afford within the one-minute goal.
 FIT_BUDGET = {"cuda": (300, 4096, True), "cpu": (100, 1024, False)}
@@ -352,7 +353,8 @@ class Session:
 
         progress.report(0.0, "aligning")
         samples, sample_normals = fit.input_samples(points, faces, normals, n_samples, rng)
-        sim, align_stats = self.aligner.align(samples, fixed_scale=fixed_scale, landmarks=landmarks, seed=seed)
+        sim, align_stats = self.aligner.align(samples, sample_normals, fixed_scale=fixed_scale, landmarks=landmarks,
+                                              seed=seed)
         check_cancel(progress)
         x_model = sim.apply(samples)
         d_f, _ = self.aligner.tree.query(x_model)
@@ -378,7 +380,7 @@ class Session:
                              batch_points=batch_points, seed=seed, callback=callback)
         weights = result.z_exp[0].cpu().numpy()
         head = HeadSpec(identity=result.z_id[0].cpu().numpy().astype(np.float32),
-                        expression={n: float(w) for n, w in zip(self.expression_names, weights) if w >= 1e-3})
+                        expression={n: float(w) for n, w in zip(self.expression_names, weights) if w >= FIT_MIN_WEIGHT})
         check_cancel(progress)
         out, mesh = self.head_mesh(head, resolution, _Offset(progress, 0.8, 0.2))
         err = fit.fit_error(x_model, mesh["vertices"], mesh["faces"], sim.scale)

@@ -1,0 +1,170 @@
+"""Fitting: model-independent alignment checks, frame invariance of the whole fit, identity recovery (with
+trained weights), mesh readers and input validation."""
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from backend import errors
+from backend.engine.align import Aligner, Similarity, umeyama
+from backend.engine.fit import fit_error, sample_mesh, template_surface
+from backend.engine.meshio import read_mesh, read_ply, write_ply
+from backend.engine.session import Session
+
+
+@pytest.fixture(scope="module")
+def session():
+    return Session(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def head_points(session):
+    a = session.atlas
+    return sample_mesh(a.vertices.astype(np.float64), a.faces.astype(np.int64), 12000, np.random.default_rng(0))[0]
+
+
+def random_similarity(seed: int) -> Similarity:
+    rng = np.random.default_rng(seed)
+    return Similarity(float(10 ** rng.uniform(-1, 2.5)), Rotation.random(random_state=seed).as_matrix(),
+                      rng.normal(0, 3, 3))
+
+
+def test_umeyama_exact():
+    sim = random_similarity(1)
+    x = np.random.default_rng(0).normal(size=(50, 3))
+    got = umeyama(x, sim.apply(x))
+    assert got.scale == pytest.approx(sim.scale) and np.allclose(got.rotation, sim.rotation)
+    assert np.allclose(got.translation, sim.translation)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_alignment_recovers_random_similarity(session, head_points, seed):
+    # The mean head itself, moved to a random frame and unit: alignment must undo it (no model involved).
+    true = random_similarity(seed)
+    sim, stats = session.aligner.align(true.apply(head_points), seed=seed)
+    back = sim.apply(true.apply(head_points))
+    assert np.abs(back - head_points).max() < 1e-3  # 1 mm anywhere on the head
+    assert sim.scale * true.scale == pytest.approx(1.0, rel=2e-3)
+
+
+def test_alignment_ignores_shoulders(session, head_points):
+    rng = np.random.default_rng(5)
+    th, y = rng.uniform(0, 2 * np.pi, 9000), rng.uniform(-0.5, -0.17, 9000)
+    w = np.where(y < -0.25, 0.2, 0.06 + (y + 0.17) / -0.08 * 0.14)
+    torso = np.column_stack([w * np.cos(th), y, 0.6 * w * np.sin(th) - 0.01])
+    true = random_similarity(6)
+    scan = true.apply(np.concatenate([head_points, torso]))
+    sim, _ = session.aligner.align(scan, seed=1)
+    err = np.linalg.norm(sim.apply(true.apply(head_points)) - head_points, axis=1)
+    assert np.median(err) < 2e-3 and err.max() < 6e-3
+
+
+def test_alignment_with_landmarks_and_known_units(session, head_points):
+    a = session.atlas
+    ids = [int(a.anchor_vertex[a.names.index(n)]) for n in ("nose tip", "chin", "left ear", "right ear", "forehead")]
+    true = Similarity(1000.0, Rotation.random(random_state=9).as_matrix(), np.array([5.0, -20.0, 300.0]))  # mm
+    lm = (true.apply(a.vertices[ids].astype(np.float64)), a.vertices[ids].astype(np.float64))
+    sim, stats = session.aligner.align(true.apply(head_points), fixed_scale=1e-3, landmarks=lm)
+    assert stats.hypotheses == 1 and sim.scale == 1e-3
+    assert np.abs(sim.apply(true.apply(head_points)) - head_points).max() < 1e-3
+
+
+def test_fit_error_is_zero_on_the_surface(session):
+    a = session.atlas
+    pts, _ = sample_mesh(a.vertices.astype(np.float64), a.faces.astype(np.int64), 2000, np.random.default_rng(2))
+    err = fit_error(pts, a.vertices, a.faces, 0.01)
+    assert err.trimmed_mm < 1e-3 and err.trimmed_input_units == pytest.approx(err.trimmed_mm * 1e-3 / 0.01)
+    err = fit_error(pts + 0.002 * np.array([1.0, 0, 0]), a.vertices, a.faces, 1.0)
+    assert 0.1 < err.median_mm <= 2.0 + 1e-6
+
+
+def test_fit_is_invariant_to_the_input_frame(session):
+    a = session.atlas
+    params = {"resolution": 24, "steps": 4, "samples": 4000, "fit_expression": False}
+    outs = []
+    for seed in (11, 12):
+        sim = random_similarity(seed)
+        out, mesh = session.fit(params, {"points": sim.apply(a.vertices.astype(np.float64)).astype(np.float32),
+                                         "faces": a.faces})
+        outs.append((sim, out, mesh))
+    (s1, o1, m1), (s2, o2, m2) = outs
+    # Same head, and the same mesh once both outputs are mapped back to the common (atlas) frame.
+    np.testing.assert_allclose(o1["head"]["identity"], o2["head"]["identity"], atol=2e-3)
+    assert len(m1["vertices"]) == len(m2["vertices"])
+    np.testing.assert_allclose(s1.inverse(m1["vertices"].astype(np.float64)),
+                               s2.inverse(m2["vertices"].astype(np.float64)), atol=1e-3)
+    assert o1["error"]["trimmed_one_sided_cd_mm"] == pytest.approx(o2["error"]["trimmed_one_sided_cd_mm"], rel=0.05)
+    # The output overlays the input: its scale is the input's.
+    t = o1["transform"]
+    assert t["scale"] * s1.scale == pytest.approx(1.0, rel=2e-3)
+
+
+def test_held_out_identity_recovered(session):
+    if not session.loaded.trained:
+        pytest.skip("needs trained weights (weights/imhead.safetensors)")
+    target = session.sample_identity(123456)  # a random identity, not a training code
+    _, mesh = session.generate({"head": {"format": "imhead-head/1", "identity": target.tolist()},
+                                "resolution": 128}, {})
+    sim = random_similarity(21)
+    out, fitted = session.fit({"resolution": 128, "fit_expression": False},
+                              {"points": sim.apply(mesh["vertices"].astype(np.float64)).astype(np.float32),
+                               "faces": mesh["faces"]})
+    assert out["error"]["trimmed_one_sided_cd_mm"] < 1.0
+
+
+def bad_fit_inputs(a):
+    pts = a.vertices.astype(np.float32)
+    yield {"points": pts[:0]}
+    yield {"points": np.full((100, 3), np.nan, np.float32)}
+    yield {"points": pts[:, :2]}
+    yield {"points": pts.astype(np.int64)}
+    yield {"points": np.broadcast_to(np.float32(0), (5_000_001, 3))}
+    yield {"points": np.zeros((100, 3), np.float32)}  # degenerate: one point
+    yield {"points": np.outer(np.arange(100), [1, 2, 3]).astype(np.float32)}  # collinear
+    yield {"points": pts, "faces": np.array([[0, 1, len(pts)]], np.int32)}
+    yield {"points": pts, "faces": np.zeros((10, 3), np.int32)}  # faces with no area
+    yield {"points": pts, "normals": pts[:10]}
+
+
+def test_fit_rejects_bad_input(session):
+    for arrays in bad_fit_inputs(session.atlas):
+        with pytest.raises(errors.InvalidInput):
+            session.fit({"steps": 0}, arrays)
+    pts = session.atlas.vertices.astype(np.float32)
+    for params in ({"units": "furlong"}, {"units": -1.0}, {"steps": -1}, {"resolution": 4096}, {"nope": 1},
+                   {"landmark_regions": ["nose tip"]}, {"landmark_regions": ["nose", "chin", "forehead"]}):
+        arrays = {"points": pts}
+        if "landmark_regions" in params:
+            arrays["landmarks"] = pts[:3]
+        with pytest.raises(errors.InvalidInput):
+            session.fit(params, arrays)
+
+
+def test_mesh_files_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(20, 3)).astype(np.float32)
+    f = rng.integers(0, 20, (30, 3)).astype(np.int32)
+    region = rng.integers(0, 39, 20).astype(np.int32)
+    write_ply(tmp_path / "m.ply", v, f, {"canonical": v * 2, "region": region, "uv": v[:, :2], "normals": v})
+    m = read_ply(tmp_path / "m.ply")
+    assert np.array_equal(m.vertices, v) and np.array_equal(m.faces, f) and np.array_equal(m.normals, v)
+    assert np.array_equal(m.attributes["canonical"], v * 2) and np.array_equal(m.attributes["region"], region)
+    assert np.array_equal(m.attributes["uv"], v[:, :2])
+    (tmp_path / "q.obj").write_text("v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nvn 0 0 1\nf 1//1 2//1 3//1 4//1\n")
+    assert read_mesh(tmp_path / "q.obj").faces.tolist() == [[0, 1, 2], [0, 2, 3]]
+    (tmp_path / "a.ply").write_text("ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\n"
+                                    "property float z\nelement face 1\nproperty list uchar int vertex_indices\n"
+                                    "end_header\n0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n")
+    m = read_mesh(tmp_path / "a.ply")
+    assert m.vertices.shape == (3, 3) and m.faces.tolist() == [[0, 1, 2]]
+    for name, text in (("bad.obj", "v 0 0 x\n"), ("bad.ply", "not a ply"), ("bad.stl", "solid"), ("e.obj", "")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(errors.InvalidInput):
+            read_mesh(tmp_path / name)
+
+
+def test_template_surface_samples(session):
+    pts, nrm, reliable = template_surface(session.atlas, 3000)
+    assert pts.shape == (3000, 3) and np.allclose(np.linalg.norm(nrm, axis=1), 1.0)
+    assert 0.3 < reliable.mean() < 0.9
+    assert isinstance(Aligner(pts, nrm, reliable).t_radius, float)
