@@ -186,6 +186,29 @@ def test_randomise_and_reset(regions):
     assert regions["status"] == ["READY", ""]
 
 
+@pytest.fixture(scope="module")
+def fitting(built_zip, venv_python, tmp_path_factory) -> dict:
+    return run_scenario("fit", built_zip, venv_python, tmp_path_factory.mktemp("fit"))
+
+
+def test_fit_shows_progress_and_cancels(fitting):
+    assert fitting["progress_seen"][0] > 0.0 and fitting["progress_seen"][1]
+    assert fitting["cancel_code"] == "cancelled" and fitting["heads_after_cancel"] == 0
+
+
+def test_fit_adds_a_head_overlaying_the_input(fitting):
+    f = fitting["fit"]
+    assert fitting["heads"] == 1 and f["attributes"] and f["head_json"] and f["source_untouched"]
+    assert f["error_mm"] >= 0.0
+    # The scan is in centimetres: the overlay transform carries that scale (about 100, uniform).
+    assert max(f["scale"]) == pytest.approx(min(f["scale"]), rel=1e-4)
+    assert 50.0 < f["scale"][0] < 200.0
+    assert f["overlay_max_diff_over_extent"] < 1e-5
+    if fitting["trained"]:  # the untrained network is a sphere: it cannot follow the scan's shape
+        assert f["median_dist_over_extent"] < 0.02
+    assert fitting["status"] == ["READY", ""]
+
+
 # ===================================================================== scenarios (run inside Blender)
 
 def _install(bpy, zip_path: str) -> str:
@@ -585,7 +608,100 @@ def scenario_regions(zip_path: str) -> dict:
     return facts
 
 
-SCENARIOS = {"lifecycle": scenario_lifecycle, "expressions": scenario_expressions, "regions": scenario_regions}
+def scenario_fit(zip_path: str) -> dict:
+    import bpy
+    import numpy as np
+    from mathutils import kdtree
+
+    module = _install(bpy, zip_path)
+    service = sys.modules[f"{module}.backend_service"]
+    for obj in list(bpy.data.objects):
+        bpy.data.objects.remove(obj)
+    scene = bpy.context.scene
+    scene.imhead.seed, scene.imhead.resolution = 4, 40
+    assert bpy.ops.imhead.generate() == {"FINISHED"}
+    service.drain(600)
+    # An "imported character": plain mesh data in centimetres, moved and turned, no imHead state.
+    head = _heads(scene)[0]
+    co = np.empty(len(head.data.vertices) * 3, np.float32)
+    head.data.vertices.foreach_get("co", co)
+    tris = np.empty(len(head.data.polygons) * 3, np.int32)
+    head.data.polygons.foreach_get("vertices", tris)
+    mesh = bpy.data.meshes.new("scan")
+    mesh.from_pydata((co.reshape(-1, 3) * 100.0).tolist(), [], tris.reshape(-1, 3).tolist())
+    scan = bpy.data.objects.new("scan", mesh)
+    scene.collection.objects.link(scan)
+    bpy.data.objects.remove(head)
+    scan.location, scan.rotation_euler = (1.0, 2.0, 0.5), (0.4, 0.3, 1.1)
+    bpy.context.view_layer.objects.active = scan
+    bpy.context.view_layer.update()
+    facts: dict = {}
+
+    # Cancel a fit once it reports progress.
+    scene.imhead.resolution = 32
+    assert bpy.ops.imhead.fit_selected() == {"FINISHED"}
+    job = service.jobs()[0]
+    deadline = time.monotonic() + 300
+    while job.future.progress <= 0.0 and not job.future.done() and time.monotonic() < deadline:
+        service.pump_backend()
+        time.sleep(0.02)
+    facts["progress_seen"] = [job.future.progress, job.future.message]
+    assert bpy.ops.imhead.cancel_job(request_id=job.request_id) == {"FINISHED"}
+    service.drain(300)
+    try:
+        job.future.result()
+        facts["cancel_code"] = "finished"
+    except Exception as exc:
+        facts["cancel_code"] = getattr(exc, "code", repr(exc))
+    facts["heads_after_cancel"] = len(_heads(scene))
+
+    # A short fit: a new head object overlays the scan in world space.
+    bpy.context.view_layer.objects.active = scan
+    assert bpy.ops.imhead.fit_selected(steps=5) == {"FINISHED"}
+    job = service.jobs()[0]
+    reply: dict = {}
+    apply_reply = job.on_success
+
+    def record(params, arrays):  # keep the real reply to check the overlay against
+        reply["arrays"] = arrays
+        apply_reply(params, arrays)
+
+    job.on_success = record
+    service.drain(900)
+    heads = _heads(scene)
+    facts["heads"] = len(heads)
+    fitted = heads[0]
+    bpy.context.view_layer.update()
+    scan_world = np.array([scan.matrix_world @ v.co for v in scan.data.vertices])
+    head_world = np.array([fitted.matrix_world @ v.co for v in fitted.data.vertices])
+    tree = kdtree.KDTree(len(scan_world))
+    for i, p in enumerate(scan_world):
+        tree.insert(p, i)
+    tree.balance()
+    dist = np.array([tree.find(p)[2] for p in head_world])
+    axes = sys.modules[f"{module}.axes"]
+    # The backend's fitted vertices come in the scan's own frame (in backend axes); the head object, built in
+    # the model frame with the overlay matrix, must put every vertex at the same place in the world.
+    local = axes.backend_to_blender(reply["arrays"]["vertices"]).astype(np.float64)
+    m = np.array(scan.matrix_world)
+    expected = local @ m[:3, :3].T + m[:3, 3]
+    facts["trained"] = service.handshake().trained
+    facts["fit"] = {
+        "overlay_max_diff_over_extent": float(np.abs(head_world - expected).max() / np.ptp(scan_world, axis=0).max()),
+        "error_mm": fitted.imhead.fit_error_mm,
+        "median_dist_over_extent": float(np.median(dist) / np.ptp(scan_world, axis=0).max()),
+        "scale": list(fitted.matrix_world.to_scale()),
+        "attributes": all(k in fitted.data.attributes for k in ("imhead_canonical", "imhead_region")),
+        "head_json": bool(json.loads(fitted.imhead.head_json)["identity"]),
+        "source_untouched": len(scan.data.vertices) == len(co) // 3 and not scan.imhead.is_head,
+    }
+    facts["status"] = list(service.status())
+    service.shutdown()
+    return facts
+
+
+SCENARIOS = {"lifecycle": scenario_lifecycle, "expressions": scenario_expressions, "regions": scenario_regions,
+             "fit": scenario_fit}
 
 if __name__ == "__main__":
     name, zip_arg, out_arg = sys.argv[1:4]

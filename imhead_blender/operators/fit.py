@@ -19,6 +19,13 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
     bl_label = "Fit to Selected Mesh"
     bl_options = {"REGISTER", "UNDO"}
 
+    steps: bpy.props.IntProperty(
+        name="Steps", min=0, max=5000, default=0,
+        description="Optimisation steps for the identity and expression codes (0: the backend's default)")
+    fit_expression: bpy.props.BoolProperty(
+        name="Fit Expression", default=True,
+        description="Also fit expression weights (they land in the head's expression controls)")
+
     @classmethod
     def poll(cls, context):
         obj = context.active_object
@@ -42,7 +49,9 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
         arrays = {"points": axes.blender_to_backend(points), "normals": axes.blender_to_backend(normals),
                   "faces": triangles}
         scene = context.scene
-        params = {"resolution": scene.imhead.resolution}
+        params = {"resolution": scene.imhead.resolution, "fit_expression": self.fit_expression}
+        if self.steps:
+            params["steps"] = self.steps
         try:
             backend_service.submit("fit", params, arrays, label=f"Fit {obj.name}", object_name=obj.name,
                                    on_success=partial(_add_fitted, scene.name, obj.name, scene.imhead.resolution))
