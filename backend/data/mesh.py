@@ -103,6 +103,62 @@ def winding_number_brute(points: torch.Tensor, verts: torch.Tensor, faces: torch
     return torch.cat([_solid_angle(p[:, :, None], a, b, c).sum(-1) for p in points.split(chunk, dim=1)], 1)
 
 
+# columns of the per-triangle table gathered for every candidate (one contiguous block per cluster)
+_A, _B, _C, _AB, _BC, _CA, _N, _MAB, _MBC, _MCA = (slice(3 * i, 3 * i + 3) for i in range(10))
+_IAB, _IBC, _ICA, _INN, _VALID, _KEEP = range(30, 36)
+
+
+def _triangle_table(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, valid: torch.Tensor,
+                    keep: torch.Tensor) -> torch.Tensor:
+    """(..., 36): corners, edges, normal n = ab x ac, in-plane edge normals n x edge (pointing inside),
+    inverse squared edge lengths, 1/|n|^2 (0 for degenerate triangles), valid and keep flags."""
+    ab, bc, ca = b - a, c - b, a - c
+    n = torch.cross(ab, -ca, dim=-1)
+    tiny = torch.finfo(a.dtype).tiny
+    inv = [1 / (e * e).sum(-1, keepdim=True).clamp_min(tiny) for e in (ab, bc, ca)]
+    nn = (n * n).sum(-1, keepdim=True)
+    inv_nn = torch.where(nn > 0, 1 / nn.clamp_min(tiny), torch.zeros_like(nn))
+    return torch.cat([a, b, c, ab, bc, ca, n, torch.cross(n, ab, dim=-1), torch.cross(n, bc, dim=-1),
+                      torch.cross(n, ca, dim=-1), *inv, inv_nn, valid.to(a.dtype).unsqueeze(-1),
+                      keep.to(a.dtype).unsqueeze(-1)], dim=-1)
+
+
+# The table is stored component-major, (..., 36, S) with the S triangles of a cluster innermost, so every
+# column slice below is a run of contiguous memory; vectors have their xyz axis at -2.
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x * y).sum(-2)
+
+
+def _pair_solid_angle(ap: torch.Tensor, bp: torch.Tensor, cp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Solid angle / (4 pi) from offsets p - corner; det (a-p).((b-p)x(c-p)) = (a-p).n exactly."""
+    la, lb, lc = _dot(ap, ap).sqrt(), _dot(bp, bp).sqrt(), _dot(cp, cp).sqrt()
+    det = -_dot(ap, t[..., _N, :])
+    den = la * lb * lc + _dot(ap, bp) * lc + _dot(bp, cp) * la + _dot(cp, ap) * lb
+    return torch.atan2(det, den) * t[..., _VALID, :] / (2 * math.pi)
+
+
+def _pair_sq_dist(ap: torch.Tensor, bp: torch.Tensor, cp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Squared point-triangle distance (same rule as _closest_sq_dist), inf for triangles not kept."""
+    inside = ((_dot(ap, t[..., _MAB, :]) >= 0) & (_dot(bp, t[..., _MBC, :]) >= 0)
+              & (_dot(cp, t[..., _MCA, :]) >= 0) & (t[..., _INN, :] > 0))
+    plane = _dot(ap, t[..., _N, :]) ** 2 * t[..., _INN, :]
+
+    def seg(xp: torch.Tensor, e: slice, inv: int) -> torch.Tensor:
+        u = (_dot(xp, t[..., e, :]) * t[..., inv, :]).clamp(0, 1)
+        q = xp - u.unsqueeze(-2) * t[..., e, :]
+        return _dot(q, q)
+
+    edge = torch.minimum(torch.minimum(seg(ap, _AB, _IAB), seg(bp, _BC, _IBC)), seg(cp, _CA, _ICA))
+    d2 = torch.where(inside, plane, edge)
+    return d2.masked_fill(t[..., _KEEP, :] == 0, float("inf"))
+
+
+def _ambiguous(w: torch.Tensor) -> torch.Tensor:
+    """Total winding number (over groups) more than 0.25 away from the nearest integer."""
+    total = w.sum(-1)
+    return (total - total.round()).abs() > 0.25
+
+
 def _leaf_order(centroids: np.ndarray, leaf: int) -> list[np.ndarray]:
     """Balanced median splits along the longest axis until pieces hold <= leaf triangles."""
     out = []
@@ -144,11 +200,12 @@ class ClusteredMesh:
         table = np.zeros((c, leaf), np.int64)
         valid = np.zeros((c, leaf), bool)
         for i, idx in enumerate(clusters):
+            table[i] = idx[0]          # padding repeats a member face: bounds stay tight, `valid` masks sums
             table[i, :len(idx)] = idx
             valid[i, :len(idx)] = True
         self.device = torch.device(device)
         self.faces = torch.as_tensor(faces, device=self.device)
-        self.cluster_faces = torch.as_tensor(table, device=self.device)       # (C,S) face ids (0 where padded)
+        self.cluster_faces = torch.as_tensor(table, device=self.device)       # (C,S) face ids
         self.valid = torch.as_tensor(valid, device=self.device)                # (C,S)
         self.cluster_group = torch.as_tensor(cluster_group, device=self.device)
         cv = faces[table]                                                      # (C,S,3) vertex ids
@@ -158,40 +215,52 @@ class ClusteredMesh:
     def n_clusters(self) -> int:
         return self.cluster_faces.shape[0]
 
-    def bounds(self, verts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per cluster: centre (B,C,3), bounding radius (B,C), area vector sum (B,C,3) (dipole moment)."""
+    def bounds(self, verts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per cluster: centre (B,C,3) (mean corner), area vector sum (B,C,3) (dipole moment), and the
+        axis-aligned box lo, hi (B,C,3) of its triangles."""
         a, b, c = face_vertices(verts, self.faces)
         area_vec = 0.5 * torch.cross(b - a, c - a, dim=-1)                    # (B,F,3)
         cv = verts[:, self.cluster_verts]                                      # (B,C,3S,3)
         valid3 = self.valid.repeat_interleave(3, dim=1)[None, :, :, None]
-        n_valid = valid3.sum(2)
-        centre = (cv * valid3).sum(2) / n_valid
-        radius = ((cv - centre.unsqueeze(2)).norm(dim=-1) * valid3[..., 0]).amax(2)
+        centre = (cv * valid3).sum(2) / valid3.sum(2)
         dipole = (area_vec[:, self.cluster_faces] * self.valid[None, :, :, None]).sum(2)
-        return centre, radius, dipole
+        return centre, dipole, cv.amin(2), cv.amax(2)
 
     def query(self, points: torch.Tensor, verts: torch.Tensor, k: int = 16, chunk: int = 4096,
               face_mask: torch.Tensor | None = None, need_winding: bool = True,
-              need_distance: bool = True) -> dict[str, torch.Tensor]:
+              need_distance: bool = True, k_distance: int = 8) -> dict[str, torch.Tensor]:
         """For points (B,N,3) on meshes verts (B,V,3):
         distance (B,N): distance to the nearest triangle (triangles with face_mask (B,F) False excluded).
-          Candidates are the triangles of the k clusters with the smallest lower bound |p - centre| - radius;
-          a point whose distance exceeds the (k+1)-th lower bound is re-queried with 4k clusters, and so on,
-          so every distance is exact (up to float rounding).
+          Candidates are the triangles of the k_distance clusters with the smallest lower bound
+          (distance to the cluster's bounding box); a point whose distance exceeds the next cluster's lower
+          bound is re-queried with 4x more clusters, and so on, so every distance is exact (up to rounding).
         winding (B,N,G): per-group winding number, exact solid angles for the k nearest clusters and the
-          dipole term for the others."""
+          dipole term for the others; points whose total is more than 0.25 from an integer are recomputed
+          with 4x more exact clusters (up to all), so the far-field error cannot flip an inside/outside test."""
         bsz, n = points.shape[:2]
-        a, b, c = face_vertices(verts, self.faces)
-        tri = torch.stack([a, b, c], dim=2)[:, self.cluster_faces]             # (B,C,S,3,3) cluster-major
-        geo = self.bounds(verts) + (tri,)
+        a, b, c = (x[:, self.cluster_faces] for x in face_vertices(verts, self.faces))   # (B,C,S,3)
+        valid = self.valid.expand(bsz, -1, -1)
+        keep = valid if face_mask is None else valid & face_mask[:, self.cluster_faces]
+        table = _triangle_table(a, b, c, valid, keep).transpose(-1, -2).contiguous()   # (B,C,36,S)
+        geo = self.bounds(verts) + (table,)
         flat = points.reshape(-1, 3)
         bi = torch.arange(bsz, device=points.device).repeat_interleave(n)
-        kk = min(k, self.n_clusters)
-        parts = [self._first_pass(p, pb, geo, kk, face_mask, need_winding, need_distance)
+        kw, kk = min(k, self.n_clusters), min(k_distance, self.n_clusters)
+        parts = [self._first_pass(p, pb, geo, kw, kk, need_winding, need_distance)
                  for p, pb in zip(flat.split(chunk), bi.split(chunk))]
         out: dict[str, torch.Tensor] = {}
         if need_winding:
-            out["winding"] = torch.cat([w for w, _, _ in parts]).view(bsz, n, -1)
+            wind = torch.cat([w for w, _, _ in parts])
+            todo = torch.nonzero(_ambiguous(wind)).flatten()
+            while len(todo) and kw < self.n_clusters:    # far-field error could matter: more exact clusters
+                kw = min(kw * 4, self.n_clusters)
+                done = []
+                for idx in todo.split(max(1, chunk * 16 // kw)):
+                    w, _, _ = self._first_pass(flat[idx], bi[idx], geo, kw, 0, True, False)
+                    wind[idx] = w
+                    done.append(_ambiguous(w))
+                todo = todo[torch.cat(done)]
+            out["winding"] = wind.view(bsz, n, -1)
         if need_distance:
             dist = torch.cat([d for _, d, _ in parts])
             todo = torch.nonzero(~torch.cat([ok for _, _, ok in parts])).flatten()
@@ -199,49 +268,45 @@ class ClusteredMesh:
                 kk = min(kk * 4, self.n_clusters)
                 done = []
                 for idx in todo.split(max(1, chunk * 16 // kk)):
-                    d, ok = self._distance(flat[idx], bi[idx], geo, kk, face_mask)
+                    _, d, ok = self._first_pass(flat[idx], bi[idx], geo, 0, kk, False, True)
                     dist[idx] = d
                     done.append(ok)
                 todo = todo[~torch.cat(done)]
             out["distance"] = dist.view(bsz, n)
         return out
 
-    def _first_pass(self, p, b, geo, k, face_mask, need_winding, need_distance):
-        rel, dist_c, near, bound = self._nearest_clusters(p, b, geo, k)
-        fid, a, bv, c = self._corners(b, near, geo)
-        pp = p[:, None, None]
+    def _first_pass(self, p, b, geo, kw, kd, need_winding, need_distance):
+        k = max(kw, kd)
+        rel, dist_c, sel, sel_lower = self._nearest_clusters(p, b, geo, k)
+        t = geo[4][b[:, None], sel[:, :k]]                                     # (M,k,36,S): one gather
+        pp = p[:, None, :, None]
+        ap, bp, cp = pp - t[..., _A, :], pp - t[..., _B, :], pp - t[..., _C, :]
         w = d = ok = None
         if need_winding:
-            far = (rel * geo[2][b]).sum(-1) / (4 * math.pi * dist_c.clamp_min(1e-12) ** 3)   # (M,C) dipoles
-            exact = (_solid_angle(pp, a, bv, c) * self.valid[near]).sum(-1)                   # (M,k)
+            near = sel[:, :kw]
+            far = (rel * geo[1][b]).sum(-1) / (4 * math.pi * dist_c.clamp_min(1e-12) ** 3)   # (M,C) dipoles
+            exact = _pair_solid_angle(ap[:, :kw], bp[:, :kw], cp[:, :kw], t[:, :kw]).sum(-1)   # (M,kw)
             far = far.scatter_add_(1, near, exact - torch.gather(far, 1, near))
             w = far @ torch.nn.functional.one_hot(self.cluster_group, self.n_groups).to(p.dtype)
         if need_distance:
-            d, ok = self._min_distance(pp, a, bv, c, b, near, fid, face_mask, bound, k)
+            d = _pair_sq_dist(ap[:, :kd], bp[:, :kd], cp[:, :kd], t[:, :kd]).flatten(1).min(-1).values.sqrt()
+            ok = (d <= self._bound(sel_lower, kd)) | (kd >= self.n_clusters)
         return w, d, ok
 
     def _nearest_clusters(self, p: torch.Tensor, b: torch.Tensor, geo, k: int):
-        centre, radius = geo[0], geo[1]
-        rel = centre[b] - p[:, None]                                           # (M,C,3)
-        dist_c = rel.norm(dim=-1)
-        lower = dist_c - radius[b]
-        kq = min(k + 1, self.n_clusters)
-        sel_lower, sel = torch.topk(lower, kq, dim=-1, largest=False)
-        bound = sel_lower[:, k] if kq > k else torch.full_like(sel_lower[:, 0], float("inf"))
-        return rel, dist_c, sel[:, :k], bound
+        """Relative centres (M,C,3), centre distances (M,C), and the k+1 clusters with the smallest lower
+        bound on the distance to any of their triangles (distance to the cluster's box; sorted ascending)
+        with those bounds."""
+        rel = geo[0][b] - p[:, None]                                           # (M,C,3)
+        dist_c = (rel * rel).sum(-1).sqrt()
+        q = p[:, None]
+        out = torch.maximum(geo[2][b] - q, q - geo[3][b]).clamp_min(0)
+        lower = (out * out).sum(-1).sqrt()
+        sel_lower, sel = torch.topk(lower, min(k + 1, self.n_clusters), dim=-1, largest=False)
+        return rel, dist_c, sel, sel_lower
 
-    def _corners(self, b: torch.Tensor, near: torch.Tensor, geo):
-        t = geo[3][b[:, None], near]                                           # (M,k,S,3,3): one block per cluster
-        return self.cluster_faces[near], t[..., 0, :], t[..., 1, :], t[..., 2, :]
-
-    def _distance(self, p, b, geo, k, face_mask):
-        _, _, near, bound = self._nearest_clusters(p, b, geo, k)
-        fid, a, bv, c = self._corners(b, near, geo)
-        return self._min_distance(p[:, None, None], a, bv, c, b, near, fid, face_mask, bound, k)
-
-    def _min_distance(self, pp, a, bv, c, b, near, fid, face_mask, bound, k):
-        keep = self.valid[near]
-        if face_mask is not None:
-            keep = keep & face_mask[b[:, None, None], fid]
-        d = _closest_sq_dist(pp, a, bv, c).masked_fill(~keep, float("inf")).flatten(1).min(-1).values.sqrt()
-        return d, (d <= bound) | (k >= self.n_clusters)
+    def _bound(self, sel_lower: torch.Tensor, k: int) -> torch.Tensor:
+        """Lower bound for triangles outside the first k clusters (inf when there are none)."""
+        if sel_lower.shape[1] > k:
+            return sel_lower[:, k]
+        return torch.full_like(sel_lower[:, 0], float("inf"))

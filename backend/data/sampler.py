@@ -49,7 +49,7 @@ class SamplerConfig:
     space_fractions: tuple[float, float, float] = (0.45, 0.35, 0.20)
     p_neutral: float = 0.1
     leaf: int = 32                                          # triangles per cluster (mesh.ClusteredMesh)
-    k_exact: int = 16                                       # clusters evaluated exactly per point
+    k_exact: int = 8                                        # clusters evaluated exactly per point (mesh.py)
 
 
 class HeadSampler:
@@ -101,7 +101,7 @@ class HeadSampler:
     def signed_distance(self, points: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
         """SDF (B,N) of points (B,N,3) to the closed union surface of meshes verts (B,V,3); negative inside."""
         chunk = 16384 if self.device.type == "cuda" else 2048
-        r = self.accel.query(points, verts, k=self.cfg.k_exact, chunk=chunk,
+        r = self.accel.query(points, verts, k=self.cfg.k_exact, k_distance=self.cfg.k_exact, chunk=chunk,
                              face_mask=self.exposed.expand(len(verts), -1))
         inside = r["winding"].sum(-1) > 0.5
         return torch.where(inside, -r["distance"], r["distance"])
