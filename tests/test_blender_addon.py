@@ -66,6 +66,8 @@ def test_generate_creates_head_with_attributes(lifecycle):
     attrs = g["attributes"]
     assert attrs["imhead_canonical"] == ["FLOAT_VECTOR", "POINT", n]
     assert attrs["imhead_region"] == ["INT", "POINT", n]
+    assert attrs["imhead_template"] == ["FLOAT_VECTOR", "POINT", n]
+    assert g["uv_maps"] == ["UVMap"] and g["custom_normals"]
     assert 0 <= g["region_min"] <= g["region_max"] < 39
     # The canonical attribute, converted back to backend axes, lies in the canonical extraction box.
     half_voxel = 0.5 * 0.40 / g["resolution"]
@@ -368,6 +370,7 @@ def scenario_lifecycle(zip_path: str) -> dict:
         "stored_seed": obj.imhead.seed, "stored_resolution": obj.imhead.resolution,
         "head_format": head.get("format"), "identity_len": len(head.get("identity", [])),
         "stored_model_name": obj.imhead.model_name, "region_items": len(obj.imhead.regions),
+        "uv_maps": mesh.uv_layers.keys(), "custom_normals": mesh.has_custom_normals,
     }
 
     facts["panels_with_head"] = draw_panels(bpy, module)
@@ -464,7 +467,7 @@ def scenario_expressions(zip_path: str) -> dict:
     for obj in list(bpy.data.objects):
         bpy.data.objects.remove(obj)
     scene = bpy.context.scene
-    scene.imhead.seed, scene.imhead.resolution = 5, 48
+    scene.imhead.seed, scene.imhead.resolution = 5, 40
     assert bpy.ops.imhead.generate() == {"FINISHED"}
     service.drain(600)
     obj = _heads(scene)[0]
@@ -543,7 +546,7 @@ def scenario_regions(zip_path: str) -> dict:
     for obj in list(bpy.data.objects):
         bpy.data.objects.remove(obj)
     scene = bpy.context.scene
-    scene.imhead.resolution = 40
+    scene.imhead.resolution = 32
     for seed in (1, 2):
         scene.imhead.seed = seed
         assert bpy.ops.imhead.generate() == {"FINISHED"}

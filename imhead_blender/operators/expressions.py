@@ -36,7 +36,7 @@ class IMHEAD_OT_bake_expressions(bpy.types.Operator):
 
     bl_idname = "imhead.bake_expressions"
     bl_label = "Bake Expressions to Shape Keys"
-    bl_options = {"REGISTER", "UNDO"}
+    bl_options = {"REGISTER"}  # no undo step: the result arrives later, from pump_backend()
 
     @classmethod
     def poll(cls, context):

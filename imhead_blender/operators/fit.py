@@ -17,7 +17,7 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
 
     bl_idname = "imhead.fit_selected"
     bl_label = "Fit to Selected Mesh"
-    bl_options = {"REGISTER", "UNDO"}
+    bl_options = {"REGISTER"}  # no undo step: the result arrives later, from pump_backend()
 
     steps: bpy.props.IntProperty(
         name="Steps", min=0, max=5000, default=0,
@@ -30,6 +30,9 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
     def poll(cls, context):
         obj = context.active_object
         return obj is not None and obj.type == "MESH" and not obj.imhead.is_head
+
+    def invoke(self, context, event):
+        return context.window_manager.invoke_props_dialog(self)
 
     def execute(self, context):
         obj = context.active_object

@@ -14,7 +14,7 @@ class IMHEAD_OT_generate(bpy.types.Operator):
 
     bl_idname = "imhead.generate"
     bl_label = "Generate Head"
-    bl_options = {"REGISTER", "UNDO"}
+    bl_options = {"REGISTER"}  # no undo step: the result arrives later, from pump_backend()
 
     def execute(self, context):
         settings = context.scene.imhead
@@ -45,7 +45,7 @@ class IMHEAD_OT_regenerate(bpy.types.Operator):
 
     bl_idname = "imhead.regenerate"
     bl_label = "Rebuild Mesh"
-    bl_options = {"REGISTER", "UNDO"}
+    bl_options = {"REGISTER"}  # no undo step: the result arrives later, from pump_backend()
 
     @classmethod
     def poll(cls, context):

@@ -22,7 +22,7 @@ class IMHEAD_OT_region_edit(bpy.types.Operator):
 
     bl_idname = "imhead.region_edit"
     bl_label = "Edit Regions"
-    bl_options = {"REGISTER", "UNDO"}
+    bl_options = {"REGISTER"}  # no undo step: the result arrives later, from pump_backend()
 
     action: bpy.props.EnumProperty(items=ACTIONS, options={"SKIP_SAVE"})
 
