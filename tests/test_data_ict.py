@@ -106,12 +106,14 @@ def test_sampler_batch_is_exact_and_reproducible(ict_path, ict):
 def test_metrics_on_ict_heads(ict):
     from backend.data import metrics, splits
 
-    gt, faces = splits.heldout_meshes(ict, splits.heldout_identities(1), splits.heldout_expressions(ict.expressions, 2))
-    outer = faces[ict.face_buried == 0]            # a prediction has no buried triangles
+    ids, exps = splits.heldout_identities(1), splits.heldout_expressions(ict.expressions, 2)
+    gt = [v for _, _, v in splits.heldout_meshes(ict, ids, exps)]
+    outer = ict.faces[ict.face_buried == 0]        # a prediction has no buried triangles
     n = 100_000
     same = metrics.evaluate_ict(gt[1], outer, gt[1], ict, n=n)
     v = gt[1]
-    area = 0.5 * np.linalg.norm(np.cross(v[outer[:, 1]] - v[outer[:, 0]], v[outer[:, 2]] - v[outer[:, 0]]), axis=1).sum()
+    e1, e2 = v[outer[:, 1]] - v[outer[:, 0]], v[outer[:, 2]] - v[outer[:, 0]]
+    area = 0.5 * np.linalg.norm(np.cross(e1, e2), axis=1).sum()
     # independent samples of one surface: mean nearest-neighbour distance 0.5 / sqrt(density)
     assert same["head"]["chamfer_l1"] == pytest.approx(0.5 / np.sqrt(n / area) * 1e3, rel=0.05)
     assert same["face"]["n_pred"] < 0.5 * same["head"]["n_pred"]              # the face is a part of the head

@@ -96,27 +96,32 @@ class IctModel:
 
 
 class _Source:
-    """Reads FaceXModel files by name from a tarball or a directory."""
+    """Reads FaceXModel files by name from a tarball or a directory. A compressed tarball is read in one
+    forward pass into memory (~400 MB): random access into an .xz stream would decompress it again for
+    every backward seek."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._tar: tarfile.TarFile | None = None
-        self._members: dict[str, tarfile.TarInfo] = {}
+        self._files: dict[str, bytes] | None = None
         if path.is_file():
-            self._tar = tarfile.open(path)
-            self._members = {Path(m.name).name: m for m in self._tar.getmembers() if m.isfile()}
+            self._files = {}
+            with tarfile.open(path, mode="r|*") as tar:
+                for member in tar:
+                    name = Path(member.name).name
+                    if member.isfile() and name.endswith((".obj", ".json")):
+                        f = tar.extractfile(member)
+                        assert f is not None
+                        self._files[name] = f.read()
         elif (path / "FaceXModel").is_dir():
             self.path = path / "FaceXModel"
         elif not path.is_dir():
             raise FileNotFoundError(f"ICT-FaceKit source not found: {path}")
 
     def read(self, name: str) -> bytes:
-        if self._tar is not None:
-            if name not in self._members:
+        if self._files is not None:
+            if name not in self._files:
                 raise FileNotFoundError(f"{name} is not in {self.path}")
-            f = self._tar.extractfile(self._members[name])
-            assert f is not None
-            return f.read()
+            return self._files[name]
         return (self.path / name).read_bytes()
 
 
@@ -189,7 +194,7 @@ def convert(source: Path, log=print) -> IctModel:
         uv_blocks.append(uv_all[corner_vt[corners]])
         part_blocks.append(np.full(len(tris), FACE_PARTS.index(name)))
         iris, _ = topology.triangulate(fv[IRIS_POLYS[name][0]:IRIS_POLYS[name][1]])
-        w = winding_numbers_np(neutral_cm[iris].mean(1), neutral_cm, tris)
+        w = _winding(neutral_cm[iris].mean(1), neutral_cm, tris)
         if not np.all(w > 0.5):
             raise ValueError(f"{name} iris is not inside its sclera; it cannot be left out")
     faces = remap[np.concatenate(tri_blocks)]
@@ -222,6 +227,16 @@ def convert(source: Path, log=print) -> IctModel:
         expressions=list(expressions), parts=parts, face_parts=list(FACE_PARTS))
 
 
+def _winding(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Exact generalised winding numbers in float64 (brute force; small meshes only)."""
+    import torch
+
+    from .mesh import winding_number_brute
+
+    t = torch.as_tensor
+    return winding_number_brute(t(points)[None], t(vertices)[None], t(faces), chunk=64)[0].numpy()
+
+
 def closed_groups(face_part: np.ndarray, face_parts: list[str]) -> np.ndarray:
     """Closed component per triangle: 0 head (+ cap), 1 left sclera, 2 right sclera."""
     groups = np.zeros(len(face_part), np.int64)
@@ -252,21 +267,6 @@ def buried_faces(vertices: np.ndarray, faces: np.ndarray, face_part: np.ndarray,
     buried = np.zeros(len(faces), np.uint8)
     buried[near] = others > 0.5
     return buried
-
-
-def winding_numbers_np(points: np.ndarray, vertices: np.ndarray, faces: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """Generalised winding number (Jacobson et al. 2013, Van Oosterom-Strackee solid angles), float64."""
-    a0, b0, c0 = (vertices[faces[:, k]].astype(np.float64) for k in range(3))
-    out = np.empty(len(points))
-    for i in range(0, len(points), chunk):
-        p = points[i:i + chunk, None].astype(np.float64)
-        a, b, c = a0 - p, b0 - p, c0 - p
-        la, lb, lc = (np.linalg.norm(x, axis=-1) for x in (a, b, c))
-        det = np.einsum("...i,...i", a, np.cross(b, c))
-        den = (la * lb * lc + np.einsum("...i,...i", a, b) * lc + np.einsum("...i,...i", b, c) * la
-               + np.einsum("...i,...i", c, a) * lb)
-        out[i:i + chunk] = np.arctan2(det, den).sum(1) / (2 * np.pi)
-    return out
 
 
 def save_ict(model: IctModel, path: Path, source_sha256: str) -> None:

@@ -207,7 +207,8 @@ class ClusteredMesh:
         self.faces = torch.as_tensor(faces, device=self.device)
         self.cluster_faces = torch.as_tensor(table, device=self.device)       # (C,S) face ids
         self.valid = torch.as_tensor(valid, device=self.device)                # (C,S)
-        self.cluster_group = torch.as_tensor(cluster_group, device=self.device)
+        # clusters are built group by group, so each group is a contiguous run of cluster ids
+        self.group_bounds = np.searchsorted(np.asarray(cluster_group), np.arange(self.n_groups + 1)).tolist()
         cv = faces[table]                                                      # (C,S,3) vertex ids
         self.cluster_verts = torch.as_tensor(cv.reshape(c, -1), device=self.device)
 
@@ -287,7 +288,8 @@ class ClusteredMesh:
             far = (rel * geo[1][b]).sum(-1) / (4 * math.pi * dist_c.clamp_min(1e-12) ** 3)   # (M,C) dipoles
             exact = _pair_solid_angle(ap[:, :kw], bp[:, :kw], cp[:, :kw], t[:, :kw]).sum(-1)   # (M,kw)
             far = far.scatter_add_(1, near, exact - torch.gather(far, 1, near))
-            w = far @ torch.nn.functional.one_hot(self.cluster_group, self.n_groups).to(p.dtype)
+            g = self.group_bounds      # plain sums, not a matmul: TF32 matmuls would round the terms
+            w = torch.stack([far[:, g[i]:g[i + 1]].sum(-1) for i in range(self.n_groups)], -1)
         if need_distance:
             d = _pair_sq_dist(ap[:, :kd], bp[:, :kd], cp[:, :kd], t[:, :kd]).flatten(1).min(-1).values.sqrt()
             ok = (d <= self._bound(sel_lower, kd)) | (kd >= self.n_clusters)

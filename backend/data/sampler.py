@@ -59,15 +59,17 @@ class HeadSampler:
         self.device = torch.device(device)
         ict = load_ict(ict_path)
         self.atlas = atlas if isinstance(atlas, Atlas) else load_atlas(atlas)
-        if not np.allclose(self.atlas.vertices, ict.neutral, atol=1e-6) or not np.array_equal(self.atlas.faces, ict.faces):
+        if not (np.array_equal(self.atlas.faces, ict.faces)
+                and np.allclose(self.atlas.vertices, ict.neutral, atol=1e-6)):
             raise ValueError("atlas and converted ICT file describe different meshes; rebuild the atlas")
         dev = self.device
         self.expressions = list(ict.expressions)
         self.n_vertices = len(ict.neutral)
         self.faces = torch.as_tensor(ict.faces, dtype=torch.long, device=dev)
         self.neutral = torch.as_tensor(ict.neutral, device=dev)
-        self.id_basis = torch.as_tensor(ict.id_basis.reshape(len(ict.id_basis), -1), device=dev)
-        self.exp_basis = torch.as_tensor(ict.exp_basis.reshape(len(ict.exp_basis), -1), device=dev)
+        # float64 bases: a float32 matmul may run as TF32 on GPUs (10-bit mantissa), too coarse for vertices
+        self.id_basis = torch.as_tensor(ict.id_basis.reshape(len(ict.id_basis), -1), dtype=torch.float64, device=dev)
+        self.exp_basis = torch.as_tensor(ict.exp_basis.reshape(len(ict.exp_basis), -1), dtype=torch.float64, device=dev)
         self.exposed = torch.as_tensor(ict.face_buried == 0, device=dev)
         self.region = torch.as_tensor(self.atlas.region, dtype=torch.long, device=dev)
         self.anchor_vertex = torch.as_tensor(self.atlas.anchor_vertex, dtype=torch.long, device=dev)
@@ -95,8 +97,9 @@ class HeadSampler:
 
     def meshes(self, id_coeffs: torch.Tensor, exp_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(posed, canonical) vertices (B,V,3) for coefficients (B,100) and weights (B,53)."""
-        canon = self.neutral + (id_coeffs @ self.id_basis).view(-1, self.n_vertices, 3)
-        return canon + (exp_weights @ self.exp_basis).view(-1, self.n_vertices, 3), canon
+        id_delta = (id_coeffs.double() @ self.id_basis).view(-1, self.n_vertices, 3)
+        posed_delta = id_delta + (exp_weights.double() @ self.exp_basis).view(-1, self.n_vertices, 3)
+        return (self.neutral + posed_delta).float(), (self.neutral + id_delta).float()
 
     def signed_distance(self, points: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
         """SDF (B,N) of points (B,N,3) to the closed union surface of meshes verts (B,V,3); negative inside."""

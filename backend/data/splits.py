@@ -7,7 +7,8 @@ and evaluation agree without shipping files, and the held-out streams never touc
     train_expressions(n=65536)   (n,53)  f32 sparse expression weights in [0,1]       stream (seed, 2)
     heldout_identities(n=50)     (n,100)                                               stream (seed, 3)
     heldout_expressions(n=200)   (n,53)  (row 0 is neutral)                            stream (seed, 4)
-    heldout_meshes(ict, ids, exps) -> vertices (len(ids)*len(exps), V, 3) float64 metres, faces (F,3)
+    heldout_meshes(ict, ids, exps)  yields (i, j, vertices (V,3) float64 metres) per identity i, expression j;
+                                    faces: ict.faces (buried triangles: ict.face_buried, see metrics.evaluate_ict)
 
 Expression recipe (both splits): 1..max_active distinct shapes chosen uniformly with weights U(0,1);
 with p_symmetric each chosen _L/_R shape also drives its partner (weight x U(0.7,1)); with p_jaw jawOpen is
@@ -16,6 +17,7 @@ set to a weight drawn from U(0,1) (so about half of all samples open the jaw, at
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,10 +72,9 @@ def heldout_expressions(names: list[str], n: int = 200, seed: int = DEFAULT_SEED
     return w
 
 
-def heldout_meshes(ict, id_coeffs: np.ndarray, exp_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ground-truth meshes for every (identity, expression) pair, identity-major, float64 metres."""
-    out = np.empty((len(id_coeffs) * len(exp_weights),) + ict.neutral.shape)
+def heldout_meshes(ict, id_coeffs: np.ndarray, exp_weights: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Ground-truth vertices for every (identity, expression) pair, identity-major, float64 metres. A
+    generator: all 50 x 200 held-out meshes would take 3.7 GB at once."""
     for i, c in enumerate(id_coeffs):
         for j, w in enumerate(exp_weights):
-            out[i * len(exp_weights) + j] = ict.vertices(c, w)
-    return out, ict.faces.astype(np.int64)
+            yield i, j, ict.vertices(c, w)
