@@ -65,7 +65,8 @@ def build_scene(atlas, colours: np.ndarray):
     cam_obj.location = (0.0, CENTRE_Y, 1.0)
     scene.collection.objects.link(cam_obj)
     scene.camera = cam_obj
-    for energy, rot in ((2.2, (math.radians(-25), math.radians(20), 0)), (0.8, (math.radians(20), math.radians(-60), 0))):
+    suns = ((2.2, (math.radians(-25), math.radians(20), 0)), (0.8, (math.radians(20), math.radians(-60), 0)))
+    for energy, rot in suns:
         light = bpy.data.lights.new("sun", "SUN")
         light.energy = energy
         lo = bpy.data.objects.new("sun", light)
