@@ -117,7 +117,7 @@ def fit_latents(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if callback is not None:
                 callback(step, losses[-1])
 
@@ -134,7 +134,7 @@ def fit_latents(
                 ropt.zero_grad(set_to_none=True)
                 loss.backward()
                 ropt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if callback is not None:
                     callback(steps + step, losses[-1])
         zr = zr.detach()

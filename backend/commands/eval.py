@@ -1,0 +1,202 @@
+"""`python -m backend eval`: the shipped weights on the held-out split (backend/data/splits.py).
+
+For each held-out identity: sample --points surface points (area-uniform, exposed ICT triangles) of its
+neutral mesh, fit z_id to them (backend.model.inversion), extract the surface (backend.engine.extract) and
+score it with backend.data.metrics (CD-L1, NC, F@1mm; mm at real scale). Then, per identity, --expressions
+held-out expressions are fitted (z_exp, starting from the neutral fit) and scored the same way. The
+correspondence head is scored at the ground-truth vertices (neutral and posed) against their ICT mean-head
+positions. Locality: region j's code of identity A is replaced by identity B's; the surface movement is the
+change of the SDF at A's surface points (first order in the displacement), reported outside a 1 cm margin
+around region j (region labels and distances from A's ground-truth mesh and the atlas).
+Defaults finish in minutes on a CPU; `--full` is the GPU-sized run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import errors
+
+TARGETS = {"cd_l1_mm": 0.30, "nc": 0.99, "f1mm": 0.95, "exp_cd_l1_mm": 0.40, "corr_mm": 1.5, "locality_p95_mm": 0.1}
+CARD_BEGIN, CARD_END = "<!-- eval:begin -->", "<!-- eval:end -->"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ict", type=Path, default=Path(".data/ict.safetensors"), help="converted ICT-FaceKit file")
+    p.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped weights/)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--identities", type=int, default=3)
+    p.add_argument("--expressions", type=int, default=1, help="held-out expressions per identity")
+    p.add_argument("--points", type=int, default=10_000, help="surface points each fit sees")
+    p.add_argument("--steps", type=int, default=150, help="fitting steps")
+    p.add_argument("--batch-points", type=int, default=2048, help="points per fitting step")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--samples", type=int, default=100_000, help="metric samples per mesh")
+    p.add_argument("--topk", type=int, default=8, help="regions evaluated per point (0: all)")
+    p.add_argument("--locality-regions", type=int, default=4)
+    p.add_argument("--full", action="store_true", help="20 identities x 3 expressions, 300 steps, resolution 256")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--write-card", type=Path, default=None, help="replace the eval block of this model card")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import metrics, splits
+    from ..data.atlas import load_atlas
+    from ..data.ict import load_ict
+    from ..engine.extract import extract_mesh
+    from ..model.inversion import fit_latents
+    from ..weights import load_model
+
+    if args.full:
+        args.identities, args.expressions, args.steps, args.resolution = 20, 3, 300, 256
+    if not args.ict.exists():
+        raise errors.InvalidInput(f"{args.ict} not found: convert ICT-FaceKit first (python -m backend.data.ict)")
+    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if args.device == "auto" else args.device))
+    lm = load_model(args.weights, device=str(dev))
+    model, ex = lm.model, lm.extras
+    ict, atlas = load_ict(args.ict), load_atlas()
+    topk = args.topk or None
+    ids = splits.heldout_identities()[: args.identities]
+    exps = splits.heldout_expressions(list(ict.expressions))[1 : 1 + args.expressions]  # row 0 is neutral
+    exposed = (ict.face_buried == 0).astype(np.float64)
+    exposed_verts = np.unique(ict.faces[ict.face_buried == 0])
+    t_start = time.time()
+
+    def tens(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a, np.float32), device=dev)
+
+    def fit(verts: np.ndarray, seed: int, fit_expression: bool, init: torch.Tensor | None = None):
+        pts, nrm, _ = metrics.sample_mesh(verts, ict.faces, args.points, seed, exposed)
+        return fit_latents(model, tens(pts), tens(nrm), fit_expression=fit_expression, steps=args.steps,
+                           id_mean=ex["id_mean"], id_chol=ex["id_chol"], batch_points=args.batch_points,
+                           topk=topk, init_z_id=init, seed=seed)
+
+    def mesh_of(zr: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor | None):
+        k = model.anchors(zr)
+
+        def sdf(p: torch.Tensor) -> torch.Tensor:
+            x = p[None]
+            if z_exp is not None:
+                x = x + model.warp(x, z_exp, z_id)
+            return model.sdf(x, zr, k, topk=topk)[0]
+
+        with torch.no_grad():
+            return extract_mesh(sdf, args.resolution, device=dev)[0]
+
+    rows: list[dict] = []
+    fits = []
+    for i, c in enumerate(ids):
+        gt = ict.vertices(c, None)
+        res = fit(gt, seed=i, fit_expression=False)
+        fits.append((res, gt))
+        mesh = mesh_of(res.zr, res.z_id, None)
+        m = metrics.evaluate_ict(mesh.vertices, mesh.faces, gt, ict, n=args.samples, seed=i)
+        with torch.no_grad():
+            t = model.template(tens(gt[exposed_verts])[None], res.zr, model.anchors(res.zr), topk=topk)[0]
+        corr = float(np.linalg.norm(t.cpu().double().numpy() - ict.neutral[exposed_verts], axis=1).mean())
+        row = {"identity": i, "cd_l1_mm": m["head"]["chamfer_l1"], "nc": m["head"]["normal_consistency"],
+               "f1mm": m["head"]["f_score@1mm"], "face_cd_l1_mm": m["face"]["chamfer_l1"],
+               "corr_mm": corr * 1e3, "fit_abs_sdf_mm": float(res.final_abs_sdf[0]) * 1e3}
+        exp_rows = []
+        for j, w in enumerate(exps):
+            gtp = ict.vertices(c, w)
+            rp = fit(gtp, seed=1000 * i + j, fit_expression=True, init=res.z_id)
+            mp = mesh_of(rp.zr, rp.z_id, rp.z_exp)
+            me = metrics.evaluate_ict(mp.vertices, mp.faces, gtp, ict, n=args.samples, seed=j)
+            with torch.no_grad():
+                x = tens(gtp[exposed_verts])[None]
+                xc = x + model.warp(x, rp.z_exp, rp.z_id)
+                tp = model.template(xc, rp.zr, model.anchors(rp.zr), topk=topk)[0].cpu().double().numpy()
+            exp_rows.append((me["head"]["chamfer_l1"], float(np.linalg.norm(tp - ict.neutral[exposed_verts], axis=1).mean()) * 1e3))
+        if exp_rows:
+            row["exp_cd_l1_mm"] = float(np.mean([e[0] for e in exp_rows]))
+            row["exp_corr_mm"] = float(np.mean([e[1] for e in exp_rows]))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    loc = locality(model, fits, atlas, mesh_of, args, topk, dev) if len(fits) >= 2 else {}
+    summary = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if k != "identity"}
+    summary.update(loc)
+    summary.update(identities=len(rows), expressions_per_identity=len(exps), resolution=args.resolution,
+                   steps=args.steps, points=args.points, samples=args.samples, topk=args.topk,
+                   device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                   seconds=round(time.time() - t_start, 1), trained=lm.trained)
+    table = format_table(summary)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    if args.write_card:
+        write_card(args.write_card, table)
+    return 0
+
+
+def locality(model, fits, atlas, mesh_of, args, topk, dev) -> dict[str, float]:
+    """Swap region j of identity A for identity B's; SDF change at A's surface outside j's 1 cm margin."""
+    from scipy.spatial import cKDTree
+
+    (ra, gta), (rb, _) = fits[0], fits[1]
+    mesh = mesh_of(ra.zr, ra.z_id, None)
+    v = torch.as_tensor(mesh.vertices, device=dev)[None]
+    regions = np.linspace(0, model.cfg.n_regions - 1, args.locality_regions).round().astype(int)
+    p95, p95_dense, inside = [], [], []
+    with torch.no_grad():
+        for j in regions:
+            zr = ra.zr.clone()
+            zr[:, j] = rb.zr[:, j]
+            dist_j, _ = cKDTree(gta[atlas.region == j]).query(mesh.vertices)
+            outside = dist_j >= 0.01
+            for tk, out in ((topk, p95), (None, p95_dense)):
+                d = (model.sdf(v, zr, model.anchors(zr), topk=tk) - model.sdf(v, ra.zr, model.anchors(ra.zr), topk=tk))
+                d = d[0].abs().cpu().numpy() * 1e3
+                out.append(float(np.percentile(d[outside], 95)))
+                if tk is topk:
+                    inside.append(float(np.percentile(d[dist_j < 0.005], 95)) if (dist_j < 0.005).any() else 0.0)
+    return {"locality_p95_mm": float(np.mean(p95)), "locality_p95_dense_mm": float(np.mean(p95_dense)),
+            "locality_inside_p95_mm": float(np.mean(inside)), "locality_regions": [int(r) for r in regions]}
+
+
+def format_table(s: dict) -> str:
+    def cell(key: str, fmt: str) -> str:
+        return format(s[key], fmt) if key in s else "n/a"
+
+    lines = [
+        f"Held-out evaluation: {s['identities']} identities x {s['expressions_per_identity']} expressions, "
+        f"fit from {s['points']} points ({s['steps']} steps), resolution {s['resolution']}, "
+        f"{s['samples']} metric samples, topk {s['topk']}, {s['device']}, {s['seconds']} s",
+        "",
+        "| metric | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    spec = [("CD-L1 neutral (mm)", "cd_l1_mm", ".3f", "<="), ("normal consistency", "nc", ".4f", ">="),
+            ("F-score @1 mm", "f1mm", ".3f", ">="), ("CD-L1 held-out expressions (mm)", "exp_cd_l1_mm", ".3f", "<="),
+            ("correspondence error, neutral (mm)", "corr_mm", ".2f", "<="),
+            ("locality: p95 movement outside 1 cm margin (mm)", "locality_p95_mm", ".3f", "<=")]
+    for name, key, fmt, op in spec:
+        met = "n/a"
+        if key in s:
+            met = "yes" if (s[key] <= TARGETS[key] if op == "<=" else s[key] >= TARGETS[key]) else "NO"
+        lines.append(f"| {name} | {cell(key, fmt)} | {op} {TARGETS[key]} | {met} |")
+    lines += [f"| CD-L1 face area (mm) | {cell('face_cd_l1_mm', '.3f')} | | |",
+              f"| correspondence error, expressions (mm) | {cell('exp_corr_mm', '.2f')} | | |",
+              f"| locality p95, dense evaluation (mm) | {cell('locality_p95_dense_mm', '.3f')} | | |",
+              f"| swapped region itself, p95 change within 5 mm (mm) | {cell('locality_inside_p95_mm', '.3f')} | | |",
+              f"| mean fitted abs SDF at the input points (mm) | {cell('fit_abs_sdf_mm', '.3f')} | | |"]
+    return "\n".join(lines)
+
+
+def write_card(path: Path, table: str) -> None:
+    text = path.read_text() if path.exists() else ""
+    block = f"{CARD_BEGIN}\n{table}\n{CARD_END}"
+    if CARD_BEGIN in text and CARD_END in text:
+        head, rest = text.split(CARD_BEGIN, 1)
+        text = head + block + rest.split(CARD_END, 1)[1]
+    else:
+        text = text + "\n" + block + "\n"
+    path.write_text(text)
