@@ -22,7 +22,7 @@ from .template import TemplateIndex, seam_faces
 DEFAULT_RESOLUTION = 256
 TOPK = 8  # nearest local networks evaluated per point ...
 DROP_TOL = 1e-3  # ... unless that leaves out more blend-weight mass than this: then all 39 are evaluated
-CHUNK = 1 << 15  # points per network call (bounds the (points x topk x hidden) activations)
+CHUNKS = {"cpu": 1 << 15, "cuda": 1 << 18}  # points per network call: bounds (points x topk x hidden) activations
 LIPSCHITZ = 1.5  # assumed |grad sdf| bound of the trained SDF (checked on the data by extract_mesh)
 MAX_DEFORM_POINTS = 20_000_000  # frames x vertices per deform request (output memory)
 FIT_RESOLUTION = 128
@@ -68,6 +68,7 @@ def resolve_device(device: str) -> torch.device:
 class Session:
     def __init__(self, weights_dir: Path | None = None, device: str = "auto"):
         self.device = resolve_device(device)
+        self.chunk = CHUNKS.get(self.device.type, CHUNKS["cpu"])
         self.loaded = load_model(weights_dir, str(self.device))
         self.model = self.loaded.model.eval().requires_grad_(False)
         self.extras = self.loaded.extras
@@ -172,15 +173,15 @@ class Session:
         """Extract the canonical (neutral) surface; also returns the largest blend-weight mass left out."""
         dropped = [0.0]
         mesh, stats = extract_mesh(self.sdf_fn(zr, k, dropped), resolution, device=self.device,
-                                   lipschitz=LIPSCHITZ, chunk=CHUNK)
+                                   lipschitz=LIPSCHITZ, chunk=self.chunk)
         return mesh, stats, dropped[0]
 
     def sdf_grad_template(self, x: np.ndarray, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """At canonical points (N,3): SDF (N,), its gradient (N,3) and the template position (N,3)."""
         sdf_out, grad_out, tmpl_out = [], [], []
-        for s in range(0, len(x), CHUNK):
-            xt = torch.as_tensor(x[s : s + CHUNK], device=self.device, dtype=torch.float32)
+        for s in range(0, len(x), self.chunk):
+            xt = torch.as_tensor(x[s : s + self.chunk], device=self.device, dtype=torch.float32)
             with torch.enable_grad():
                 xg = xt.clone().requires_grad_(True)
 
@@ -201,8 +202,8 @@ class Session:
 
         def warp(x: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
             out = []
-            for s in range(0, x.shape[0], CHUNK):
-                xs, fs = x[s : s + CHUNK], frame[s : s + CHUNK]
+            for s in range(0, x.shape[0], self.chunk):
+                xs, fs = x[s : s + self.chunk], frame[s : s + self.chunk]
                 zi = z_id.expand(xs.shape[0], -1)
                 # One point per batch row: the warp takes a per-row expression and identity.
                 out.append(self.model.warp(xs[:, None, :], expressions[fs], zi)[:, 0, :])
@@ -268,12 +269,12 @@ class Session:
         with torch.no_grad():
             frame = torch.arange(T, device=self.device).repeat_interleave(N)
             x = result.vertices.reshape(-1, 3)
-            f = torch.cat([x[s : s + CHUNK] + warp(x[s : s + CHUNK], frame[s : s + CHUNK]) for s in
-                           range(0, x.shape[0], CHUNK)]) - x_c.repeat(T, 1)
+            f = torch.cat([x[s : s + self.chunk] + warp(x[s : s + self.chunk], frame[s : s + self.chunk]) for s in
+                           range(0, x.shape[0], self.chunk)]) - x_c.repeat(T, 1)
             if exact_residual:  # the canonical point x + warp(x) is x_c + F
                 sdf = self.sdf_fn(zr, k, [0.0])
                 moved = x_c.repeat(T, 1) + f
-                residual = torch.cat([sdf(moved[s : s + CHUNK]) for s in range(0, moved.shape[0], CHUNK)])
+                residual = torch.cat([sdf(moved[s : s + self.chunk]) for s in range(0, moved.shape[0], self.chunk)])
             else:
                 sdf, grad, _ = self.sdf_grad_template(canonical, zr, k, [0.0])
                 sdf_t = torch.as_tensor(sdf, device=self.device).repeat(T)
@@ -296,8 +297,8 @@ class Session:
         """Outward normals of the posed surface: the gradient of sdf(x + warp(x)) at posed points."""
         e = torch.as_tensor(weights, device=self.device, dtype=torch.float32)[None]
         out = []
-        for s in range(0, len(x), CHUNK):
-            xt = torch.as_tensor(x[s : s + CHUNK], device=self.device, dtype=torch.float32)
+        for s in range(0, len(x), self.chunk):
+            xt = torch.as_tensor(x[s : s + self.chunk], device=self.device, dtype=torch.float32)
             with torch.enable_grad():
                 xg = xt.clone().requires_grad_(True)
                 xc = xg + self.model.warp(xg[None], e, z_id)[0]

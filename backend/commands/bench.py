@@ -1,0 +1,59 @@
+"""`python -m backend bench [--cpu-only] [--sizes 64,128,256,512] [--no-fit] [--no-cold]`: print one markdown
+table of extraction (ours vs the NPHM-style dense baseline, same run), deform, fit, cold start and peak memory
+on the CPU and, when available, the GPU (see backend/engine/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu-only", action="store_true", help="skip the GPU even when one is available")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU rows")
+    parser.add_argument("--sizes", default="64,128,256,512", help="extraction resolutions (comma-separated)")
+    parser.add_argument("--cpu-sizes", default=None, help="resolutions for the CPU rows (default: --sizes)")
+    parser.add_argument("--dense-max-points", type=int, default=None,
+                        help="largest lattice evaluated densely for the baseline (default 3M on GPU, 300k on CPU); "
+                             "beyond it the baseline is extrapolated from a 1M-point slice")
+    parser.add_argument("--frames", type=int, default=4, help="expression frames for the deform row")
+    parser.add_argument("--no-fit", action="store_true", help="skip the fit rows")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-start rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--weights", type=Path, default=None, metavar="DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..engine.bench import BenchConfig, bench_cold_start, bench_device, table
+    from ..engine.session import Session
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    cpu_sizes = [int(s) for s in args.cpu_sizes.split(",")] if args.cpu_sizes else sizes
+    devices = [] if args.gpu_only else ["cpu"]
+    if torch.cuda.is_available() and not args.cpu_only:
+        devices.append("cuda")
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    rows = []
+    trained = None
+    for dev in devices:
+        if not args.no_cold:
+            log(f"cold start on {dev}")
+            rows.append(bench_cold_start(dev, args.weights))
+        session = Session(weights_dir=args.weights, device=dev)
+        trained = session.loaded.trained
+        cfg = BenchConfig(sizes=cpu_sizes if dev == "cpu" else sizes, frames=args.frames, fit=not args.no_fit,
+                          dense_max_points=args.dense_max_points or (3_000_000 if dev == "cuda" else 300_000))
+        rows += bench_device(session, cfg, log)
+    gpu = torch.cuda.get_device_name(0) if "cuda" in devices else "none"
+    print(f"imhead bench {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
+          f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; GPU: {gpu}; "
+          f"weights: {'trained' if trained else 'untrained (geometric init)'}")
+    print(table(rows))
+    return 0

@@ -1,0 +1,199 @@
+"""Speed and memory benchmark behind `python -m backend bench`: one markdown table.
+
+Rows: sparse extraction (ours) vs the NPHM-style dense baseline (every lattice point through all 39 local
+networks, scikit-image marching cubes) in the same run, with the accuracy of ours against it (largest
+vertex distance either way in voxels, sign agreement at our evaluated points); deform of a 50k-vertex mesh
+per frame; fit of the mean head moved to a random frame; cold start (a fresh process until its first mesh
+is written); peak memory (process RSS on CPU, torch's peak allocation on CUDA). Where the dense baseline
+would take too long (`--dense-max-points`), its time is extrapolated from a timed slice of the lattice and
+marked "~".
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from .extract import _evaluate, _unkey, extract_dense, make_grid
+
+
+@dataclass
+class Row:
+    task: str
+    device: str
+    size: str
+    ours_ms: float | None = None
+    baseline_ms: float | None = None
+    baseline_extrapolated: bool = False
+    detail: str = ""
+    peak_mb: float | None = None
+
+    def cells(self) -> list[str]:
+        speed = ""
+        if self.ours_ms and self.baseline_ms:
+            speed = f"{'~' if self.baseline_extrapolated else ''}{self.baseline_ms / self.ours_ms:.0f}x"
+        base = "" if self.baseline_ms is None else f"{'~' if self.baseline_extrapolated else ''}{self.baseline_ms:.1f}"
+        return [self.task, self.device, self.size, "" if self.ours_ms is None else f"{self.ours_ms:.1f}", base, speed,
+                self.detail, "" if self.peak_mb is None else f"{self.peak_mb:.0f}"]
+
+
+HEADER = ["task", "device", "size", "ours (ms)", "dense baseline (ms)", "speed-up", "detail", "peak mem (MB)"]
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median wall time (ms) of `repeats` runs after one warm-up run; returns the last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times)), out
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@dataclass
+class BenchConfig:
+    sizes: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    dense_max_points: int = 3_000_000  # beyond this the dense baseline is extrapolated from a slice
+    frames: int = 4
+    deform_vertices: int = 50_000
+    fit: bool = True
+    cold: bool = True
+    repeats: int = 3
+    seed: int = 0
+
+
+def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
+    from .head import HeadSpec
+
+    dev = session.device
+    rows: list[Row] = []
+    head = HeadSpec(session.sample_identity(cfg.seed))
+    z_id, zr, k = session.decode(head)
+
+    def dense_sdf(x: torch.Tensor) -> torch.Tensor:
+        return session.model.sdf(x[None], zr, k)[0].float()  # all 39 regions at every point
+
+    for size in cfg.sizes:
+        log(f"extraction {size} on {dev}")
+        _reset_peak(dev)
+        reps = cfg.repeats if dev.type == "cuda" or size <= 128 else 1
+        ours_ms, (mesh, stats, dropped) = _timed(lambda: session.canonical_mesh(zr, k, size), dev, reps)
+        row = Row("extract", str(dev.type), f"{size}^3", ours_ms, peak_mb=_peak_mb(dev))
+        n_dense = int(np.prod(make_grid(size).points_shape))
+        detail = [f"{stats.points_evaluated / n_dense * 100:.1f}% of {n_dense / 1e6:.1f}M pts",
+                  f"{len(mesh.vertices)} verts", f"drop<={dropped:.0e}"]
+        if n_dense <= cfg.dense_max_points:
+            with torch.no_grad():
+                base_ms, (ref, volume) = _timed(lambda: extract_dense(dense_sdf, size, device=dev), dev, 1)
+            row.baseline_ms = base_ms
+            d1 = cKDTree(ref.vertices).query(mesh.vertices)[0].max() if len(mesh.vertices) else np.inf
+            d2 = cKDTree(mesh.vertices).query(ref.vertices)[0].max() if len(ref.vertices) else np.inf
+            detail.append(f"max|dv| {max(d1, d2) / stats.voxel:.3f} vox")
+        else:
+            row.baseline_ms, row.baseline_extrapolated = _dense_extrapolated(dense_sdf, size, dev), True
+        row.detail = ", ".join(detail)
+        rows.append(row)
+
+    log(f"deform on {dev}")
+    rows.append(_bench_deform(session, head, cfg, dev))
+    if cfg.fit:
+        log(f"fit on {dev}")
+        rows.append(_bench_fit(session, cfg, dev))
+    return rows
+
+
+def _dense_extrapolated(sdf, size: int, dev: torch.device) -> float:
+    """Time a 1M-point slice of the dense lattice and scale to the whole (marching cubes not included)."""
+    grid = make_grid(size)
+    shape = grid.points_shape
+    n = math.prod(shape)
+    m = min(n, 1 << 20)
+    idx = _unkey(torch.arange(m, device=dev), shape)
+    pts = grid.to_world(idx)
+    with torch.no_grad():
+        ms, _ = _timed(lambda: _evaluate(sdf, pts, 1 << 18), dev, 1)
+    return ms * n / m
+
+
+def _bench_deform(session, head, cfg: BenchConfig, dev: torch.device) -> Row:
+    _, mesh = session.generate({"head": head.to_dict(), "resolution": 256}, {})
+    canonical = mesh["canonical"]
+    reps = math.ceil(cfg.deform_vertices / len(canonical))
+    canonical = np.concatenate([canonical] * reps)[: cfg.deform_vertices]
+    rng = np.random.default_rng(cfg.seed)
+    expr = rng.uniform(0, 1, (cfg.frames, 53)).astype(np.float32) * (rng.random((cfg.frames, 53)) < 0.2)
+    z_id, zr, k = session.decode(head)
+    _reset_peak(dev)
+    ms, res = _timed(lambda: session.pose(canonical, z_id, zr, k, expr, exact_residual=False), dev,
+                     1 if dev.type == "cpu" else cfg.repeats)
+    detail = (f"{cfg.frames} frames, {res['iterations']} Broyden its, {res['non_converged']} not converged, "
+              f"residual p99 {res['residual_p99_m'] * 1e3:.4f} mm")
+    return Row("deform / frame", dev.type, f"{len(canonical) // 1000}k verts", ms / cfg.frames, detail=detail,
+               peak_mb=_peak_mb(dev))
+
+
+def _bench_fit(session, cfg: BenchConfig, dev: torch.device) -> Row:
+    from scipy.spatial.transform import Rotation
+
+    a = session.atlas
+    rot = Rotation.random(random_state=cfg.seed).as_matrix()
+    pts = (a.vertices.astype(np.float64) @ rot.T * 100 + 3.0).astype(np.float32)  # cm, rotated, shifted
+    _reset_peak(dev)
+    t = time.perf_counter()
+    out, _ = session.fit({"resolution": 128, "seed": cfg.seed}, {"points": pts, "faces": a.faces})
+    ms = (time.perf_counter() - t) * 1e3
+    f = out["fit"]
+    detail = (f"mean head, random frame, cm; {f['steps']} steps x {f['batch_points']} pts; error "
+              f"{out['error']['trimmed_one_sided_cd_mm']:.2f} mm (trimmed one-sided CD)")
+    return Row("fit", dev.type, f"{len(pts)} pts", ms, detail=detail, peak_mb=_peak_mb(dev))
+
+
+def bench_cold_start(device: str, weights: Path | None) -> Row:
+    """A fresh `python -m backend generate` at 128^3, timed from process start to the written mesh."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "cold.ply"
+        cmd = [sys.executable, "-m", "backend", "generate", "--seed", "0", "--resolution", "128", "-o", str(out),
+               "--device", device]
+        if weights is not None:
+            cmd += ["--weights", str(weights)]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+        ms = (time.perf_counter() - t) * 1e3
+        ok = proc.returncode == 0 and out.exists()
+    return Row("cold start", device, "128^3", ms if ok else None,
+               detail="process start -> first mesh written" if ok else f"failed: {proc.stderr.strip()[-200:]}")
