@@ -88,10 +88,10 @@ def test_sampler_batch_is_exact_and_reproducible(ict_path, ict):
     posed, canon = s.meshes(b["id_coeffs"], b["exp_weights"])
     # reference SDF: brute force in float64 over all unburied triangles, winding number over all
     for pts, sdf, verts in ((b["space_posed"], b["space_sdf"], posed), (b["canon_space"], b["canon_sdf"], canon)):
-        p, v = pts[:1, :64].double(), verts[:1].double()
+        p, v = pts[:1, ::3].double(), verts[:1].double()           # near (2 mm, 10 mm) and box points
         w = mesh.winding_number_brute(p, v, s.faces, chunk=16)
         d = mesh.distance_brute(p, v, s.faces, chunk=16, face_mask=s.exposed[None])
-        torch.testing.assert_close(sdf[:1, :64].double(), torch.where(w > 0.5, -d, d), rtol=0, atol=2e-6)
+        torch.testing.assert_close(sdf[:1, ::3].double(), torch.where(w > 0.5, -d, d), rtol=0, atol=2e-6)
     # surface points lie on the posed mesh; template points on the mean head, same barycentric point
     d_surf = s.accel.query(b["surf_posed"][:1, :64], posed[:1], need_winding=False)["distance"]
     assert d_surf.max() < 1e-6
@@ -99,8 +99,11 @@ def test_sampler_batch_is_exact_and_reproducible(ict_path, ict):
     assert d_tmpl.max() < 1e-6
     # anchors are the atlas anchor vertices of the identity's neutral head
     torch.testing.assert_close(b["anchors"], canon[:, s.anchor_vertex])
-    # region labels: the template point's region equals the atlas region of a corner of its triangle
-    assert b["surf_region"].min() >= 0 and b["surf_region"].max() < 39
+    # region labels come from the triangle corner nearest in barycentric terms: nearly always the region of
+    # the template vertex nearest to the template point
+    nearest = torch.cdist(b["surf_template"].reshape(-1, 3), s.neutral).argmin(1)
+    agree = (s.region[nearest] == b["surf_region"].reshape(-1)).float().mean()
+    assert agree > 0.9 and b["surf_region"].min() >= 0 and b["surf_region"].max() < 39
 
 
 def test_metrics_on_ict_heads(ict):

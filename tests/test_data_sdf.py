@@ -84,8 +84,8 @@ def test_box_sdf_exact():
     half = np.array([0.05, 0.08, 0.03])
     v, f = box_mesh(half, 6)
     rng = np.random.default_rng(0)
-    pts = np.concatenate([rng.uniform(-0.12, 0.12, (600, 3)),
-                          rng.uniform(-1, 1, (600, 3)) * half * 1.02])            # many points near the faces
+    pts = np.concatenate([rng.uniform(-0.12, 0.12, (300, 3)),
+                          rng.uniform(-1, 1, (300, 3)) * half * 1.02])            # many points near the faces
     verts = torch.as_tensor(v)[None]
     p = torch.as_tensor(pts)[None]
     ref = box_sdf(pts, half)
