@@ -18,19 +18,26 @@ def _on_load_pre(*_args) -> None:
     region_edit.reset()
 
 
+_HANDLERS = (
+    (bpy.app.handlers.frame_change_post, live_deform.on_frame_change),
+    (bpy.app.handlers.undo_post, live_deform.on_undo_redo),
+    (bpy.app.handlers.redo_post, live_deform.on_undo_redo),
+    (bpy.app.handlers.load_pre, _on_load_pre),
+)
+
+
 def register() -> None:
     properties.register()
     for cls in _CLASSES:
         bpy.utils.register_class(cls)
-    bpy.app.handlers.frame_change_post.append(live_deform.on_frame_change)
-    bpy.app.handlers.load_pre.append(_on_load_pre)
+    for handlers, fn in _HANDLERS:
+        handlers.append(fn)
 
 
 def unregister() -> None:
-    if live_deform.on_frame_change in bpy.app.handlers.frame_change_post:
-        bpy.app.handlers.frame_change_post.remove(live_deform.on_frame_change)
-    if _on_load_pre in bpy.app.handlers.load_pre:
-        bpy.app.handlers.load_pre.remove(_on_load_pre)
+    for handlers, fn in _HANDLERS:
+        if fn in handlers:
+            handlers.remove(fn)
     backend_service.shutdown()
     for cls in reversed(_CLASSES):
         bpy.utils.unregister_class(cls)

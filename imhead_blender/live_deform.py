@@ -179,6 +179,21 @@ class suspended:
 
 
 @bpy.app.handlers.persistent
+def on_undo_redo(scene: bpy.types.Scene, *_args) -> None:
+    """Undo restores weights and vertex positions separately from our bookkeeping: show the weights anew
+    (usually from the cache, so without a request)."""
+    from . import backend_service
+
+    _state.shown.clear()
+    for obj in scene.objects:
+        if obj.type == "MESH" and obj.imhead.is_head:
+            try:
+                request_for_object(obj)
+            except backend_service.BackendUnavailable:
+                return
+
+
+@bpy.app.handlers.persistent
 def on_frame_change(scene: bpy.types.Scene, depsgraph=None) -> None:
     """frame_change_post: animated weights are evaluated by now; submit only, never wait."""
     from . import backend_service

@@ -4,7 +4,9 @@ Point attributes written (all in Blender axes where they are positions):
   imhead_canonical  FLOAT_VECTOR  position on this identity's neutral canonical head (what `deform` moves)
   imhead_template   FLOAT_VECTOR  position on the mean neutral template (cross-identity correspondence)
   imhead_region     INT           atlas region id in [0, 39)
-plus the UV map "UVMap" (ICT layout) and custom normals when the backend sends them.
+plus the UV map "UVMap" (ICT layout). The backend's SDF-gradient normals are not set as custom normals:
+they would go stale as soon as live deform moves the vertices, and Blender's own smooth normals of the
+extracted surface shade more cleanly than the network's gradient.
 """
 
 import bpy
@@ -74,11 +76,6 @@ def fill_mesh(mesh: bpy.types.Mesh, verts: np.ndarray, faces: np.ndarray, arrays
         per_corner = np.asarray(arrays["uv"], dtype=np.float32)[faces.ravel()]
         uv_layer.data.foreach_set("uv", per_corner.ravel())
     mesh.update()
-    if "normals" in arrays:
-        normals = axes.backend_to_blender(arrays["normals"])
-        lengths = np.linalg.norm(normals, axis=1, keepdims=True)
-        normals = np.where(lengths > 1e-12, normals / np.maximum(lengths, 1e-12), 0.0).astype(np.float32)
-        mesh.normals_split_custom_set_from_vertices(normals)
 
 
 def _point_vector(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:

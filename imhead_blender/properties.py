@@ -21,10 +21,13 @@ def _sliders_changed(self, context):
 
 
 def _expression_changed(self, context):
-    # Imported here: backend_service imports this module for the PropertyGroup types.
-    from . import live_deform
+    # Imported here: these modules import this one for the PropertyGroup types.
+    from . import backend_service, live_deform
 
-    live_deform.request_for_object(self.id_data)
+    try:
+        live_deform.request_for_object(self.id_data)
+    except backend_service.BackendUnavailable:
+        pass  # the panel's status box says why; an update callback has no way to report
 
 
 def _expression_annotations() -> dict:

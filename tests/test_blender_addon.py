@@ -67,7 +67,7 @@ def test_generate_creates_head_with_attributes(lifecycle):
     assert attrs["imhead_canonical"] == ["FLOAT_VECTOR", "POINT", n]
     assert attrs["imhead_region"] == ["INT", "POINT", n]
     assert attrs["imhead_template"] == ["FLOAT_VECTOR", "POINT", n]
-    assert g["uv_maps"] == ["UVMap"] and g["custom_normals"]
+    assert g["uv_maps"] == ["UVMap"]
     assert 0 <= g["region_min"] <= g["region_max"] < 39
     # The canonical attribute, converted back to backend axes, lies in the canonical extraction box.
     half_voxel = 0.5 * 0.40 / g["resolution"]
@@ -370,7 +370,7 @@ def scenario_lifecycle(zip_path: str) -> dict:
         "stored_seed": obj.imhead.seed, "stored_resolution": obj.imhead.resolution,
         "head_format": head.get("format"), "identity_len": len(head.get("identity", [])),
         "stored_model_name": obj.imhead.model_name, "region_items": len(obj.imhead.regions),
-        "uv_maps": mesh.uv_layers.keys(), "custom_normals": mesh.has_custom_normals,
+        "uv_maps": mesh.uv_layers.keys(),
     }
 
     facts["panels_with_head"] = draw_panels(bpy, module)
@@ -445,7 +445,8 @@ def scenario_lifecycle(zip_path: str) -> dict:
         "object_props": hasattr(bpy.types.Object, "imhead"),
         "scene_props": hasattr(bpy.types.Scene, "imhead"),
         "frame_handler": any(getattr(h, "__module__", "").startswith(module)
-                             for h in (*bpy.app.handlers.frame_change_post, *bpy.app.handlers.load_pre)),
+                             for h in (*bpy.app.handlers.frame_change_post, *bpy.app.handlers.load_pre,
+                                      *bpy.app.handlers.undo_post, *bpy.app.handlers.redo_post)),
         "timer": bpy.app.timers.is_registered(timer),
         "backend_alive": bool(_backend_pids()),
     }

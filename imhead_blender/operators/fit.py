@@ -81,8 +81,6 @@ def _add_fitted(scene_name: str, source_name: str, resolution: int, params: dict
     # every imHead object, so live deform and region edits apply) and its transform does the overlay.
     model = dict(arrays)
     model["vertices"] = (scale * arrays["vertices"].astype(np.float64) @ rotation.T + translation).astype(np.float32)
-    if "normals" in arrays:  # rotated into the input frame by the backend: rotate them back
-        model["normals"] = (arrays["normals"].astype(np.float64) @ rotation.T).astype(np.float32)
     obj = head_objects.create_head_object(scene, f"{source_name}.imHead", params["head"], model, seed=0,
                                           resolution=resolution)
     obj.matrix_world = source.matrix_world @ Matrix(axes.similarity_to_object_matrix(scale, rotation, translation))
