@@ -132,3 +132,4 @@ def test_sampling_is_area_uniform():
     total = 2 * 4 * (half[0] * half[1] + half[1] * half[2] + half[0] * half[2])
     assert abs(on_x.mean() - area_x / total) < 0.005
     assert (bary >= 0).all() and torch.allclose(bary.sum(-1), torch.ones(1, 200_000, dtype=bary.dtype))
+

@@ -314,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", type=Path, required=True, help="FaceXModel.tar.xz or a FaceXModel directory")
     p.add_argument("--out", type=Path, default=Path(".data/ict.safetensors"))
     args = p.parse_args(argv)
-    model = convert(args.source, log=lambda m: print(m, file=sys.stderr))
+    try:
+        model = convert(args.source, log=lambda m: print(m, file=sys.stderr))
+    except (OSError, ValueError, KeyError, tarfile.TarError) as exc:
+        print(f"error: cannot convert {args.source}: {exc}", file=sys.stderr)
+        return 2
     save_ict(model, args.out, _sha256(args.source))
     print(f"wrote {args.out}: {len(model.neutral)} vertices, {len(model.faces)} triangles, "
           f"{args.out.stat().st_size / 1e6:.1f} MB")

@@ -113,6 +113,8 @@ class HeadSampler:
               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         ns = n_surface or self.cfg.n_surface
         nq = n_space or self.cfg.n_space
+        if batch_size < 1 or ns < 1 or nq < 1:
+            raise ValueError(f"batch size and point counts must be positive, got {batch_size}, {ns}, {nq}")
         gen = self._device_generator(generator)
         dev, b = self.device, batch_size
         id_index = torch.randint(self.cfg.n_train, (b,), device=dev, generator=gen)
