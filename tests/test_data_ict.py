@@ -90,7 +90,7 @@ def test_sampler_batch_is_exact_and_reproducible(ict_path, ict):
     for pts, sdf, verts in ((b["space_posed"], b["space_sdf"], posed), (b["canon_space"], b["canon_sdf"], canon)):
         p, v = pts[:1, ::3].double(), verts[:1].double()           # near (2 mm, 10 mm) and box points
         w = mesh.winding_number_brute(p, v, s.faces, chunk=16)
-        d = mesh.distance_brute(p, v, s.faces, chunk=16, face_mask=s.exposed[None])
+        d = mesh.distance_brute(p, v, s.faces, chunk=16, face_mask=s.exposed_faces(verts[:1]))
         torch.testing.assert_close(sdf[:1, ::3].double(), torch.where(w > 0.5, -d, d), rtol=0, atol=2e-6)
     # surface points lie on the posed mesh; template points on the mean head, same barycentric point
     d_surf = s.accel.query(b["surf_posed"][:1, :64], posed[:1], need_winding=False)["distance"]
@@ -104,6 +104,35 @@ def test_sampler_batch_is_exact_and_reproducible(ict_path, ict):
     nearest = torch.cdist(b["surf_template"].reshape(-1, 3), s.neutral).argmin(1)
     agree = (s.region[nearest] == b["surf_region"].reshape(-1)).float().mean()
     assert agree > 0.9 and b["surf_region"].min() >= 0 and b["surf_region"].max() < 39
+
+
+def test_exposure_follows_the_lids(ict_path):
+    """A closed left eye buries the sclera under the lid: the per-mesh mask agrees with float64 brute-force
+    winding numbers at the re-tested triangles' centroids, and the open right eye is unchanged."""
+    from backend.data import mesh
+    from backend.data.sampler import HeadSampler
+
+    s = HeadSampler(ict_path)
+    w = torch.zeros(1, 53)
+    w[0, s.expressions.index("eyeBlink_L")] = 1.0
+    posed, _ = s.meshes(torch.zeros(1, 100), w)
+    exposed = s.exposed_faces(posed)[0]
+    pick = torch.arange(0, len(s.eye_faces), 3)                   # a third of them keeps the test fast
+    cent = posed[0].double()[s.faces[s.eye_faces[pick]]].mean(1)[None]
+    head = s.faces[torch.as_tensor(ict_faces_in_group(s, 0))]
+    sclera = s.faces[torch.as_tensor(ict_faces_in_group(s, 1) + ict_faces_in_group(s, 2))]
+    w_head = mesh.winding_number_brute(cent, posed.double(), head, chunk=64)[0]
+    w_sclera = mesh.winding_number_brute(cent, posed.double(), sclera, chunk=64)[0]
+    ref = torch.where(s.eye_is_sclera[pick], w_head, w_sclera) < 0.5
+    assert torch.equal(exposed[s.eye_faces[pick]], ref)
+    newly_buried = s.exposed & ~exposed
+    left = s.neutral[s.faces].mean(1)[:, 0] > 0
+    assert newly_buried[left].sum() > 300 and newly_buried[~left].sum() == 0
+
+
+def ict_faces_in_group(s, group: int) -> list[int]:
+    lo, hi = s.accel.group_bounds[group], s.accel.group_bounds[group + 1]
+    return sorted(set(s.accel.cluster_faces[lo:hi].flatten().tolist()))
 
 
 def test_metrics_on_ict_heads(ict):

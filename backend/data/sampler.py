@@ -38,6 +38,9 @@ from .atlas import Atlas, load_atlas
 from .ict import closed_groups, load_ict
 
 
+EYE_MARGIN = 0.003    # metres from a sclera within which exposed head triangles are re-tested per mesh
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     n_train: int = 4096
@@ -71,6 +74,7 @@ class HeadSampler:
         self.id_basis = torch.as_tensor(ict.id_basis.reshape(len(ict.id_basis), -1), dtype=torch.float64, device=dev)
         self.exp_basis = torch.as_tensor(ict.exp_basis.reshape(len(ict.exp_basis), -1), dtype=torch.float64, device=dev)
         self.exposed = torch.as_tensor(ict.face_buried == 0, device=dev)
+        self._init_eye_candidates(ict)
         self.region = torch.as_tensor(self.atlas.region, dtype=torch.long, device=dev)
         self.anchor_vertex = torch.as_tensor(self.atlas.anchor_vertex, dtype=torch.long, device=dev)
         self.train_ids = torch.as_tensor(splits.train_identities(config.n_train, config.seed), device=dev)
@@ -101,11 +105,25 @@ class HeadSampler:
         posed_delta = id_delta + (exp_weights.double() @ self.exp_basis).view(-1, self.n_vertices, 3)
         return (self.neutral + posed_delta).float(), (self.neutral + id_delta).float()
 
-    def signed_distance(self, points: torch.Tensor, verts: torch.Tensor) -> torch.Tensor:
-        """SDF (B,N) of points (B,N,3) to the closed union surface of meshes verts (B,V,3); negative inside."""
-        chunk = 16384 if self.device.type == "cuda" else 2048
-        r = self.accel.query(points, verts, k=self.cfg.k_exact, k_distance=self.cfg.k_exact, chunk=chunk,
-                             face_mask=self.exposed.expand(len(verts), -1))
+    def exposed_faces(self, verts: torch.Tensor) -> torch.Tensor:
+        """(B,F) bool: triangles on the boundary of the union for these meshes. Start from the mean head's
+        mask (face_buried) and re-test, per mesh, the triangles where head and scleras can newly overlap
+        (see _init_eye_candidates): one whose centroid lies inside the other component(s) (winding
+        number > 0.5) is buried. Lids closing over the eyeball (eyeBlink) are thus handled."""
+        cent = verts[:, self.faces[self.eye_faces]].mean(2)                    # (B,E,3)
+        w = self.accel.query(cent, verts, k=self.cfg.k_exact, chunk=self._chunk(), need_distance=False)["winding"]
+        other = torch.where(self.eye_is_sclera, w[..., 0], w[..., 1:].sum(-1))
+        exposed = self.exposed.expand(len(verts), -1).clone()
+        exposed[:, self.eye_faces] = other < 0.5
+        return exposed
+
+    def signed_distance(self, points: torch.Tensor, verts: torch.Tensor,
+                        exposed: torch.Tensor | None = None) -> torch.Tensor:
+        """SDF (B,N) of points (B,N,3) to the closed union surface of meshes verts (B,V,3); negative inside.
+        Distances are to `exposed` triangles (default: exposed_faces(verts))."""
+        exposed = self.exposed_faces(verts) if exposed is None else exposed
+        r = self.accel.query(points, verts, k=self.cfg.k_exact, k_distance=self.cfg.k_exact, chunk=self._chunk(),
+                             face_mask=exposed)
         inside = r["winding"].sum(-1) > 0.5
         return torch.where(inside, -r["distance"], r["distance"])
 
@@ -124,8 +142,8 @@ class HeadSampler:
         exp_weights = self.train_exps[rows] * (~neutral)[:, None]
         posed, canon = self.meshes(id_coeffs, exp_weights)
 
-        weights = self.exposed.expand(b, -1).to(posed.dtype)
-        face, bary = mesh.sample_surface(posed, self.faces, ns, gen, weights)
+        exposed_posed, exposed_canon = self.exposed_faces(posed), self.exposed_faces(canon)
+        face, bary = mesh.sample_surface(posed, self.faces, ns, gen, exposed_posed.to(posed.dtype))
         _, normals_posed = mesh.face_area_normals(posed, self.faces)
         _, normals_canon = mesh.face_area_normals(canon, self.faces)
         bidx = torch.arange(b, device=dev)[:, None]
@@ -140,13 +158,30 @@ class HeadSampler:
             "surf_region": self.region[corner],
             "anchors": canon[:, self.anchor_vertex],
         }
-        out["space_posed"] = self._space_points(posed, weights, nq, gen)
-        out["space_sdf"] = self.signed_distance(out["space_posed"], posed)
-        out["canon_space"] = self._space_points(canon, weights, nq, gen)
-        out["canon_sdf"] = self.signed_distance(out["canon_space"], canon)
+        out["space_posed"] = self._space_points(posed, exposed_posed.to(posed.dtype), nq, gen)
+        out["space_sdf"] = self.signed_distance(out["space_posed"], posed, exposed_posed)
+        out["canon_space"] = self._space_points(canon, exposed_canon.to(canon.dtype), nq, gen)
+        out["canon_sdf"] = self.signed_distance(out["canon_space"], canon, exposed_canon)
         return out
 
     # ----------------------------------------------------------------------------------------- private
+    def _init_eye_candidates(self, ict) -> None:
+        """Triangles whose exposure can change: exposed (on the mean head) sclera triangles, which lids can
+        cover, and exposed head triangles whose centroid is within EYE_MARGIN of a sclera vertex (lid
+        margins, which can move into the eyeball). Buried triangles stay buried: the eyeballs do not move
+        under ICT expressions, so what is behind them stays behind them."""
+        groups = closed_groups(ict.face_part, ict.face_parts)
+        neutral = torch.as_tensor(ict.neutral, dtype=torch.float64)
+        cent = neutral[torch.as_tensor(ict.faces, dtype=torch.long)].mean(1)
+        sclera_v = neutral[torch.as_tensor(np.unique(ict.faces[groups > 0]))]
+        near = torch.cat([torch.cdist(c, sclera_v).amin(1) for c in cent.split(4096)]).numpy() < EYE_MARGIN
+        cand = np.flatnonzero((ict.face_buried == 0) & ((groups > 0) | near))
+        self.eye_faces = torch.as_tensor(cand, device=self.device)
+        self.eye_is_sclera = torch.as_tensor(groups[cand] > 0, device=self.device)
+
+    def _chunk(self) -> int:
+        return 16384 if self.device.type == "cuda" else 2048
+
     def _space_points(self, verts: torch.Tensor, weights: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
         f1, f2, _ = self.cfg.space_fractions
         n1, n2 = round(n * f1), round(n * f2)
