@@ -15,12 +15,13 @@ shapes): 4,096 identities x 65,537 expressions. Held-out identities/expressions 
 seed streams. Vertices = neutral + c @ id_basis + w @ exp_basis, one matmul per batch.
 
 Geometry: the closed surface is head (+ ear-clipped neck cap) + both scleras (backend.data.ict). Surface
-points are area-weighted on the triangles that bound the union (face_buried excluded); normals are the
+points are area-weighted on the triangles that bound the union (exposed_faces: the mean head's
+face_buried mask, re-tested per mesh where lids meet the eyeballs); normals are the
 face normals; surf_canon / surf_template are the same barycentric point on the identity's neutral head /
 on the mean neutral head; surf_region is the atlas region of the triangle corner with the largest
 barycentric weight. Space points: fractions `space_fractions` of (surface + N(0, sigma_1^2)),
 (surface + N(0, sigma_2^2)) and uniform in the canonical box (constants.BBOX_*). Signed distance = exact
-distance to the nearest unburied triangle (ClusteredMesh; exact, see mesh.py) with the sign of the
+distance to the nearest exposed triangle (ClusteredMesh; exact, see mesh.py) with the sign of the
 generalised winding number of the union (> 0.5 inside, negative SDF).
 """
 
