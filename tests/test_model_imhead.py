@@ -10,7 +10,7 @@ PAIRS = [[0, 1], [2, 3], [10, 20]]
 
 def _model(seed: int = 0, randomise_fusion: bool = True) -> ImHead:
     torch.manual_seed(seed)
-    m = ImHead(ImHeadConfig(mirror_pairs=PAIRS, local_hidden=32, fusion_hidden=32, dec_hidden=64))
+    m = ImHead(ImHeadConfig(mirror_pairs=PAIRS, local_hidden=32, fusion_hidden=32, dec_hidden=64, sigma=0.005))
     if randomise_fusion:  # the fusion net starts at zero; give it weight so features reach the SDF
         for p in m.fusion.parameters():
             torch.nn.init.normal_(p, std=0.2)

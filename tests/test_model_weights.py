@@ -91,3 +91,22 @@ def test_shipped_weights_copy_corrupted_raises(tmp_path):
     (tmp_path / W.WEIGHTS_FILE).write_bytes(bytes(data))
     with pytest.raises(WeightsError):
         W.load_model(tmp_path)
+
+
+def test_shipped_weights_generate_a_closed_head_sized_surface():
+    from backend.engine.extract import extract_mesh
+
+    lm = W.load_model()
+    if not lm.trained:
+        pytest.skip("no shipped weights yet")
+    m, ex = lm.model, lm.extras
+    assert (W.default_weights_dir() / W.WEIGHTS_FILE).stat().st_size <= 30 * 2**20
+    zr, k = m.decode(ex["id_mean"][None])
+    with torch.no_grad():
+        mesh, _ = extract_mesh(lambda p: m.sdf(p[None], zr, k, topk=4)[0], 32)
+    ext = mesh.vertices.max(0) - mesh.vertices.min(0)
+    # ICT mean head: 0.25 x 0.34 x 0.22 m (x, y, z); allow the coarse grid and the neck cut
+    assert 0.18 < ext[0] < 0.32 and 0.25 < ext[1] < 0.42 and 0.17 < ext[2] < 0.30, ext
+    edges = torch.as_tensor(mesh.faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2)).long()
+    _, counts = torch.unique(torch.sort(edges, 1).values, dim=0, return_counts=True)
+    assert (counts == 2).all()  # closed: every edge has exactly two faces

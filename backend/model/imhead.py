@@ -28,7 +28,7 @@ class ImHeadConfig:
     n_expressions: int = constants.N_EXPRESSIONS
     # [a, b]: region b reuses region a's local network and LandmarkNet with x -> -x.
     mirror_pairs: list[list[int]] = field(default_factory=list)
-    sigma: float = 0.006  # blend temperature (m): w_j = softmax(-|x - k_j| / sigma)
+    sigma: float = 0.008  # blend temperature (m): w_j = softmax(-|x - k_j| / sigma)
     pe_freqs: int = 6
     pe_scale: float = 10.0  # local coordinates are multiplied by this before encoding
     local_hidden: int = 96
@@ -161,16 +161,22 @@ class ImHead(nn.Module):
         self.register_buffer("prior_center", torch.tensor(cfg.prior_center), persistent=False)
 
     # ---------------------------------------------------------------- identity -> regions -> anchors
+    # DecNet and LandmarkNet are tiny and run in full precision even under autocast: a bf16 anchor would be
+    # quantised to ~0.5 mm.
     def region_codes(self, z_id: Tensor) -> Tensor:
         """(B, 256) -> (B, 39, 32)."""
-        return self.decnet(z_id).view(z_id.shape[0], self.cfg.n_regions, self.cfg.region_dim)
+        with torch.autocast(z_id.device.type, enabled=False):
+            zr = self.decnet(z_id.to(self.anchor_bias.dtype))
+        return zr.view(z_id.shape[0], self.cfg.n_regions, self.cfg.region_dim)
 
     def anchors(self, zr: Tensor) -> Tensor:
         """(B, 39, 32) -> (B, 39, 3); anchor j depends on zr[:, j] only."""
         s = self.slot
-        h = F.silu(torch.einsum("brz,rzh->brh", zr, self.lm_w1[s]) + self.lm_b1[s])
-        off = torch.einsum("brh,rhc->brc", h, self.lm_w2[s]) + self.lm_b2[s]
-        return self.anchor_bias + self.cfg.lm_scale * off * self.flip
+        with torch.autocast(zr.device.type, enabled=False):
+            zr = zr.to(self.anchor_bias.dtype)
+            h = F.silu(torch.einsum("brz,rzh->brh", zr, self.lm_w1[s]) + self.lm_b1[s])
+            off = torch.einsum("brh,rhc->brc", h, self.lm_w2[s]) + self.lm_b2[s]
+            return self.anchor_bias + self.cfg.lm_scale * off * self.flip
 
     def decode(self, z_id: Tensor) -> tuple[Tensor, Tensor]:
         zr = self.region_codes(z_id)
@@ -198,14 +204,17 @@ class ImHead(nn.Module):
     # ---------------------------------------------------------------- local networks
     def _code_bias(self, zr: Tensor) -> Tensor:
         s = self.slot
-        return torch.einsum("brz,rzh->brh", zr, self.loc_wz[s]) + self.loc_b[s]  # (B, R, H)
+        with torch.autocast(zr.device.type, enabled=False):
+            return torch.einsum("brz,rzh->brh", zr, self.loc_wz[s]) + self.loc_b[s]  # (B, R, H)
 
     def _local_dense(self, x: Tensor, zr: Tensor, k: Tensor) -> Tensor:
         """Every region at every point: (B, N, R, F)."""
         s = self.slot
         local = (x[:, :, None, :] - k[:, None, :, :]) * self.flip
         h = positional_encoding(local, self.cfg.pe_freqs, self.cfg.pe_scale)
-        h = F.silu(torch.einsum("bnre,reh->bnrh", h, self.loc_wx[s]) + self._code_bias(zr)[:, None])
+        with torch.autocast(x.device.type, enabled=False):  # input layer in full precision: bf16 would
+            h = torch.einsum("bnre,reh->bnrh", h, self.loc_wx[s]) + self._code_bias(zr)[:, None]  # cut x to ~0.4 mm
+        h = F.silu(h)
         for w, b in zip(self.loc_wh, self.loc_bh):
             h = F.silu(torch.einsum("bnrh,rhg->bnrg", h, w[s]) + b[s])
         return torch.einsum("bnrh,rhf->bnrf", h, self.loc_wo[s]) + self.loc_bo[s]
@@ -225,7 +234,8 @@ class ImHead(nn.Module):
                 continue
             s = int(self.slot[r])
             sl = slice(start, start + c)
-            h = F.silu(enc[sl] @ self.loc_wx[s] + zb[sl])
+            with torch.autocast(x.device.type, enabled=False):
+                h = F.silu(enc[sl] @ self.loc_wx[s] + zb[sl])
             for w, b in zip(self.loc_wh, self.loc_bh):
                 h = F.silu(h @ w[s] + b[s])
             outs.append(h @ self.loc_wo[s] + self.loc_bo[s])

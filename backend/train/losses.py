@@ -18,16 +18,18 @@ from ..model import ImHead
 
 @dataclass
 class LossWeights:
+    # Balanced like SIREN's SDF fit (3e3 / 1e2 / 5e1 in unit-box coordinates, ours are metres): weak normal
+    # and eikonal terms let the net fit surface points with a non-distance field (seen: |grad| ~ 0.2).
     surface: float = 3000.0  # |sdf| on surface points (m)
-    normal: float = 1.0  # 1 - cos(grad, normal), posed (gradient through the warp)
-    normal_canon: float = 1.0  # same on the canonical head
-    eikonal: float = 0.1
-    space: float = 300.0  # |sdf - gt| off the surface (m)
+    normal: float = 30.0  # 1 - cos(grad, normal), posed (gradient through the warp)
+    normal_canon: float = 30.0  # same on the canonical head
+    eikonal: float = 10.0
+    space: float = 3000.0  # |sdf - gt| off the surface (m); the targets are exact distances
     anchor: float = 100.0  # |k - k_gt|^2 (m^2), mean over regions, times 1e2 below
     symmetry: float = 1e-3  # |z_a - z_b|^2 for mirrored region pairs
     latent: float = 1e-4  # |z_id|^2 / D
-    deform: float = 300.0  # |x + dx - x_canon| (m)
-    corresp: float = 300.0  # |template(x_canon) - x_template| (m)
+    deform: float = 3000.0  # |x + dx - x_canon| (m)
+    corresp: float = 1000.0  # |template(x_canon) - x_template| (m)
     space_clamp: float = 0.05  # off-surface SDF targets are clamped to +-this (m), like DeepSDF
 
     def to_dict(self) -> dict[str, float]:
