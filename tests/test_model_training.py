@@ -1,18 +1,45 @@
-"""Training on CPU with a tiny config: the real loop (checkpoint, resume) overfits analytic spheres."""
+"""Training on CPU with a tiny config: the real loop (checkpoint, resume) overfits analytic spheres, and
+latent fitting recovers a sphere of the trained family."""
 
 import json
 
+import pytest
 import torch
 
 from backend.model import ImHead, ImHeadConfig
+from backend.model.inversion import fit_latents
 from backend.train import train
 from backend.train.checkpoint import load_checkpoint
+from backend.train.export import code_statistics
 from backend.train.losses import TrainModule
 from backend.train.synthetic import SphereSource
 
 ARGS = ["--data", "synthetic", "--tiny", "--batch", "2", "--ns", "128", "--nq", "128", "--total-steps", "160",
         "--log-every", "40", "--warmup", "10", "--lr", "2e-3", "--code-lr", "1e-2", "--n-synthetic", "2",
         "--topk", "4", "--minutes", "10"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is ~10x faster than two on a shared, loaded CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    """(module, checkpoint info, log records, source) after a run cut into two pieces."""
+    tmp = tmp_path_factory.mktemp("train")
+    ck = tmp / "ck"
+    src = SphereSource(2)
+    fresh = TrainModule(ImHead(ImHeadConfig(**train.TINY), anchor_init=src.anchor_init), src.n)
+    train.main(ARGS + ["--ckpt", str(ck), "--max-steps", "80"])  # first piece, cut short
+    train.main(ARGS + ["--ckpt", str(ck)])  # resumes and finishes the schedule
+    module = TrainModule(ImHead(ImHeadConfig(**train.TINY), anchor_init=src.anchor_init), src.n)
+    info = load_checkpoint(ck, module, None)
+    log = [json.loads(line) for line in (tmp / "ck.log.jsonl").read_text().splitlines()]
+    return fresh, module, info, log, src
 
 
 def _errors_mm(module: TrainModule, src: SphereSource) -> tuple[float, float]:
@@ -25,29 +52,27 @@ def _errors_mm(module: TrainModule, src: SphereSource) -> tuple[float, float]:
     return float(surf) * 1e3, float(space) * 1e3
 
 
-def test_tiny_model_overfits_spheres_with_resume(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: one thread is ~10x faster than two on a shared, loaded CPU
-    try:
-        _overfit(tmp_path)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _overfit(tmp_path):
-    ck = tmp_path / "ck"
-    src = SphereSource(2)
-    fresh = TrainModule(ImHead(ImHeadConfig(**train.TINY), anchor_init=src.anchor_init), src.n)
+def test_tiny_model_overfits_spheres_with_resume(trained):
+    fresh, module, info, log, src = trained
     surf0, _ = _errors_mm(fresh, src)
     assert surf0 > 10.0  # the prior sphere is far from both targets
-
-    train.main(ARGS + ["--ckpt", str(ck), "--max-steps", "80"])  # first piece, cut short
-    train.main(ARGS + ["--ckpt", str(ck)])  # resumes and finishes the schedule
-    module = TrainModule(ImHead(ImHeadConfig(**train.TINY), anchor_init=src.anchor_init), src.n)
-    info = load_checkpoint(ck, module, None)
     assert info["step"] == 160 and info["pieces"] == 2
-    log = [json.loads(line) for line in (tmp_path / "ck.log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [40, 80, 120, 160]
     surf, space = _errors_mm(module, src)
     assert surf < 2.0, surf
     assert space < 2.5, space
+
+
+def test_fit_latents_recovers_a_sphere_of_the_trained_family(trained):
+    _, module, _, _, src = trained
+    stats = code_statistics(module.model, module.codes.weight.detach())
+    n = torch.nn.functional.normalize(torch.randn(1, 1000, 3, generator=torch.Generator().manual_seed(5)), dim=-1)
+    pts = src.centre[1] + src.radius[1] * n  # exactly on sphere 1
+    zr0, k0 = module.model.decode(stats["id_mean"][None])
+    with torch.no_grad():
+        before = float(module.model.sdf(pts, zr0, k0, topk=4).abs().mean())
+    res = fit_latents(module.model, pts[0], n[0], fit_expression=False, steps=120, lr=0.05, topk=4,
+                      id_mean=stats["id_mean"], id_chol=stats["id_chol"], batch_points=512)
+    after = float(res.final_abs_sdf[0])
+    assert after < 0.5 * before and after < 2e-3, (after, before)
+    assert res.z_exp.abs().max() == 0 and res.zr.shape == (1, 39, 32)
