@@ -31,16 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ict", type=Path, default=Path(".data/ict.safetensors"), help="converted ICT-FaceKit file")
     p.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped weights/)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--identities", type=int, default=3)
+    p.add_argument("--identities", type=int, default=2)
     p.add_argument("--expressions", type=int, default=1, help="held-out expressions per identity")
     p.add_argument("--points", type=int, default=10_000, help="surface points each fit sees")
-    p.add_argument("--steps", type=int, default=150, help="fitting steps")
-    p.add_argument("--batch-points", type=int, default=2048, help="points per fitting step")
-    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--steps", type=int, default=60, help="fitting steps")
+    p.add_argument("--batch-points", type=int, default=1024, help="points per fitting step")
+    p.add_argument("--resolution", type=int, default=96)
     p.add_argument("--samples", type=int, default=100_000, help="metric samples per mesh")
     p.add_argument("--topk", type=int, default=8, help="regions evaluated per point (0: all)")
-    p.add_argument("--locality-regions", type=int, default=4)
-    p.add_argument("--full", action="store_true", help="20 identities x 3 expressions, 300 steps, resolution 256")
+    p.add_argument("--locality-regions", type=int, default=3)
+    p.add_argument("--full", action="store_true", help="GPU size: 20 identities x 3 expressions, 300 steps, 2048 points a step, resolution 256")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--write-card", type=Path, default=None, help="replace the eval block of this model card")
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..weights import load_model
 
     if args.full:
-        args.identities, args.expressions, args.steps, args.resolution = 20, 3, 300, 256
+        args.identities, args.expressions, args.steps, args.resolution, args.batch_points = 20, 3, 300, 256, 2048
     if not args.ict.exists():
         raise errors.InvalidInput(f"{args.ict} not found: convert ICT-FaceKit first (python -m backend.data.ict)")
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
