@@ -21,6 +21,8 @@ OnFailure = Callable[[BackendFailure], None]
 
 TIMER_BUSY_S = 0.05
 TIMER_IDLE_S = 0.5
+# A fit or a fine mesh on a busy laptop CPU can take many minutes; the panel's Cancel is the usual way out.
+REQUEST_TIMEOUT_S = 1800.0
 
 
 @dataclass
@@ -79,8 +81,12 @@ def _start() -> BackendClient:
     except RuntimeError as exc:
         _state.last_error = str(exc)
         raise BackendUnavailable(str(exc)) from exc
-    client = BackendClient(python, str(root))
-    client.start()
+    client = BackendClient(python, str(root), request_timeout=REQUEST_TIMEOUT_S)
+    try:
+        client.start()
+    except BackendFailure as exc:
+        _state.last_error = exc.message
+        raise BackendUnavailable(exc.message) from exc
     _state.client, _state.python = client, python
     _state.last_error, _state.handshake_checked = "", False
     _ensure_timer()

@@ -16,6 +16,7 @@ from . import axes, expressions, mesh_build
 
 CACHE_ENTRIES = 256
 KEY_DECIMALS = 4  # weights equal to 1e-4 give the same surface for all practical purposes
+BAKED_PREFIX = "imhead_f"  # shape keys written by the bake, one per distinct pose
 
 
 class _State:
@@ -46,9 +47,6 @@ def is_baked(obj: bpy.types.Object) -> bool:
     return keys is not None and any(k.name.startswith(BAKED_PREFIX) for k in keys.key_blocks)
 
 
-BAKED_PREFIX = "imhead_f"
-
-
 def request_for_object(obj: bpy.types.Object) -> None:
     """Show the object's current expression weights: from the cache, or by submitting one deform."""
     if _state.suspended or obj is None or obj.type != "MESH" or not obj.imhead.is_head or is_baked(obj):
@@ -75,24 +73,27 @@ def request_for_object(obj: bpy.types.Object) -> None:
     if name in _state.in_flight:
         _state.dirty.add(name)
         return
-    _submit(obj, weights[None, :], partial(_apply_live, name, key))
-    _state.in_flight[name] = key
+    from . import backend_service
+
+    _state.in_flight[name] = key  # before submitting: a request refused at once fails synchronously
+    try:
+        _submit(obj, weights[None, :], partial(_apply_live, name, key), "Expression",
+                on_failure=lambda _exc: _forget_in_flight(name))
+    except backend_service.BackendUnavailable:
+        _forget_in_flight(name)
+        raise
 
 
-def _submit(obj: bpy.types.Object, weights: np.ndarray, on_success, label: str = "Expression") -> None:
+def _submit(obj: bpy.types.Object, weights: np.ndarray, on_success, label: str, on_failure=None) -> None:
+    """One deform request for `obj`'s canonical vertices through `weights` (T,53)."""
     from . import backend_service, head_objects
 
     canonical = axes.blender_to_backend(mesh_build.read_point_vector(obj.data, mesh_build.CANONICAL))
     name = obj.name
-    try:
-        backend_service.submit(
-            "deform", {"head": head_objects.head_spec(obj)},
-            {"canonical": canonical, "expressions": np.ascontiguousarray(weights, dtype=np.float32)},
-            label=f"{label} ({name})", object_name=name, on_success=on_success,
-            on_failure=lambda _exc: _forget_in_flight(name))
-    except backend_service.BackendUnavailable:
-        _forget_in_flight(name)
-        raise
+    backend_service.submit(
+        "deform", {"head": head_objects.head_spec(obj)},
+        {"canonical": canonical, "expressions": np.ascontiguousarray(weights, dtype=np.float32)},
+        label=f"{label} ({name})", object_name=name, on_success=on_success, on_failure=on_failure)
 
 
 def _token(obj: bpy.types.Object) -> tuple[int, int]:

@@ -1,5 +1,7 @@
 """The "imHead" tab in the 3D viewport sidebar."""
 
+import time
+
 import bpy
 
 from . import backend_service, expressions, live_deform, region_edit
@@ -29,7 +31,9 @@ class IMHEAD_PT_main(_ImHeadPanel, bpy.types.Panel):
             box = layout.box()
             row = box.row(align=True)
             message = job.future.message or "waiting"
-            row.progress(factor=float(job.future.progress), type="BAR", text=f"{job.label}: {message}")
+            elapsed = time.monotonic() - job.started
+            row.progress(factor=float(job.future.progress), type="BAR",
+                         text=f"{job.label}: {message} ({elapsed:.0f} s)")
             op = row.operator("imhead.cancel_job", text="", icon="CANCEL")
             op.request_id = job.request_id
 

@@ -36,9 +36,13 @@ def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str) -> None:
     """Send `ops` for this head; raises BackendUnavailable (the caller reports it)."""
     name = obj.name
     params = {"head": head_objects.head_spec(obj), "ops": ops, "resolution": obj.imhead.resolution}
-    backend_service.submit("edit", params, None, label=f"{label} ({name})", object_name=name,
-                           on_success=partial(_apply, name), on_failure=lambda _exc: _done(name))
-    _state.in_flight.add(name)
+    _state.in_flight.add(name)  # before submitting: a request refused at once fails synchronously
+    try:
+        backend_service.submit("edit", params, None, label=f"{label} ({name})", object_name=name,
+                               on_success=partial(_apply, name), on_failure=lambda _exc: _done(name))
+    except backend_service.BackendUnavailable:
+        _done(name)
+        raise
 
 
 def request_sliders(obj: bpy.types.Object, region: str) -> None:

@@ -340,7 +340,7 @@ def scenario_lifecycle(zip_path: str) -> dict:
     facts["panels_before"] = draw_panels(bpy, module)
 
     # --- Generate through the operator, replies applied by pump_backend() (timers do not run here).
-    seed, resolution = 11, 64
+    seed, resolution = 11, 48
     scene.imhead.seed, scene.imhead.resolution = seed, resolution
     assert bpy.ops.imhead.generate() == {"FINISHED"}
     service.drain(600)
