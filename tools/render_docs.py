@@ -36,7 +36,8 @@ from backend.weights import WEIGHTS_FILE  # noqa: E402
 TURN_DEG = 30.0  # three-quarter view: each head turned about its vertical axis toward the viewer's right
 TILT_DEG = 8.0  # camera looks slightly down
 SPACING = 0.27  # m between head centres in a row / grid of whole heads
-ROW_SPACING = 0.46
+ROW_SPACING = 0.40
+GRID_CUT_Y = -0.165  # m (backend +Y): the grid's busts end here, above the ragged shoulders at the box floor
 CLOSE_SPACING = 0.24  # for neck-cut busts
 CLOSE_ROW_SPACING = 0.34
 NECK_CUT_Y = -0.115  # m (backend +Y): close-ups drop faces below this height
@@ -92,16 +93,16 @@ def place(v_backend: np.ndarray, x: float, z: float) -> np.ndarray:
     return v @ rot.T + np.array([x, 0.0, z])
 
 
-def cut_neck(reference: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Faces (F',3) whose three vertices lie above NECK_CUT_Y in `reference` (backend axes)."""
-    return faces[(reference[faces, 1] > NECK_CUT_Y).all(1)]
+def cut_neck(reference: np.ndarray, faces: np.ndarray, y_cut: float = NECK_CUT_Y) -> np.ndarray:
+    """Faces (F',3) whose three vertices lie above y_cut in `reference` (backend axes)."""
+    return faces[(reference[faces, 1] > y_cut).all(1)]
 
 
 def surface_distance(points: np.ndarray, verts: np.ndarray, faces: np.ndarray, k: int = 8,
                      chunk: int = 8192) -> np.ndarray:
     """Distance (N,) from each point to the triangle mesh (verts, faces): exact point-triangle distance over
-    the triangles around the k nearest mesh vertices (marching-cubes meshes are uniform, so the closest
-    triangle always touches one of them)."""
+    the triangles around the k nearest mesh vertices. On uniform (marching-cubes) meshes the closest triangle
+    touches one of them; on the ICT template this matched brute force over all triangles exactly."""
     order = np.argsort(faces.ravel(), kind="stable")
     vert_of, face_of = faces.ravel()[order], order // 3
     counts = np.bincount(vert_of, minlength=len(verts))
@@ -146,9 +147,11 @@ def heads_grid(s: Session, seeds: list[int], cols: int, res: int, t0: float) -> 
         r, c = divmod(n, cols)
         verts, faces = neutral_mesh(s, HeadSpec(identity=s.sample_identity(seed)), res)
         x, z = (c - (cols - 1) / 2) * SPACING, ((rows - 1) / 2 - r) * ROW_SPACING
-        panels.append(Panel(place(verts, x, z), faces, f"seed {seed}", row=r))
+        panels.append(Panel(place(verts, x, z), cut_neck(verts, faces, GRID_CUT_Y), f"seed {seed}", row=r))
         log(t0, f"grid: seed {seed}: {len(verts)} vertices")
-    return Picture(panels, f"Random heads (seeds {seeds[0]}-{seeds[-1]}), real scale, resolution {res}", 1300.0)
+    title = (f"Random heads (seeds {seeds[0]}-{seeds[-1]}) at real scale, extraction resolution {res}, "
+             f"cut {-GRID_CUT_Y * 100:g} cm below the origin")
+    return Picture(panels, title, 1300.0)
 
 
 def expressions_row(s: Session, seed: int, res: int, t0: float) -> Picture:
