@@ -5,6 +5,7 @@ Operators only submit; replies are applied on Blender's main thread by `pump_bac
 tests call `pump_backend()` (or `drain()`, a pump loop with a timeout) directly.
 """
 
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -71,7 +72,9 @@ def ensure_started() -> BackendClient:
 
 def _death_reason(client: BackendClient) -> str:
     failure = client.last_error
-    return failure.message.splitlines()[0] if failure is not None else "its process exited"
+    if failure is None:
+        return "its process exited"
+    return failure.message.partition("; its last output")[0].splitlines()[0]
 
 
 def _start() -> BackendClient:
@@ -137,6 +140,7 @@ def _finish(job: Job) -> None:
     except BackendFailure as exc:
         if exc.code != "cancelled":
             _state.last_error = f"{job.label}: {exc.message}"
+            print(f"[imhead] {job.label} failed ({exc.code}): {exc.message}", file=sys.stderr)
         if job.on_failure is not None:
             job.on_failure(exc)
         _redraw()

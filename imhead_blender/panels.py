@@ -60,18 +60,25 @@ def _draw_backend_status(layout) -> None:
         box.label(text="Backend starts on first use", icon="DOT")
 
 
+ERROR_LINES = 8  # the full text (backend stderr tail included) is in the console / system report
+
+
 def _draw_error(layout, text: str) -> None:
-    col = layout.column(align=True)
-    col.alert = True
-    words, line = text.split(), ""
-    first = True
-    for word in words:  # crude wrap: the sidebar is narrow and labels do not wrap
-        if len(line) + len(word) > 40:
-            col.label(text=line, icon="ERROR" if first else "BLANK1")
-            first, line = False, ""
+    """Labels do not wrap and the sidebar is narrow: wrap by words, cap the number of lines."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + len(word) > 40:
+            lines.append(line)
+            line = ""
         line = f"{line} {word}".strip()
     if line:
-        col.label(text=line, icon="ERROR" if first else "BLANK1")
+        lines.append(line)
+    if len(lines) > ERROR_LINES:
+        lines = lines[: ERROR_LINES - 1] + [lines[ERROR_LINES - 1] + " ..."]
+    col = layout.column(align=True)
+    col.alert = True
+    for i, line in enumerate(lines):
+        col.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
 
 
 class IMHEAD_PT_head(_ImHeadPanel, bpy.types.Panel):

@@ -163,6 +163,7 @@ def test_region_sliders_load_from_the_backend(regions):
     assert not regions["sliders_known_after_generate"] or regions["loaded"]["known"]
     assert regions["loaded"] == {"known": True, "overrides": 0, "nonzero": True}
     assert "IMHEAD_PT_regions" in regions["panels"]
+    assert regions["mirror_selected"] == regions["mirror_expected"]
 
 
 def test_swap_takes_the_other_heads_region_and_keeps_the_transform(regions):
@@ -566,6 +567,14 @@ def scenario_regions(zip_path: str) -> dict:
                        "overrides": len(json.loads(a.imhead.head_json)["region_overrides"]),
                        "nonzero": bool(np.any([list(r.sliders) for r in a.imhead.regions]))}
     facts["panels"] = draw_panels(bpy, module)
+
+    # Mirror selection: a left region brings its right partner (ids from the handshake).
+    left = next(r for r in a.imhead.regions if r.mirror >= 0 and r.mirror != r.region_id)
+    left.selected = True
+    assert bpy.ops.imhead.region_select(action="MIRROR") == {"FINISHED"}
+    facts["mirror_selected"] = sorted(r.region_id for r in a.imhead.regions if r.selected)
+    facts["mirror_expected"] = sorted({left.region_id, left.mirror})
+    assert bpy.ops.imhead.region_select(action="NONE") == {"FINISHED"}
 
     # Swap one region from B: A's code for it becomes B's (compared through B's slider positions).
     r0, r1, r2 = names[0], names[5], names[10]

@@ -94,7 +94,6 @@ class IMHEAD_OT_region_select(bpy.types.Operator):
 
     def execute(self, context):
         regions = active_head(context).imhead.regions
-        by_id = {r.region_id: r for r in regions}
         partners = {r.mirror for r in regions if r.selected} if self.action == "MIRROR" else set()
         for r in regions:
             if self.action == "ALL":
@@ -103,7 +102,7 @@ class IMHEAD_OT_region_select(bpy.types.Operator):
                 r.selected = False
             elif self.action == "INVERT":
                 r.selected = not r.selected
-            elif r.region_id in partners and r.region_id in by_id:
+            elif r.region_id in partners:
                 r.selected = True
         return {"FINISHED"}
 
