@@ -89,7 +89,8 @@ def test_fit_is_invariant_to_the_input_frame(session):
         outs.append((sim, out, mesh))
     (s1, o1, m1), (s2, o2, m2) = outs
     # Same head, and the same mesh once both outputs are mapped back to the common (atlas) frame.
-    np.testing.assert_allclose(o1["head"]["identity"], o2["head"]["identity"], atol=2e-3)
+    z1, z2 = np.array(o1["head"]["identity"]), np.array(o2["head"]["identity"])
+    assert np.linalg.norm(z1 - z2) < 0.05 * np.linalg.norm(z1)
     assert len(m1["vertices"]) == len(m2["vertices"])
     np.testing.assert_allclose(s1.inverse(m1["vertices"].astype(np.float64)),
                                s2.inverse(m2["vertices"].astype(np.float64)), atol=1e-3)

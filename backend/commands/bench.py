@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-max-points", type=int, default=None,
                         help="largest lattice evaluated densely for the baseline (default 3M on GPU, 300k on CPU); "
                              "beyond it the baseline is extrapolated from a 1M-point slice")
-    parser.add_argument("--frames", type=int, default=4, help="expression frames for the deform row")
+    parser.add_argument("--frames", type=int, default=8, help="expression frames for the GPU deform row")
+    parser.add_argument("--cpu-frames", type=int, default=2, help="expression frames for the CPU deform row")
     parser.add_argument("--no-fit", action="store_true", help="skip the fit rows")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start rows")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append(bench_cold_start(dev, args.weights))
         session = Session(weights_dir=args.weights, device=dev)
         trained = session.loaded.trained
-        cfg = BenchConfig(sizes=cpu_sizes if dev == "cpu" else sizes, frames=args.frames, fit=not args.no_fit,
+        cfg = BenchConfig(sizes=cpu_sizes if dev == "cpu" else sizes, fit=not args.no_fit,
+                          frames=args.cpu_frames if dev == "cpu" else args.frames,
                           dense_max_points=args.dense_max_points or (3_000_000 if dev == "cuda" else 300_000))
         rows += bench_device(session, cfg, log)
     gpu = torch.cuda.get_device_name(0) if "cuda" in devices else "none"

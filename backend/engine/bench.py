@@ -128,6 +128,12 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
             row.baseline_ms, row.baseline_extrapolated = _dense_extrapolated(dense_sdf, size, dev), True
         row.detail = ", ".join(detail)
         rows.append(row)
+        if dev.type == "cuda" and size >= 256:  # the same sparse extraction, all 39 networks at every point
+            session.topk, saved = None, session.topk
+            ms, (mesh39, _, _) = _timed(lambda: session.canonical_mesh(zr, k, size), dev, cfg.repeats)
+            session.topk = saved
+            rows.append(Row("extract, all 39 nets", dev.type, f"{size}^3", ms, detail=f"{len(mesh39.vertices)} verts",
+                            peak_mb=_peak_mb(dev)))
 
     log(f"deform on {dev}")
     rows.append(_bench_deform(session, head, cfg, dev))

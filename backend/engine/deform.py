@@ -4,7 +4,8 @@
 
 for many expression vectors at once (IMavatar's correspondence search). Per point and frame: start from the
 first-order estimate x0 = x_c - warp(x_c), take the exact 3x3 Jacobian J = I + d warp/dx there (autograd, once),
-then Broyden's method with the inverse-Jacobian rank-one update (one warp evaluation per iteration).
+then Broyden's method with the inverse-Jacobian rank-one update (one warp evaluation per iteration; a step
+that increases |F| is halved up to twice first).
 Points stop as soon as |F| <= tol; only the unconverged ones are evaluated in later iterations.
 
 Fallback: a point still above tol after max_iter keeps the iterate with the smallest |F| it has visited (never
@@ -72,8 +73,18 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
             it += 1
             xa, fa, ba = x[active], f[active], b[active]
             step = -(ba @ fa[:, :, None]).squeeze(2)
+            fr, xca = frame[active], x_c[active]
             xn = xa + step
-            fn = xn + warp(xn, frame[active]) - x_c[active]
+            fn = xn + warp(xn, fr) - xca
+            # Backtracking: a step that increases |F| is halved (at most twice) before Broyden learns from it.
+            worse = torch.nonzero(fn.norm(dim=1) > fa.norm(dim=1)).squeeze(1)
+            for _ in range(2):
+                if not worse.numel():
+                    break
+                step[worse] *= 0.5
+                xn[worse] = xa[worse] + step[worse]
+                fn[worse] = xn[worse] + warp(xn[worse], fr[worse]) - xca[worse]
+                worse = worse[fn[worse].norm(dim=1) > fa[worse].norm(dim=1)]
             # Good Broyden, Sherman-Morrison form: B += (s - B y) s^T B / (s^T B y).
             y = fn - fa
             by = (ba @ y[:, :, None]).squeeze(2)
