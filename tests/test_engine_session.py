@@ -6,8 +6,8 @@ import torch
 from scipy.spatial import cKDTree
 
 from backend import errors
-from backend.engine.extract import extract_dense
-from backend.engine.session import DROP_TOL, Session
+from backend.engine.extract import extract_dense, extract_mesh
+from backend.engine.session import DROP_TOL, LIPSCHITZ, Session
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,8 @@ def test_generate_attributes(session, generated):
     assert np.mean(np.sum(vn * arrays["normals"], axis=1) > 0) > 0.99
     lo, hi = session.atlas.uv.min((0, 1)), session.atlas.uv.max((0, 1))  # ICT UVs span two tiles in u
     assert (arrays["uv"] >= lo - 1e-6).all() and (arrays["uv"] <= hi + 1e-6).all()
-    assert params["stats"]["vertex_abs_sdf_p99_m"] < 0.05 * params["stats"]["voxel_m"]
+    # Vertices are linear interpolations of the SDF along cell edges: within a fraction of a voxel of zero.
+    assert params["stats"]["vertex_abs_sdf_p99_m"] < 0.2 * params["stats"]["voxel_m"]
 
 
 def test_deform_identity_for_neutral_and_validation(session, generated):
@@ -81,12 +82,15 @@ def test_generate_matches_dense_full_network(session, generated):
     assert f.max() < len(v)
     stats = params["stats"]
     assert stats["max_dropped_blend_weight"] <= DROP_TOL
-    # Reference: every lattice point through all 39 local networks, scikit-image marching cubes.
+    # Reference: every lattice point through all 39 local networks, scikit-image marching cubes. Small
+    # pieces are kept on both sides here (generate drops them; skimage's mesh connects pieces differently).
     _, zr, k = session.decode_params(params["head"])
     ref, _ = extract_dense(lambda x: session.model.sdf(x[None], zr, k)[0], 40)
+    fast, _ = extract_mesh(session.sdf_fn(zr, k, [0.0]), 40, lipschitz=LIPSCHITZ, min_component=0.0)
     h = stats["voxel_m"]
-    assert cKDTree(ref.vertices).query(v)[0].max() < 0.1 * h
-    assert cKDTree(v).query(ref.vertices)[0].max() < 0.1 * h
+    assert cKDTree(ref.vertices).query(v)[0].max() < 0.1 * h  # generate's mesh lies on the reference
+    assert cKDTree(ref.vertices).query(fast.vertices)[0].max() < 0.1 * h
+    assert cKDTree(fast.vertices).query(ref.vertices)[0].max() < 0.1 * h
 
 
 def test_generate_is_deterministic(session):
