@@ -231,6 +231,8 @@ def reset_scene(samples: int) -> bpy.types.Scene:
     cy.caustics_reflective = cy.caustics_refractive = False
     sc.view_settings.view_transform = "Standard"  # exact heat-map colours
     sc.render.image_settings.file_format = "PNG"
+    sc.render.image_settings.color_mode = "RGB"  # opaque backdrop: no alpha channel to store
+    sc.render.image_settings.compression = 90
     sc.render.resolution_percentage = 100
     world = bpy.data.worlds.new("world")  # Blender 5 data-blocks come with a node tree
     nt = world.node_tree
