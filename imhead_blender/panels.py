@@ -14,6 +14,16 @@ class _ImHeadPanel:
     bl_category = "imHead"
 
 
+class _HeadSubPanel(_ImHeadPanel):
+    """A sub-panel of the imHead tab shown only while an imHead head is active."""
+
+    bl_parent_id = "IMHEAD_PT_main"
+
+    @classmethod
+    def poll(cls, context):
+        return active_head(context) is not None
+
+
 class IMHEAD_PT_main(_ImHeadPanel, bpy.types.Panel):
     bl_label = "imHead"
 
@@ -81,13 +91,8 @@ def _draw_error(layout, text: str) -> None:
         col.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
 
 
-class IMHEAD_PT_head(_ImHeadPanel, bpy.types.Panel):
+class IMHEAD_PT_head(_HeadSubPanel, bpy.types.Panel):
     bl_label = "Active Head"
-    bl_parent_id = "IMHEAD_PT_main"
-
-    @classmethod
-    def poll(cls, context):
-        return active_head(context) is not None
 
     def draw(self, context):
         obj = active_head(context)
@@ -103,14 +108,9 @@ class IMHEAD_PT_head(_ImHeadPanel, bpy.types.Panel):
         row.operator("imhead.regenerate", text="", icon="FILE_REFRESH")
 
 
-class IMHEAD_PT_expressions(_ImHeadPanel, bpy.types.Panel):
+class IMHEAD_PT_expressions(_HeadSubPanel, bpy.types.Panel):
     bl_label = "Expressions"
-    bl_parent_id = "IMHEAD_PT_main"
     bl_options = {"DEFAULT_CLOSED"}
-
-    @classmethod
-    def poll(cls, context):
-        return active_head(context) is not None
 
     def draw(self, context):
         obj = active_head(context)
@@ -140,14 +140,9 @@ class IMHEAD_UL_regions(bpy.types.UIList):
         row.label(text=item.name)
 
 
-class IMHEAD_PT_regions(_ImHeadPanel, bpy.types.Panel):
+class IMHEAD_PT_regions(_HeadSubPanel, bpy.types.Panel):
     bl_label = "Regions"
-    bl_parent_id = "IMHEAD_PT_main"
     bl_options = {"DEFAULT_CLOSED"}
-
-    @classmethod
-    def poll(cls, context):
-        return active_head(context) is not None
 
     def draw(self, context):
         obj = active_head(context)
