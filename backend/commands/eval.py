@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-points", type=int, default=1024, help="points per fitting step")
     p.add_argument("--resolution", type=int, default=96)
     p.add_argument("--samples", type=int, default=100_000, help="metric samples per mesh")
-    p.add_argument("--topk", type=int, default=8, help="regions evaluated per point (0: all)")
+    p.add_argument("--topk", type=int, default=0,
+                   help="regions evaluated per point (0: all 39, exact; the model is trained dense)")
     p.add_argument("--locality-regions", type=int, default=3)
     p.add_argument("--full", action="store_true", help="GPU size: 20 identities x 3 expressions, 300 steps, 2048 points a step, resolution 256")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
