@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.engine import deform
 from backend.engine.deform import solve
 
 AMPLITUDE = torch.tensor([0.0, 0.01, 0.02, 0.04], dtype=torch.float64)
@@ -32,16 +33,21 @@ def test_recovers_known_posed_points():
         assert torch.allclose(f.norm(dim=1), res.root_residual[t])
 
 
-def test_affine_warp_converges_in_one_step():
-    # warp(x) = M x + c: F is affine, the exact initial Jacobian makes the first Newton step exact.
+@pytest.mark.parametrize("jacobian_after", [0, deform.JACOBIAN_AFTER])
+def test_affine_warp(monkeypatch, jacobian_after):
+    # warp(x) = M x + c: F is affine. With the exact Jacobian from the start (JACOBIAN_AFTER = 0) the first
+    # Newton step is exact; Jacobian-free Broyden terminates on an affine F in at most 2n = 6 steps (Gay 1979).
+    monkeypatch.setattr(deform, "JACOBIAN_AFTER", jacobian_after)
     m = torch.tensor([[0.1, 0.05, 0.0], [-0.02, -0.3, 0.1], [0.0, 0.2, 0.15]], dtype=torch.float64)
     c = torch.tensor([0.01, -0.02, 0.005], dtype=torch.float64)
     warp = lambda x, frame: x @ m.T + c  # noqa: E731
     x_c = torch.randn(100, 3, dtype=torch.float64) * 0.1
     res = solve(warp, x_c, 1, tol=1e-12)
     expected = torch.linalg.solve(torch.eye(3, dtype=torch.float64) + m, (x_c - c).T).T
-    assert res.iterations <= 1
+    assert res.iterations <= (1 if jacobian_after == 0 else 6)
+    assert res.converged.all()
     assert torch.allclose(res.vertices[0], expected, atol=1e-12)
+    assert res.stats["jacobian_points"] == (100 if jacobian_after == 0 else 0)
 
 
 def test_non_convergence_is_reported_with_best_iterate_fallback():
