@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="regions evaluated per point (0: all 39, exact; the model is trained dense)")
     p.add_argument("--locality-regions", type=int, default=3)
     p.add_argument("--full", action="store_true", help="GPU size: 20 identities x 3 expressions, 300 steps, 2048 points a step, resolution 256")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new identity after this many minutes (locality and the summary still run)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--write-card", type=Path, default=None, help="replace the eval block of this model card")
 
@@ -94,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     fits = []
     for i, c in enumerate(ids):
+        if args.max_minutes is not None and i >= 2 and time.time() - t_start > 60 * args.max_minutes:
+            print(f"time budget of {args.max_minutes} min reached after {i} identities", flush=True)
+            break
         gt = ict.vertices(c, None)
         res = fit(gt, seed=i, fit_expression=False)
         fits.append((res, gt))
