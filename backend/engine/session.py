@@ -203,18 +203,9 @@ class Session:
         return cat(sdf_out), cat(grad_out), cat(tmpl_out)
 
     def warp_fn(self, z_id: torch.Tensor, expressions: torch.Tensor) -> deform.WarpFn:
-        """Per-point backward warp for frame-indexed expressions (T,53)."""
-
-        def warp(x: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
-            out = []
-            for s in range(0, x.shape[0], self.chunk):
-                xs, fs = x[s : s + self.chunk], frame[s : s + self.chunk]
-                zi = z_id.expand(xs.shape[0], -1)
-                # One point per batch row: the warp takes a per-row expression and identity.
-                out.append(self.model.warp(xs[:, None, :], expressions[fs], zi)[:, 0, :])
-            return torch.cat(out) if out else x.new_zeros((0, 3))
-
-        return warp
+        """Per-point backward warp for frame-indexed expressions (T,53) (per-frame constants folded in). The
+        warp network is small (no per-region activations): larger chunks than the SDF's are faster on CPU."""
+        return deform.model_warp(self.model, z_id, expressions, max(self.chunk, 1 << 17))
 
     # ------------------------------------------------------------------ meshes
     def head_mesh(self, head: HeadSpec, resolution: int, progress: Progress) -> tuple[dict, dict]:
@@ -261,30 +252,34 @@ class Session:
         }
         return arrays, stats
 
+    def vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """SDF (N,) at canonical vertices (N,3), on the session's device."""
+        x_c = torch.as_tensor(canonical, device=self.device, dtype=torch.float32)
+        sdf = self.sdf_fn(zr, k, [0.0])
+        with torch.no_grad():
+            return torch.cat([sdf(x_c[s : s + self.chunk]) for s in range(0, len(x_c), self.chunk)])
+
     def pose(self, canonical: np.ndarray, z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor,
-             expressions: np.ndarray, exact_residual: bool) -> dict:
+             expressions: np.ndarray, exact_residual: bool, canonical_sdf: torch.Tensor | None = None) -> dict:
         """Deform canonical vertices (N,3) through expressions (T,53); residual = |posed-space SDF| at each
-        moved vertex, i.e. |sdf(x + warp(x))|. Exact: evaluate it. Otherwise its first-order expansion
-        sdf(x_c) + grad sdf(x_c) . (x + warp(x) - x_c), exact up to |F|^2 curvature with |F| <= 1 um."""
+        moved vertex, i.e. |sdf(x + warp(x))| = |sdf(x_c + F)| with F = x + warp(x) - x_c the root finder's
+        miss. Exact: evaluate it (T x N SDF evaluations). Otherwise its upper bound |sdf(x_c)| + L |F| (L the
+        SDF's Lipschitz bound LIPSCHITZ; |F| <= 1 um where converged), which needs the SDF only once per
+        canonical vertex, not per frame (canonical_sdf: that SDF, from vertex_sdf, when the caller has it).
+        Frames with an all-zero expression vector are not solved (their warp is exactly zero: x = x_c)."""
         x_c = torch.as_tensor(canonical, device=self.device, dtype=torch.float32)
         e = torch.as_tensor(expressions, device=self.device, dtype=torch.float32)
         warp = self.warp_fn(z_id, e)
-        result = deform.solve(warp, x_c, e.shape[0])
+        result = deform.solve(warp, x_c, e.shape[0], zero_frames=(e == 0).all(1))
         T, N = e.shape[0], x_c.shape[0]
         with torch.no_grad():
-            frame = torch.arange(T, device=self.device).repeat_interleave(N)
-            x = result.vertices.reshape(-1, 3)
-            f = torch.cat([x[s : s + self.chunk] + warp(x[s : s + self.chunk], frame[s : s + self.chunk]) for s in
-                           range(0, x.shape[0], self.chunk)]) - x_c.repeat(T, 1)
             if exact_residual:  # the canonical point x + warp(x) is x_c + F
                 sdf = self.sdf_fn(zr, k, [0.0])
-                moved = x_c.repeat(T, 1) + f
+                moved = (x_c[None] + result.root_vector).reshape(-1, 3)
                 residual = torch.cat([sdf(moved[s : s + self.chunk]) for s in range(0, moved.shape[0], self.chunk)])
             else:
-                sdf, grad, _ = self.sdf_grad_template(canonical, zr, k, [0.0])
-                sdf_t = torch.as_tensor(sdf, device=self.device).repeat(T)
-                grad_t = torch.as_tensor(grad, device=self.device).repeat(T, 1)
-                residual = sdf_t + (grad_t * f).sum(1)
+                sdf_c = self.vertex_sdf(canonical, zr, k) if canonical_sdf is None else canonical_sdf
+                residual = sdf_c.abs()[None] + LIPSCHITZ * result.root_residual
         residual = residual.abs().view(T, N)
         conv = result.converged
         return {
@@ -296,6 +291,11 @@ class Session:
             "residual_p99_m": float(torch.quantile(residual.flatten()[:16_000_000].double(), 0.99)),
             "root_residual_max_m": float(result.root_residual.max()),
             "iterations": result.iterations,
+            # solver work: forward warps per vertex-frame (>= 2 where solved), vertex-frames done at x_c - warp(x_c),
+            # and those that needed the exact (autograd) Jacobian
+            "warp_evaluations_per_vertex_frame": result.stats["warp_points"] / max(T * N, 1),
+            "stopped_at_first_estimate": result.stats["stopped_at_x0"],
+            "jacobian_vertex_frames": result.stats["jacobian_points"],
         }
 
     def posed_normals(self, x: np.ndarray, z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor,
@@ -444,10 +444,26 @@ class Session:
                                       f"{MAX_DEFORM_POINTS} points per request; send fewer frames at a time")
         z_id, zr, k = self.decode(head)
         progress.report(0.0, f"deforming {len(canonical)} vertices through {len(expr)} frames")
-        res = self.pose(canonical, z_id, zr, k, expr, exact_residual=exact)
+        sdf_c = None if exact else self._cached_vertex_sdf(canonical, zr, k)
+        res = self.pose(canonical, z_id, zr, k, expr, exact_residual=exact, canonical_sdf=sdf_c)
         progress.report(1.0, "done")
         out = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
         return out, {"vertices": res["vertices"], "residual": res["residual"], "converged": res["converged"]}
+
+    def _cached_vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """vertex_sdf, remembered for the last few (mesh, head) pairs: the add-on sends one deform request per
+        frame change of the same mesh, and at one frame per request the SDF would cost more than the solve."""
+        import hashlib
+
+        key = (hashlib.sha1(np.ascontiguousarray(canonical, np.float32).tobytes()).hexdigest(),
+               hashlib.sha1(zr.detach().cpu().numpy().tobytes() + k.detach().cpu().numpy().tobytes()).hexdigest(),
+               self.topk)
+        cache = self.__dict__.setdefault("_vertex_sdf_cache", {})
+        if key not in cache:
+            while len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[key] = self.vertex_sdf(canonical, zr, k)
+        return cache[key]
 
 
 class _Offset:

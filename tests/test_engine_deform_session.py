@@ -1,0 +1,69 @@
+"""Session.deform / pose on the shipped network: roots checked with the model's own warp, the residual bound,
+neutral frames, and the per-mesh SDF cache."""
+
+import numpy as np
+import pytest
+import torch
+
+from backend.engine.session import LIPSCHITZ, Session
+
+
+@pytest.fixture(scope="module")
+def session():
+    return Session(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def generated(session):
+    return session.generate({"seed": 3, "resolution": 40}, {})
+
+
+def _expressions(session):
+    names = session.expression_names
+    e = np.zeros((3, 53), np.float32)
+    e[1, names.index("jawOpen")] = 0.7
+    e[1, names.index("mouthSmile_L")] = 0.5
+    e[2, names.index("eyeBlink_R")] = 1.0
+    e[2, names.index("browInnerUp_L")] = 0.8
+    return e  # frame 0 neutral
+
+
+def test_pose_roots_and_residual_bound(session, generated):
+    params, arrays = generated
+    canon = arrays["canonical"]
+    expr = _expressions(session)
+    head = session.parse_head(params["head"])
+    z_id, zr, k = session.decode(head)
+    fast = session.pose(canon, z_id, zr, k, expr, exact_residual=False)
+    exact = session.pose(canon, z_id, zr, k, expr, exact_residual=True)
+    np.testing.assert_array_equal(fast["vertices"], exact["vertices"])
+    assert fast["non_converged"] == 0
+    np.testing.assert_array_equal(fast["vertices"][0], canon)  # neutral frame: not moved at all
+    # Roots, checked with the model's own (unfolded) warp: |x + warp(x) - x_c| <= 1 um (+ float32 rounding).
+    for t in (1, 2):
+        x = torch.as_tensor(fast["vertices"][t])
+        with torch.no_grad():
+            xc = x + session.model.warp(x[None], torch.as_tensor(expr[t])[None], z_id.reshape(1, -1))[0]
+        miss = (xc - torch.as_tensor(canon)).norm(dim=1)
+        assert miss.max() <= 1.2e-6
+    assert np.abs(fast["vertices"][1] - canon).max() > 1e-3  # the jaw did move
+    # The default residual is an upper bound of the exact posed-space |SDF| (Lipschitz bound), and tight.
+    assert (fast["residual"] >= exact["residual"] - 1e-6).all()
+    assert (fast["residual"] - exact["residual"]).max() <= LIPSCHITZ * 1e-6 + 2e-6
+    assert fast["warp_evaluations_per_vertex_frame"] >= 2 * 2 / 3  # two of three frames solved
+
+
+def test_deform_caches_vertex_sdf_per_mesh(session, generated, monkeypatch):
+    params, arrays = generated
+    canon = arrays["canonical"][:400]
+    expr = _expressions(session)
+    calls = []
+    real = session.vertex_sdf
+    monkeypatch.setattr(session, "vertex_sdf", lambda *a: calls.append(1) or real(*a))
+    out1, res1 = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr})
+    out2, res2 = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr[1:]})
+    assert len(calls) == 1
+    # Same SDF term; the root miss |F| <= 1 um may differ by float32 rounding with another batch composition.
+    np.testing.assert_allclose(res1["residual"][1:], res2["residual"], rtol=0, atol=LIPSCHITZ * 2e-7)
+    session.deform({"head": params["head"]}, {"canonical": canon[:300], "expressions": expr})  # another mesh
+    assert len(calls) == 2
