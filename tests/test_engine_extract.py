@@ -42,7 +42,7 @@ def steep_sphere(p):  # |grad| = 1.7: needs L >= 1.7, exercises the observed-Lip
 def test_sparse_matches_dense(fn, resolution):
     samples = []
     fast, stats = extract_mesh(fn, resolution, min_component=0.0, samples=samples)
-    dense, volume = extract_dense(fn, resolution)
+    dense, volume = extract_dense(fn, resolution, min_component=0.0)
     h = stats.voxel
     assert len(fast.faces) > 100 and len(dense.faces) > 100
     # Same surface: every vertex of each mesh within 0.1 voxel of the other's.
@@ -101,3 +101,19 @@ def test_bad_resolution(bad):
 def test_nan_sdf_is_reported():
     with pytest.raises(errors.BackendError):
         extract_mesh(lambda p: torch.full((p.shape[0],), float("nan")), 32)
+
+
+@pytest.mark.parametrize("resolution", [16, 20, 31])
+def test_low_resolutions_without_descent(resolution):
+    fast, _ = extract_mesh(sphere, resolution, min_component=0.0)
+    dense, _ = extract_dense(sphere, resolution, min_component=0.0)
+    assert len(fast.faces) == len(dense.faces) > 0
+
+
+def test_dense_reference_drops_the_same_small_pieces():
+    """extract_dense and extract_mesh share the default clean-up, so comparing them is apples to apples."""
+    fast, stats = extract_mesh(spheres, 64, min_component=0.05)
+    dense, _ = extract_dense(spheres, 64, min_component=0.05)
+    assert stats.components_removed == 1
+    assert cKDTree(dense.vertices).query(fast.vertices)[0].max() < 0.1 * stats.voxel
+    assert cKDTree(fast.vertices).query(dense.vertices)[0].max() < 0.1 * stats.voxel

@@ -112,28 +112,40 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
         log(f"extraction {size} on {dev}")
         _reset_peak(dev)
         reps = cfg.repeats if dev.type == "cuda" else 1
-        ours_ms, (mesh, stats, dropped) = _timed(lambda: session.canonical_mesh(zr, k, size), dev, reps)
+        samples: list = []
+
+        def ours():
+            samples.clear()
+            return session.canonical_mesh(zr, k, size, samples=samples)
+
+        ours_ms, (mesh, stats, dropped) = _timed(ours, dev, reps)
         row = Row("extract", str(dev.type), f"{size}^3", ours_ms, peak_mb=_peak_mb(dev))
         n_dense = int(np.prod(make_grid(size).points_shape))
         detail = [f"{stats.points_evaluated / n_dense * 100:.1f}% of {n_dense / 1e6:.1f}M pts",
                   f"{len(mesh.vertices)} verts", f"drop<={dropped:.0e}"]
         if n_dense <= cfg.dense_max_points:
-            with torch.no_grad():
+            with torch.no_grad():  # same small-piece clean-up as ours (extract.MIN_COMPONENT): apples to apples
                 base_ms, (ref, volume) = _timed(lambda: extract_dense(dense_sdf, size, device=dev), dev, 1)
             row.baseline_ms = base_ms
             d1 = cKDTree(ref.vertices).query(mesh.vertices)[0].max() if len(mesh.vertices) else np.inf
             d2 = cKDTree(mesh.vertices).query(ref.vertices)[0].max() if len(ref.vertices) else np.inf
             detail.append(f"max|dv| {max(d1, d2) / stats.voxel:.3f} vox")
+            idx = torch.cat([s[0] for s in samples]).cpu().numpy()
+            val = torch.cat([s[1] for s in samples]).cpu().numpy()
+            inside = (idx < np.array(volume.shape)).all(axis=1)
+            agree = np.sign(volume[tuple(idx[inside].T)]) == np.sign(val[inside])
+            detail.append(f"sign agrees at {agree.mean() * 100:.4f}% of {inside.sum()} evaluated pts")
         else:
             row.baseline_ms, row.baseline_extrapolated = _dense_extrapolated(dense_sdf, size, dev), True
         row.detail = ", ".join(detail)
         rows.append(row)
-        if dev.type == "cuda" and size >= 256:  # the same sparse extraction, all 39 networks at every point
-            session.topk, saved = None, session.topk
-            ms, (mesh39, _, _) = _timed(lambda: session.canonical_mesh(zr, k, size), dev, cfg.repeats)
-            session.topk = saved
-            rows.append(Row("extract, all 39 nets", dev.type, f"{size}^3", ms, detail=f"{len(mesh39.vertices)} verts",
-                            peak_mb=_peak_mb(dev)))
+        if dev.type == "cuda" and size >= 256:  # the other network evaluation (CUDA default: all 39 regions)
+            other = "sparse" if session.extract_mode == "dense" else "dense"
+            session.extract_mode, saved = other, session.extract_mode
+            ms, (mesh2, _, _) = _timed(lambda: session.canonical_mesh(zr, k, size), dev, cfg.repeats)
+            session.extract_mode = saved
+            rows.append(Row(f"extract, {other} regions", dev.type, f"{size}^3", ms,
+                            detail=f"{len(mesh2.vertices)} verts", peak_mb=_peak_mb(dev)))
 
     log(f"deform on {dev}")
     rows.append(_bench_deform(session, head, cfg, dev))
