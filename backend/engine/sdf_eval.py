@@ -68,7 +68,8 @@ class HeadSdf:
         return self.model.prior_sdf(x) + self.model.cfg.sdf_scale * res
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(x, self.k).neg_().div_(self.sigma)  # (N,R)
+        # direct differences, not the |x|^2 + |k|^2 - 2 x.k matrix-product form (cancellation near an anchor)
+        return torch.cdist(x, self.k, compute_mode="donot_use_mm_for_euclid_dist").neg_().div_(self.sigma)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         R = self.k.shape[0]
