@@ -47,10 +47,21 @@ def test_pose_roots_and_residual_bound(session, generated):
         miss = (xc - torch.as_tensor(canon)).norm(dim=1)
         assert miss.max() <= 1.2e-6
     assert np.abs(fast["vertices"][1] - canon).max() > 1e-3  # the jaw did move
-    # The default residual is an upper bound of the exact posed-space |SDF| (Lipschitz bound), and tight.
-    assert (fast["residual"] >= exact["residual"] - 1e-6).all()
-    assert (fast["residual"] - exact["residual"]).max() <= LIPSCHITZ * 1e-6 + 2e-6
+    # The default residual |sdf(x_c)| + L|F| bounds the exact posed-space |sdf(x_c + F)| from above, and is
+    # tight. With the top-16 local networks the evaluated SDF itself jumps by a few um where a point's top 16
+    # changes (measured <= 3.2 um here; DROP_TOL's documented error ~10 um), hence 1e-5 m.
+    assert (fast["residual"] >= exact["residual"] - 1e-5).all()
+    assert (fast["residual"] - exact["residual"]).max() <= LIPSCHITZ * 1e-6 + 1e-5
     assert fast["warp_evaluations_per_vertex_frame"] >= 2 * 2 / 3  # two of three frames solved
+    # With all 39 networks (a continuous SDF) the bound holds to float32 rounding.
+    session.topk, saved = None, session.topk
+    try:
+        sub = canon[::8]
+        fast39 = session.pose(sub, z_id, zr, k, expr, exact_residual=False)
+        exact39 = session.pose(sub, z_id, zr, k, expr, exact_residual=True)
+    finally:
+        session.topk = saved
+    assert (fast39["residual"] >= exact39["residual"] - 1e-7).all()
 
 
 def test_deform_caches_vertex_sdf_per_mesh(session, generated, monkeypatch):
