@@ -3,6 +3,9 @@ points. Used by the engine's fit (after rigid/scale alignment) and by the evalua
 
 The identity is optimised in whitened coordinates u, z_id = mean + L u (L: Cholesky factor of the training
 code covariance), with a Gaussian prior |u|^2 / D, so the fit stays inside the learnt identity space.
+The optimiser is Adam with one second moment per code vector (CodeAdam), so that steps follow the gradient's
+direction and the fit depends continuously on its input points (the same head in two input frames gives
+the same codes).
 Optionally the 39 region codes are then refined directly (regularised toward their decoded values), which is
 how the HeadSpec's `region_overrides` can carry detail that z_id alone does not reach.
 """
@@ -25,6 +28,35 @@ class FitResult:
     zr: Tensor  # (B, 39, 32) final region codes (decoded from z_id unless refine_regions)
     losses: list[float] = field(default_factory=list)
     final_abs_sdf: Tensor | None = None  # (B,) mean |sdf| at the input points after fitting (m)
+
+
+class CodeAdam(torch.optim.Optimizer):
+    """Adam whose second moment is shared along the last axis (one per code vector), not one per coordinate.
+
+    Per-coordinate Adam moves every coordinate by about lr on its first steps whatever the size of its
+    gradient, so coordinates with gradients near zero took full steps in directions set by float rounding or
+    micrometres of alignment: one head fitted in two input frames gave codes 5% apart. A shared scale keeps
+    the step proportional to the gradient; whitened codes have no preferred axes to scale separately."""
+
+    def __init__(self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st.update(t=0, m=torch.zeros_like(p), v=p.new_zeros(*p.shape[:-1], 1))
+                st["t"] += 1
+                st["m"].lerp_(p.grad, 1 - b1)
+                st["v"].lerp_(p.grad.square().mean(-1, keepdim=True), 1 - b2)
+                m_hat = st["m"] / (1 - b1 ** st["t"])
+                v_hat = st["v"] / (1 - b2 ** st["t"])
+                p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
 
 
 def _batched(points: Tensor) -> Tensor:
@@ -88,7 +120,7 @@ def fit_latents(
         u = u0.clone().requires_grad_(True)
         e_logit = torch.full((B, model.cfg.n_expressions), -5.0, device=dev, requires_grad=fit_expression)
         params = [u] + ([e_logit] if fit_expression else [])
-        opt = torch.optim.Adam(params, lr=lr)
+        opt = CodeAdam(params, lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr * 0.05)
         losses: list[float] = []
 
@@ -127,7 +159,7 @@ def fit_latents(
         zr = zr0.clone()
         if region_steps > 0:
             zr.requires_grad_(True)
-            ropt = torch.optim.Adam([zr] + ([e_logit] if fit_expression else []), lr=lr * 0.1)
+            ropt = CodeAdam([zr] + ([e_logit] if fit_expression else []), lr=lr * 0.1)
             for step in range(region_steps):
                 loss = surface_loss(zr, model.anchors(zr), z_id, z_exp_now())
                 loss = loss + region_weight * ((zr - zr0) ** 2).sum((-1, -2)).mean() / zr.shape[1]
