@@ -87,6 +87,18 @@ def test_remove_small_components_reindexes():
     assert removed == 1 and len(out.vertices) == 3 and out.faces.max() == 2
 
 
+def test_small_piece_touching_the_main_surface_is_kept():
+    # A one-face piece 0.5 from the big piece (an ambiguous-cell split) stays; one 5 away (a floater) goes.
+    big = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], np.float32)
+    near = np.array([[0, 0, 0.5], [1, 0, 0.5], [0, 1, 0.5]], np.float32)
+    far = near + 5
+    v = np.concatenate([big, near, far])
+    f = np.array([[0, 1, 2], [1, 3, 2], [0, 2, 1], [1, 2, 3], [4, 5, 6], [7, 8, 9]], np.int32)
+    out, removed = remove_small_components(Mesh(v, f), 0.5, touch=1.0)
+    assert removed == 1 and len(out.faces) == 5 and np.abs(out.vertices - 5.5).min() > 1
+    assert remove_small_components(Mesh(v, f), 0.5)[1] == 2
+
+
 def test_grid_resolution_is_cells_along_longest_side():
     g = make_grid(100)
     assert g.cells[1] == 100 and g.voxel == pytest.approx(0.004)

@@ -43,7 +43,8 @@ from .mc import CORNERS, EDGES, marching_cubes_cells
 SdfFn = Callable[[torch.Tensor], torch.Tensor]  # (N,3) points in metres -> (N,) signed distance, negative inside
 
 _EXTENT = np.subtract(constants.BBOX_MAX, constants.BBOX_MIN)
-MIN_COMPONENT = 0.01  # pieces with fewer faces than this x the largest piece's are dropped (floaters)
+MIN_COMPONENT = 0.01  # pieces with fewer faces than this x the largest piece's are dropped (floaters) ...
+TOUCH_VOXELS = 2.0  # ... unless within this many voxels of a large piece (split off by an ambiguous cell)
 SLOPE_MARGIN = 1.25  # per-cell L is at least this x the steepest slope seen along the cell's own edges
 CHECK_DIVISIONS = 4  # cells up to this stride are tested at every fine lattice point inside them
 _EDGES_T: dict = {}
@@ -161,7 +162,7 @@ def extract_mesh(
         verts = grid.to_world(verts, torch.float64)
         mesh = Mesh(verts.cpu().numpy().astype(np.float32), faces.cpu().numpy().astype(np.int32))
     t2 = time.perf_counter()
-    mesh, stats.components_removed = remove_small_components(mesh, min_component)
+    mesh, stats.components_removed = remove_small_components(mesh, min_component, TOUCH_VOXELS * grid.voxel)
     stats.seconds = {"evaluate": t1 - t0, "marching_cubes": t2 - t1, "cleanup": time.perf_counter() - t2}
     return mesh, stats
 
@@ -341,12 +342,15 @@ def extract_dense(
     verts, faces, _, _ = marching_cubes(volume, 0.0, method=method)  # "descent" default = outward here
     verts = np.asarray(grid.origin) + verts.astype(np.float64) * grid.voxel
     mesh = Mesh(verts.astype(np.float32), faces.astype(np.int32))
-    return remove_small_components(mesh, min_component)[0], volume
+    return remove_small_components(mesh, min_component, TOUCH_VOXELS * grid.voxel)[0], volume
 
 
-def remove_small_components(mesh: Mesh, min_fraction: float) -> tuple[Mesh, int]:
-    """Drop connected pieces with fewer than min_fraction x (largest piece's face count) faces; returns
-    the mesh with vertices re-indexed and the number of pieces removed."""
+def remove_small_components(mesh: Mesh, min_fraction: float, touch: float = 0.0) -> tuple[Mesh, int]:
+    """Drop connected pieces with fewer than min_fraction x (largest piece's face count) faces unless they
+    come within `touch` of a large piece; returns the mesh with vertices re-indexed and the number of pieces
+    removed. Why `touch`: marching cubes resolves ambiguous cells by table, so two valid triangulations of
+    the same lattice values can split a few faces off the main surface in one and not the other; such a
+    piece lies in a cell next to the main surface (within a cell diagonal), a floater does not."""
     if min_fraction <= 0 or len(mesh.faces) == 0:
         return mesh, 0
     from scipy.sparse import coo_matrix
@@ -362,6 +366,16 @@ def remove_small_components(mesh: Mesh, min_fraction: float) -> tuple[Mesh, int]
         return mesh, 0
     face_count = np.bincount(label[f[:, 0]], minlength=n_comp)
     keep_comp = face_count >= min_fraction * face_count.max()
+    small = np.flatnonzero(~keep_comp & (face_count > 0))
+    if touch > 0 and len(small):
+        from scipy.spatial import cKDTree
+
+        big_verts = np.zeros(n, bool)
+        big_verts[f[keep_comp[label[f[:, 0]]]].ravel()] = True
+        dist = cKDTree(mesh.vertices[big_verts]).query(mesh.vertices, distance_upper_bound=touch)[0]
+        near = np.zeros(n_comp, bool)
+        near[label[np.isfinite(dist)]] = True
+        keep_comp[small] = near[small]
     keep_comp &= face_count > 0
     keep_face = keep_comp[label[f[:, 0]]]
     used = np.zeros(n, bool)
