@@ -45,6 +45,22 @@ def test_sparse_leaves_out_at_most_the_tolerance(head):
     assert fn.regions_evaluated >= len(x) * 1 and (w.max(1).values > 0).all()
 
 
+def test_half_precision_is_exact_near_zero(head):
+    """float16 hidden layers (the CUDA default) move values by micrometres; every value within exact_below of
+    zero is recomputed in float32, so those values and all signs are the float32 field's."""
+    model, zr, k, x = head
+    ref = HeadSdf(model, zr, k, mode="dense")(x)
+    fn = HeadSdf(model, zr, k, mode="dense", exact_below=5e-4, hidden_dtype=torch.float16)
+    out = fn(x)
+    err = (out - ref).abs()
+    assert err.max() < 1e-4 and 0 < fn.exact_points < len(x)
+    near = ref.abs() < 4e-4
+    assert near.any() and err[near].max() < 1e-6
+    assert (torch.sign(out) == torch.sign(ref)).all()
+    with pytest.raises(ValueError):
+        HeadSdf(model, zr, k, mode="sparse", hidden_dtype=torch.float16)
+
+
 def test_bad_mode(head):
     model, zr, k, _ = head
     with pytest.raises(ValueError):

@@ -122,7 +122,8 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
         row = Row("extract", str(dev.type), f"{size}^3", ours_ms, peak_mb=_peak_mb(dev))
         n_dense = int(np.prod(make_grid(size).points_shape))
         detail = [f"{stats.points_evaluated / n_dense * 100:.1f}% of {n_dense / 1e6:.1f}M pts",
-                  f"{len(mesh.vertices)} verts", f"drop<={dropped:.0e}"]
+                  f"{len(mesh.vertices)} verts", f"drop<={dropped:.0e}",
+                  "evaluate/MC/clean-up " + "/".join(f"{v * 1e3:.0f}" for v in stats.seconds.values()) + " ms"]
         if n_dense <= cfg.dense_max_points:
             with torch.no_grad():  # same small-piece clean-up as ours (extract.MIN_COMPONENT): apples to apples
                 base_ms, (ref, volume) = _timed(lambda: extract_dense(dense_sdf, size, device=dev), dev, 1)
@@ -139,13 +140,20 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
             row.baseline_ms, row.baseline_extrapolated = _dense_extrapolated(dense_sdf, size, dev), True
         row.detail = ", ".join(detail)
         rows.append(row)
-        if dev.type == "cuda" and size >= 256:  # the other network evaluation (CUDA default: all 39 regions)
-            other = "sparse" if session.extract_mode == "dense" else "dense"
-            session.extract_mode, saved = other, session.extract_mode
-            ms, (mesh2, _, _) = _timed(lambda: session.canonical_mesh(zr, k, size), dev, cfg.repeats)
-            session.extract_mode = saved
-            rows.append(Row(f"extract, {other} regions", dev.type, f"{size}^3", ms,
-                            detail=f"{len(mesh2.vertices)} verts", peak_mb=_peak_mb(dev)))
+        if dev.type == "cuda" and size >= 256:  # the other network evaluations, against the default's mesh
+            variants = {f"extract, {'float32' if session.extract_half else 'float16'} hidden layers":
+                        ("extract_half", not session.extract_half),
+                        f"extract, {'sparse' if session.extract_mode == 'dense' else 'dense'} regions":
+                        ("extract_mode", "sparse" if session.extract_mode == "dense" else "dense")}
+            tree = cKDTree(mesh.vertices)
+            for name, (attr, value) in variants.items():
+                saved = getattr(session, attr)
+                setattr(session, attr, value)
+                ms, (mesh2, _, _) = _timed(lambda: session.canonical_mesh(zr, k, size), dev, cfg.repeats)
+                setattr(session, attr, saved)
+                dv = max(tree.query(mesh2.vertices)[0].max(), cKDTree(mesh2.vertices).query(mesh.vertices)[0].max())
+                rows.append(Row(name, dev.type, f"{size}^3", ms, peak_mb=_peak_mb(dev),
+                                detail=f"{len(mesh2.vertices)} verts, max|dv| vs the row above {dv / stats.voxel:.3f} vox"))
 
     log(f"deform on {dev}")
     rows.append(_bench_deform(session, head, cfg, dev))

@@ -17,8 +17,10 @@ zr, k, topk)` computes, without the training-time layout:
 
 The region codes' contribution to the first layer (zr_j @ W_z + b) is folded into one bias per region once
 per head. The input layer always runs in float32 (bf16 would cut local coordinates to ~0.4 mm);
-`hidden_dtype=torch.bfloat16` runs the two later layers in bf16 (CUDA only; opt-in, checked against float32
-in `python -m backend bench`).
+`hidden_dtype=torch.float16` runs the two later layers on half-precision tensor cores (CUDA only; opt-in,
+checked against float32 in `python -m backend bench`). Like the sparse mode's left-out mass, the rounding
+then only moves values by tens of micrometres, so with `exact_below` every point whose approximate |sdf| is
+below it is evaluated again in float32 with all regions: every value near zero, and every sign, is exact.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ class HeadSdf:
                  exact_below: float = 0.0, hidden_dtype: torch.dtype = torch.float32):
         if mode not in ("dense", "sparse"):
             raise ValueError(f"mode must be 'dense' or 'sparse', got {mode!r}")
-        self.model, self.mode, self.drop_tol, self.hidden_dtype = model, mode, drop_tol, hidden_dtype
+        if hidden_dtype != torch.float32 and mode != "dense":
+            raise ValueError("reduced-precision hidden layers are for the dense (CUDA) mode only")
+        self.model, self.mode, self.drop_tol = model, mode, drop_tol
         self.exact_below = exact_below
         cfg = model.cfg
         self.sigma, self.freqs, self.pe_scale = cfg.sigma, cfg.pe_freqs, cfg.pe_scale
@@ -44,10 +48,14 @@ class HeadSdf:
             self.flip = model.flip.float()  # (R,3)
             self.w1 = model.loc_wx[s].float().contiguous()  # (R,E,H)
             self.b1 = (torch.einsum("rz,rzh->rh", zr[0].float(), model.loc_wz[s].float()) + model.loc_b[s]).contiguous()
-            self.wh = [w[s].to(hidden_dtype).contiguous() for w in model.loc_wh]
-            self.bh = [b[s].to(hidden_dtype).contiguous() for b in model.loc_bh]
-            self.wo = model.loc_wo[s].to(hidden_dtype).contiguous()
-            self.bo = model.loc_bo[s].to(hidden_dtype).contiguous()
+            self.wh = [w[s].float().contiguous() for w in model.loc_wh]
+            self.bh = [b[s].float().contiguous() for b in model.loc_bh]
+            self.wo = model.loc_wo[s].float().contiguous()
+            self.bo = model.loc_bo[s].float().contiguous()
+            # reduced-precision copies of the hidden and output layers (the exact path keeps float32)
+            low = hidden_dtype != torch.float32
+            self.low = ([w.to(hidden_dtype) for w in self.wh], [b.to(hidden_dtype) for b in self.bh],
+                        self.wo.to(hidden_dtype), self.bo.to(hidden_dtype)) if low else None
         self.max_dropped = 0.0  # largest blend mass left out so far (sparse mode)
         self.regions_evaluated = 0  # point-region pairs evaluated so far
         self.exact_points = 0  # sparse mode: points re-evaluated with every region (|sdf| < exact_below)
@@ -55,8 +63,9 @@ class HeadSdf:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = x.float()
-            sdf = self._fuse(x, self._dense(x) if self.mode == "dense" else self._sparse(x))
-            if self.mode == "sparse" and self.exact_below > 0:
+            approximate = self.mode == "sparse" or self.low is not None
+            sdf = self._fuse(x, self._dense(x, self.low) if self.mode == "dense" else self._sparse(x))
+            if approximate and self.exact_below > 0:
                 near = torch.nonzero(sdf.abs() < self.exact_below).squeeze(1)
                 if near.numel():
                     sdf[near] = self._fuse(x[near], self._dense(x[near]))
@@ -71,14 +80,16 @@ class HeadSdf:
         # direct differences, not the |x|^2 + |k|^2 - 2 x.k matrix-product form (cancellation near an anchor)
         return torch.cdist(x, self.k, compute_mode="donot_use_mm_for_euclid_dist").neg_().div_(self.sigma)
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, low: tuple | None = None) -> torch.Tensor:
+        """All regions at every point; `low`: the reduced-precision hidden/output layers instead of float32."""
         R = self.k.shape[0]
+        wh, bh, wo, bo = low if low is not None else (self.wh, self.bh, self.wo, self.bo)
         local = (x[None] - self.k[:, None]) * self.flip[:, None]  # (R,N,3)
         enc = positional_encoding(local, self.freqs, self.pe_scale)
-        h = F.silu(torch.baddbmm(self.b1[:, None], enc, self.w1)).to(self.hidden_dtype)
-        for w, b in zip(self.wh, self.bh):
+        h = F.silu(torch.baddbmm(self.b1[:, None], enc, self.w1)).to(wo.dtype)
+        for w, b in zip(wh, bh):
             h = F.silu(torch.baddbmm(b[:, None], h, w))
-        g = torch.baddbmm(self.bo[:, None], h, self.wo).float()  # (R,N,F)
+        g = torch.baddbmm(bo[:, None], h, wo).float()  # (R,N,F)
         w = torch.softmax(self._logits(x), dim=1)  # (N,R)
         self.regions_evaluated += R * x.shape[0]
         return torch.einsum("nr,rnf->nf", w, g)
@@ -102,7 +113,6 @@ class HeadSdf:
                 continue
             local = (x[idx] - self.k[r]) * self.flip[r]
             h = F.silu(torch.addmm(self.b1[r], positional_encoding(local, self.freqs, self.pe_scale), self.w1[r]))
-            h = h.to(self.hidden_dtype)
             for wt, b in zip(self.wh, self.bh):
                 h = F.silu(torch.addmm(b[r], h, wt[r]))
             g = torch.addmm(self.bo[r], h, self.wo[r]).float()
