@@ -39,7 +39,7 @@ EXTRACT_EXACT_BELOW = 2e-4
 EXTRACT_CHUNKS = {"cpu": 1 << 14, "cuda": 1 << 19}
 # CUDA: the hidden and output layers of the local networks on float16 tensor cores; every point whose value
 # is within EXTRACT_HALF_EXACT_BELOW of zero is evaluated again in float32, so signs are exact and a marching-
-# cubes vertex moves by at most (fp16 rounding, ~20 um) / (2 x 0.5 mm) of an edge.
+# cubes vertex moves by at most (fp16 rounding, <= ~10 um measured) / (2 x 0.5 mm) of an edge.
 EXTRACT_HALF = {"cpu": False, "cuda": True}
 EXTRACT_HALF_EXACT_BELOW = 5e-4
 MAX_DEFORM_POINTS = 20_000_000  # frames x vertices per deform request (output memory)
