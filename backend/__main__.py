@@ -3,8 +3,10 @@ when chosen, so `serve` starts without loading what it does not need."""
 
 import argparse
 import importlib
+import os
 import sys
 
+from . import cpu
 from .errors import BackendError
 
 COMMANDS = {
@@ -20,6 +22,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    cpu.mark_start()  # commands that load torch size its thread pool by the CPU left free meanwhile (cpu.py)
     parser = argparse.ArgumentParser(prog="python -m backend")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
@@ -39,4 +42,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if sys.getprofile() is None and sys.gettrace() is None:  # not under cProfile / coverage / a debugger
+        # Every output file is closed and the streams are flushed: skip the interpreter's teardown, which
+        # frees torch's ~1,500 modules one by one (0.4-0.5 s measured after `import torch` on 2 cores).
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (`... | head`): nothing more can be written anyway
+                pass
+        os._exit(status)
+    sys.exit(status)

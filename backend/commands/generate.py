@@ -21,8 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cpu import limit_torch_threads
     from ..engine.cli import PrintProgress, make_session, save_mesh
 
+    limit_torch_threads()  # imports torch; sized by the CPU left free while it loaded (backend/cpu.py)
     session = make_session(args)
     params: dict = {"resolution": args.resolution}
     if args.input_head is not None:

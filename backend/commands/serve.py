@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
             raise BackendError(f"the Python running the backend ({sys.executable}) cannot import {exc.name}: "
                                f"{exc}. Choose a Python with imhead's dependencies (scripts/setup.sh makes one) "
                                "in the add-on preferences", code="environment_error") from exc
+        from ..cpu import limit_torch_threads
+
+        limit_torch_threads()
         return Session(weights_dir=args.weights, device=args.device)
 
     server = Server(make_session, SESSION_OPS, sys.stdin.buffer, frames)

@@ -8,20 +8,26 @@ straddles a seam and gets stretched UVs. Such faces are counted (`seam_faces`) s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
-from ..data.atlas import Atlas
+if TYPE_CHECKING:
+    from ..data.atlas import Atlas
 
 
-def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                               coord_dim: int = -1) -> torch.Tensor:
     """Barycentric coordinates (..., 3) of the point of triangle (a, b, c) closest to p (Ericson, Real-Time
-    Collision Detection 5.1.5), vectorised over leading axes."""
+    Collision Detection 5.1.5), vectorised over the other axes. The x, y, z coordinates lie along `coord_dim`
+    (the last axis by default; 0 keeps every product and sum on contiguous coordinate planes, which is several
+    times faster on CPU with the same sums in the same order)."""
     ab, ac, ap, bp, cp = b - a, c - a, p - a, p - b, p - c
-    d1, d2 = (ab * ap).sum(-1), (ac * ap).sum(-1)
-    d3, d4 = (ab * bp).sum(-1), (ac * bp).sum(-1)
-    d5, d6 = (ab * cp).sum(-1), (ac * cp).sum(-1)
+    k = coord_dim
+    d1, d2 = (ab * ap).sum(k), (ac * ap).sum(k)
+    d3, d4 = (ab * bp).sum(k), (ac * bp).sum(k)
+    d5, d6 = (ab * cp).sum(k), (ac * cp).sum(k)
     va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2
     one, zero = torch.ones_like(d1), torch.zeros_like(d1)
 
@@ -41,10 +47,10 @@ def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor
         ((vb <= 0) & (d2 >= 0) & (d6 <= 0), (1 - t_ac, zero, t_ac)),
         ((va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0), (zero, 1 - t_bc, t_bc)),
     ]
-    bary = torch.stack([1 - v - w, v, w], -1)
+    bary = [1 - v - w, v, w]
     for mask, value in reversed(tests):
-        bary = torch.where(mask[..., None], torch.stack(value, -1), bary)
-    return bary
+        bary = [torch.where(mask, new, old) for new, old in zip(value, bary)]
+    return torch.stack(bary, -1)
 
 
 class MeshIndex:
@@ -52,6 +58,8 @@ class MeshIndex:
 
     def __init__(self, vertices: np.ndarray, faces: np.ndarray, candidates: int = 3, max_valence: int = 12,
                  centroid_candidates: int = 4):
+        from scipy.spatial import cKDTree  # scipy loads only where closest points are needed
+
         self.vertices = np.asarray(vertices, np.float64)
         self.faces = np.asarray(faces, np.int64)
         self.tree = cKDTree(self.vertices)
@@ -73,31 +81,42 @@ class MeshIndex:
         vf[vert_of[keep], slot[keep]] = face_of[keep]
         first = np.where(vf[:, :1] >= 0, vf[:, :1], 0)
         self.vertex_faces = np.where(vf >= 0, vf, first)
+        # Triangle corners as coordinate planes (corner, xyz, F) float32, for closest(); and its last answer.
+        self._tri_planes = torch.as_tensor(self.vertices[self.faces], dtype=torch.float32).permute(1, 2, 0).contiguous()
+        self._last: tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def closest(self, points: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Closest mesh point among the triangles around the nearest `candidates` vertices and the
         `centroid_candidates` triangles with the nearest centroids:
-        (face (N,), barycentric (N,3) float64, distance (N,))."""
+        (face (N,), barycentric (N,3) float64, distance (N,)). The answer for the last query is kept, so asking
+        again for the same points (UVs, then distances) costs one comparison."""
         points = np.asarray(points, np.float64)
+        last = self._last
+        if last is not None and last[1] == chunk and last[0].shape == points.shape and np.array_equal(last[0], points):
+            return tuple(a.copy() for a in last[2])  # type: ignore[return-value]
         n = len(points)
         face, bary, dist = np.zeros(n, np.int64), np.zeros((n, 3)), np.zeros(n)
-        tri_all = torch.as_tensor(self.vertices[self.faces], dtype=torch.float32)  # (F,3,3)
         for s in range(0, n, chunk):
             p = points[s : s + chunk]
             _, near = self.tree.query(p, k=self.candidates)
             _, near_faces = self.centroid_tree.query(p, k=self.centroid_candidates)
             cand = np.concatenate([self.vertex_faces[near].reshape(len(p), -1), near_faces.reshape(len(p), -1)], 1)
             cand = torch.as_tensor(cand)  # (n, C)
-            # Work relative to the query point: float32 keeps sub-micrometre precision at head scale.
-            tri = tri_all[cand] - torch.as_tensor(p, dtype=torch.float32)[:, None, None, :]
-            q = torch.zeros(len(p), 1, 3)
-            bc = closest_point_on_triangles(q, tri[..., 0, :], tri[..., 1, :], tri[..., 2, :])
-            d = (bc[..., None] * tri).sum(-2).norm(dim=-1)
+            # Work relative to the query point: float32 keeps sub-micrometre precision at head scale. Layout
+            # (corner, xyz, n, C): the same float32 arithmetic as on (n, C, corner, xyz), on contiguous planes.
+            tri = self._tri_planes.view(9, -1).index_select(1, cand.view(-1)).view(3, 3, *cand.shape)
+            tri = tri - torch.as_tensor(p.T, dtype=torch.float32)[None, :, :, None]
+            q = torch.zeros(3, 1, 1)
+            bc = closest_point_on_triangles(q, tri[0], tri[1], tri[2], coord_dim=0)  # (n, C, 3)
+            w = bc.permute(2, 0, 1)  # (corner, n, C)
+            x = torch.stack([w[0] * tri[0, j] + w[1] * tri[1, j] + w[2] * tri[2, j] for j in range(3)], -1)
+            d = x.norm(dim=-1)
             best = d.argmin(dim=1)
             rows = torch.arange(len(p))
             face[s : s + chunk] = cand[rows, best].numpy()
             bary[s : s + chunk] = bc[rows, best].double().numpy()
             dist[s : s + chunk] = d[rows, best].double().numpy()
+        self._last = (points.copy(), chunk, (face.copy(), bary.copy(), dist.copy()))
         return face, bary, dist
 
 
@@ -135,15 +154,30 @@ def _uv_islands(faces: np.ndarray, uv: np.ndarray) -> np.ndarray:
     nf = len(faces)
     # Key each corner by (vertex, rounded uv): a shared edge with identical corner keys is not a seam.
     uvq = np.round(uv.reshape(-1, 2) * 1e6).astype(np.int64)
-    corner_key = np.unique(np.column_stack([faces.reshape(-1), uvq]), axis=0, return_inverse=True)[1].reshape(nf, 3)
+    corner_key = _row_ids(np.column_stack([faces.reshape(-1), uvq])).reshape(nf, 3)
     e = np.stack([corner_key[:, [0, 1]], corner_key[:, [1, 2]], corner_key[:, [2, 0]]], 1).reshape(-1, 2)
     e = np.sort(e, axis=1)
     owner = np.repeat(np.arange(nf), 3)
-    _, inv, counts = np.unique(e, axis=0, return_inverse=True, return_counts=True)
-    inv = inv.ravel()
+    inv = _row_ids(e)
     order = np.argsort(inv, kind="stable")
     grouped = inv[order]
     same = grouped[1:] == grouped[:-1]
     a, b = owner[order][:-1][same], owner[order][1:][same]
     graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(nf, nf))
     return connected_components(graph, directed=False)[1].astype(np.int32)
+
+
+def _row_ids(rows: np.ndarray) -> np.ndarray:
+    """Id (N,) of each row of an (N, k) integer array among its distinct rows, numbered in lexicographic
+    order (`np.unique(rows, axis=0, return_inverse=True)[1]`), through one packed int64 key per row when the
+    columns' ranges fit (several times faster than sorting rows)."""
+    if len(rows) == 0:
+        return np.zeros(0, np.int64)
+    lo = rows.min(0)
+    span = rows.max(0) - lo + 1
+    if float(np.prod(span.astype(np.float64))) >= 2.0**62:
+        return np.unique(rows, axis=0, return_inverse=True)[1].ravel()
+    key = np.zeros(len(rows), np.int64)
+    for j in range(rows.shape[1]):
+        key = key * span[j] + (rows[:, j] - lo[j])
+    return np.unique(key, return_inverse=True)[1].ravel()
