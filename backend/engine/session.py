@@ -13,12 +13,33 @@ import torch
 from .. import __version__, constants, errors
 from ..data.atlas import load_atlas
 from ..weights import load_model
-from . import deform, edit, fit, validate
-from .align import Aligner
+from . import deform, edit, validate
 from .extract import ExtractStats, Mesh, check_resolution, extract_mesh
 from .sdf_eval import HeadSdf
 from .head import HeadSpec, check_names
 from .template import TemplateIndex, seam_faces
+
+
+class _LazyModule:
+    """A backend.engine module imported on its first attribute access: fit and align load scipy, which the
+    server's handshake, generate, deform and edit do not need at import time."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        return getattr(importlib.import_module(f".{self._name}", __package__), attr)
+
+
+fit = _LazyModule("fit")
+
+
+def Aligner(*args, **kwargs):  # noqa: N802 - engine.align.Aligner, imported on first use (scipy)
+    from .align import Aligner as _Aligner
+
+    return _Aligner(*args, **kwargs)
 
 DEFAULT_RESOLUTION = 256
 TOPK = 16  # nearest local networks evaluated per point ...
