@@ -23,9 +23,14 @@ def test_info(session):
     assert {"id", "name", "mirror"} <= set(info["regions"][0])
 
 
+GEN_RESOLUTION = 56
+
+
 @pytest.fixture(scope="module")
 def generated(session):
-    return session.generate({"seed": 3, "resolution": 40}, {})
+    # 56: at 40 (1 cm voxels) the trained head's lips, nostrils and ears are thinner than a cell, and 1.4% of
+    # the mesh's vertex normals there disagree with the SDF gradient (0.6% at 56)
+    return session.generate({"seed": 3, "resolution": GEN_RESOLUTION}, {})
 
 
 def test_generate_attributes(session, generated):
@@ -85,8 +90,8 @@ def test_generate_matches_dense_full_network(session, generated):
     # Reference: every lattice point through all 39 local networks, scikit-image marching cubes. Small
     # pieces are kept on both sides here (generate drops them; skimage's mesh connects pieces differently).
     _, zr, k = session.decode_params(params["head"])
-    ref, _ = extract_dense(lambda x: session.model.sdf(x[None], zr, k)[0], 40)
-    fast, _ = extract_mesh(session.sdf_fn(zr, k, [0.0]), 40, lipschitz=LIPSCHITZ, min_component=0.0)
+    ref, _ = extract_dense(lambda x: session.model.sdf(x[None], zr, k)[0], GEN_RESOLUTION, min_component=0.0)
+    fast, _ = extract_mesh(session.sdf_fn(zr, k, [0.0]), GEN_RESOLUTION, lipschitz=LIPSCHITZ, min_component=0.0)
     h = stats["voxel_m"]
     assert cKDTree(ref.vertices).query(v)[0].max() < 0.1 * h  # generate's mesh lies on the reference
     assert cKDTree(ref.vertices).query(fast.vertices)[0].max() < 0.1 * h
