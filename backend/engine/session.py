@@ -5,7 +5,7 @@ Every op takes (params: dict, arrays: dict[str, np.ndarray], progress) and retur
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
@@ -19,27 +19,9 @@ from .sdf_eval import HeadSdf
 from .head import HeadSpec, check_names
 from .template import TemplateIndex, seam_faces
 
+if TYPE_CHECKING:  # fit and align load scipy: imported where fitting needs them, not by the handshake
+    from .align import Aligner
 
-class _LazyModule:
-    """A backend.engine module imported on its first attribute access: fit and align load scipy, which the
-    server's handshake, generate, deform and edit do not need at import time."""
-
-    def __init__(self, name: str):
-        self._name = name
-
-    def __getattr__(self, attr: str):
-        import importlib
-
-        return getattr(importlib.import_module(f".{self._name}", __package__), attr)
-
-
-fit = _LazyModule("fit")
-
-
-def Aligner(*args, **kwargs):  # noqa: N802 - engine.align.Aligner, imported on first use (scipy)
-    from .align import Aligner as _Aligner
-
-    return _Aligner(*args, **kwargs)
 
 DEFAULT_RESOLUTION = 256
 TOPK = 16  # nearest local networks evaluated per point ...
@@ -121,6 +103,7 @@ class Session:
         self.atlas = load_atlas(atlas_path if atlas_path is not None and atlas_path.exists() else None)
         self._template_index: TemplateIndex | None = None
         self._aligner: Aligner | None = None
+        self._vertex_sdf_cache: dict[tuple, torch.Tensor] = {}  # see _cached_vertex_sdf
 
     # ------------------------------------------------------------------ names
     def info(self) -> dict:
@@ -150,6 +133,9 @@ class Session:
     @property
     def aligner(self) -> Aligner:
         if self._aligner is None:
+            from . import fit
+            from .align import Aligner
+
             self._aligner = Aligner(*fit.template_surface(self.atlas, 20000))
         return self._aligner
 
@@ -387,6 +373,8 @@ class Session:
 
     def fit(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
         """Fit a head to a mesh or point cloud in any frame and units (docs: engine/align.py, engine/fit.py)."""
+        from . import fit
+
         progress = progress or NullProgress()
         validate.keys(params, {"units", "resolution", "steps", "batch_points", "use_normals", "fit_expression",
                                "landmark_vertices", "landmark_regions", "seed", "samples"}, "fit")
@@ -509,7 +497,7 @@ class Session:
         key = (hashlib.sha1(np.ascontiguousarray(canonical, np.float32).tobytes()).hexdigest(),
                hashlib.sha1(zr.detach().cpu().numpy().tobytes() + k.detach().cpu().numpy().tobytes()).hexdigest(),
                self.topk)
-        cache = self.__dict__.setdefault("_vertex_sdf_cache", {})
+        cache = self._vertex_sdf_cache
         if key not in cache:
             while len(cache) >= 4:
                 cache.pop(next(iter(cache)))
