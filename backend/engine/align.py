@@ -50,18 +50,8 @@ def umeyama(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None,
             ) -> Similarity:
     """Least-squares similarity dst ~ s R src + t (s fixed when `scale` is given)."""
     w = np.ones(len(src)) if weights is None else np.asarray(weights, np.float64)
-    w = w / w.sum()
-    mu_s, mu_d = w @ src, w @ dst
-    a, b = src - mu_s, dst - mu_d
-    cov = (b * w[:, None]).T @ a
-    u, sig, vt = np.linalg.svd(cov)
-    d = np.ones(3)
-    d[2] = np.sign(np.linalg.det(u @ vt)) or 1.0
-    rot = u @ np.diag(d) @ vt
-    if scale is None:
-        var = (w * (a**2).sum(1)).sum()
-        scale = float((sig * d).sum() / max(var, 1e-300))
-    return Similarity(scale, rot, mu_d - scale * rot @ mu_s)
+    s, rot, t = _umeyama_batch(np.asarray(src, np.float64)[None], np.asarray(dst, np.float64)[None], w[None], scale)
+    return Similarity(float(s[0]), rot[0], t[0])
 
 
 def axis_rotations() -> np.ndarray:
@@ -120,8 +110,8 @@ def plane_step(sim: Similarity, src: np.ndarray, dst: np.ndarray, nrm: np.ndarra
 
 def _umeyama_batch(src: np.ndarray, dst: np.ndarray, w: np.ndarray, scale: float | None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """umeyama() for H problems at once: src/dst (H,P,3), weights (H,P) -> scale (H,), rotation (H,3,3),
-    translation (H,3)."""
+    """Weighted Umeyama fit of H problems at once: src/dst (H,P,3), weights (H,P) -> scale (H,), rotation
+    (H,3,3), translation (H,3)."""
     w = w / w.sum(1, keepdims=True)
     mu_s, mu_d = np.einsum("hp,hpi->hi", w, src), np.einsum("hp,hpi->hi", w, dst)
     a, b = src - mu_s[:, None], dst - mu_d[:, None]
@@ -141,7 +131,7 @@ def _umeyama_batch(src: np.ndarray, dst: np.ndarray, w: np.ndarray, scale: float
 
 def _plane_steps(scale: np.ndarray, rot: np.ndarray, trans: np.ndarray, src: np.ndarray, dst: np.ndarray,
                  nrm: np.ndarray, w: np.ndarray, fixed_scale: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """plane_step() for H hypotheses at once (arrays with a leading H axis)."""
+    """plane_step() for each of H hypotheses (arrays with a leading H axis; a loop: each is a small solve)."""
     out = [plane_step(Similarity(float(scale[h]), rot[h], trans[h]), src[h], dst[h], nrm[h], w[h], fixed_scale)
            for h in range(len(scale))]
     return (np.array([s.scale for s in out]), np.stack([s.rotation for s in out]),
