@@ -47,11 +47,6 @@ MIN_COMPONENT = 0.01  # pieces with fewer faces than this x the largest piece's 
 TOUCH_VOXELS = 2.0  # ... unless within this many voxels of a large piece (split off by an ambiguous cell)
 SLOPE_MARGIN = 1.25  # per-cell L is at least this x the steepest slope seen along the cell's own edges
 CHECK_DIVISIONS = 4  # cells up to this stride are tested at every fine lattice point inside them
-_EDGES_T: dict = {}
-
-
-def CORNERS_T(device: torch.device) -> torch.Tensor:  # noqa: N802
-    return torch.as_tensor(CORNERS, device=device)
 
 
 def check_resolution(resolution: object) -> int:
@@ -183,9 +178,7 @@ def _may_change_sign(corner_values: torch.Tensor, side: float, stride: int, lips
                      stats: ExtractStats) -> tuple[torch.Tensor, torch.Tensor]:
     """(M,8) corner values of cells of side `side` (metres) spanning `stride` fine cells -> (M,) bool, False
     only where every fine lattice point inside provably has the corners' common sign, and the per-cell L."""
-    edges = _EDGES_T.get(corner_values.device)
-    if edges is None:
-        edges = _EDGES_T[corner_values.device] = torch.as_tensor(EDGES, device=corner_values.device)
+    edges = torch.as_tensor(EDGES, device=corner_values.device)
     # Gradient-norm estimate: per axis the steepest of the 4 parallel edges (EDGES lists x, y, x, y, x, y,
     # x, y, then 4 along z), combined over the axes (one edge's slope alone can be 1/sqrt(3) of |grad|).
     diff = (corner_values[:, edges[:, 0]] - corner_values[:, edges[:, 1]]).abs()
@@ -264,7 +257,7 @@ def _final_level(sdf_fn: SdfFn, grid: Grid, cells: torch.Tensor, corner_values: 
     need = torch.zeros(n, dtype=torch.bool, device=dev)
     need[child.reshape(-1)] = True
     evaluate(need & ~known)  # stage B
-    fine_cells = (cells[:, None, :] * 2 + CORNERS_T(dev)[None]).reshape(-1, 3)[crossing]
+    fine_cells = (cells[:, None, :] * 2 + torch.as_tensor(CORNERS, device=dev)[None]).reshape(-1, 3)[crossing]
     return fine_cells, values[child]
 
 
