@@ -143,7 +143,6 @@ def fit_latents(
     dev, D = pts.device, model.cfg.id_dim
     mean = torch.zeros(D, device=dev) if id_mean is None else id_mean.to(dev).float()
     chol = torch.eye(D, device=dev) if id_chol is None else id_chol.to(dev).float()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     n_batch = min(batch_points, N)
     total_steps = max(steps, 0) + max(region_steps, 0)
     if point_ids is None:
