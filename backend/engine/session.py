@@ -12,6 +12,7 @@ import torch
 
 from .. import __version__, constants, errors
 from ..data.atlas import load_atlas
+from ..model.encoding import positional_encoding
 from ..weights import load_model
 from . import deform, edit, validate
 from .extract import ExtractStats, Mesh, check_resolution, extract_mesh
@@ -24,10 +25,13 @@ if TYPE_CHECKING:  # fit and align load scipy: imported where fitting needs them
 
 
 DEFAULT_RESOLUTION = 256
-TOPK = 16  # nearest local networks evaluated per point ...
-DROP_TOL = 1e-4  # ... unless that leaves out more blend-weight mass than this: then all 39 are evaluated.
-# Measured on the trained model (sigma 8 mm): |sdf_topk - sdf_full| <= ~10 um at dropped mass <= 1e-4.
-CHUNKS = {"cpu": 1 << 15, "cuda": 1 << 18}  # points per network call: bounds (points x topk x hidden) activations
+TOPK = 16  # nearest local networks per point in the CPU latent fit (FIT_TOPK)
+# Point evaluations outside extraction (vertex attributes, deform residuals, posed normals): each point through
+# its heaviest local networks until at most this blend mass is left out (renormalised over the kept ones, as
+# sdf_eval.HeadSdf's sparse mode); None: all 39. Measured on a trained 128^3 head against all 39 at 3e-6:
+# SDF within 0.8 um, template positions within 0.2 um, normals within 0.04 degrees (~17 regions per vertex).
+POINT_DROP_TOL = {"cpu": 3e-6, "cuda": None}
+CHUNKS = {"cpu": 1 << 15, "cuda": 1 << 18}  # points per network call: bounds (points x regions x hidden) activations
 LIPSCHITZ = 2.5  # assumed |grad sdf| bound of the trained SDF (observed <= ~2.1 on extraction lattices)
 # Extraction: floor of the per-cell Lipschitz bound (each cell uses max(floor, 1.25 x its own finite-difference
 # gradient norm), extract.py); 1.5 gives the same meshes as 2.5 on the trained heads with ~1/3 fewer points.
@@ -94,10 +98,12 @@ class Session:
         self.device = resolve_device(device)
         self.chunk = CHUNKS.get(self.device.type, CHUNKS["cpu"])
         self.topk: int | None = TOPK  # None: every point through all 39 local networks
+        self.point_drop_tol = POINT_DROP_TOL.get(self.device.type, POINT_DROP_TOL["cpu"])  # see _field
         self.extract_mode = EXTRACT_MODE.get(self.device.type, "sparse")  # sdf_eval.HeadSdf mode for meshes
         self.extract_half = EXTRACT_HALF.get(self.device.type, False)
         self.loaded = load_model(weights_dir, str(self.device))
         self.model = self.loaded.model.eval().requires_grad_(False)
+        self._slots: list[int] = self.model.slot.tolist()  # region -> local network (no device sync per use)
         self.extras = self.loaded.extras
         atlas_path = Path(weights_dir) / "atlas.safetensors" if weights_dir is not None else None
         self.atlas = load_atlas(atlas_path if atlas_path is not None and atlas_path.exists() else None)
@@ -180,28 +186,51 @@ class Session:
         return self.decode(self.parse_head(data))
 
     # ------------------------------------------------------------------ network evaluation
-    def _adaptive(self, x: torch.Tensor, k: torch.Tensor, fn: Callable, dropped: list[float]) -> torch.Tensor:
-        """fn(xb (1,P,3), topk) -> (1,P,...) evaluated with self.topk local networks where the left-out
-        blend mass is <= DROP_TOL, with all 39 elsewhere (everywhere when self.topk is None); dropped[0]
-        tracks the largest mass left out."""
-        if self.topk is None:
-            return fn(x[None], None)[0]
-        _, _, lost = self.model.topk_weights(x[None].detach(), k, self.topk)
-        full = lost[0] > DROP_TOL
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if (~full).any():
-            dropped[0] = max(dropped[0], float(lost[0][~full].max()))
-            parts.append((~full, fn(x[~full][None], self.topk)[0]))
-        if full.any():
-            parts.append((full, fn(x[full][None], None)[0]))
-        first = parts[0][1]
-        out = first.new_zeros((x.shape[0],) + tuple(first.shape[1:]))
-        for mask, value in parts:
-            out = out.index_put((mask,), value.to(out.dtype))
-        return out
+    def _field(self, x: torch.Tensor, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDF (P,) and blended local features (P,F) at points x (P,3), differentiable in x: each point through
+        its heaviest local networks (POINT_DROP_TOL; all 39 where self.topk is None); dropped[0] tracks the
+        largest blend mass left out. One matrix product per region and layer on the points that keep it."""
+        m, cfg = self.model, self.model.cfg
+        tol = self.point_drop_tol if self.topk is not None else None
+        anchors = k[0]
+        logits = (x[:, None] - anchors).norm(dim=-1).div(-cfg.sigma)  # direct differences, as sdf_eval._logits
+        keep = None
+        if tol is not None:
+            with torch.no_grad():
+                ps, order = torch.softmax(logits, 1).sort(dim=1, descending=True)
+                left = (1.0 - ps.cumsum(1)).clamp_min(0.0)
+                keep_sorted = torch.cat([torch.ones_like(left[:, :1], dtype=torch.bool), left[:, :-1] > tol], 1)
+                keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+                if len(x):
+                    dropped[0] = max(dropped[0], float(left.gather(1, keep_sorted.sum(1, keepdim=True) - 1).max()))
+            logits = logits.masked_fill(~keep, float("-inf"))
+        w = torch.softmax(logits, 1)
+        inplace = not torch.is_grad_enabled()
+        silu = torch.nn.functional.silu
+        bias1 = torch.einsum("rz,rzh->rh", zr[0], m.loc_wz[m.slot]) + m.loc_b[m.slot]
+        feat = x.new_zeros((x.shape[0], cfg.feat_dim))
+        for r, s in enumerate(self._slots):
+            idx = None if keep is None else torch.nonzero(keep[:, r]).squeeze(1)
+            if idx is not None and idx.numel() == 0:
+                continue
+            xr, wr = (x, w[:, r]) if idx is None else (x[idx], w[idx, r])
+            enc = positional_encoding((xr - anchors[r]) * m.flip[r], cfg.pe_freqs, cfg.pe_scale)
+            h = silu(torch.addmm(bias1[r], enc, m.loc_wx[s]), inplace=inplace)
+            for wh, bh in zip(m.loc_wh, m.loc_bh):
+                h = silu(torch.addmm(bh[s], h, wh[s]), inplace=inplace)
+            g = torch.addmm(m.loc_bo[s], h, m.loc_wo[s]) * wr[:, None]
+            # in place also under autograd (the backward needs only the indices); indices unique per call:
+            # deterministic, and faster than index_add on CPU
+            if idx is None:
+                feat.add_(g)
+            else:
+                feat.index_put_((idx,), g, accumulate=True)
+        sdf = m.prior_sdf(x) + cfg.sdf_scale * m.fusion(feat).squeeze(-1)
+        return sdf, feat
 
     def sdf_fn(self, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]) -> Callable:
-        return lambda x: self._adaptive(x, k, lambda xb, t: self.model.sdf(xb, zr, k, topk=t), dropped).float()
+        return lambda x: self._field(x, zr, k, dropped)[0]
 
     def canonical_mesh(self, zr: torch.Tensor, k: torch.Tensor, resolution: int, samples: list | None = None
                        ) -> tuple[Mesh, ExtractStats, float]:
@@ -218,22 +247,19 @@ class Session:
 
     def sdf_grad_template(self, x: np.ndarray, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """At canonical points (N,3): SDF (N,), its gradient (N,3) and the template position (N,3)."""
+        """At canonical points (N,3): SDF (N,), its gradient (N,3) (one reverse pass) and the template position
+        (N,3) from the same features."""
         sdf_out, grad_out, tmpl_out = [], [], []
         for s in range(0, len(x), self.chunk):
             xt = torch.as_tensor(x[s : s + self.chunk], device=self.device, dtype=torch.float32)
             with torch.enable_grad():
                 xg = xt.clone().requires_grad_(True)
-
-                def both(xb: torch.Tensor, t: int | None) -> torch.Tensor:
-                    sdf, feat = self.model.sdf_and_features(xb, zr, k, topk=t)
-                    return torch.cat([sdf[..., None], self.model.template_from_features(xb, feat)], -1)
-
-                out = self._adaptive(xg, k, both, dropped)
-                (g,) = torch.autograd.grad(out[:, 0].sum(), xg)
-            sdf_out.append(out[:, 0].detach())
+                sdf, feat = self._field(xg, zr, k, dropped)
+                (g,) = torch.autograd.grad(sdf.sum(), xg)
+            with torch.no_grad():
+                tmpl_out.append(self.model.template_from_features(xt, feat.detach()))
+            sdf_out.append(sdf.detach())
             grad_out.append(g)
-            tmpl_out.append(out[:, 1:].detach())
         cat = lambda parts: torch.cat(parts).cpu().numpy()  # noqa: E731
         return cat(sdf_out), cat(grad_out), cat(tmpl_out)
 
@@ -252,20 +278,22 @@ class Session:
             raise errors.BackendError("the model produced no surface inside the canonical box", code="empty_surface")
         check_cancel(progress)
         progress.report(0.5, "attributes")
-        arrays, attr_stats = self.attributes(mesh, zr, k)
+        arrays, attr_stats, sdf = self.attributes(mesh, zr, k)
         stats = extract_stats(ext, dropped, self.topk) | attr_stats
         weights = head.expression_vector(self.expression_names)
         if np.any(weights != 0):
             check_cancel(progress)
             progress.report(0.75, "posing")
-            res = self.pose(mesh.vertices, z_id, zr, k, weights[None], exact_residual=False)
+            res = self.pose(mesh.vertices, z_id, zr, k, weights[None], exact_residual=False,
+                            canonical_sdf=torch.as_tensor(sdf, device=self.device))
             arrays["vertices"] = res["vertices"][0]
             arrays["normals"] = self.posed_normals(res["vertices"][0], z_id, zr, k, weights)
             stats["deform"] = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
         progress.report(1.0, "done")
         return {"head": head.to_dict(), "stats": stats}, arrays
 
-    def attributes(self, mesh: Mesh, zr: torch.Tensor, k: torch.Tensor) -> tuple[dict, dict]:
+    def attributes(self, mesh: Mesh, zr: torch.Tensor, k: torch.Tensor) -> tuple[dict, dict, np.ndarray]:
+        """Per-vertex arrays, their stats, and the SDF at the vertices (N,) (pose's canonical_sdf)."""
         dropped = [0.0]
         sdf, grad, tmpl = self.sdf_grad_template(mesh.vertices, zr, k, dropped)
         normals = grad / np.maximum(np.linalg.norm(grad, axis=1, keepdims=True), 1e-12)
@@ -284,8 +312,9 @@ class Session:
             "vertex_abs_sdf_p99_m": float(np.percentile(np.abs(sdf), 99)),
             "template_to_surface_median_m": float(np.median(tdist)),
             "uv_seam_faces": seam_faces(mesh.faces, island),
+            "vertex_max_dropped_blend_weight": dropped[0],
         }
-        return arrays, stats
+        return arrays, stats, sdf
 
     def vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """SDF (N,) at canonical vertices (N,3), on the session's device."""
@@ -343,7 +372,7 @@ class Session:
             with torch.enable_grad():
                 xg = xt.clone().requires_grad_(True)
                 xc = xg + self.model.warp(xg[None], e, z_id)[0]
-                sdf = self._adaptive(xc, k, lambda xb, t: self.model.sdf(xb, zr, k, topk=t), [0.0])
+                sdf = self._field(xc, zr, k, [0.0])[0]
                 (g,) = torch.autograd.grad(sdf.sum(), xg)
             out.append(g)
         g = torch.cat(out).cpu().numpy()
