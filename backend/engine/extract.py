@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from .. import constants, errors
-from .mc import CORNERS, EDGES, marching_cubes_cells
+from .components import drop_small_pieces
+from .mc import CORNERS, EDGES, marching_cubes_cells, on_device
 
 SdfFn = Callable[[torch.Tensor], torch.Tensor]  # (N,3) points in metres -> (N,) signed distance, negative inside
 
@@ -154,47 +155,49 @@ def extract_mesh(
     with torch.no_grad():
         t1 = time.perf_counter()
         verts, faces = marching_cubes_cells(cells, corner_values, grid.points_shape)
-        verts = grid.to_world(verts, torch.float64)
-        mesh = Mesh(verts.cpu().numpy().astype(np.float32), faces.cpu().numpy().astype(np.int32))
-    t2 = time.perf_counter()
-    mesh, stats.components_removed = remove_small_components(mesh, min_component, TOUCH_VOXELS * grid.voxel)
+        verts = grid.to_world(verts, torch.float64).float()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # stage timings, not queue depth
+        t2 = time.perf_counter()
+        # on the marching device: at 512^3 a host clean-up cost more than the network
+        verts, faces, stats.components_removed = drop_small_pieces(verts, faces, min_component,
+                                                                   TOUCH_VOXELS * grid.voxel)
+        mesh = Mesh(verts.cpu().numpy(), faces.int().cpu().numpy())
     stats.seconds = {"evaluate": t1 - t0, "marching_cubes": t2 - t1, "cleanup": time.perf_counter() - t2}
     return mesh, stats
 
 
 @lru_cache(maxsize=None)
-def _cover_table(stride: int) -> tuple[np.ndarray, float]:
-    """Check points of a cell of side 1 and their distances to its 8 corners: (P, 8) distances and the
-    margin (a fraction of the side) that makes covering the check points cover the whole cell. Up to
-    stride 4 the check points are exactly the fine lattice points inside the cell (margin 0): only their
-    signs matter to marching cubes. Coarser cells use a 5^3 lattice and a margin of half its diagonal."""
+def _cover_table(stride: int) -> np.ndarray:
+    """Check points of a cell of side 1: (P, 8) distances to its 8 corners plus the margin (a fraction of the
+    side) that makes covering the check points cover the whole cell. Up to stride 4 the check points are
+    exactly the fine lattice points inside the cell (margin 0): only their signs matter to marching cubes.
+    Coarser cells use a 5^3 lattice and a margin of half its diagonal."""
     m = min(stride, CHECK_DIVISIONS)
     u = np.stack(np.meshgrid(*[np.arange(m + 1) / m] * 3, indexing="ij"), -1).reshape(-1, 3)
     dist = np.linalg.norm(u[:, None, :] - CORNERS[None, :, :], axis=-1)
-    return dist, 0.0 if m == stride else math.sqrt(3.0) / (2 * m)
+    return dist + (0.0 if m == stride else math.sqrt(3.0) / (2 * m))
 
 
 def _may_change_sign(corner_values: torch.Tensor, side: float, stride: int, lipschitz: float,
-                     stats: ExtractStats) -> tuple[torch.Tensor, torch.Tensor]:
+                     slopes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(M,8) corner values of cells of side `side` (metres) spanning `stride` fine cells -> (M,) bool, False
-    only where every fine lattice point inside provably has the corners' common sign, and the per-cell L."""
-    edges = torch.as_tensor(EDGES, device=corner_values.device)
+    only where every fine lattice point inside provably has the corners' common sign, and the per-cell L.
+    Appends the largest slope seen to `slopes` (a device scalar: read once at the end, not a sync a level)."""
+    edges = on_device(EDGES, corner_values.device)
     # Gradient-norm estimate: per axis the steepest of the 4 parallel edges (EDGES lists x, y, x, y, x, y,
     # x, y, then 4 along z), combined over the axes (one edge's slope alone can be 1/sqrt(3) of |grad|).
     diff = (corner_values[:, edges[:, 0]] - corner_values[:, edges[:, 1]]).abs()
     per_axis = torch.stack([diff[:, 0:8:2].amax(1), diff[:, 1:8:2].amax(1), diff[:, 8:12].amax(1)], 1)
     slope = per_axis.norm(dim=1) / side
-    if slope.shape[0]:
-        stats.lipschitz_observed = max(stats.lipschitz_observed, float(slope.max()))
     bound = torch.clamp_min(SLOPE_MARGIN * slope, lipschitz)  # per-cell L
-    if bound.shape[0]:
-        stats.lipschitz = max(stats.lipschitz, float(bound.max()))
+    if slope.shape[0]:
+        slopes.append(slope.max())
     mixed = (corner_values.amin(dim=1) < 0) & (corner_values.amax(dim=1) >= 0)
     absval = corner_values.abs()
-    dist, margin = _cover_table(stride)
-    dist = torch.as_tensor(dist + margin, dtype=corner_values.dtype, device=corner_values.device) * side
+    dist = on_device(_cover_table(stride), corner_values.device, corner_values.dtype) * side
     covered = torch.empty_like(mixed)
-    step = max(1, (1 << 22) // dist.numel())
+    step = max(1, (1 << 24) // dist.numel())
     for s in range(0, absval.shape[0], step):  # (cells, check points, corners) in bounded pieces
         a, b = absval[s : s + step], bound[s : s + step]
         covered[s : s + step] = (a[:, None, :] - b[:, None, None] * dist).amax(dim=2).amin(dim=1) > 0
@@ -221,7 +224,7 @@ def _final_level(sdf_fn: SdfFn, grid: Grid, cells: torch.Tensor, corner_values: 
     the signs then give the sign-changing fine cells, and stage B evaluates the certified corners of those,
     so every corner value marching cubes sees is exact. Returns (cells (C,3), corner values (C,8))."""
     dev = cells.device
-    off, dist, corner_slot, child_slot = (torch.as_tensor(t, device=dev) for t in _final_tables())
+    off, dist, corner_slot, child_slot = (on_device(t, dev) for t in _final_tables())
     h = grid.voxel
     shape = grid.points_shape
     margin = corner_values.abs()[:, None, :] - bound[:, None, None] * (dist.to(corner_values.dtype) * h)
@@ -257,7 +260,7 @@ def _final_level(sdf_fn: SdfFn, grid: Grid, cells: torch.Tensor, corner_values: 
     need = torch.zeros(n, dtype=torch.bool, device=dev)
     need[child.reshape(-1)] = True
     evaluate(need & ~known)  # stage B
-    fine_cells = (cells[:, None, :] * 2 + torch.as_tensor(CORNERS, device=dev)[None]).reshape(-1, 3)[crossing]
+    fine_cells = (cells[:, None, :] * 2 + on_device(CORNERS, dev)[None]).reshape(-1, 3)[crossing]
     return fine_cells, values[child]
 
 
@@ -275,7 +278,8 @@ def _extract_once(
     grid = make_grid(resolution, multiple=stride)
     dense = make_grid(resolution)
     stats = ExtractStats(resolution, grid.voxel, int(np.prod(dense.points_shape)), lipschitz=lipschitz)
-    corners = torch.as_tensor(CORNERS, device=device)
+    corners = on_device(CORNERS, device)
+    slopes: list[torch.Tensor] = []
 
     with torch.no_grad():
         # Top level: every point of the coarse lattice.
@@ -294,7 +298,7 @@ def _extract_once(
                 corner_values = values[inverse].view(-1, 8)
             if stride == 1:
                 break
-            keep, bound = _may_change_sign(corner_values, stride * grid.voxel, stride, lipschitz, stats)
+            keep, bound = _may_change_sign(corner_values, stride * grid.voxel, stride, lipschitz, slopes)
             if stride == 2:
                 cells, corner_values = _final_level(sdf_fn, grid, cells[keep], corner_values[keep], bound[keep],
                                                     chunk, stats, samples)
@@ -308,6 +312,9 @@ def _extract_once(
             crossing = (corner_values.amin(dim=1) < 0) & (corner_values.amax(dim=1) >= 0)
             cells, corner_values = cells[crossing], corner_values[crossing]
         stats.cells_marched = int(cells.shape[0])
+        if slopes:  # per-cell L = max(L0, SLOPE_MARGIN x slope), so the largest used follows from the steepest
+            stats.lipschitz_observed = float(torch.stack(slopes).max())
+            stats.lipschitz = max(lipschitz, SLOPE_MARGIN * stats.lipschitz_observed)
     return cells, corner_values, stats, grid
 
 
@@ -339,42 +346,7 @@ def extract_dense(
 
 
 def remove_small_components(mesh: Mesh, min_fraction: float, touch: float = 0.0) -> tuple[Mesh, int]:
-    """Drop connected pieces with fewer than min_fraction x (largest piece's face count) faces unless they
-    come within `touch` of a large piece; returns the mesh with vertices re-indexed and the number of pieces
-    removed. Why `touch`: marching cubes resolves ambiguous cells by table, so two valid triangulations of
-    the same lattice values can split a few faces off the main surface in one and not the other; such a
-    piece lies in a cell next to the main surface (within a cell diagonal), a floater does not."""
-    if min_fraction <= 0 or len(mesh.faces) == 0:
-        return mesh, 0
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    f = mesh.faces.astype(np.int64)
-    n = len(mesh.vertices)
-    rows = np.concatenate([f[:, 0], f[:, 1]])
-    cols = np.concatenate([f[:, 1], f[:, 2]])
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
-    n_comp, label = connected_components(graph, directed=False)
-    if n_comp == 1:
-        return mesh, 0
-    face_count = np.bincount(label[f[:, 0]], minlength=n_comp)
-    keep_comp = face_count >= min_fraction * face_count.max()
-    small = np.flatnonzero(~keep_comp & (face_count > 0))
-    if touch > 0 and len(small):
-        from scipy.spatial import cKDTree
-
-        # only the large pieces' vertices in the small pieces' box matter (a tree of all would cost ~0.5 s at 512^3)
-        in_small = np.isin(label, small)
-        sv = mesh.vertices[in_small]
-        box = np.all((mesh.vertices >= sv.min(0) - touch) & (mesh.vertices <= sv.max(0) + touch), axis=1)
-        candidates = mesh.vertices[box & keep_comp[label]]
-        if len(candidates):
-            dist = cKDTree(candidates).query(sv, distance_upper_bound=touch)[0]
-            keep_comp[np.unique(label[in_small][np.isfinite(dist)])] = True
-    keep_comp &= face_count > 0
-    keep_face = keep_comp[label[f[:, 0]]]
-    used = np.zeros(n, bool)
-    used[f[keep_face].ravel()] = True
-    remap = np.cumsum(used) - 1
-    out = Mesh(mesh.vertices[used], remap[f[keep_face]].astype(np.int32))
-    return out, int((face_count > 0).sum() - keep_comp.sum())
+    """components.drop_small_pieces on a host mesh: returns the mesh re-indexed and the pieces removed."""
+    v, f, removed = drop_small_pieces(torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces).long(),
+                                      min_fraction, touch)
+    return Mesh(v.numpy(), f.numpy().astype(np.int32)), removed

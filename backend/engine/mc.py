@@ -24,6 +24,20 @@ EDGES = np.array(
 )
 
 
+_BIT = np.arange(8, dtype=np.int64)
+_DEVICE_COPIES: dict[tuple[int, torch.device, torch.dtype | None], tuple[np.ndarray, torch.Tensor]] = {}
+
+
+def on_device(table: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A device copy of a constant host table, made once: on a GPU every host-to-device copy is a launch and
+    a wait. For module-level or cached arrays that are never modified (keyed by identity; the cache holds the
+    array, so its id cannot be reused by another one)."""
+    key = (id(table), torch.device(device), dtype)
+    if key not in _DEVICE_COPIES:
+        _DEVICE_COPIES[key] = (table, torch.as_tensor(table, device=device, dtype=dtype))
+    return _DEVICE_COPIES[key][1]
+
+
 @lru_cache(maxsize=None)
 def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from skimage.measure import _marching_cubes_lewiner_luts as luts
@@ -49,10 +63,10 @@ def marching_cubes_cells(
     so that normals point toward increasing SDF (outward).
     """
     device = cells.device
-    tri, lower, upper, axis = (torch.as_tensor(a, device=device) for a in _tables())
-    corners = torch.as_tensor(CORNERS, device=device)
+    tri, lower, upper, axis = (on_device(a, device) for a in _tables())
+    corners = on_device(CORNERS, device)
 
-    bits = (values < 0).long() << torch.arange(8, device=device)
+    bits = (values < 0).long() << on_device(_BIT, device)
     case = bits.sum(dim=1)
     entries = tri[case][:, :15]  # (M,15): up to 5 triangles of local edge ids, -1 padded
     keep = (entries[:, ::3] >= 0)  # (M,5) valid triangles

@@ -16,11 +16,12 @@ zr, k, topk)` computes, without the training-time layout:
   every sign, is exact, and a marching-cubes vertex moves by at most error / (2 exact_below) of an edge.
 
 The region codes' contribution to the first layer (zr_j @ W_z + b) is folded into one bias per region once
-per head. The input layer always runs in float32 (bf16 would cut local coordinates to ~0.4 mm);
-`hidden_dtype=torch.float16` runs the two later layers on half-precision tensor cores (CUDA only; opt-in,
-checked against float32 in `python -m backend bench`). Like the sparse mode's left-out mass, the rounding
-then only moves values by tens of micrometres, so with `exact_below` every point whose approximate |sdf| is
-below it is evaluated again in float32 with all regions: every value near zero, and every sign, is exact.
+per head. `hidden_dtype=torch.float16` (dense mode, CUDA) is the fast approximate path: the fused Triton
+kernel of engine/fused_sdf.py (float16 operands in all three layers, the encoding from float32 angles) where
+Triton is available, else the torch products with the two later layers in float16 (the input layer stays
+float32 there: bf16 would cut local coordinates to ~0.4 mm). Like the sparse mode's left-out mass, the
+rounding only moves values by tens of micrometres, so with `exact_below` every point whose approximate |sdf|
+is below it is evaluated again in float32 with all regions: every value near zero, and every sign, is exact.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from ..model.encoding import positional_encoding
+from . import fused_sdf
 
 
 class HeadSdf:
     def __init__(self, model, zr: torch.Tensor, k: torch.Tensor, mode: str = "dense", drop_tol: float = 1e-4,
-                 exact_below: float = 0.0, hidden_dtype: torch.dtype = torch.float32):
+                 exact_below: float = 0.0, hidden_dtype: torch.dtype = torch.float32, fused: bool = True):
         if mode not in ("dense", "sparse"):
             raise ValueError(f"mode must be 'dense' or 'sparse', got {mode!r}")
         if hidden_dtype != torch.float32 and mode != "dense":
@@ -56,6 +58,10 @@ class HeadSdf:
             low = hidden_dtype != torch.float32
             self.low = ([w.to(hidden_dtype) for w in self.wh], [b.to(hidden_dtype) for b in self.bh],
                         self.wo.to(hidden_dtype), self.bo.to(hidden_dtype)) if low else None
+        # dense mode with float16 hidden layers on CUDA: the fused Triton kernel (engine/fused_sdf.py, float16
+        # operands throughout) instead of the per-layer products
+        self.fused = (fused_sdf.FusedFeatures(model, zr, k, self.b1)
+                      if fused and self.low is not None and fused_sdf.supported(model, k.device) else None)
         self.max_dropped = 0.0  # largest blend mass left out so far (sparse mode)
         self.regions_evaluated = 0  # point-region pairs evaluated so far
         self.exact_points = 0  # sparse mode: points re-evaluated with every region (|sdf| < exact_below)
@@ -64,7 +70,11 @@ class HeadSdf:
         with torch.no_grad():
             x = x.float()
             approximate = self.mode == "sparse" or self.low is not None
-            sdf = self._fuse(x, self._dense(x, self.low) if self.mode == "dense" else self._sparse(x))
+            if self.fused is not None:
+                self.regions_evaluated += self.k.shape[0] * x.shape[0]
+                sdf = self._fuse(x, self.fused(x))
+            else:
+                sdf = self._fuse(x, self._dense(x, self.low) if self.mode == "dense" else self._sparse(x))
             if approximate and self.exact_below > 0:
                 near = torch.nonzero(sdf.abs() < self.exact_below).squeeze(1)
                 if near.numel():
