@@ -101,7 +101,12 @@ class MeshIndex:
             _, near = self.tree.query(p, k=self.candidates)
             _, near_faces = self.centroid_tree.query(p, k=self.centroid_candidates)
             cand = np.concatenate([self.vertex_faces[near].reshape(len(p), -1), near_faces.reshape(len(p), -1)], 1)
-            cand = torch.as_tensor(cand)  # (n, C)
+            # Each face once: neighbouring vertices share most faces (~14 distinct of 36 slots on the template), so
+            # the distinct ones go first (ascending) and the columns past the most distinct in a row are cut.
+            cand = torch.as_tensor(cand).sort(dim=1).values
+            dup = torch.cat([torch.zeros_like(cand[:, :1], dtype=torch.bool), cand[:, 1:] == cand[:, :-1]], 1)
+            keep = int((~dup).sum(1).max())
+            cand = cand.gather(1, dup.to(torch.uint8).argsort(dim=1, stable=True)[:, :keep])  # (n, C)
             # Work relative to the query point: float32 keeps sub-micrometre precision at head scale. Layout
             # (corner, xyz, n, C): the same float32 arithmetic as on (n, C, corner, xyz), on contiguous planes.
             tri = self._tri_planes.view(9, -1).index_select(1, cand.view(-1)).view(3, 3, *cand.shape)
