@@ -61,9 +61,9 @@ class CodeAdam(torch.optim.Optimizer):
                 st["t"] += 1
                 st["m"].lerp_(p.grad, 1 - b1)
                 st["v"].lerp_(p.grad.square().mean(-1, keepdim=True), 1 - b2)
-                m_hat = st["m"] / (1 - b1 ** st["t"])
-                v_hat = st["v"] / (1 - b2 ** st["t"])
-                p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
+                # p -= lr m_hat / (sqrt(v_hat) + eps), bias corrections folded into scalars (fewer kernels)
+                denom = (st["v"] / (1 - b2 ** st["t"])).sqrt_().add_(group["eps"])
+                p.addcdiv_(st["m"], denom, value=-group["lr"] / (1 - b1 ** st["t"]))
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -172,14 +172,14 @@ def fit_latents(
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr * 0.05)
         losses: list[Tensor] = []
 
+        neutral = torch.zeros(B, model.cfg.n_expressions, device=dev)
+
         def z_exp_now() -> Tensor:
-            if not fit_expression:
-                return torch.zeros(B, model.cfg.n_expressions, device=dev)
-            return torch.sigmoid(e_logit)
+            return torch.sigmoid(e_logit) if fit_expression else neutral
 
         def surface_loss(zr: Tensor, k: Tensor, z_id: Tensor, zexp: Tensor, step: int) -> Tensor:
             sel = selection[step]
-            x = pts[:, sel].clone().requires_grad_(nrm is not None)
+            x = pts[:, sel].requires_grad_(nrm is not None)  # indexing copies: a fresh leaf
             xc = x + model.warp(x, zexp, z_id) if fit_expression else x
             s = model.sdf(xc, zr, k, topk=topk)
             loss = s.abs().mean()
