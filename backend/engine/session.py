@@ -46,7 +46,7 @@ EXTRACT_MODE = {"cpu": "sparse", "cuda": "dense"}
 # again with all 39 regions (measured SDF error: 19 um at 1e-4, 2 um at 1e-5; see sdf_eval.py).
 EXTRACT_DROP_TOL = 1e-4
 EXTRACT_EXACT_BELOW = 2e-4
-EXTRACT_CHUNKS = {"cpu": 1 << 14, "cuda": 1 << 19}
+EXTRACT_CHUNKS = {"cpu": 1 << 13, "cuda": 1 << 19}  # CPU: 8192 ~10% faster than 16k (activations in cache)
 # CUDA: the hidden and output layers of the local networks on float16 tensor cores; every point whose value
 # is within EXTRACT_HALF_EXACT_BELOW of zero is evaluated again in float32, so signs are exact and a marching-
 # cubes vertex moves by at most (fp16 rounding, <= ~10 um measured) / (2 x 0.5 mm) of an edge.
