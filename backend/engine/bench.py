@@ -141,7 +141,7 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
         row.detail = ", ".join(detail)
         rows.append(row)
         if dev.type == "cuda" and size >= 256:  # the other network evaluations, against the default's mesh
-            variants = {f"extract, {'float32' if session.extract_half else 'float16'} hidden layers":
+            variants = {"extract, " + ("float32 (torch, exact)" if session.extract_half else "float16 (fused kernel)"):
                         ("extract_half", not session.extract_half),
                         f"extract, {'sparse' if session.extract_mode == 'dense' else 'dense'} regions":
                         ("extract_mode", "sparse" if session.extract_mode == "dense" else "dense")}

@@ -28,8 +28,8 @@ def component_labels(faces: torch.Tensor, n_vertices: int) -> torch.Tensor:
             return parent
         u, v, pu, pv = u[differ], v[differ], pu[differ], pv[differ]
         parent.scatter_reduce_(0, torch.maximum(pu, pv), torch.minimum(pu, pv), reduce="amin")
-        while True:  # every pointer to its root
-            jumped = parent[parent]
+        while True:  # every pointer to its root; two jumps a check (pointers only go down, so a fixed
+            jumped = parent[parent[parent]]  # point of the double jump is one of the single jump)
             if torch.equal(jumped, parent):
                 break
             parent = jumped

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 
@@ -152,6 +153,26 @@ def _pad(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return out.contiguous()
 
 
+_PADDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _padded_weights(model, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The head-independent kernel operands of a model (float16 padded weights, float32 biases), made once per
+    model and device: a mesh request should not pay for re-laying out 2 MB of weights."""
+    per_model = _PADDED.setdefault(model, {})
+    if device not in per_model:
+        s, R, F = model.slot, model.cfg.n_regions, model.cfg.feat_dim
+        with torch.no_grad():
+            per_model[device] = (
+                _pad(model.loc_wx[s].float(), (R, ENC_PAD, HIDDEN_PAD)).half(),
+                _pad(model.loc_wh[0][s].float(), (R, HIDDEN_PAD, HIDDEN_PAD)).half(),
+                _pad(model.loc_wo[s].float(), (R, HIDDEN_PAD, F)).half(),
+                _pad(model.loc_bh[0][s].float(), (R, HIDDEN_PAD)),
+                model.loc_bo[s].float().contiguous(),
+            )
+    return per_model[device]
+
+
 def _brick_order(x: torch.Tensor) -> torch.Tensor:
     """Permutation that sorts points (N,3) by the Morton order of their BRICK-sized cells: compact blocks."""
     code = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
@@ -167,19 +188,14 @@ class FusedFeatures:
     def __init__(self, model, zr: torch.Tensor, k: torch.Tensor, b1: torch.Tensor):
         """b1: (R, H) first-layer bias with the region codes folded in (sdf_eval.HeadSdf computes it)."""
         cfg = model.cfg
-        s = model.slot
         dev = k.device
         R, F = cfg.n_regions, cfg.feat_dim
         self.R, self.F = R, F
         self.inv_sigma, self.pe_scale = 1.0 / cfg.sigma, cfg.pe_scale
         self.k = k[0].float().contiguous()
+        self.w1, self.wh, self.wo, self.bh, self.bo = _padded_weights(model, dev)
         with torch.no_grad():
-            self.w1 = _pad(model.loc_wx[s].float(), (R, ENC_PAD, HIDDEN_PAD)).half()
-            self.wh = _pad(model.loc_wh[0][s].float(), (R, HIDDEN_PAD, HIDDEN_PAD)).half()
-            self.wo = _pad(model.loc_wo[s].float(), (R, HIDDEN_PAD, F)).half()
             self.b1 = _pad(b1.float(), (R, HIDDEN_PAD))
-            self.bh = _pad(model.loc_bh[0][s].float(), (R, HIDDEN_PAD))
-            self.bo = model.loc_bo[s].float().contiguous()
         # Encoding columns as model.encoding.positional_encoding lays them out: [xs (3), sin (3 nf), cos (3 nf)],
         # column 3 + 3 l + axis at frequency 2^l pi; kind 0 raw, 1 sin, 2 cos, 3 padding.
         nf = cfg.pe_freqs
