@@ -78,3 +78,17 @@ def test_deform_caches_vertex_sdf_per_mesh(session, generated, monkeypatch):
     np.testing.assert_allclose(res1["residual"][1:], res2["residual"], rtol=0, atol=LIPSCHITZ * 2e-7)
     session.deform({"head": params["head"]}, {"canonical": canon[:300], "expressions": expr})  # another mesh
     assert len(calls) == 2
+
+
+def test_generate_leaves_its_vertex_sdf_for_deform(session, monkeypatch):
+    params, arrays = session.generate({"seed": 4, "resolution": 32}, {})
+    canon, expr = arrays["canonical"], _expressions(session)
+    calls = []
+    real = session.vertex_sdf
+    monkeypatch.setattr(session, "vertex_sdf", lambda *a: calls.append(1) or real(*a))
+    _, res = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr})
+    assert not calls  # the attribute pass's SDF at these vertices was remembered
+    session._vertex_sdf_cache.clear()
+    _, fresh = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr})
+    assert len(calls) == 1
+    np.testing.assert_allclose(res["residual"], fresh["residual"], rtol=0, atol=1e-7)

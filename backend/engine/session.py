@@ -284,13 +284,14 @@ class Session:
         check_cancel(progress)
         progress.report(0.5, "attributes")
         arrays, attr_stats, sdf = self.attributes(mesh, zr, k)
+        # the add-on's deform requests for this mesh and head then skip the vertex SDF
+        sdf_c = self._cached_vertex_sdf(mesh.vertices, zr, k, torch.as_tensor(sdf, device=self.device))
         stats = extract_stats(ext, dropped, self.topk) | attr_stats
         weights = head.expression_vector(self.expression_names)
         if np.any(weights != 0):
             check_cancel(progress)
             progress.report(0.75, "posing")
-            res = self.pose(mesh.vertices, z_id, zr, k, weights[None], exact_residual=False,
-                            canonical_sdf=torch.as_tensor(sdf, device=self.device))
+            res = self.pose(mesh.vertices, z_id, zr, k, weights[None], exact_residual=False, canonical_sdf=sdf_c)
             arrays["vertices"] = res["vertices"][0]
             arrays["normals"] = self.posed_normals(res["vertices"][0], z_id, zr, k, weights)
             stats["deform"] = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
@@ -523,9 +524,11 @@ class Session:
         out = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
         return out, {"vertices": res["vertices"], "residual": res["residual"], "converged": res["converged"]}
 
-    def _cached_vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def _cached_vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor,
+                           sdf: torch.Tensor | None = None) -> torch.Tensor:
         """vertex_sdf, remembered for the last few (mesh, head) pairs: the add-on sends one deform request per
-        frame change of the same mesh, and at one frame per request the SDF would cost more than the solve."""
+        frame change of the same mesh, and at one frame per request the SDF would cost more than the solve.
+        sdf: the value when the caller already has it (generate's attribute pass), stored for later requests."""
         import hashlib
 
         key = (hashlib.sha1(np.ascontiguousarray(canonical, np.float32).tobytes()).hexdigest(),
@@ -535,7 +538,7 @@ class Session:
         if key not in cache:
             while len(cache) >= 4:
                 cache.pop(next(iter(cache)))
-            cache[key] = self.vertex_sdf(canonical, zr, k)
+            cache[key] = self.vertex_sdf(canonical, zr, k) if sdf is None else sdf
         return cache[key]
 
 
