@@ -3,10 +3,10 @@ hair caps) to the model frame, against the mean head surface.
 
 Method: orientation hypotheses from the input's principal axes (all 24 proper rotations that map them onto
 the template's principal axes) x scale hypotheses around the RMS-radius ratio x head positions along the
-longest axis, each run through three iterations of symmetric trimmed ICP on a small subsample (against a
-2000-point subset of the template); the best 24 get 8 more iterations, the best 3 are refined on 4000 points,
-first point-to-point, then point-to-plane (Gauss-Newton on scale, rotation, translation, until converged) for
-fast convergence. Symmetric
+longest axis, each run through three iterations of symmetric trimmed ICP on a small subsample; the best 24 get
+8 more iterations (both stages against a 2000-point subset of the template), the best 3 are refined on 4000
+points, first 5 point-to-point iterations, then point-to-plane (Gauss-Newton on scale, rotation, translation,
+until converged) for fast convergence. Symmetric
 trimmed ICP pairs every input point with its nearest template point and every template point with its
 nearest input point, keeps the closest `keep` fraction of each direction (clutter such as shoulders drops out
 of the first, holes and missing backs out of the second), and solves the similarity in closed form (Umeyama).
@@ -140,7 +140,7 @@ def _plane_steps(scale: np.ndarray, rot: np.ndarray, trans: np.ndarray, src: np.
 
 
 NORMAL_PENALTY = 0.01  # metres of pair cost for perpendicular normals
-COARSE_POINTS = 2000  # template points of the first alignment stage
+COARSE_POINTS = 2000  # template points of the first two alignment stages
 # Point-to-plane iterations stop for a hypothesis once an update moves points at the template radius by less
 # than this (metres): Gauss-Newton then sits on a fixed point of its pairs (later moves measured 0).
 PLANE_TOL = 1e-9
@@ -164,8 +164,8 @@ class Aligner:
         self.normals = np.asarray(template_normals, np.float64)
         self.reliable = np.flatnonzero(np.ones(len(self.target), bool) if reliable is None else reliable)
         self.tree = cKDTree(self.target)
-        # The first stage (every hypothesis, mostly far off) pairs with a random subset: a query far from
-        # the surface visits many leaves, and 288 x 250-point ICP does not need a denser target.
+        # The coarse stages (hypotheses mostly far off) pair with a random subset: a query far from the
+        # surface visits many leaves, and ICP on 250-500 input points does not need a denser target.
         self.coarse = np.sort(np.random.default_rng(0).permutation(len(self.target))[:COARSE_POINTS])
         self.coarse_tree = cKDTree(self.target[self.coarse])
         self.keep = keep
@@ -273,7 +273,7 @@ class Aligner:
                     for centre in shifts:
                         starts.append(Similarity(s, rot, self.t_center - s * rot @ centre))
         # (points, iterations, survivors, coarse template)
-        stages = [(250, 3, len(starts), True), (500, 8, 24, False), (4000, 10, 3, False)]
+        stages = [(250, 3, len(starts), True), (500, 8, 24, True), (4000, 5, 3, False)]
         pool = [(s, np.inf) for s in starts]
         for n_points, iters, survivors, coarse in stages:
             x, xn = sub(n_points)
