@@ -1,28 +1,30 @@
 """Fused local networks on the GPU (Triton): blended features of all 39 regions in one kernel.
 
 The torch path (sdf_eval.HeadSdf "dense") materialises (39, N, 96) activations per layer and is bound by
-that memory traffic (~90 ms for the 478k points of a 256^3 band on an H100, float32 or float16 alike). Here
+that memory traffic (~90 ms for the 487k points of a 256^3 band on an H100, float32 or float16 alike). Here
 one program takes BLOCK points and loops over the regions: positional encoding, the three layers of region
 r's network and the weighted sum sum_r softmax_r(-|x - k_r| / sigma) g_r(x) stay on chip; only x in and
-the 32 blended features out touch memory (~8 ms for the same points). The fusion head (32 -> 128 -> 128 -> 1)
-then runs in torch.
+the 32 blended features out touch memory. The fusion head (32 -> 128 -> 128 -> 1) then runs in torch.
 
-It is the model's all-region field up to three approximations, all bounded:
-- float16 matrix operands (float32 accumulation, bias and SiLU): features move by ~1e-3, the SDF by tens of
-  micrometres (measured by the bench and the tests). HeadSdf evaluates every point within `exact_below` of
-  zero again in float32 (torch), so the signs and the values marching cubes interpolates are exact.
-- The encoding of region r is computed by rotating sin/cos of the global coordinates by the anchor's angles
-  (sin(a - b) = sin a cos b - cos a sin b), not from the local coordinates: float32 rounding of the angles,
-  far below the float16 rounding that follows.
-- A region whose blend weight is below SKIP_WEIGHT at every point of a block is skipped for that block: at
-  most 39 x SKIP_WEIGHT = 3.9e-4 of the blend mass is left out, which moves the SDF by < 0.1 um (the trained
-  model moves ~2e-4 m per unit of left-out mass) and skips ~half of the work on a head's surface band.
-  Points are sorted into the Morton order of 2 mm cells first so that each block is compact.
+Two modes (`precise`), measured on that band (H100):
+- fast (4.9 ms): float16 matrix operands with float32 accumulation, bias and SiLU; the encoding of region r
+  from sin/cos of the global coordinates rotated by the anchor's angles (sin(a - b) = sin a cos b -
+  cos a sin b: multiply-adds instead of 64 sines and cosines a region). The SDF moves by up to ~41 um.
+  HeadSdf evaluates every point within `exact_below` of zero again in the precise mode.
+- precise (24 ms): the encoding as the model computes it, and every activation split into float16 high and
+  low parts (a = hi + lo to ~22 bits; two products a layer). The shipped weights are float16 values, so the
+  products are exact and the result is float32 accurate: max 6.4e-8 m from a float64 evaluation, where the
+  torch float32 path is 5.5e-8 m away.
+A region whose blend weight is below SKIP_WEIGHT at every point of a block is skipped for that block (fast:
+1e-5, ~half of the work on a head's band; precise: 1e-9, at most 3.9e-8 of the mass left out, a few
+nanometres at the model's ~0.2 m per unit of mass). Points are sorted into the Morton order of 2 mm cells
+first so that each block is compact.
 
 Layout: hidden width 96 is padded to 128 and the 39-wide encoding to 64 with zero weights (Triton tiles are
 powers of two; a zero column stays zero through SiLU and meets zero rows in the next layer).
-Only the shipped architecture (one hidden-to-hidden layer) is fused; `supported()` says whether a model and
-device can use it. Under TRITON_INTERPRET=1 the same kernel runs on the CPU (numpy): CPU-only CI tests it.
+Only the shipped architecture (one hidden-to-hidden layer, float16-exact local weights) is fused;
+`supported()` says whether a model and device can use it. Under TRITON_INTERPRET=1 the same kernel runs on
+the CPU (numpy): CPU-only CI tests it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ try:
 except ImportError:  # CPU-only installs: the torch path is used
     triton = None
 
-SKIP_WEIGHT = 1e-5
+SKIP_WEIGHT = {False: 1e-5, True: 1e-9}  # by `precise` (see the module docstring)
 BLOCK = 64
 NUM_WARPS = 4
 ENC_PAD = 64
@@ -54,17 +56,21 @@ def supported(model, device: torch.device) -> bool:
     cfg = model.cfg
     shape_ok = (cfg.local_layers == 2 and 3 + 6 * cfg.pe_freqs <= ENC_PAD and cfg.local_hidden <= HIDDEN_PAD
                 and cfg.feat_dim in (16, 32, 64))
-    return triton is not None and shape_ok and (device.type == "cuda" or INTERPRET)
+    if triton is None or not shape_ok or not (device.type == "cuda" or INTERPRET):
+        return False
+    # the precise mode's products are exact only for float16-exact weights (the shipped file stores float16)
+    weights = [model.loc_wx, model.loc_wh[0], model.loc_wo]
+    return all(bool((w.detach().half().float() == w.detach()).all()) for w in weights)
 
 
 if triton is not None:
 
     @triton.jit
-    def _features_kernel(x_ptr, k_ptr, col_freq_ptr, col_axis_ptr, rot_ptr,
+    def _features_kernel(x_ptr, k_ptr, flip_ptr, col_freq_ptr, col_axis_ptr, col_kind_ptr, rot_ptr,
                          w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr, out_ptr,
                          n_points, inv_sigma, pe_scale, skip_weight,
                          R: tl.constexpr, RP: tl.constexpr, EP: tl.constexpr, HP: tl.constexpr, FD: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < n_points
@@ -86,16 +92,18 @@ if triton is not None:
         dmin = tl.min(dist, axis=1)
         norm = tl.sum(tl.exp((dmin[:, None] - dist) * inv_sigma), axis=1)
 
-        # sin/cos of the global coordinates once per point; each region's encoding is then a rotation by its
-        # anchor's angles (rot tables, see FusedFeatures), a few multiply-adds instead of 64 sines and cosines
         ci = tl.arange(0, EP)
         col_freq = tl.load(col_freq_ptr + ci)
         col_axis = tl.load(col_axis_ptr + ci)
-        gx = tl.where(col_axis[None, :] == 0, px[:, None], tl.where(col_axis[None, :] == 1, py[:, None], pz[:, None]))
-        gx = gx * pe_scale
-        base = gx * col_freq[None, :]
-        sin_base = tl.sin(base)
-        cos_base = tl.cos(base)
+        col_kind = tl.load(col_kind_ptr + ci)
+        if not PRECISE:
+            # sin/cos of the global coordinates once per point; each region's encoding is then a rotation by
+            # its anchor's angles (rot tables, see FusedFeatures): multiply-adds instead of 64 sines and cosines
+            gx = tl.where(col_axis[None, :] == 0, px[:, None],
+                          tl.where(col_axis[None, :] == 1, py[:, None], pz[:, None])) * pe_scale
+            base = gx * col_freq[None, :]
+            sin_base = tl.sin(base)
+            cos_base = tl.cos(base)
         hi = tl.arange(0, HP)
         fi = tl.arange(0, FD)
         acc = tl.zeros((BLOCK_N, FD), dtype=tl.float32)
@@ -106,22 +114,45 @@ if triton is not None:
             weight = tl.exp((dmin - tl.sqrt(lx * lx + ly * ly + lz * lz)) * inv_sigma) / norm
             weight = tl.where(mask, weight, 0.0)
             if tl.max(weight, axis=0) > skip_weight:  # else negligible at every point of the block
-                ra = tl.load(rot_ptr + (r * 4 + 0) * EP + ci)
-                rb = tl.load(rot_ptr + (r * 4 + 1) * EP + ci)
-                rp = tl.load(rot_ptr + (r * 4 + 2) * EP + ci)
-                rq = tl.load(rot_ptr + (r * 4 + 3) * EP + ci)
-                enc = ra[None, :] * sin_base + rb[None, :] * cos_base + rp[None, :] * gx + rq[None, :]
                 w1 = tl.load(w1_ptr + r * EP * HP + ci[:, None] * HP + hi[None, :])
                 wh = tl.load(wh_ptr + r * HP * HP + hi[:, None] * HP + hi[None, :])
                 wo = tl.load(wo_ptr + r * HP * FD + hi[:, None] * FD + fi[None, :])
-                h = tl.dot(enc.to(tl.float16), w1) + tl.load(b1_ptr + r * HP + hi)[None, :]
-                h = h * tl.sigmoid(h)
-                h = tl.dot(h.to(tl.float16), wh) + tl.load(bh_ptr + r * HP + hi)[None, :]
-                h = h * tl.sigmoid(h)
-                g = tl.dot(h.to(tl.float16), wo) + tl.load(bo_ptr + r * FD + fi)[None, :]
+                b1 = tl.load(b1_ptr + r * HP + hi)[None, :]
+                bh = tl.load(bh_ptr + r * HP + hi)[None, :]
+                bo = tl.load(bo_ptr + r * FD + fi)[None, :]
+                if PRECISE:
+                    # [xs, sin(2^l pi xs), cos(2^l pi xs)] of xs = (x - k_r) * flip_r * scale, in the model's order
+                    # of operations; every operand split into float16 high + low parts (weights are exact float16)
+                    xs = lx * tl.load(flip_ptr + r * 3 + 0) * pe_scale
+                    ys = ly * tl.load(flip_ptr + r * 3 + 1) * pe_scale
+                    zs = lz * tl.load(flip_ptr + r * 3 + 2) * pe_scale
+                    coord = tl.where(col_axis[None, :] == 0, xs[:, None],
+                                     tl.where(col_axis[None, :] == 1, ys[:, None], zs[:, None]))
+                    ang = coord * col_freq[None, :]
+                    enc = tl.where(col_kind[None, :] == 0, coord,
+                                   tl.where(col_kind[None, :] == 1, tl.sin(ang),
+                                            tl.where(col_kind[None, :] == 2, tl.cos(ang), 0.0)))
+                    a_hi = enc.to(tl.float16)
+                    h = tl.dot(a_hi, w1, tl.dot((enc - a_hi.to(tl.float32)).to(tl.float16), w1)) + b1
+                    h = h * tl.sigmoid(h)
+                    a_hi = h.to(tl.float16)
+                    h = tl.dot(a_hi, wh, tl.dot((h - a_hi.to(tl.float32)).to(tl.float16), wh)) + bh
+                    h = h * tl.sigmoid(h)
+                    a_hi = h.to(tl.float16)
+                    g = tl.dot(a_hi, wo, tl.dot((h - a_hi.to(tl.float32)).to(tl.float16), wo)) + bo
+                else:
+                    ra = tl.load(rot_ptr + (r * 4 + 0) * EP + ci)
+                    rb = tl.load(rot_ptr + (r * 4 + 1) * EP + ci)
+                    rp = tl.load(rot_ptr + (r * 4 + 2) * EP + ci)
+                    rq = tl.load(rot_ptr + (r * 4 + 3) * EP + ci)
+                    enc = ra[None, :] * sin_base + rb[None, :] * cos_base + rp[None, :] * gx + rq[None, :]
+                    h = tl.dot(enc.to(tl.float16), w1) + b1
+                    h = h * tl.sigmoid(h)
+                    h = tl.dot(h.to(tl.float16), wh) + bh
+                    h = h * tl.sigmoid(h)
+                    g = tl.dot(h.to(tl.float16), wo) + bo
                 acc += weight[:, None] * g
         tl.store(out_ptr + offs[:, None] * FD + fi[None, :], acc, mask=mask[:, None])
-
 
     @triton.jit
     def _spread_bits(q):
@@ -222,8 +253,10 @@ class FusedFeatures:
         self.rot = torch.stack([rot_a, rot_b, rot_p, rot_q], 1).float().contiguous().to(dev)  # (R, 4, EP)
         self.col_freq = col_freq.float().to(dev)
         self.col_axis = col_axis.int().to(dev)
+        self.col_kind = kind.int().to(dev)
+        self.flip = model.flip.float().contiguous().to(dev)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, precise: bool) -> torch.Tensor:
         n = x.shape[0]
         out = torch.empty((n, self.F), dtype=torch.float32, device=x.device)
         if n == 0:
@@ -232,11 +265,11 @@ class FusedFeatures:
         order = _brick_order(x)
         feat = torch.empty_like(out)
         _features_kernel[(triton.cdiv(n, BLOCK),)](
-            x[order], self.k, self.col_freq, self.col_axis, self.rot,
+            x[order], self.k, self.flip, self.col_freq, self.col_axis, self.col_kind, self.rot,
             self.w1, self.b1, self.wh, self.bh, self.wo, self.bo, feat,
-            n, self.inv_sigma, self.pe_scale, SKIP_WEIGHT,
+            n, self.inv_sigma, self.pe_scale, SKIP_WEIGHT[precise],
             R=self.R, RP=triton.next_power_of_2(self.R), EP=ENC_PAD, HP=HIDDEN_PAD, FD=self.F,
-            BLOCK_N=BLOCK, num_warps=NUM_WARPS,
+            BLOCK_N=BLOCK, PRECISE=precise, num_warps=NUM_WARPS,
         )
         out[order] = feat
         return out

@@ -11,17 +11,18 @@ zr, k, topk)` computes, without the training-time layout:
   model's `topk`); each region's network runs once on the points that keep it (a loop over 39 regions, no
   sort of point-region pairs). On the trained model ~12 regions per near-surface point suffice at 1e-4
   (against 16 for a fixed top 16 that covers only ~70% of them). Points whose approximate |sdf| is below
-  `exact_below` are evaluated again with all regions: the left-out mass moves the SDF by ~2e-4 m per unit
-  of mass (measured: 19 um at 1e-4), so with exact_below a few times that, every value near zero, and hence
+  `exact_below` are evaluated again with all regions: the left-out mass moves the SDF by up to ~0.2 m per
+  unit of mass (measured: 19 um at 1e-4), so with exact_below a few times that, every value near zero, and hence
   every sign, is exact, and a marching-cubes vertex moves by at most error / (2 exact_below) of an edge.
 
 The region codes' contribution to the first layer (zr_j @ W_z + b) is folded into one bias per region once
 per head. `hidden_dtype=torch.float16` (dense mode, CUDA) is the fast approximate path: the fused Triton
-kernel of engine/fused_sdf.py (float16 operands in all three layers, the encoding from float32 angles) where
-Triton is available, else the torch products with the two later layers in float16 (the input layer stays
-float32 there: bf16 would cut local coordinates to ~0.4 mm). Like the sparse mode's left-out mass, the
-rounding only moves values by tens of micrometres, so with `exact_below` every point whose approximate |sdf|
-is below it is evaluated again in float32 with all regions: every value near zero, and every sign, is exact.
+kernel of engine/fused_sdf.py (float16 operands) where Triton is available, else the torch products with
+the two later layers in float16 (the input layer stays float32 there: bf16 would cut local coordinates to
+~0.4 mm). Like the sparse mode's left-out mass, the rounding only moves values by tens of micrometres, so
+with `exact_below` every point whose approximate |sdf| is below it is evaluated again at float32 accuracy
+(the fused kernel's precise mode, or the torch float32 products): every value near zero, and every sign,
+is the float32 field's (to its own rounding, ~1e-7 m).
 """
 
 from __future__ import annotations
@@ -72,13 +73,14 @@ class HeadSdf:
             approximate = self.mode == "sparse" or self.low is not None
             if self.fused is not None:
                 self.regions_evaluated += self.k.shape[0] * x.shape[0]
-                sdf = self._fuse(x, self.fused(x))
+                sdf = self._fuse(x, self.fused(x, precise=False))
             else:
                 sdf = self._fuse(x, self._dense(x, self.low) if self.mode == "dense" else self._sparse(x))
             if approximate and self.exact_below > 0:
                 near = torch.nonzero(sdf.abs() < self.exact_below).squeeze(1)
                 if near.numel():
-                    sdf[near] = self._fuse(x[near], self._dense(x[near]))
+                    exact = self.fused(x[near], precise=True) if self.fused is not None else self._dense(x[near])
+                    sdf[near] = self._fuse(x[near], exact)
                     self.exact_points += near.numel()
             return sdf
 
