@@ -59,13 +59,16 @@ def supported(model, device: torch.device) -> bool:
     if triton is None or not shape_ok or not (device.type == "cuda" or INTERPRET):
         return False
     # the precise mode's products are exact only for float16-exact weights (the shipped file stores float16)
-    weights = [model.loc_wx, model.loc_wh[0], model.loc_wo]
-    return all(bool((w.detach().half().float() == w.detach()).all()) for w in weights)
+    per_model = _PER_MODEL.setdefault(model, {})
+    if "float16_exact" not in per_model:
+        weights = [model.loc_wx, model.loc_wh[0], model.loc_wo]
+        per_model["float16_exact"] = all(bool((w.detach().half().float() == w.detach()).all()) for w in weights)
+    return per_model["float16_exact"]
 
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_points"])  # one compiled kernel whatever the point count
     def _features_kernel(x_ptr, k_ptr, flip_ptr, col_freq_ptr, col_axis_ptr, col_kind_ptr, rot_ptr,
                          w1_ptr, b1_ptr, wh_ptr, bh_ptr, wo_ptr, bo_ptr, out_ptr,
                          n_points, inv_sigma, pe_scale, skip_weight,
@@ -163,7 +166,7 @@ if triton is not None:
         q = (q | (q << 2)) & 0x09249249
         return q
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_points"])
     def _morton_kernel(x_ptr, code_ptr, n_points, ox, oy, oz, inv_cell, BLOCK_N: tl.constexpr):
         """30-bit Morton code of each point's cell (10 bits an axis, cells counted from (ox, oy, oz))."""
         offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -184,23 +187,39 @@ def _pad(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return out.contiguous()
 
 
-_PADDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PER_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _padded_weights(model, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The head-independent kernel operands of a model (float16 padded weights, float32 biases), made once per
-    model and device: a mesh request should not pay for re-laying out 2 MB of weights."""
-    per_model = _PADDED.setdefault(model, {})
+def _model_tables(model, device: torch.device) -> dict[str, torch.Tensor]:
+    """The head-independent kernel operands of a model, made once per model and device (a mesh request should
+    not pay for re-laying out 2 MB of weights): float16 padded weights, float32 biases, encoding columns."""
+    per_model = _PER_MODEL.setdefault(model, {})
     if device not in per_model:
-        s, R, F = model.slot, model.cfg.n_regions, model.cfg.feat_dim
+        cfg, s = model.cfg, model.slot
+        R, F, nf = cfg.n_regions, cfg.feat_dim, cfg.pe_freqs
+        # Encoding columns as model.encoding.positional_encoding lays them out: [xs (3), sin (3 nf), cos (3 nf)],
+        # column 3 + 3 l + axis at frequency 2^l pi; kind 0 raw, 1 sin, 2 cos, 3 padding.
+        j = torch.arange(3 * nf)
+        col_freq = torch.ones(ENC_PAD, dtype=torch.float64)
+        col_axis = torch.zeros(ENC_PAD, dtype=torch.long)
+        kind = torch.full((ENC_PAD,), 3)
+        col_axis[:3], kind[:3] = torch.arange(3), 0
+        for k_id, start in ((1, 3), (2, 3 + 3 * nf)):
+            col_freq[start : start + 3 * nf] = (2.0 ** (j // 3)) * math.pi
+            col_axis[start : start + 3 * nf] = j % 3
+            kind[start : start + 3 * nf] = k_id
         with torch.no_grad():
-            per_model[device] = (
-                _pad(model.loc_wx[s].float(), (R, ENC_PAD, HIDDEN_PAD)).half(),
-                _pad(model.loc_wh[0][s].float(), (R, HIDDEN_PAD, HIDDEN_PAD)).half(),
-                _pad(model.loc_wo[s].float(), (R, HIDDEN_PAD, F)).half(),
-                _pad(model.loc_bh[0][s].float(), (R, HIDDEN_PAD)),
-                model.loc_bo[s].float().contiguous(),
-            )
+            per_model[device] = {
+                "w1": _pad(model.loc_wx[s].float(), (R, ENC_PAD, HIDDEN_PAD)).half().to(device),
+                "wh": _pad(model.loc_wh[0][s].float(), (R, HIDDEN_PAD, HIDDEN_PAD)).half().to(device),
+                "wo": _pad(model.loc_wo[s].float(), (R, HIDDEN_PAD, F)).half().to(device),
+                "bh": _pad(model.loc_bh[0][s].float(), (R, HIDDEN_PAD)).to(device),
+                "bo": model.loc_bo[s].float().contiguous().to(device),
+                "flip": model.flip.float().contiguous().to(device),
+                "col_freq64": col_freq.to(device), "col_freq": col_freq.float().to(device),
+                "col_axis": col_axis.to(device), "col_axis32": col_axis.int().to(device),
+                "kind": kind.to(device), "kind32": kind.int().to(device),
+            }
     return per_model[device]
 
 
@@ -224,37 +243,24 @@ class FusedFeatures:
         self.R, self.F = R, F
         self.inv_sigma, self.pe_scale = 1.0 / cfg.sigma, cfg.pe_scale
         self.k = k[0].float().contiguous()
-        self.w1, self.wh, self.wo, self.bh, self.bo = _padded_weights(model, dev)
+        t = _model_tables(model, dev)
+        self.w1, self.wh, self.wo, self.bh, self.bo, self.flip = t["w1"], t["wh"], t["wo"], t["bh"], t["bo"], t["flip"]
+        self.col_freq, self.col_axis, self.col_kind = t["col_freq"], t["col_axis32"], t["kind32"]
         with torch.no_grad():
             self.b1 = _pad(b1.float(), (R, HIDDEN_PAD))
-        # Encoding columns as model.encoding.positional_encoding lays them out: [xs (3), sin (3 nf), cos (3 nf)],
-        # column 3 + 3 l + axis at frequency 2^l pi; kind 0 raw, 1 sin, 2 cos, 3 padding.
-        nf = cfg.pe_freqs
-        j = torch.arange(3 * nf)
-        col_freq = torch.ones(ENC_PAD, dtype=torch.float64)
-        col_axis = torch.zeros(ENC_PAD, dtype=torch.long)
-        kind = torch.full((ENC_PAD,), 3)
-        col_axis[:3], kind[:3] = torch.arange(3), 0
-        for k_id, start in ((1, 3), (2, 3 + 3 * nf)):
-            col_freq[start : start + 3 * nf] = (2.0 ** (j // 3)) * math.pi
-            col_axis[start : start + 3 * nf] = j % 3
-            kind[start : start + 3 * nf] = k_id
-        # Region r's column = A sin(base) + B cos(base) + P gx + Q, where gx = scale x_axis, base = freq gx,
-        # K = freq scale k_axis and f = the region's flip of that axis:
-        # sin(f (base - K)) = f (sin base cos K - cos base sin K), cos(base - K) = cos base cos K + sin base sin K.
-        kk = k[0].double().cpu()[:, col_axis]  # (R, EP)
-        f = model.flip.double().cpu()[:, col_axis]
-        ang = col_freq * cfg.pe_scale * kk
-        zero = torch.zeros_like(ang)
-        rot_a = torch.where(kind == 1, f * ang.cos(), torch.where(kind == 2, ang.sin(), zero))
-        rot_b = torch.where(kind == 1, -f * ang.sin(), torch.where(kind == 2, ang.cos(), zero))
-        rot_p = torch.where(kind == 0, f, zero)
-        rot_q = torch.where(kind == 0, -f * cfg.pe_scale * kk, zero)
-        self.rot = torch.stack([rot_a, rot_b, rot_p, rot_q], 1).float().contiguous().to(dev)  # (R, 4, EP)
-        self.col_freq = col_freq.float().to(dev)
-        self.col_axis = col_axis.int().to(dev)
-        self.col_kind = kind.int().to(dev)
-        self.flip = model.flip.float().contiguous().to(dev)
+            # Region r's column = A sin(base) + B cos(base) + P gx + Q, where gx = scale x_axis, base = freq gx,
+            # K = freq scale k_axis and f = the region's flip of that axis (float64 on the device, no host trip):
+            # sin(f (base - K)) = f (sin base cos K - cos base sin K), cos(base - K) = cos base cos K + sin base sin K
+            kind = t["kind"]
+            kk = k[0].double()[:, t["col_axis"]]  # (R, EP)
+            f = self.flip.double()[:, t["col_axis"]]
+            ang = t["col_freq64"] * cfg.pe_scale * kk
+            zero = torch.zeros_like(ang)
+            rot_a = torch.where(kind == 1, f * ang.cos(), torch.where(kind == 2, ang.sin(), zero))
+            rot_b = torch.where(kind == 1, -f * ang.sin(), torch.where(kind == 2, ang.cos(), zero))
+            rot_p = torch.where(kind == 0, f, zero)
+            rot_q = torch.where(kind == 0, -f * cfg.pe_scale * kk, zero)
+            self.rot = torch.stack([rot_a, rot_b, rot_p, rot_q], 1).float().contiguous()  # (R, 4, EP)
 
     def __call__(self, x: torch.Tensor, precise: bool) -> torch.Tensor:
         n = x.shape[0]
