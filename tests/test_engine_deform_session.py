@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.engine.head import HeadSpec
 from backend.engine.session import LIPSCHITZ, Session
 
 
@@ -80,15 +81,17 @@ def test_deform_caches_vertex_sdf_per_mesh(session, generated, monkeypatch):
     assert len(calls) == 2
 
 
-def test_generate_leaves_its_vertex_sdf_for_deform(session, monkeypatch):
-    params, arrays = session.generate({"seed": 4, "resolution": 32}, {})
+def test_posed_generate_leaves_its_vertex_sdf_for_deform(session, monkeypatch):
+    head = HeadSpec(identity=session.sample_identity(4), expression={"jawOpen": 0.6})
+    params, arrays = session.generate({"head": head.to_dict(), "resolution": 32}, {})
+    assert params["stats"]["deform"]["non_converged"] == 0
     canon, expr = arrays["canonical"], _expressions(session)
     calls = []
     real = session.vertex_sdf
     monkeypatch.setattr(session, "vertex_sdf", lambda *a: calls.append(1) or real(*a))
     _, res = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr})
-    assert not calls  # the attribute pass's SDF at these vertices was remembered
+    assert not calls  # posing the generated mesh left the SDF at its vertices
     session._vertex_sdf_cache.clear()
     _, fresh = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr})
     assert len(calls) == 1
-    np.testing.assert_allclose(res["residual"], fresh["residual"], rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(res["residual"], fresh["residual"])

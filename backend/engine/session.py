@@ -26,12 +26,15 @@ if TYPE_CHECKING:  # fit and align load scipy: imported where fitting needs them
 
 DEFAULT_RESOLUTION = 256
 TOPK = 16  # nearest local networks per point in the CPU latent fit (FIT_TOPK)
-# Point evaluations outside extraction (vertex attributes, deform residuals, posed normals): each point through
-# its heaviest local networks until at most this blend mass is left out (renormalised over the kept ones, as
-# sdf_eval.HeadSdf's sparse mode); None: all 39. Measured on a trained 128^3 head against all 39: SDF within
-# 2.0 um, template positions within 0.6 um, normals p99.9 0.04 degrees (max 0.13 where |grad sdf| = 0.05),
-# 16 regions per vertex on average (3e-6: 0.8 um, 0.2 um, max 0.04 degrees, 19 regions, ~25% slower).
+# Point evaluations outside extraction: each point through its heaviest local networks until at most this blend
+# mass is left out (renormalised over the kept ones, as sdf_eval.HeadSdf's sparse mode); None: all 39.
+# Vertex attributes and posed normals: measured on a trained 128^3 head against all 39, SDF within 2.0 um,
+# template positions within 0.6 um, normals p99.9 0.04 degrees (max 0.13 where |grad sdf| = 0.05), 16 regions
+# per vertex on average (3e-6: 0.8 um, 0.2 um, max 0.04 degrees, 19 regions, ~15% slower).
 POINT_DROP_TOL = {"cpu": 1e-5, "cuda": None}
+# The canonical SDF in deform residuals: the p99 over a mesh's vertices is the residual's p99, which 1e-5 moved
+# by +0.5 um (a bias, though every value is within 2 um); 1e-6: +0.06 um (values within 0.3 um), 21 regions.
+RESIDUAL_DROP_TOL = {"cpu": 1e-6, "cuda": None}
 CHUNKS = {"cpu": 1 << 13, "cuda": 1 << 18}  # points per network call: bounds (points x regions x hidden) activations
 # Points per warp-network call in deform: on CPU small enough that the (points x 256) activations stay in cache
 # (measured on 1 thread: 0.81 s per 100k warps at 4096 against 1.23 s at 128k, same FLOPs); on CUDA large.
@@ -105,6 +108,7 @@ class Session:
         self.chunk = CHUNKS.get(self.device.type, CHUNKS["cpu"])
         self.topk: int | None = TOPK  # None: every point through all 39 local networks
         self.point_drop_tol = POINT_DROP_TOL.get(self.device.type, POINT_DROP_TOL["cpu"])  # see _field
+        self.residual_drop_tol = RESIDUAL_DROP_TOL.get(self.device.type, RESIDUAL_DROP_TOL["cpu"])
         self.extract_mode = EXTRACT_MODE.get(self.device.type, "sparse")  # sdf_eval.HeadSdf mode for meshes
         self.extract_half = EXTRACT_HALF.get(self.device.type, False)
         self.loaded = load_model(weights_dir, str(self.device))
@@ -192,13 +196,14 @@ class Session:
         return self.decode(self.parse_head(data))
 
     # ------------------------------------------------------------------ network evaluation
-    def _field(self, x: torch.Tensor, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]
+    def _field(self, x: torch.Tensor, zr: torch.Tensor, k: torch.Tensor, dropped: list[float], tol: float | None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """SDF (P,) and blended local features (P,F) at points x (P,3), differentiable in x: each point through
-        its heaviest local networks (POINT_DROP_TOL; all 39 where self.topk is None); dropped[0] tracks the
-        largest blend mass left out. One matrix product per region and layer on the points that keep it."""
+        its heaviest local networks, leaving out at most `tol` blend mass (None, or self.topk None: all 39);
+        dropped[0] tracks the largest mass left out. One matrix product per region and layer on the points that
+        keep it."""
         m, cfg = self.model, self.model.cfg
-        tol = self.point_drop_tol if self.topk is not None else None
+        tol = tol if self.topk is not None else None
         anchors = k[0]
         logits = (x[:, None] - anchors).norm(dim=-1).div(-cfg.sigma)  # direct differences, as sdf_eval._logits
         keep = None
@@ -236,7 +241,8 @@ class Session:
         return sdf, feat
 
     def sdf_fn(self, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]) -> Callable:
-        return lambda x: self._field(x, zr, k, dropped)[0]
+        """The SDF as deform residuals evaluate it (RESIDUAL_DROP_TOL)."""
+        return lambda x: self._field(x, zr, k, dropped, self.residual_drop_tol)[0]
 
     def canonical_mesh(self, zr: torch.Tensor, k: torch.Tensor, resolution: int, samples: list | None = None
                        ) -> tuple[Mesh, ExtractStats, float]:
@@ -260,7 +266,7 @@ class Session:
             xt = torch.as_tensor(x[s : s + self.chunk], device=self.device, dtype=torch.float32)
             with torch.enable_grad():
                 xg = xt.clone().requires_grad_(True)
-                sdf, feat = self._field(xg, zr, k, dropped)
+                sdf, feat = self._field(xg, zr, k, dropped, self.point_drop_tol)
                 (g,) = torch.autograd.grad(sdf.sum(), xg)
             with torch.no_grad():
                 tmpl_out.append(self.model.template_from_features(xt, feat.detach()))
@@ -283,23 +289,22 @@ class Session:
             raise errors.BackendError("the model produced no surface inside the canonical box", code="empty_surface")
         check_cancel(progress)
         progress.report(0.5, "attributes")
-        arrays, attr_stats, sdf = self.attributes(mesh, zr, k)
-        # the add-on's deform requests for this mesh and head then skip the vertex SDF
-        sdf_c = self._cached_vertex_sdf(mesh.vertices, zr, k, torch.as_tensor(sdf, device=self.device))
+        arrays, attr_stats = self.attributes(mesh, zr, k)
         stats = extract_stats(ext, dropped, self.topk) | attr_stats
         weights = head.expression_vector(self.expression_names)
         if np.any(weights != 0):
             check_cancel(progress)
             progress.report(0.75, "posing")
-            res = self.pose(mesh.vertices, z_id, zr, k, weights[None], exact_residual=False, canonical_sdf=sdf_c)
+            # the vertex SDF is remembered: the add-on's deform requests for this mesh and head skip it
+            res = self.pose(mesh.vertices, z_id, zr, k, weights[None], exact_residual=False,
+                            canonical_sdf=self._cached_vertex_sdf(mesh.vertices, zr, k))
             arrays["vertices"] = res["vertices"][0]
             arrays["normals"] = self.posed_normals(res["vertices"][0], z_id, zr, k, weights)
             stats["deform"] = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
         progress.report(1.0, "done")
         return {"head": head.to_dict(), "stats": stats}, arrays
 
-    def attributes(self, mesh: Mesh, zr: torch.Tensor, k: torch.Tensor) -> tuple[dict, dict, np.ndarray]:
-        """Per-vertex arrays, their stats, and the SDF at the vertices (N,) (pose's canonical_sdf)."""
+    def attributes(self, mesh: Mesh, zr: torch.Tensor, k: torch.Tensor) -> tuple[dict, dict]:
         dropped = [0.0]
         sdf, grad, tmpl = self.sdf_grad_template(mesh.vertices, zr, k, dropped)
         normals = grad / np.maximum(np.linalg.norm(grad, axis=1, keepdims=True), 1e-12)
@@ -320,7 +325,7 @@ class Session:
             "uv_seam_faces": seam_faces(mesh.faces, island),
             "vertex_max_dropped_blend_weight": dropped[0],
         }
-        return arrays, stats, sdf
+        return arrays, stats
 
     def vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """SDF (N,) at canonical vertices (N,3), on the session's device."""
@@ -378,7 +383,7 @@ class Session:
             with torch.enable_grad():
                 xg = xt.clone().requires_grad_(True)
                 xc = xg + self.model.warp(xg[None], e, z_id)[0]
-                sdf = self._field(xc, zr, k, [0.0])[0]
+                sdf = self._field(xc, zr, k, [0.0], self.point_drop_tol)[0]
                 (g,) = torch.autograd.grad(sdf.sum(), xg)
             out.append(g)
         g = torch.cat(out).cpu().numpy()
@@ -524,11 +529,9 @@ class Session:
         out = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
         return out, {"vertices": res["vertices"], "residual": res["residual"], "converged": res["converged"]}
 
-    def _cached_vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor,
-                           sdf: torch.Tensor | None = None) -> torch.Tensor:
+    def _cached_vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """vertex_sdf, remembered for the last few (mesh, head) pairs: the add-on sends one deform request per
-        frame change of the same mesh, and at one frame per request the SDF would cost more than the solve.
-        sdf: the value when the caller already has it (generate's attribute pass), stored for later requests."""
+        frame change of the same mesh, and at one frame per request the SDF would cost more than the solve."""
         import hashlib
 
         key = (hashlib.sha1(np.ascontiguousarray(canonical, np.float32).tobytes()).hexdigest(),
@@ -538,7 +541,7 @@ class Session:
         if key not in cache:
             while len(cache) >= 4:
                 cache.pop(next(iter(cache)))
-            cache[key] = self.vertex_sdf(canonical, zr, k) if sdf is None else sdf
+            cache[key] = self.vertex_sdf(canonical, zr, k)
         return cache[key]
 
 
