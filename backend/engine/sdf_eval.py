@@ -27,6 +27,8 @@ is the float32 field's (to its own rounding, ~1e-7 m).
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 
@@ -46,23 +48,15 @@ class HeadSdf:
         cfg = model.cfg
         self.sigma, self.freqs, self.pe_scale = cfg.sigma, cfg.pe_freqs, cfg.pe_scale
         s = model.slot
+        self.hidden_dtype = hidden_dtype
         with torch.no_grad():
             self.k = k[0].float()  # (R,3)
             self.flip = model.flip.float()  # (R,3)
-            self.w1 = model.loc_wx[s].float().contiguous()  # (R,E,H)
             self.b1 = (torch.einsum("rz,rzh->rh", zr[0].float(), model.loc_wz[s].float()) + model.loc_b[s]).contiguous()
-            self.wh = [w[s].float().contiguous() for w in model.loc_wh]
-            self.bh = [b[s].float().contiguous() for b in model.loc_bh]
-            self.wo = model.loc_wo[s].float().contiguous()
-            self.bo = model.loc_bo[s].float().contiguous()
-            # reduced-precision copies of the hidden and output layers (the exact path keeps float32)
-            low = hidden_dtype != torch.float32
-            self.low = ([w.to(hidden_dtype) for w in self.wh], [b.to(hidden_dtype) for b in self.bh],
-                        self.wo.to(hidden_dtype), self.bo.to(hidden_dtype)) if low else None
         # dense mode with float16 hidden layers on CUDA: the fused Triton kernel (engine/fused_sdf.py, float16
         # operands throughout) instead of the per-layer products
         self.fused = (fused_sdf.FusedFeatures(model, zr, k, self.b1)
-                      if fused and self.low is not None and fused_sdf.supported(model, k.device) else None)
+                      if fused and hidden_dtype != torch.float32 and fused_sdf.supported(model, k.device) else None)
         self.max_dropped = 0.0  # largest blend mass left out so far (sparse mode)
         self.regions_evaluated = 0  # point-region pairs evaluated so far
         self.exact_points = 0  # sparse mode: points re-evaluated with every region (|sdf| < exact_below)
@@ -70,7 +64,7 @@ class HeadSdf:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = x.float()
-            approximate = self.mode == "sparse" or self.low is not None
+            approximate = self.mode == "sparse" or self.hidden_dtype != torch.float32
             if self.fused is not None:
                 self.regions_evaluated += self.k.shape[0] * x.shape[0]
                 sdf = self._fuse(x, self.fused(x, precise=False))
@@ -83,6 +77,35 @@ class HeadSdf:
                     sdf[near] = self._fuse(x[near], exact)
                     self.exact_points += near.numel()
             return sdf
+
+    # The torch path's per-region weights, laid out on first use (the fused kernel has its own layout).
+    @cached_property
+    def w1(self) -> torch.Tensor:
+        return self.model.loc_wx.detach()[self.model.slot].float().contiguous()  # (R,E,H)
+
+    @cached_property
+    def wh(self) -> list[torch.Tensor]:
+        return [w.detach()[self.model.slot].float().contiguous() for w in self.model.loc_wh]
+
+    @cached_property
+    def bh(self) -> list[torch.Tensor]:
+        return [b.detach()[self.model.slot].float().contiguous() for b in self.model.loc_bh]
+
+    @cached_property
+    def wo(self) -> torch.Tensor:
+        return self.model.loc_wo.detach()[self.model.slot].float().contiguous()
+
+    @cached_property
+    def bo(self) -> torch.Tensor:
+        return self.model.loc_bo.detach()[self.model.slot].float().contiguous()
+
+    @cached_property
+    def low(self) -> tuple | None:
+        """Reduced-precision copies of the hidden and output layers (the exact path keeps float32)."""
+        dt = self.hidden_dtype
+        if dt == torch.float32:
+            return None
+        return [w.to(dt) for w in self.wh], [b.to(dt) for b in self.bh], self.wo.to(dt), self.bo.to(dt)
 
     def _fuse(self, x: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         res = self.model.fusion(feat).squeeze(-1)
