@@ -61,6 +61,14 @@ def test_alignment_ignores_shoulders(session, head_points):
     assert np.median(err) < 2e-3 and err.max() < 6e-3
 
 
+def test_alignment_of_a_face_crop(session, head_points):
+    # A face scan (front half only, no back of the head): the coarse stages must still pick the right pose.
+    face = head_points[head_points[:, 2] > np.median(head_points[:, 2])]
+    true = random_similarity(300)
+    sim, _ = session.aligner.align(true.apply(face), seed=2)
+    assert np.abs(sim.apply(true.apply(face)) - face).max() < 1e-3
+
+
 def test_alignment_with_landmarks_and_known_units(session, head_points):
     a = session.atlas
     ids = [int(a.anchor_vertex[a.names.index(n)]) for n in ("nose tip", "chin", "left ear", "right ear", "forehead")]
