@@ -93,7 +93,7 @@ class BenchConfig:
     deform_vertices: int = 50_000
     fit: bool = True
     cold: bool = True
-    repeats: int = 3
+    repeats: int = 7
     seed: int = 0
 
 
