@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from ..model.encoding import positional_encoding
-from . import fused_sdf
 
 
 class HeadSdf:
@@ -55,8 +54,12 @@ class HeadSdf:
             self.b1 = (torch.einsum("rz,rzh->rh", zr[0].float(), model.loc_wz[s].float()) + model.loc_b[s]).contiguous()
         # dense mode with float16 hidden layers on CUDA: the fused Triton kernel (engine/fused_sdf.py, float16
         # operands throughout) instead of the per-layer products
-        self.fused = (fused_sdf.FusedFeatures(model, zr, k, self.b1)
-                      if fused and hidden_dtype != torch.float32 and fused_sdf.supported(model, k.device) else None)
+        self.fused = None
+        if fused and hidden_dtype != torch.float32:  # triton loads only here (~0.14 s of a CPU cold start)
+            from . import fused_sdf
+
+            if fused_sdf.supported(model, k.device):
+                self.fused = fused_sdf.FusedFeatures(model, zr, k, self.b1)
         self.max_dropped = 0.0  # largest blend mass left out so far (sparse mode)
         self.regions_evaluated = 0  # point-region pairs evaluated so far
         self.exact_points = 0  # sparse mode: points re-evaluated with every region (|sdf| < exact_below)
