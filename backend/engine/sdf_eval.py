@@ -35,6 +35,17 @@ import torch.nn.functional as F
 from ..model.encoding import positional_encoding
 
 
+def heaviest_regions(logits: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend logits (N,R) -> which regions each point keeps (N,R) bool: its largest softmax weights until what
+    is left out is <= tol (at least one region), and the mass left out (N,1)."""
+    with torch.no_grad():
+        ps, order = torch.softmax(logits, dim=1).sort(dim=1, descending=True)
+        left = (1.0 - ps.cumsum(1)).clamp_min(0.0)
+        keep_sorted = torch.cat([torch.ones_like(left[:, :1], dtype=torch.bool), left[:, :-1] > tol], 1)
+        keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+        return keep, left.gather(1, keep_sorted.sum(1, keepdim=True) - 1)
+
+
 class HeadSdf:
     def __init__(self, model, zr: torch.Tensor, k: torch.Tensor, mode: str = "dense", drop_tol: float = 1e-4,
                  exact_below: float = 0.0, hidden_dtype: torch.dtype = torch.float32, fused: bool = True):
@@ -134,13 +145,7 @@ class HeadSdf:
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         logits = self._logits(x)
-        p = torch.softmax(logits, dim=1)
-        ps, order = p.sort(dim=1, descending=True)
-        # keep the largest weights until what is left out is <= drop_tol (at least one region)
-        left = (1.0 - ps.cumsum(1)).clamp_min(0.0)
-        keep_sorted = torch.cat([torch.ones_like(left[:, :1], dtype=torch.bool), left[:, :-1] > self.drop_tol], 1)
-        keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)  # (N,R)
-        dropped = left.gather(1, keep_sorted.sum(1, keepdim=True) - 1)  # the mass the rule judged
+        keep, dropped = heaviest_regions(logits, self.drop_tol)
         if dropped.numel():
             self.max_dropped = max(self.max_dropped, float(dropped.max()))
         w = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)  # renormalised over kept

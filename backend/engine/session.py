@@ -16,7 +16,7 @@ from ..model.encoding import positional_encoding
 from ..weights import load_model
 from . import deform, edit, validate
 from .extract import ExtractStats, Mesh, check_resolution, extract_mesh
-from .sdf_eval import HeadSdf
+from .sdf_eval import HeadSdf, heaviest_regions
 from .head import HeadSpec, check_names
 from .template import TemplateIndex, seam_faces
 
@@ -213,13 +213,9 @@ class Session:
         logits = (x[:, None] - anchors).norm(dim=-1).div(-cfg.sigma)  # direct differences, as sdf_eval._logits
         keep = None
         if tol is not None:
-            with torch.no_grad():
-                ps, order = torch.softmax(logits, 1).sort(dim=1, descending=True)
-                left = (1.0 - ps.cumsum(1)).clamp_min(0.0)
-                keep_sorted = torch.cat([torch.ones_like(left[:, :1], dtype=torch.bool), left[:, :-1] > tol], 1)
-                keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
-                if len(x):
-                    dropped[0] = max(dropped[0], float(left.gather(1, keep_sorted.sum(1, keepdim=True) - 1).max()))
+            keep, left_out = heaviest_regions(logits, tol)
+            if len(x):
+                dropped[0] = max(dropped[0], float(left_out.max()))
             logits = logits.masked_fill(~keep, float("-inf"))
         w = torch.softmax(logits, 1)
         inplace = not torch.is_grad_enabled()
