@@ -73,15 +73,12 @@ class Grid:
         return tuple(c + 1 for c in self.cells)
 
     def to_world(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (index.to(torch.float64) * self.voxel + on_device(self._origin, index.device)).to(dtype)
-
-    @property
-    def _origin(self) -> np.ndarray:
-        return _origin_array(self.origin)
+        return (index.to(torch.float64) * self.voxel + on_device(_origin_array(self.origin), index.device)).to(dtype)
 
 
 @lru_cache(maxsize=None)
 def _origin_array(origin: tuple[float, float, float]) -> np.ndarray:
+    """One array per origin, so on_device keeps one device copy of it."""
     return np.asarray(origin, dtype=np.float64)
 
 
