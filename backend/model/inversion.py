@@ -18,6 +18,7 @@ how the HeadSpec's `region_overrides` can carry detail that z_id alone does not 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,33 +38,45 @@ class FitResult:
     final_abs_sdf: Tensor | None = None  # (B,) mean |sdf| at the input points after fitting (m)
 
 
-class CodeAdam(torch.optim.Optimizer):
+class CodeAdam:
     """Adam whose second moment is shared along the last axis (one per code vector), not one per coordinate.
 
     Per-coordinate Adam moves every coordinate by about lr on its first steps whatever the size of its
     gradient, so coordinates with gradients near zero took full steps in directions set by float rounding or
     micrometres of alignment: one head fitted in two input frames gave codes 5% apart. A shared scale keeps
-    the step proportional to the gradient; whitened codes have no preferred axes to scale separately."""
+    the step proportional to the gradient; whitened codes have no preferred axes to scale separately.
 
-    def __init__(self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+    `cosine_steps`: the learning rate follows lr_min + (lr - lr_min)(1 + cos(pi t / T)) / 2 over T steps
+    (torch's CosineAnnealingLR in closed form). Not a torch.optim.Optimizer: constructing one imports
+    torch._dynamo (and sympy), 4-6 s of a process's first fit on the GPU machine."""
+
+    def __init__(self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, cosine_steps: int = 0, lr_min: float = 0.0):
+        self.params, self.lr, self.betas, self.eps = list(params), lr, betas, eps
+        self.base_lr, self.cosine_steps, self.lr_min = lr, cosine_steps, lr_min
+        self.t = 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [p.new_zeros(*p.shape[:-1], 1) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st.update(t=0, m=torch.zeros_like(p), v=p.new_zeros(*p.shape[:-1], 1))
-                st["t"] += 1
-                st["m"].lerp_(p.grad, 1 - b1)
-                st["v"].lerp_(p.grad.square().mean(-1, keepdim=True), 1 - b2)
-                # p -= lr m_hat / (sqrt(v_hat) + eps), bias corrections folded into scalars (fewer kernels)
-                denom = (st["v"] / (1 - b2 ** st["t"])).sqrt_().add_(group["eps"])
-                p.addcdiv_(st["m"], denom, value=-group["lr"] / (1 - b1 ** st["t"]))
+    def step(self) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.lerp_(p.grad, 1 - b1)
+            v.lerp_(p.grad.square().mean(-1, keepdim=True), 1 - b2)
+            # p -= lr m_hat / (sqrt(v_hat) + eps), bias corrections folded into scalars (fewer kernels)
+            denom = (v / (1 - b2**self.t)).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / (1 - b1**self.t))
+        if self.cosine_steps > 0:
+            phase = math.pi * min(self.t, self.cosine_steps) / self.cosine_steps
+            self.lr = self.lr_min + (self.base_lr - self.lr_min) * (1 + math.cos(phase)) / 2
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -168,8 +181,7 @@ def fit_latents(
         u = u0.clone().requires_grad_(True)
         e_logit = torch.full((B, model.cfg.n_expressions), -5.0, device=dev, requires_grad=fit_expression)
         params = [u] + ([e_logit] if fit_expression else [])
-        opt = CodeAdam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr * 0.05)
+        opt = CodeAdam(params, lr=lr, cosine_steps=max(steps, 1), lr_min=lr * 0.05)
         losses: list[Tensor] = []
 
         neutral = torch.zeros(B, model.cfg.n_expressions, device=dev)
@@ -193,10 +205,9 @@ def fit_latents(
             z_id = mean + u @ chol.T
             zr, k = model.decode(z_id)
             loss = surface_loss(zr, k, z_id, z_exp_now(), step) + prior_weight * (u**2).sum(-1).mean() / D
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
             losses.append(loss.detach())
             if callback is not None:
                 callback(step, losses[-1])
@@ -211,7 +222,7 @@ def fit_latents(
             for step in range(region_steps):
                 loss = surface_loss(zr, model.anchors(zr), z_id, z_exp_now(), steps + step)
                 loss = loss + region_weight * ((zr - zr0) ** 2).sum((-1, -2)).mean() / zr.shape[1]
-                ropt.zero_grad(set_to_none=True)
+                ropt.zero_grad()
                 loss.backward()
                 ropt.step()
                 losses.append(loss.detach())

@@ -1,0 +1,40 @@
+"""Latent fitting's optimiser: the built-in cosine schedule is torch's, and a fit does not load torch._dynamo
+(a torch.optim.Optimizer does, which cost 4-6 s of a process's first fit on the GPU machine)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from backend.model.inversion import CodeAdam
+
+
+def test_code_adam_cosine_schedule_is_torchs():
+    steps, lr = 37, 0.03
+    ref_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, steps, eta_min=lr * 0.05)
+    p = torch.zeros(2, 4, requires_grad=True)
+    opt = CodeAdam([p], lr=lr, cosine_steps=steps, lr_min=lr * 0.05)
+    for _ in range(steps):
+        assert opt.lr == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        ref_opt.step()
+        ref.step()
+
+
+def test_fit_does_not_import_dynamo():
+    code = (
+        "import sys, torch\n"
+        "from backend.model.imhead import ImHead, ImHeadConfig\n"
+        "from backend.model.inversion import fit_latents\n"
+        "m = ImHead(ImHeadConfig())\n"
+        "fit_latents(m, torch.randn(64, 3) * 0.05, fit_expression=True, steps=2, batch_points=32, topk=4)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
