@@ -201,7 +201,18 @@ def _may_change_sign(corner_values: torch.Tensor, side: float, stride: int, lips
                      slopes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(M,8) corner values of cells of side `side` (metres) spanning `stride` fine cells -> (M,) bool, False
     only where every fine lattice point inside provably has the corners' common sign, and the per-cell L.
-    Appends the largest slope seen to `slopes` (a device scalar: read once at the end, not a sync a level)."""
+    Appends the largest slope seen to `slopes` (a device scalar: read once at the end, not a sync a level).
+    On CUDA one Triton kernel does the same arithmetic (engine/cell_test.py)."""
+    dist = on_device(_cover_table(stride), corner_values.device, corner_values.dtype) * side
+    if corner_values.is_cuda:
+        from . import cell_test  # Triton loads only here (a CPU cold start does not pay for it)
+
+        if cell_test.available(corner_values.device):
+            if corner_values.shape[0] == 0:
+                return torch.zeros(0, dtype=torch.bool, device=corner_values.device), corner_values.new_zeros(0)
+            keep, bound, slope_max = cell_test.cell_test(corner_values, dist, side, lipschitz, SLOPE_MARGIN)
+            slopes.append(slope_max)
+            return keep, bound
     edges = on_device(EDGES, corner_values.device)
     # Gradient-norm estimate: per axis the steepest of the 4 parallel edges (EDGES lists x, y, x, y, x, y,
     # x, y, then 4 along z), combined over the axes (one edge's slope alone can be 1/sqrt(3) of |grad|).
@@ -213,7 +224,6 @@ def _may_change_sign(corner_values: torch.Tensor, side: float, stride: int, lips
         slopes.append(slope.max())
     mixed = (corner_values.amin(dim=1) < 0) & (corner_values.amax(dim=1) >= 0)
     absval = corner_values.abs()
-    dist = on_device(_cover_table(stride), corner_values.device, corner_values.dtype) * side
     covered = torch.empty_like(mixed)
     step = max(1, (1 << 24) // dist.numel())
     for s in range(0, absval.shape[0], step):  # (cells, check points, corners) in bounded pieces
