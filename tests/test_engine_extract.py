@@ -7,7 +7,7 @@ from scipy.spatial import cKDTree
 
 from backend import errors
 from backend.data.topology import signed_volume
-from backend.engine.extract import extract_dense, extract_mesh, make_grid, remove_small_components, Mesh
+from backend.engine.extract import CoarseSdf, extract_dense, extract_mesh, make_grid, remove_small_components, Mesh
 
 C = torch.tensor([0.0, -0.02, 0.02])
 
@@ -63,6 +63,31 @@ def test_sparse_matches_dense(fn, resolution):
     assert abs(v_fast - signed_volume(dense.vertices, dense.faces)) < 2 * h**3
     if fn is steep_sphere:
         assert stats.lipschitz >= 1.7
+
+
+@pytest.mark.parametrize("fn", [sphere, torus, spheres])
+def test_coarse_levels_with_an_approximate_field(fn):
+    # A coarse field off by up to `error` (sign flips included) wherever its value is below exact_above, exact
+    # elsewhere (HeadSdf's own value is its approximate one above its exact threshold): the mesh must be exact.
+    error, exact_above = 1.5e-3, 3e-3
+
+    def noisy(p):
+        v = fn(p)
+        off = v + error * torch.sin(997.0 * p.sum(dim=-1) + 3.0)  # deterministic, within error
+        return torch.where(off.abs() < exact_above, off, v)
+
+    samples = []
+    ref, ref_stats = extract_mesh(fn, 96, min_component=0.0)
+    got, stats = extract_mesh(fn, 96, min_component=0.0, samples=samples,
+                              coarse=CoarseSdf(noisy, error, exact_above))
+    assert np.array_equal(got.faces, ref.faces) and np.array_equal(got.vertices, ref.vertices)
+    idx = torch.cat([s[0] for s in samples])
+    val = torch.cat([s[1] for s in samples])
+    pts = torch.tensor(make_grid(96).origin, dtype=torch.float64) + idx.double() * stats.voxel
+    assert torch.equal(torch.sign(val), torch.sign(fn(pts.float())))  # every value taken as a sign is right
+    # without the error margin the same coarse field loses parts of the surface
+    bad, _ = extract_mesh(fn, 96, min_component=0.0, coarse=CoarseSdf(noisy, 0.0, 0.0))
+    assert not np.array_equal(bad.vertices, ref.vertices)
 
 
 def test_band_is_sparse_at_high_resolution():

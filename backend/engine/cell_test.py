@@ -33,7 +33,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["n_cells", "n_check"])
     def _cell_test_kernel(v_ptr, dist_ptr, keep_ptr, bound_ptr, slope_max_ptr, n_cells, n_check, side,
-                          lipschitz, slope_margin, BLOCK_N: tl.constexpr):
+                          lipschitz, slope_margin, error, BLOCK_N: tl.constexpr):
         offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < n_cells
         ci = tl.arange(0, 8)
@@ -54,7 +54,7 @@ if triton is not None:
         slope = tl.where(mask, slope, 0.0)
         bound = tl.maximum(slope_margin * slope, lipschitz)
         mixed = (tl.min(v, axis=1) < 0) & (tl.max(v, axis=1) >= 0)
-        absv = tl.abs(v)
+        absv = tl.abs(v) - error
         worst = tl.full((BLOCK_N,), float("inf"), tl.float32)
         for p in range(n_check):  # every check point needs a corner whose |value| outruns L x distance
             d = tl.load(dist_ptr + p * 8 + ci)
@@ -65,10 +65,11 @@ if triton is not None:
         tl.atomic_max(slope_max_ptr, tl.max(slope, axis=0))
 
 
-def cell_test(corner_values: torch.Tensor, dist: torch.Tensor, side: float, lipschitz: float, slope_margin: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """corner values (M,8) float32, check-point distances (P,8) float32 (already x side, as the torch path
-    scales them) -> (keep (M,) bool, per-cell bound (M,), largest slope (0-d)); see extract._may_change_sign."""
+def cell_test(corner_values: torch.Tensor, dist: torch.Tensor, side: float, lipschitz: float, slope_margin: float,
+              error: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """corner values (M,8) float32 (within `error` of the field), check-point distances (P,8) float32 (already
+    x side, as the torch path scales them) -> (keep (M,) bool, per-cell bound (M,), largest slope (0-d)); see
+    extract._may_change_sign."""
     m = corner_values.shape[0]
     v = corner_values.float().contiguous()
     keep = torch.empty(m, dtype=torch.int8, device=v.device)
@@ -76,5 +77,5 @@ def cell_test(corner_values: torch.Tensor, dist: torch.Tensor, side: float, lips
     slope_max = torch.zeros(1, dtype=torch.float32, device=v.device)  # slopes are >= 0
     _cell_test_kernel[(triton.cdiv(m, BLOCK),)](v, dist.float().contiguous(), keep, bound, slope_max, m,
                                                  dist.shape[0], float(side), float(lipschitz), float(slope_margin),
-                                                 BLOCK_N=BLOCK, enable_fp_fusion=False)
+                                                 float(error), BLOCK_N=BLOCK, enable_fp_fusion=False)
     return keep.bool(), bound, slope_max[0]

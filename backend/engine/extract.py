@@ -22,6 +22,12 @@ dense one wherever the bound holds. Measured on the trained model (cached dense 
 points (old band: 85.5k), 128^3 119k (old: 371k); the corners of the sign-changing cells alone are 15k and
 62.5k.
 
+Approximate coarse levels (`coarse=CoarseSdf(fn, error, exact_above)`): the levels above the last may take
+a cheaper field within `error` of sdf_fn (the session passes HeadSdf.approximate: no exact pass near zero,
+which cost a host sync and a second network pass per level on the GPU). Every certificate then needs
+|value| - error > L |p - c|, and reused corner values below `exact_above` are evaluated again through sdf_fn
+where the last level needs them, so marching cubes sees the same values as without it.
+
 Marching cubes runs on the sign-changing fine cells only (`mc.marching_cubes_cells`, torch, CPU or GPU).
 `extract_dense` is the reference: every lattice point evaluated in float32, scikit-image marching cubes.
 """
@@ -97,6 +103,18 @@ class Mesh:
     faces: np.ndarray  # (F,3) int32, outward winding
 
 
+@dataclass(frozen=True)
+class CoarseSdf:
+    """A cheaper evaluation for the levels above the last (`extract_mesh(coarse=...)`): within `error` of
+    sdf_fn everywhere, and where |value| >= `exact_above` as good as sdf_fn's own value (e.g. sdf_fn refines
+    only values nearer zero). The cell tests subtract `error` from every |value|; the last level evaluates
+    again, through sdf_fn, each reused corner value below `exact_above` that it needs."""
+
+    fn: SdfFn
+    error: float
+    exact_above: float
+
+
 @dataclass
 class ExtractStats:
     resolution: int
@@ -157,10 +175,12 @@ def extract_mesh(
     chunk: int = 1 << 18,
     min_component: float = MIN_COMPONENT,
     samples: list | None = None,
+    coarse: CoarseSdf | None = None,
 ) -> tuple[Mesh, ExtractStats]:
     """Sparse coarse-to-fine extraction (see module docstring). `lipschitz` is the floor L0 of the per-cell
     bound; pieces with fewer than `min_component` x the largest piece's faces are dropped. If `samples` is a
-    list, (fine lattice index (N,3), value (N,)) pairs of every evaluated point are appended to it.
+    list, (fine lattice index (N,3), value (N,)) pairs of every value taken as the SDF are appended to it (a
+    `coarse` value only where |value| >= its exact_above). `coarse`: evaluates the levels above the last.
     `coarse_cells`: cells along the longest side of the first, dense lattice (default: 32 on CUDA, where a
     level of the descent costs more in launches and syncs than evaluating ~30k more points, else 16)."""
     resolution = check_resolution(resolution)
@@ -169,7 +189,7 @@ def extract_mesh(
         coarse_cells = 32 if device.type == "cuda" else 16
     t0 = time.perf_counter()
     cells, corner_values, stats, grid = _extract_once(sdf_fn, resolution, device, lipschitz, coarse_cells, chunk,
-                                                      samples)
+                                                      samples, coarse)
     with torch.no_grad():
         t1 = time.perf_counter()
         verts, faces = marching_cubes_cells(cells, corner_values, grid.points_shape)
@@ -198,9 +218,10 @@ def _cover_table(stride: int) -> np.ndarray:
 
 
 def _may_change_sign(corner_values: torch.Tensor, side: float, stride: int, lipschitz: float,
-                     slopes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                     slopes: list[torch.Tensor], error: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(M,8) corner values of cells of side `side` (metres) spanning `stride` fine cells -> (M,) bool, False
     only where every fine lattice point inside provably has the corners' common sign, and the per-cell L.
+    `error`: the values are within it of the field's (a certificate needs |value| - error > L |p - c|).
     Appends the largest slope seen to `slopes` (a device scalar: read once at the end, not a sync a level).
     On CUDA one Triton kernel does the same arithmetic (engine/cell_test.py)."""
     dist = on_device(_cover_table(stride), corner_values.device, corner_values.dtype) * side
@@ -210,7 +231,7 @@ def _may_change_sign(corner_values: torch.Tensor, side: float, stride: int, lips
         if cell_test.available(corner_values.device):
             if corner_values.shape[0] == 0:
                 return torch.zeros(0, dtype=torch.bool, device=corner_values.device), corner_values.new_zeros(0)
-            keep, bound, slope_max = cell_test.cell_test(corner_values, dist, side, lipschitz, SLOPE_MARGIN)
+            keep, bound, slope_max = cell_test.cell_test(corner_values, dist, side, lipschitz, SLOPE_MARGIN, error)
             slopes.append(slope_max)
             return keep, bound
     edges = on_device(EDGES, corner_values.device)
@@ -223,7 +244,7 @@ def _may_change_sign(corner_values: torch.Tensor, side: float, stride: int, lips
     if slope.shape[0]:
         slopes.append(slope.max())
     mixed = (corner_values.amin(dim=1) < 0) & (corner_values.amax(dim=1) >= 0)
-    absval = corner_values.abs()
+    absval = corner_values.abs() - error
     covered = torch.empty_like(mixed)
     step = max(1, (1 << 24) // dist.numel())
     for s in range(0, absval.shape[0], step):  # (cells, check points, corners) in bounded pieces
@@ -244,18 +265,21 @@ def _final_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _final_level(sdf_fn: SdfFn, grid: Grid, cells: torch.Tensor, corner_values: torch.Tensor,
-                 bound: torch.Tensor, chunk: int, stats: ExtractStats, samples: list | None, finite: list
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 bound: torch.Tensor, chunk: int, stats: ExtractStats, samples: list | None, finite: list,
+                 coarse: CoarseSdf | None) -> tuple[torch.Tensor, torch.Tensor]:
     """From kept stride-2 cells to the sign-changing fine cells, evaluating as few fine points as the bound
     allows. A fine point p is certified to have the sign of a parent corner c when |sdf(c)| > L |p - c|.
     Stage A evaluates every fine point no parent certifies (certificates of both signs count as none);
     the signs then give the sign-changing fine cells, and stage B evaluates the certified corners of those,
-    so every corner value marching cubes sees is exact. Returns (cells (C,3), corner values (C,8))."""
+    so every corner value marching cubes sees is exact. With `coarse` (the corner values came from it), its
+    error enters the certificates and reused values below its exact_above count as unknown (stage B evaluates
+    those it needs). Returns (cells (C,3), corner values (C,8))."""
     dev = cells.device
     off, dist, corner_slot, child_slot = (on_device(t, dev) for t in _final_tables())
     h = grid.voxel
     shape = grid.points_shape
-    margin = corner_values.abs()[:, None, :] - bound[:, None, None] * (dist.to(corner_values.dtype) * h)
+    error = coarse.error if coarse is not None else 0.0
+    margin = (corner_values.abs() - error)[:, None, :] - bound[:, None, None] * (dist.to(corner_values.dtype) * h)
     best, which = margin.max(dim=2)  # (M,27)
     cert = best > 0
     cert_neg = torch.gather(corner_values < 0, 1, which)  # the certifying corner's sign
@@ -266,7 +290,10 @@ def _final_level(sdf_fn: SdfFn, grid: Grid, cells: torch.Tensor, corner_values: 
     neg_votes[inverse[cert & cert_neg]] = True
     pos_votes[inverse[cert & ~cert_neg]] = True
     values = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
-    values[inverse[:, corner_slot]] = corner_values.float()
+    reused = corner_values.float()
+    if coarse is not None:
+        reused = reused.masked_fill(reused.abs() < coarse.exact_above, float("nan"))
+    values[inverse[:, corner_slot]] = reused
     known = ~torch.isnan(values)
 
     def evaluate(where: torch.Tensor) -> None:
@@ -300,6 +327,7 @@ def _extract_once(
     coarse_cells: int,
     chunk: int,
     samples: list | None,
+    coarse: CoarseSdf | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, ExtractStats, Grid]:
     """The coarse-to-fine descent: returns the sign-changing fine cells and their corner values."""
     stride = _coarse_stride(resolution, coarse_cells)
@@ -315,22 +343,26 @@ def _extract_once(
         shape = tuple(c // stride + 1 for c in grid.cells)
         cells = _unkey(torch.arange(math.prod(c - 1 for c in shape), device=device), tuple(c - 1 for c in shape))
         point_keys = torch.arange(math.prod(shape), device=device)
+        if stride == 1:  # one level: its values go to marching cubes as they are
+            coarse = None
+        error = coarse.error if coarse is not None else 0.0
         while True:
             pts = _unkey(point_keys, shape)
-            values = _evaluate(sdf_fn, grid.to_world(pts * stride), chunk, finite)
+            values = _evaluate(sdf_fn if coarse is None else coarse.fn, grid.to_world(pts * stride), chunk, finite)
             stats.points_evaluated += int(values.shape[0])
             if samples is not None:
-                samples.append((pts * stride, values))
+                sure = slice(None) if coarse is None else values.abs() >= coarse.exact_above
+                samples.append(((pts * stride)[sure], values[sure]))
             if point_keys.shape[0] == math.prod(shape):  # dense lattice: keys are positions
                 corner_values = values[_keys(cells[:, None, :] + corners, shape)]
             else:
                 corner_values = values[inverse].view(-1, 8)
             if stride == 1:
                 break
-            keep, bound = _may_change_sign(corner_values, stride * grid.voxel, stride, lipschitz, slopes)
+            keep, bound = _may_change_sign(corner_values, stride * grid.voxel, stride, lipschitz, slopes, error)
             if stride == 2:
                 cells, corner_values = _final_level(sdf_fn, grid, cells[keep], corner_values[keep], bound[keep],
-                                                    chunk, stats, samples, finite)
+                                                    chunk, stats, samples, finite, coarse)
                 break
             cells = cells[keep]
             stride //= 2

@@ -15,7 +15,7 @@ from ..data.atlas import load_atlas
 from ..model.encoding import positional_encoding
 from ..weights import load_model
 from . import deform, edit, validate
-from .extract import ExtractStats, Mesh, check_resolution, extract_mesh
+from .extract import CoarseSdf, ExtractStats, Mesh, check_resolution, extract_mesh
 from .sdf_eval import HeadSdf, heaviest_regions
 from .head import HeadSpec, check_names
 from .template import TemplateIndex, seam_faces
@@ -60,6 +60,9 @@ EXTRACT_CHUNKS = {"cpu": 1 << 13, "cuda": 1 << 19}  # CPU: 8192 ~10% faster than
 # threshold); the bench measures the real displacement against float32 (max|dv|).
 EXTRACT_HALF = {"cpu": False, "cuda": True}
 EXTRACT_HALF_EXACT_BELOW = 2e-4
+# The levels above the last take HeadSdf.approximate (no exact pass near zero) with this error margin in their
+# sign certificates: > 2x the largest float16 (41 um) and left-out-mass (19 um) errors measured.
+EXTRACT_COARSE_ERROR = 1e-4
 MAX_DEFORM_POINTS = 20_000_000  # frames x vertices per deform request (output memory)
 FIT_RESOLUTION = 128
 FIT_SAMPLES = 20000
@@ -254,8 +257,10 @@ class Session:
         fn = HeadSdf(self.model, zr, k, mode=mode, drop_tol=EXTRACT_DROP_TOL,
                      exact_below=EXTRACT_HALF_EXACT_BELOW if half else EXTRACT_EXACT_BELOW,
                      hidden_dtype=torch.float16 if half else torch.float32)
+        coarse = CoarseSdf(fn.approximate, EXTRACT_COARSE_ERROR, fn.exact_below) if fn.is_approximate else None
         mesh, stats = extract_mesh(fn, resolution, device=self.device, lipschitz=EXTRACT_LIPSCHITZ,
-                                   chunk=EXTRACT_CHUNKS.get(self.device.type, EXTRACT_CHUNKS["cpu"]), samples=samples)
+                                   chunk=EXTRACT_CHUNKS.get(self.device.type, EXTRACT_CHUNKS["cpu"]), samples=samples,
+                                   coarse=coarse)
         return mesh, stats, fn.max_dropped
 
     def sdf_grad_template(self, x: np.ndarray, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]
