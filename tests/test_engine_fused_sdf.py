@@ -52,8 +52,9 @@ def test_fused_kernel_matches_the_float32_field():
     assert r["fused"]
     # float16 operands: tens of micrometres at most (not zero: the kernel did run in float16) ...
     assert 1e-7 < r["raw_err"] < 1e-4
-    # ... and near zero the float32 field itself, so every sign agrees
-    assert r["n_near"] > 0 and r["near_err"] < 1e-8 and 0 < r["exact_points"] < r["n"]
+    # ... and near zero the float32 field itself (to float32 rounding: 1.5e-8 m on the GPU machine's CPU and
+    # torch 2.11, below 1e-8 here), so every sign agrees
+    assert r["n_near"] > 0 and r["near_err"] < 5e-8 and 0 < r["exact_points"] < r["n"]
     assert r["signs_agree"]
 
 
