@@ -4,7 +4,9 @@ The torch path (sdf_eval.HeadSdf "dense") materialises (39, N, 96) activations p
 that memory traffic (~90 ms for the 487k points of a 256^3 band on an H100, float32 or float16 alike). Here
 one program takes BLOCK points and loops over the regions: positional encoding, the three layers of region
 r's network and the weighted sum sum_r softmax_r(-|x - k_r| / sigma) g_r(x) stay on chip; only x in and
-the 32 blended features out touch memory. The fusion head (32 -> 128 -> 128 -> 1) then runs in torch.
+the 32 blended features out touch memory. A second small kernel applies the fusion head (32 -> 128 -> 128
+-> 1, float32 products) and the sphere prior to the features in the same point order, so one call is two
+kernels plus the point sort (in torch the head and prior were ~10 launches a call).
 
 Two modes (`precise`), measured on that band (H100):
 - fast (4.9 ms): float16 matrix operands with float32 accumulation, bias and SiLU; the encoding of region r
@@ -22,7 +24,8 @@ first so that each block is compact.
 
 Layout: hidden width 96 is padded to 128 and the 39-wide encoding to 64 with zero weights (Triton tiles are
 powers of two; a zero column stays zero through SiLU and meets zero rows in the next layer).
-Only the shipped architecture (one hidden-to-hidden layer, float16-exact local weights) is fused;
+Only the shipped architecture (one hidden-to-hidden layer, float16-exact local weights, a two-hidden-layer
+SiLU fusion head) is fused;
 `supported()` says whether a model and device can use it. Under TRITON_INTERPRET=1 the same kernel runs on
 the CPU (numpy): CPU-only CI tests it.
 """
@@ -54,8 +57,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def supported(model, device: torch.device) -> bool:
     cfg = model.cfg
+    fusion = [type(m).__name__ for m in model.fusion]
     shape_ok = (cfg.local_layers == 2 and 3 + 6 * cfg.pe_freqs <= ENC_PAD and cfg.local_hidden <= HIDDEN_PAD
-                and cfg.feat_dim in (16, 32, 64))
+                and cfg.feat_dim in (16, 32, 64) and cfg.fusion_hidden <= HIDDEN_PAD
+                and fusion == ["Linear", "SiLU", "Linear", "SiLU", "Linear"])
     if triton is None or not shape_ok or not (device.type == "cuda" or INTERPRET):
         return False
     # the precise mode's products are exact only for float16-exact weights (the shipped file stores float16)
@@ -101,7 +106,7 @@ if triton is not None:
         col_kind = tl.load(col_kind_ptr + ci)
         if not PRECISE:
             # sin/cos of the global coordinates once per point; each region's encoding is then a rotation by
-            # its anchor's angles (rot tables, see FusedFeatures): multiply-adds instead of 64 sines and cosines
+            # its anchor's angles (rot tables, see FusedSdf): multiply-adds instead of 64 sines and cosines
             gx = tl.where(col_axis[None, :] == 0, px[:, None],
                           tl.where(col_axis[None, :] == 1, py[:, None], pz[:, None])) * pe_scale
             base = gx * col_freq[None, :]
@@ -156,6 +161,28 @@ if triton is not None:
                     g = tl.dot(h.to(tl.float16), wo) + bo
                 acc += weight[:, None] * g
         tl.store(out_ptr + offs[:, None] * FD + fi[None, :], acc, mask=mask[:, None])
+
+    @triton.jit(do_not_specialize=["n_points"])
+    def _fusion_kernel(feat_ptr, x_ptr, wf1_ptr, bf1_ptr, wf2_ptr, bf2_ptr, wf3_ptr, out_ptr, n_points, bf3,
+                       cx, cy, cz, radius, sdf_scale, FD: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr):
+        """sdf = |x - c| - radius + sdf_scale * fusion(feat): the model's prior and fusion head, float32."""
+        offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = offs < n_points
+        fi = tl.arange(0, FD)
+        hi = tl.arange(0, HP)
+        feat = tl.load(feat_ptr + offs[:, None] * FD + fi[None, :], mask=mask[:, None], other=0.0)
+        h = tl.dot(feat, tl.load(wf1_ptr + fi[:, None] * HP + hi[None, :]), input_precision="ieee")
+        h = h + tl.load(bf1_ptr + hi)[None, :]
+        h = h * tl.sigmoid(h)
+        h = tl.dot(h, tl.load(wf2_ptr + hi[:, None] * HP + hi[None, :]), input_precision="ieee")
+        h = h + tl.load(bf2_ptr + hi)[None, :]
+        h = h * tl.sigmoid(h)
+        res = tl.sum(h * tl.load(wf3_ptr + hi)[None, :], axis=1) + bf3
+        dx = tl.load(x_ptr + offs * 3 + 0, mask=mask, other=0.0) - cx
+        dy = tl.load(x_ptr + offs * 3 + 1, mask=mask, other=0.0) - cy
+        dz = tl.load(x_ptr + offs * 3 + 2, mask=mask, other=0.0) - cz
+        sdf = tl.sqrt(dx * dx + dy * dy + dz * dz) - radius + sdf_scale * res
+        tl.store(out_ptr + offs, sdf, mask=mask)
 
     @triton.jit
     def _spread_bits(q):
@@ -219,6 +246,13 @@ def _model_tables(model, device: torch.device) -> dict[str, torch.Tensor]:
                 "col_freq64": col_freq.to(device), "col_freq": col_freq.float().to(device),
                 "col_axis": col_axis.to(device), "col_axis32": col_axis.int().to(device),
                 "kind": kind.to(device), "kind32": kind.int().to(device),
+                # fusion head, (in, out) layout padded to HIDDEN_PAD, float32
+                "wf1": _pad(model.fusion[0].weight.float().T, (F, HIDDEN_PAD)).to(device),
+                "bf1": _pad(model.fusion[0].bias.float(), (HIDDEN_PAD,)).to(device),
+                "wf2": _pad(model.fusion[2].weight.float().T, (HIDDEN_PAD, HIDDEN_PAD)).to(device),
+                "bf2": _pad(model.fusion[2].bias.float(), (HIDDEN_PAD,)).to(device),
+                "wf3": _pad(model.fusion[4].weight.float()[0], (HIDDEN_PAD,)).to(device),
+                "bf3": float(model.fusion[4].bias.float()[0]),
             }
     return per_model[device]
 
@@ -232,12 +266,13 @@ def _brick_order(x: torch.Tensor) -> torch.Tensor:
     return torch.argsort(code)
 
 
-class FusedFeatures:
-    """Blended local features (N, F) of one head from all regions, by the fused float16 kernel."""
+class FusedSdf:
+    """The SDF (N,) of one head: all regions' local networks in the fused kernel, then the fusion head."""
 
     def __init__(self, model, zr: torch.Tensor, k: torch.Tensor, b1: torch.Tensor):
         """b1: (R, H) first-layer bias with the region codes folded in (sdf_eval.HeadSdf computes it)."""
         cfg = model.cfg
+        self.prior = ([float(v) for v in cfg.prior_center], float(cfg.prior_radius), float(cfg.sdf_scale))
         dev = k.device
         R, F = cfg.n_regions, cfg.feat_dim
         self.R, self.F = R, F
@@ -246,6 +281,7 @@ class FusedFeatures:
         t = _model_tables(model, dev)
         self.w1, self.wh, self.wo, self.bh, self.bo, self.flip = t["w1"], t["wh"], t["wo"], t["bh"], t["bo"], t["flip"]
         self.col_freq, self.col_axis, self.col_kind = t["col_freq"], t["col_axis32"], t["kind32"]
+        self.fusion = t["wf1"], t["bf1"], t["wf2"], t["bf2"], t["wf3"], t["bf3"]
         with torch.no_grad():
             self.b1 = _pad(b1.float(), (R, HIDDEN_PAD))
             # Region r's column = A sin(base) + B cos(base) + P gx + Q, where gx = scale x_axis, base = freq gx,
@@ -264,18 +300,25 @@ class FusedFeatures:
 
     def __call__(self, x: torch.Tensor, precise: bool) -> torch.Tensor:
         n = x.shape[0]
-        out = torch.empty((n, self.F), dtype=torch.float32, device=x.device)
+        out = torch.empty((n,), dtype=torch.float32, device=x.device)
         if n == 0:
             return out
         x = x.float().contiguous()
         order = _brick_order(x)
-        feat = torch.empty_like(out)
-        _features_kernel[(triton.cdiv(n, BLOCK),)](
-            x[order], self.k, self.flip, self.col_freq, self.col_axis, self.col_kind, self.rot,
+        xs = x[order]
+        feat = torch.empty((n, self.F), dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(n, BLOCK),)
+        _features_kernel[grid](
+            xs, self.k, self.flip, self.col_freq, self.col_axis, self.col_kind, self.rot,
             self.w1, self.b1, self.wh, self.bh, self.wo, self.bo, feat,
             n, self.inv_sigma, self.pe_scale, SKIP_WEIGHT[precise],
             R=self.R, RP=triton.next_power_of_2(self.R), EP=ENC_PAD, HP=HIDDEN_PAD, FD=self.F,
             BLOCK_N=BLOCK, PRECISE=precise, num_warps=NUM_WARPS,
         )
-        out[order] = feat
+        wf1, bf1, wf2, bf2, wf3, bf3 = self.fusion
+        (cx, cy, cz), radius, scale = self.prior
+        sdf = torch.empty((n,), dtype=torch.float32, device=x.device)
+        _fusion_kernel[grid](feat, xs, wf1, bf1, wf2, bf2, wf3, sdf, n, bf3, cx, cy, cz, radius, scale,
+                             FD=self.F, HP=HIDDEN_PAD, BLOCK_N=BLOCK, num_warps=NUM_WARPS)
+        out[order] = sdf
         return out

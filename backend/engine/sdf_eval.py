@@ -70,7 +70,7 @@ class HeadSdf:
             from . import fused_sdf
 
             if fused_sdf.supported(model, k.device):
-                self.fused = fused_sdf.FusedFeatures(model, zr, k, self.b1)
+                self.fused = fused_sdf.FusedSdf(model, zr, k, self.b1)
         self.max_dropped = 0.0  # largest blend mass left out so far (sparse mode)
         self.regions_evaluated = 0  # point-region pairs evaluated so far
         self.exact_points = 0  # sparse mode: points re-evaluated with every region (|sdf| < exact_below)
@@ -87,7 +87,7 @@ class HeadSdf:
             x = x.float()
             if self.fused is not None:
                 self.regions_evaluated += self.k.shape[0] * x.shape[0]
-                return self._fuse(x, self.fused(x, precise=False))
+                return self.fused(x, precise=False)
             return self._fuse(x, self._dense(x, self.low) if self.mode == "dense" else self._sparse(x))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,8 +97,9 @@ class HeadSdf:
             if self.is_approximate and self.exact_below > 0:
                 near = torch.nonzero(sdf.abs() < self.exact_below).squeeze(1)
                 if near.numel():
-                    exact = self.fused(x[near], precise=True) if self.fused is not None else self._dense(x[near])
-                    sdf[near] = self._fuse(x[near], exact)
+                    xn = x[near]
+                    exact = self.fused(xn, precise=True) if self.fused is not None else self._fuse(xn, self._dense(xn))
+                    sdf[near] = exact
                     self.exact_points += near.numel()
             return sdf
 
