@@ -49,23 +49,29 @@ def test_alignment_recovers_random_similarity(session, head_points, seed):
     assert sim.scale * true.scale == pytest.approx(1.0, rel=2e-3)
 
 
-def test_alignment_ignores_shoulders(session, head_points):
+# The outcome depends on the alignment's seed (its random subsamples), not on the frame (the method is frame
+# invariant). Seeds that failed before the input-pair cutoff (align.INLIER_SPREAD): 202 and 207 gave a wrong
+# pose (~172 mm off), 216 a 3.6 mm median error; with it, the worst of seeds 200-231 was 0.27 mm.
+@pytest.mark.parametrize("seed", [202, 207, 216])
+def test_alignment_ignores_shoulders(session, head_points, seed):
+    # A head on a torso of 43% of the points: more clutter than the 40% each ICP direction trims.
     rng = np.random.default_rng(5)
     th, y = rng.uniform(0, 2 * np.pi, 9000), rng.uniform(-0.5, -0.17, 9000)
     w = np.where(y < -0.25, 0.2, 0.06 + (y + 0.17) / -0.08 * 0.14)
     torso = np.column_stack([w * np.cos(th), y, 0.6 * w * np.sin(th) - 0.01])
-    true = random_similarity(6)
+    true = random_similarity(seed)
     scan = true.apply(np.concatenate([head_points, torso]))
-    sim, _ = session.aligner.align(scan, seed=1)
+    sim, _ = session.aligner.align(scan, seed=seed)
     err = np.linalg.norm(sim.apply(true.apply(head_points)) - head_points, axis=1)
-    assert np.median(err) < 2e-3 and err.max() < 6e-3
+    assert np.median(err) < 0.5e-3 and err.max() < 1e-3
 
 
-def test_alignment_of_a_face_crop(session, head_points):
+@pytest.mark.parametrize("frame, seed", [(300, 2), (207, 207)])
+def test_alignment_of_a_face_crop(session, head_points, frame, seed):
     # A face scan (front half only, no back of the head): the coarse stages must still pick the right pose.
     face = head_points[head_points[:, 2] > np.median(head_points[:, 2])]
-    true = random_similarity(300)
-    sim, _ = session.aligner.align(true.apply(face), seed=2)
+    true = random_similarity(frame)
+    sim, _ = session.aligner.align(true.apply(face), seed=seed)
     assert np.abs(sim.apply(true.apply(face)) - face).max() < 1e-3
 
 
