@@ -4,9 +4,10 @@ Extraction runs this on the device that marched the cubes: at 512^3 the host ver
 components + a k-d tree) took ~1 s on an H100 host, longer than the network.
 
 Labels come from hooking and pointer jumping (Shiloach-Vishkin style): every vertex points to a smaller
-index or itself; each round, every edge whose end points have different roots hooks the larger root under
-the smaller (scatter amin), then pointers are jumped to their roots. Edges inside one tree are dropped for
-good, so rounds shrink; a mesh needs a handful.
+index or itself; each round, every edge whose end points have different parents hooks the larger one under
+the smaller if it is a root (scatter amin), then pointers jump twice (x3 each) towards their roots. Edges
+whose end points share a parent are dropped for good, so rounds shrink; a mesh needs a handful, with one
+host sync each.
 """
 
 from __future__ import annotations
@@ -20,19 +21,28 @@ def component_labels(faces: torch.Tensor, n_vertices: int) -> torch.Tensor:
     """(F,3) long faces -> (n_vertices,) long label per vertex: the smallest vertex index of its piece."""
     u = torch.cat([faces[:, 0], faces[:, 1]])
     v = torch.cat([faces[:, 1], faces[:, 2]])
-    parent = torch.arange(n_vertices, device=faces.device)
+    n = n_vertices
+    parent = torch.arange(n + 1, device=faces.device)  # slot n takes the hooks a round skips
     while True:
         pu, pv = parent[u], parent[v]
         differ = torch.nonzero(pu != pv).squeeze(1)  # the one host sync of a round (then index, not mask)
         if differ.numel() == 0:
-            return parent
+            break
         u, v, pu, pv = u[differ], v[differ], pu[differ], pv[differ]
-        parent.scatter_reduce_(0, torch.maximum(pu, pv), torch.minimum(pu, pv), reduce="amin")
-        while True:  # every pointer to its root; two jumps a check (pointers only go down, so a fixed
-            jumped = parent[parent[parent]]  # point of the double jump is one of the single jump)
-            if torch.equal(jumped, parent):
-                break
-            parent = jumped
+        hi, lo = torch.maximum(pu, pv), torch.minimum(pu, pv)
+        # Only roots are hooked: redirecting a pointer that has not reached its root yet would cut its tree's
+        # link. A root is its tree's smallest index, so lo < hi lies in another tree: no cycle, and the label
+        # stays the piece's smallest vertex. Edges skipped now are hooked once the jumps reach their roots.
+        hi = torch.where(parent[hi] == hi, hi, n)
+        parent.scatter_reduce_(0, hi, lo, reduce="amin")
+        # two triple jumps a round without a check (each a host sync before): the next round's edges see them
+        parent = parent[parent[parent]]
+        parent = parent[parent[parent]]
+    while True:  # every pointer to its root (pointers only go down, so a fixed point is reached)
+        jumped = parent[parent[parent]]
+        if torch.equal(jumped, parent):
+            return parent[:n]
+        parent = jumped
 
 
 def drop_small_pieces(vertices: torch.Tensor, faces: torch.Tensor, min_fraction: float, touch: float = 0.0
