@@ -146,9 +146,9 @@ class HeadSdf:
         wh, bh, wo, bo = low if low is not None else (self.wh, self.bh, self.wo, self.bo)
         local = (x[None] - self.k[:, None]) * self.flip[:, None]  # (R,N,3)
         enc = positional_encoding(local, self.freqs, self.pe_scale)
-        h = F.silu(torch.baddbmm(self.b1[:, None], enc, self.w1)).to(wo.dtype)
+        h = F.silu(torch.baddbmm(self.b1[:, None], enc, self.w1), inplace=True).to(wo.dtype)
         for w, b in zip(wh, bh):
-            h = F.silu(torch.baddbmm(b[:, None], h, w))
+            h = F.silu(torch.baddbmm(b[:, None], h, w), inplace=True)
         g = torch.baddbmm(bo[:, None], h, wo).float()  # (R,N,F)
         w = torch.softmax(self._logits(x), dim=1)  # (N,R)
         self.regions_evaluated += R * x.shape[0]
@@ -166,9 +166,10 @@ class HeadSdf:
             if idx.numel() == 0:
                 continue
             local = (x[idx] - self.k[r]) * self.flip[r]
-            h = F.silu(torch.addmm(self.b1[r], positional_encoding(local, self.freqs, self.pe_scale), self.w1[r]))
+            enc = positional_encoding(local, self.freqs, self.pe_scale)
+            h = F.silu(torch.addmm(self.b1[r], enc, self.w1[r]), inplace=True)  # in place: no grad, less memory
             for wt, b in zip(self.wh, self.bh):
-                h = F.silu(torch.addmm(b[r], h, wt[r]))
+                h = F.silu(torch.addmm(b[r], h, wt[r]), inplace=True)
             g = torch.addmm(self.bo[r], h, self.wo[r]).float()
             # accumulate=True with indices unique per call: deterministic (one call for all pairs is not on CPU),
             # and much faster than index_add_ on CPU
