@@ -7,7 +7,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from backend import errors
-from backend.engine.align import Aligner, Similarity, umeyama
+from backend.engine.align import Aligner, Similarity, plane_step, umeyama
 from backend.engine.fit import fit_error, sample_mesh, template_surface
 from backend.engine.meshio import read_mesh, read_ply, write_ply
 from backend.engine.session import Session
@@ -37,6 +37,14 @@ def test_umeyama_exact():
     got = umeyama(x, sim.apply(x))
     assert got.scale == pytest.approx(sim.scale) and np.allclose(got.rotation, sim.rotation)
     assert np.allclose(got.translation, sim.translation)
+
+
+def test_plane_step_keeps_the_scale_positive():
+    # targets through the centre: the linearised step asks for 1 + d = -0.5 (a mirrored head); it halves instead
+    src = np.random.default_rng(0).normal(size=(200, 3))
+    src /= np.linalg.norm(src, axis=1, keepdims=True)
+    sim = plane_step(Similarity(1.0, np.eye(3), np.zeros(3)), src, -0.5 * src, src, np.ones(200), False)
+    assert sim.scale == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("seed", [3, 4])

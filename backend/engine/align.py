@@ -105,7 +105,9 @@ def plane_step(sim: Similarity, src: np.ndarray, dst: np.ndarray, nrm: np.ndarra
         jac = jac[:, 1:]
     a = (jac * w[:, None]).T @ jac + 1e-9 * np.eye(jac.shape[1])
     delta = -np.linalg.solve(a, (jac * w[:, None]).T @ r)
-    d = 0.0 if fixed_scale else delta[0]
+    # the linearisation allows any d; from a bad start it could reach 1 + d <= 0 (a mirrored or vanished head
+    # whose score is meaningless): a step at most halves or doubles the scale (converged steps are tiny)
+    d = 0.0 if fixed_scale else float(np.clip(delta[0], -0.5, 1.0))
     om, tau = delta[-6:-3], delta[-3:]
     rw = _rodrigues(om)
     return Similarity(sim.scale * (1 + d), rw @ sim.rotation, (1 + d) * rw @ sim.translation + tau)
