@@ -310,10 +310,12 @@ def _final_level(sdf_fn: SdfFn, grid: Grid, cells: torch.Tensor, corner_values: 
     cert_neg = torch.gather(corner_values < 0, 1, which)  # the certifying corner's sign
     keys, inverse = torch.unique(_keys(cells[:, None, :] * 2 + off, shape), return_inverse=True)
     n = keys.shape[0]
-    neg_votes = torch.zeros(n, dtype=torch.bool, device=dev)
-    pos_votes = torch.zeros(n, dtype=torch.bool, device=dev)
-    neg_votes[inverse[cert & cert_neg]] = True
-    pos_votes[inverse[cert & ~cert_neg]] = True
+    # votes by scatter, not boolean-mask indexing (each mask index is a host sync)
+    flat = inverse.reshape(-1)
+    neg_votes = torch.zeros(n, dtype=torch.int32, device=dev).index_put_(
+        (flat,), (cert & cert_neg).reshape(-1).int(), accumulate=True) > 0
+    pos_votes = torch.zeros(n, dtype=torch.int32, device=dev).index_put_(
+        (flat,), (cert & ~cert_neg).reshape(-1).int(), accumulate=True) > 0
     values = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
     reused = corner_values.float()
     if coarse is not None:
@@ -335,7 +337,7 @@ def _final_level(sdf_fn: SdfFn, grid: Grid, cells: torch.Tensor, corner_values: 
     neg = torch.where(known, values < 0, neg_votes)
     child = inverse[:, child_slot].reshape(-1, 8)  # (M*8, 8) point slots of the child cells' corners
     child_neg = neg[child]
-    crossing = child_neg.any(dim=1) & ~child_neg.all(dim=1)
+    crossing = torch.nonzero(child_neg.any(dim=1) & ~child_neg.all(dim=1)).squeeze(1)
     child = child[crossing]
     need = torch.zeros(n, dtype=torch.bool, device=dev)
     need[child.reshape(-1)] = True
@@ -385,6 +387,7 @@ def _extract_once(
             if stride == 1:
                 break
             keep, bound = _may_change_sign(corner_values, stride * grid.voxel, stride, lipschitz, slopes, error)
+            keep = torch.nonzero(keep).squeeze(1)  # one host sync, then plain indexing
             if stride == 2:
                 cells, corner_values = _final_level(sdf_fn, grid, cells[keep], corner_values[keep], bound[keep],
                                                     chunk, stats, samples, finite, coarse)

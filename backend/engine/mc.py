@@ -69,9 +69,8 @@ def marching_cubes_cells(
     bits = (values < 0).long() << on_device(_BIT, device)
     case = bits.sum(dim=1)
     entries = tri[case][:, :15]  # (M,15): up to 5 triangles of local edge ids, -1 padded
-    keep = (entries[:, ::3] >= 0)  # (M,5) valid triangles
-    cell_of_tri = torch.arange(cells.shape[0], device=device)[:, None].expand_as(keep)[keep]
-    local_edges = entries.view(-1, 5, 3)[keep]  # (T,3)
+    cell_of_tri, slot = torch.nonzero(entries[:, ::3] >= 0).unbind(1)  # valid triangles (one host sync)
+    local_edges = entries.view(-1, 5, 3)[cell_of_tri, slot]  # (T,3)
     if local_edges.shape[0] == 0:
         return values.new_zeros((0, 3)), torch.zeros((0, 3), dtype=torch.long, device=device)
 
