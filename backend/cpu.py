@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Callable, Iterable, TypeVar
 
 _START: tuple[float, float, tuple[int, int] | None] | None = None
 ENV = "IMHEAD_CPU_THREADS"
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _idle_total() -> tuple[int, int] | None:
@@ -68,3 +71,23 @@ def limit_torch_threads() -> int | None:
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
+
+
+def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """[fn(item) for item in items] on as many Python threads as torch has intra-op threads, each running torch's
+    ops on one thread (restored after). For work that does not parallelise inside its ops, such as the template
+    queries' cKDTree searches and small torch ops (engine/template.py): a 128^3 head's 31k closest points took
+    0.10-0.125 s on the quiet 2-core machine against 0.115-0.15 s as one op at a time on two OpenMP threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    items = list(items)
+    threads = torch.get_num_threads()
+    if min(threads, len(items)) <= 1:
+        return [fn(item) for item in items]
+    try:
+        with ThreadPoolExecutor(min(threads, len(items)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from scipy.spatial import cKDTree
 
 from backend.data.atlas import load_atlas
-from backend.engine.template import TemplateIndex, closest_point_on_triangles, seam_faces
+from backend.engine.template import MeshIndex, TemplateIndex, closest_point_on_triangles, seam_faces
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,36 @@ def test_uv_and_region_on_the_template_itself(index):
     np.testing.assert_allclose(uv, atlas.uv.mean(1), atol=1e-4)
     assert np.array_equal(island, index.face_island)
     assert np.array_equal(index.nearest_region(atlas.vertices), atlas.region)
+
+
+def test_closest_in_chunks_on_threads_matches_one_chunk():
+    """closest() splits the points into chunks on parallel threads: every row's answer is the one-chunk answer."""
+    atlas = load_atlas()
+    rng = np.random.default_rng(1)
+    p = atlas.vertices[rng.integers(0, len(atlas.vertices), 3000)] + rng.normal(0, 0.01, (3000, 3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chunked = MeshIndex(atlas.vertices, atlas.faces).closest(p, chunk=700)
+    finally:
+        torch.set_num_threads(threads)
+    whole = MeshIndex(atlas.vertices, atlas.faces).closest(p, chunk=len(p))
+    for a, b in zip(chunked, whole):
+        assert np.array_equal(a, b)
+    face, bary, dist = MeshIndex(atlas.vertices, atlas.faces).closest(np.zeros((0, 3)))
+    assert face.shape == (0,) and bary.shape == (0, 3) and dist.shape == (0,)
+
+
+def test_nearest_region_reuses_the_closest_search(index):
+    """After closest() on the same points, nearest_region reads the first candidate of its vertex search; on
+    other points it searches itself: both are the nearest template vertex's region."""
+    atlas = index.atlas
+    tree = cKDTree(atlas.vertices.astype(np.float64))
+    rng = np.random.default_rng(2)
+    p = atlas.vertices[rng.integers(0, len(atlas.vertices), 2000)] + rng.normal(0, 0.01, (2000, 3))
+    index.closest(p)
+    assert np.array_equal(index.nearest_region(p), atlas.region[tree.query(p)[1]])
+    assert np.array_equal(index.nearest_region(p[::-1]), atlas.region[tree.query(p[::-1])[1]])
 
 
 def test_seam_faces_counts_mixed_islands():

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..cpu import thread_map
+
 if TYPE_CHECKING:
     from ..data.atlas import Atlas
 
@@ -83,46 +85,61 @@ class MeshIndex:
         self.vertex_faces = np.where(vf >= 0, vf, first)
         # Triangle corners as coordinate planes (corner, xyz, F) float32, for closest(); and its last answer.
         self._tri_planes = torch.as_tensor(self.vertices[self.faces], dtype=torch.float32).permute(1, 2, 0).contiguous()
-        self._last: tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self._last: tuple[np.ndarray, tuple[np.ndarray, ...]] | None = None
 
-    def closest(self, points: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def closest(self, points: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Closest mesh point among the triangles around the nearest `candidates` vertices and the
         `centroid_candidates` triangles with the nearest centroids:
-        (face (N,), barycentric (N,3) float64, distance (N,)). The answer for the last query is kept, so asking
-        again for the same points (UVs, then distances) costs one comparison."""
-        points = np.asarray(points, np.float64)
+        (face (N,), barycentric (N,3) float64, distance (N,)). Chunks of points run on parallel threads
+        (cpu.thread_map; each row's answer does not depend on the chunking). The answer for the last query is
+        kept, so asking again for the same points (UVs, then distances) costs one comparison."""
+        return self._query(points, chunk)[:3]
+
+    def nearest_vertex(self, points: np.ndarray) -> np.ndarray:
+        """Index (N,) of each point's nearest mesh vertex (the first candidate of closest's search when it has
+        just been asked for the same points)."""
+        return self._query(points)[3] if self._is_last(points) else self.tree.query(np.asarray(points, np.float64))[1]
+
+    def _is_last(self, points: np.ndarray) -> bool:
         last = self._last
-        if last is not None and last[1] == chunk and last[0].shape == points.shape and np.array_equal(last[0], points):
-            return tuple(a.copy() for a in last[2])  # type: ignore[return-value]
-        n = len(points)
-        face, bary, dist = np.zeros(n, np.int64), np.zeros((n, 3)), np.zeros(n)
-        for s in range(0, n, chunk):
-            p = points[s : s + chunk]
-            _, near = self.tree.query(p, k=self.candidates)
-            _, near_faces = self.centroid_tree.query(p, k=self.centroid_candidates)
-            cand = np.concatenate([self.vertex_faces[near].reshape(len(p), -1), near_faces.reshape(len(p), -1)], 1)
-            # Each face once: neighbouring vertices share most faces (~14 distinct of 36 slots on the template), so
-            # the distinct ones go first (ascending) and the columns past the most distinct in a row are cut.
-            cand = torch.as_tensor(cand).sort(dim=1).values
-            dup = torch.cat([torch.zeros_like(cand[:, :1], dtype=torch.bool), cand[:, 1:] == cand[:, :-1]], 1)
-            keep = int((~dup).sum(1).max())
-            cand = cand.gather(1, dup.to(torch.uint8).argsort(dim=1, stable=True)[:, :keep])  # (n, C)
-            # Work relative to the query point: float32 keeps sub-micrometre precision at head scale. Layout
-            # (corner, xyz, n, C): the same float32 arithmetic as on (n, C, corner, xyz), on contiguous planes.
-            tri = self._tri_planes.view(9, -1).index_select(1, cand.view(-1)).view(3, 3, *cand.shape)
-            tri = tri - torch.as_tensor(p.T, dtype=torch.float32)[None, :, :, None]
-            q = torch.zeros(3, 1, 1)
-            bc = closest_point_on_triangles(q, tri[0], tri[1], tri[2], coord_dim=0)  # (n, C, 3)
-            w = bc.permute(2, 0, 1)  # (corner, n, C)
-            x = torch.stack([w[0] * tri[0, j] + w[1] * tri[1, j] + w[2] * tri[2, j] for j in range(3)], -1)
-            d = x.norm(dim=-1)
-            best = d.argmin(dim=1)
-            rows = torch.arange(len(p))
-            face[s : s + chunk] = cand[rows, best].numpy()
-            bary[s : s + chunk] = bc[rows, best].double().numpy()
-            dist[s : s + chunk] = d[rows, best].double().numpy()
-        self._last = (points.copy(), chunk, (face.copy(), bary.copy(), dist.copy()))
-        return face, bary, dist
+        return last is not None and last[0].shape == np.shape(points) and np.array_equal(last[0], points)
+
+    def _query(self, points: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, ...]:
+        """closest's answer and the nearest vertex: (face, barycentric, distance, vertex)."""
+        points = np.asarray(points, np.float64)
+        if not self._is_last(points):
+            chunks = [points[s : s + chunk] for s in range(0, max(len(points), 1), chunk)]  # one, maybe empty
+            parts = thread_map(self._closest_chunk, chunks)
+            self._last = (points.copy(), tuple(np.concatenate(a) for a in zip(*parts)))
+        return tuple(a.copy() for a in self._last[1])
+
+    def _closest_chunk(self, p: np.ndarray) -> tuple[np.ndarray, ...]:
+        if len(p) == 0:
+            return np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64)
+        _, near = self.tree.query(p, k=self.candidates)
+        _, near_faces = self.centroid_tree.query(p, k=self.centroid_candidates)
+        near = near.reshape(len(p), -1)
+        cand = np.concatenate([self.vertex_faces[near].reshape(len(p), -1), near_faces.reshape(len(p), -1)], 1)
+        # Each face once: neighbouring vertices share most faces (~14 distinct of 36 slots on the template), so
+        # the distinct ones go first (ascending; each repeat is written where its first copy went, the columns
+        # past a row's distinct ones repeat its first) and the columns past the most distinct in a row are cut.
+        # int32: sorts in half the time of int64.
+        cand = torch.as_tensor(cand.astype(np.int32)).sort(dim=1).values
+        slot = torch.cat([torch.ones_like(cand[:, :1], dtype=torch.bool), cand[:, 1:] != cand[:, :-1]], 1).cumsum(1) - 1
+        cand = cand[:, :1].expand(-1, int(slot[:, -1].max()) + 1).clone().scatter_(1, slot, cand)  # (n, C)
+        # Work relative to the query point: float32 keeps sub-micrometre precision at head scale. Layout
+        # (corner, xyz, n, C): the same float32 arithmetic as on (n, C, corner, xyz), on contiguous planes.
+        tri = self._tri_planes.view(9, -1).index_select(1, cand.view(-1)).view(3, 3, *cand.shape)
+        tri = tri - torch.as_tensor(p.T, dtype=torch.float32)[None, :, :, None]
+        q = torch.zeros(3, 1, 1)
+        bc = closest_point_on_triangles(q, tri[0], tri[1], tri[2], coord_dim=0)  # (n, C, 3)
+        w = bc.permute(2, 0, 1)  # (corner, n, C)
+        x = torch.stack([w[0] * tri[0, j] + w[1] * tri[1, j] + w[2] * tri[2, j] for j in range(3)], -1)
+        d = x.norm(dim=-1)
+        best = d.argmin(dim=1)
+        rows = torch.arange(len(p))
+        return (cand[rows, best].numpy().astype(np.int64), bc[rows, best].double().numpy(),
+                d[rows, best].double().numpy(), near[:, 0].astype(np.int64))
 
 
 class TemplateIndex(MeshIndex):
@@ -135,8 +152,7 @@ class TemplateIndex(MeshIndex):
 
     def nearest_region(self, points: np.ndarray) -> np.ndarray:
         """Region id of the nearest template vertex, (N,) int32."""
-        _, idx = self.tree.query(np.asarray(points, np.float64))
-        return self.atlas.region[idx].astype(np.int32)
+        return self.atlas.region[self.nearest_vertex(points)].astype(np.int32)
 
     def uv(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ICT-layout UV (N,2) float32 of each point's closest template point, and that point's UV island."""
