@@ -88,7 +88,8 @@ class HeadSdf:
             if self.fused is not None:
                 self.regions_evaluated += self.k.shape[0] * x.shape[0]
                 return self.fused(x, precise=False)
-            return self._fuse(x, self._dense(x, self.low) if self.mode == "dense" else self._sparse(x))
+            feat = self._dense(x, self.low) if self.mode == "dense" else self._sparse(x)
+            return self.model.sdf_from_features(x, feat)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -98,8 +99,10 @@ class HeadSdf:
                 near = torch.nonzero(sdf.abs() < self.exact_below).squeeze(1)
                 if near.numel():
                     xn = x[near]
-                    exact = self.fused(xn, precise=True) if self.fused is not None else self._fuse(xn, self._dense(xn))
-                    sdf[near] = exact
+                    if self.fused is not None:
+                        sdf[near] = self.fused(xn, precise=True)
+                    else:
+                        sdf[near] = self.model.sdf_from_features(xn, self._dense(xn))
                     self.exact_points += near.numel()
             return sdf
 
@@ -131,10 +134,6 @@ class HeadSdf:
         if dt == torch.float32:
             return None
         return [w.to(dt) for w in self.wh], [b.to(dt) for b in self.bh], self.wo.to(dt), self.bo.to(dt)
-
-    def _fuse(self, x: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-        res = self.model.fusion(feat).squeeze(-1)
-        return self.model.prior_sdf(x) + self.model.cfg.sdf_scale * res
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         # direct differences, not the |x|^2 + |k|^2 - 2 x.k matrix-product form (cancellation near an anchor)

@@ -213,7 +213,7 @@ class Session:
         its heaviest local networks, leaving out at most `tol` blend mass (None, or self.topk None: all 39);
         dropped[0] tracks the largest mass left out."""
         feat = self._features(x, zr, k, dropped, tol)
-        return self.model.prior_sdf(x) + self.model.cfg.sdf_scale * self.model.fusion(feat).squeeze(-1), feat
+        return self.model.sdf_from_features(x, feat), feat
 
     def _features(self, x: torch.Tensor, zr: torch.Tensor, k: torch.Tensor, dropped: list[float], tol: float | None,
                   tape: _Tape | None = None) -> torch.Tensor:
@@ -272,11 +272,10 @@ class Session:
         # autograd import torch.fx's symbolic shapes and sympy (~0.3 s of a cold start).
         with torch.enable_grad():
             f = feat.requires_grad_(True)
-            res = self.model.fusion(f).squeeze(-1)
-            (dfeat,) = torch.autograd.grad(res.sum() * self.model.cfg.sdf_scale, f)
+            sdf = self.model.sdf_from_features(x, f)  # x needs no grad: only the fusion head is differentiated
+            (dfeat,) = torch.autograd.grad(sdf.sum(), f)
         with torch.no_grad():
-            sdf = self.model.prior_sdf(x) + self.model.cfg.sdf_scale * res.detach()
-            return sdf, self._reverse(x, dfeat, tape), feat.detach()
+            return sdf.detach(), self._reverse(x, dfeat, tape), feat.detach()
 
     def _reverse(self, x: torch.Tensor, dfeat: torch.Tensor, tape: _Tape) -> torch.Tensor:
         """Gradient in x (P,3) of prior_sdf(x) + a function of the features with gradient dfeat (P,F) in them:

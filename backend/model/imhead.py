@@ -269,12 +269,16 @@ class ImHead(nn.Module):
         return self.sdf_and_features(x, zr, k, topk)[0]
 
     def sdf_and_features(self, x: Tensor, zr: Tensor, k: Tensor, topk: int | None = None) -> tuple[Tensor, Tensor]:
-        """SDF (B, N) and the blended features (B, N, F) it was fused from (the template head reuses them).
-        The small fusion head runs in float32 even under autocast: SDF residuals need more than bf16."""
+        """SDF (B, N) and the blended features (B, N, F) it was fused from (the template head reuses them)."""
         feat = self.features(x, zr, k, topk)
+        return self.sdf_from_features(x, feat), feat
+
+    def sdf_from_features(self, x: Tensor, feat: Tensor) -> Tensor:
+        """The prior sphere plus the fusion head on blended features (..., F) at points (..., 3). The small
+        fusion head runs in float32 even under autocast: SDF residuals need more than bf16."""
         with torch.autocast(x.device.type, enabled=False):
             res = self.fusion(feat.to(self.fusion[0].weight.dtype)).squeeze(-1)
-        return self.prior_sdf(x) + self.cfg.sdf_scale * res.to(x.dtype), feat
+        return self.prior_sdf(x) + self.cfg.sdf_scale * res.to(x.dtype)
 
     def template(self, x_can: Tensor, zr: Tensor, k: Tensor, topk: int | None = None) -> Tensor:
         """Canonical points (B, N, 3) -> their position on the mean neutral head (B, N, 3)."""
