@@ -26,6 +26,21 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def run_python():
+    """run_python(code, **env) -> the stdout of `code` run in a fresh interpreter at the repository root, with
+    extra environment variables (e.g. TRITON_INTERPRET="1", read when triton is imported; or to see which
+    modules a call imports). A non-zero exit fails the test with the end of stderr."""
+
+    def run(code: str, **env: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, **env}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def venv_python() -> str:
     """The interpreter the add-on should use: the repo's .venv, else the one running the tests."""
     candidate = REPO / ".venv" / "bin" / "python"

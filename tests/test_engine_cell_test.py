@@ -2,10 +2,6 @@
 interpreter (TRITON_INTERPRET=1 is read when triton is imported, hence a subprocess)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -33,12 +29,8 @@ print(json.dumps(out))
 """
 
 
-def test_cell_test_kernel_matches_torch():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).resolve().parents[1], timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+def test_cell_test_kernel_matches_torch(run_python):
+    out = json.loads(run_python(SCRIPT, TRITON_INTERPRET="1").strip().splitlines()[-1])
     for stride, r in out.items():
         assert 0 < r["kept"] < r["n"], (stride, r)  # both outcomes occur
         assert r["keep_differs"] == 0, (stride, r)

@@ -4,10 +4,6 @@ CPU CI has no GPU: the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, 
 imported, hence a subprocess)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -42,13 +38,8 @@ print(json.dumps({
 """
 
 
-def test_fused_kernel_matches_the_float32_field():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=root,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_fused_kernel_matches_the_float32_field(run_python):
+    r = json.loads(run_python(SCRIPT, TRITON_INTERPRET="1").strip().splitlines()[-1])
     assert r["fused"]
     # float16 operands: tens of micrometres at most (not zero: the kernel did run in float16) ...
     assert 1e-7 < r["raw_err"] < 1e-4

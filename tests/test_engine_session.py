@@ -1,9 +1,5 @@
 """Engine session on the shipped (or, without weights, the geometric-init) network."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -105,7 +101,7 @@ def test_reverse_pass_matches_autograd(session, generated, all_regions):
     assert (grad - grad_ref).norm(dim=1).max() < 2e-5  # float32 rounding; measured <= 2e-6 on |grad| ~ 1
 
 
-def test_vertex_attributes_do_not_import_sympy():
+def test_vertex_attributes_do_not_import_sympy(run_python):
     """autograd.grad with a tensor of output gradients imports torch.fx's symbolic shapes and sympy (~0.3 s of a
     cold start); the attribute pass differentiates a scalar."""
     code = (
@@ -117,10 +113,7 @@ def test_vertex_attributes_do_not_import_sympy():
         "s.sdf_grad_template(s.atlas.vertices[:2000], zr, k, [0.0])\n"
         "print('sympy' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert run_python(code).strip() == "False"
 
 
 def test_deform_identity_for_neutral_and_validation(session, generated):

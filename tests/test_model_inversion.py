@@ -1,10 +1,6 @@
 """Latent fitting's optimiser: the built-in cosine schedule is torch's, and a fit does not load torch._dynamo
 (a torch.optim.Optimizer does, which cost 4-6 s of a process's first fit on the GPU machine)."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -25,7 +21,7 @@ def test_code_adam_cosine_schedule_is_torchs():
         ref.step()
 
 
-def test_fit_does_not_import_dynamo():
+def test_fit_does_not_import_dynamo(run_python):
     code = (
         "import sys, torch\n"
         "from backend.model.imhead import ImHead, ImHeadConfig\n"
@@ -34,7 +30,4 @@ def test_fit_does_not_import_dynamo():
         "fit_latents(m, torch.randn(64, 3) * 0.05, fit_expression=True, steps=2, batch_points=32, topk=4)\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert run_python(code).strip() == "False"
