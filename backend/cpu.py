@@ -73,6 +73,20 @@ def limit_torch_threads() -> int | None:
     return n
 
 
+def thread_slices(n: int, chunk: int) -> list[slice]:
+    """Slices of range(n), at most `chunk` long, as many as a multiple of torch's intra-op thread count (when
+    n allows) and of equal length to within one (so thread_map's threads finish together); one empty slice
+    for n = 0."""
+    import torch
+
+    threads = torch.get_num_threads()
+    pieces = max(1, -(-n // max(chunk, 1)))
+    if threads > 1 and n >= threads:
+        pieces = -(-pieces // threads) * threads
+    bounds = [n * i // pieces for i in range(pieces + 1)]  # lengths differ by at most one
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """[fn(item) for item in items] on as many Python threads as torch has intra-op threads, each running torch's
     ops on one thread (restored after). For work that does not parallelise inside its ops, such as the template

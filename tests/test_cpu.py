@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from backend.cpu import thread_map
+from backend.cpu import thread_map, thread_slices
 
 
 @pytest.fixture
@@ -44,3 +44,14 @@ def test_thread_map_on_one_thread_runs_inline():
         assert thread_map(lambda i: threading.get_ident(), range(3)) == [threading.get_ident()] * 3
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("n, chunk", [(0, 8), (1, 8), (7, 8), (100, 8), (101, 1000), (64, 16)])
+def test_thread_slices_cover_the_range_in_equal_pieces(two_threads, n, chunk):
+    parts = thread_slices(n, chunk)
+    covered = [i for s in parts for i in range(n)[s]]
+    assert covered == list(range(n))
+    lengths = [len(range(n)[s]) for s in parts]
+    assert max(lengths) <= chunk
+    if n >= 2:
+        assert len(parts) % 2 == 0 and max(lengths) - min(lengths) <= 1

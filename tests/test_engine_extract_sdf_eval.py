@@ -94,3 +94,24 @@ def test_session_mesh_matches_dense_reference(device_mode):
     inside = (idx < np.array(volume.shape)).all(axis=1)
     assert np.array_equal(np.sign(volume[tuple(idx[inside].T)]), np.sign(val[inside]))
     assert stats.points_evaluated < 0.5 * stats.dense_points
+
+
+def test_threaded_evaluation_gives_the_values_and_counts_of_one_call(head):
+    """extract._evaluate runs CPU chunks on parallel threads: every point's value (to the rounding of the
+    products, whose blocking depends on the row count), the counters and the largest left-out mass are those
+    of one call over all points."""
+    from backend.engine.extract import _evaluate
+
+    model, zr, k, x = head
+    one = HeadSdf(model, zr, k, mode="sparse", drop_tol=1e-4, exact_below=2e-4)
+    ref = one(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        many = HeadSdf(model, zr, k, mode="sparse", drop_tol=1e-4, exact_below=2e-4)
+        out = _evaluate(many, x, chunk=300)  # 14 chunks on two threads
+    finally:
+        torch.set_num_threads(threads)
+    assert (out - ref).abs().max() < 1e-8
+    assert (many.regions_evaluated, many.exact_points, many.max_dropped) == (
+        one.regions_evaluated, one.exact_points, one.max_dropped)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from .. import constants, errors
+from ..cpu import thread_map, thread_slices
 from .components import drop_small_pieces
 from .mc import CORNERS, EDGES, marching_cubes_cells, on_device
 
@@ -131,8 +132,18 @@ class ExtractStats:
 
 def _evaluate(sdf_fn: SdfFn, points: torch.Tensor, chunk: int, finite: list | None = None) -> torch.Tensor:
     """sdf_fn over points in chunks. Non-finite values raise now, or, with a `finite` list, once the caller
-    checks the flags appended to it (a host sync per call costs on a GPU; NaN only fails comparisons meanwhile)."""
-    out = [sdf_fn(points[i : i + chunk]).reshape(-1).float() for i in range(0, points.shape[0], chunk)]
+    checks the flags appended to it (a host sync per call costs on a GPU; NaN only fails comparisons meanwhile).
+    On CPU the chunks run on parallel threads of one intra-op thread each (cpu.thread_map): the per-region
+    products are too small for OpenMP to keep two cores busy (a 128^3 head's 94k near-surface points: 0.64
+    against 0.76 s on the 2-core machine). A point's value may differ from an unchunked call's by the rounding
+    of the matrix products (their blocking depends on the row count): up to 4e-9 m measured."""
+    def run(s: slice) -> torch.Tensor:
+        return sdf_fn(points[s]).reshape(-1).float()
+
+    if points.device.type == "cpu":
+        out = thread_map(run, thread_slices(points.shape[0], chunk)) if points.shape[0] else []
+    else:
+        out = [run(slice(i, i + chunk)) for i in range(0, points.shape[0], chunk)]
     if not out:
         return points.new_zeros((0,), dtype=torch.float32)
     values = torch.cat(out)

@@ -27,6 +27,7 @@ is the float32 field's (to its own rounding, ~1e-7 m).
 
 from __future__ import annotations
 
+import threading
 from functools import cached_property
 
 import torch
@@ -74,6 +75,7 @@ class HeadSdf:
         self.max_dropped = 0.0  # largest blend mass left out so far (sparse mode)
         self.regions_evaluated = 0  # point-region pairs evaluated so far
         self.exact_points = 0  # sparse mode: points re-evaluated with every region (|sdf| < exact_below)
+        self._count_lock = threading.Lock()  # extraction calls from several threads on CPU (extract._evaluate)
 
     @property
     def is_approximate(self) -> bool:
@@ -86,7 +88,7 @@ class HeadSdf:
         with torch.no_grad():
             x = x.float()
             if self.fused is not None:
-                self.regions_evaluated += self.k.shape[0] * x.shape[0]
+                self._count(regions=self.k.shape[0] * x.shape[0])
                 return self.fused(x, precise=False)
             feat = self._dense(x, self.low) if self.mode == "dense" else self._sparse(x)
             return self.model.sdf_from_features(x, feat)
@@ -103,7 +105,7 @@ class HeadSdf:
                         sdf[near] = self.fused(xn, precise=True)
                     else:
                         sdf[near] = self.model.sdf_from_features(xn, self._dense(xn))
-                    self.exact_points += near.numel()
+                    self._count(exact=near.numel())
             return sdf
 
     # The torch path's per-region weights, laid out on first use (the fused kernel has its own layout).
@@ -150,14 +152,14 @@ class HeadSdf:
             h = F.silu(torch.baddbmm(b[:, None], h, w), inplace=True)
         g = torch.baddbmm(bo[:, None], h, wo).float()  # (R,N,F)
         w = torch.softmax(self._logits(x), dim=1)  # (N,R)
-        self.regions_evaluated += R * x.shape[0]
+        self._count(regions=R * x.shape[0])
         return torch.einsum("nr,rnf->nf", w, g)
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         logits = self._logits(x)
         keep, dropped = heaviest_regions(logits, self.drop_tol)
         if dropped.numel():
-            self.max_dropped = max(self.max_dropped, float(dropped.max()))
+            self._count(dropped=float(dropped.max()))
         w = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)  # renormalised over kept
         feat = x.new_zeros((x.shape[0], self.wo.shape[-1]))
         for r in range(self.k.shape[0]):
@@ -173,5 +175,11 @@ class HeadSdf:
             # accumulate=True with indices unique per call: deterministic (one call for all pairs is not on CPU),
             # and much faster than index_add_ on CPU
             feat.index_put_((idx,), g.mul_(w[idx, r, None]), accumulate=True)
-            self.regions_evaluated += idx.numel()
+            self._count(regions=idx.numel())
         return feat
+
+    def _count(self, regions: int = 0, exact: int = 0, dropped: float = 0.0) -> None:
+        with self._count_lock:
+            self.regions_evaluated += regions
+            self.exact_points += exact
+            self.max_dropped = max(self.max_dropped, dropped)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .. import __version__, constants, errors
+from ..cpu import thread_map, thread_slices
 from ..data.atlas import load_atlas
 from ..model.encoding import positional_encoding
 from ..weights import load_model
@@ -334,17 +335,24 @@ class Session:
     def sdf_grad_template(self, x: np.ndarray, zr: torch.Tensor, k: torch.Tensor, dropped: list[float]
                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """At canonical points (N,3): SDF (N,), its gradient (N,3) (one reverse pass, _field_grad) and the template
-        position (N,3) from the same features."""
-        sdf_out, grad_out, tmpl_out = [], [], []
-        for s in range(0, len(x), self.grad_chunk):
-            xt = torch.as_tensor(x[s : s + self.grad_chunk], device=self.device, dtype=torch.float32)
-            sdf, grad, feat = self._field_grad(xt, zr, k, dropped, self.point_drop_tol)
+        position (N,3) from the same features. On CPU the chunks run on parallel threads (cpu.thread_map, as
+        extraction's evaluations: 0.69 -> 0.64 s for a 128^3 head's 31k vertices on the 2-core machine)."""
+
+        def run(s: slice) -> tuple[torch.Tensor, ...]:
+            xt = torch.as_tensor(x[s], device=self.device, dtype=torch.float32)
+            chunk_dropped = [0.0]
+            sdf, grad, feat = self._field_grad(xt, zr, k, chunk_dropped, self.point_drop_tol)
             with torch.no_grad():
-                tmpl_out.append(self.model.template_from_features(xt, feat))
-            sdf_out.append(sdf)
-            grad_out.append(grad)
-        cat = lambda parts: torch.cat(parts).cpu().numpy()  # noqa: E731
-        return cat(sdf_out), cat(grad_out), cat(tmpl_out)
+                tmpl = self.model.template_from_features(xt, feat)
+            return sdf, grad, tmpl, torch.tensor([chunk_dropped[0]])
+
+        if self.device.type == "cpu":
+            parts = thread_map(run, thread_slices(len(x), self.grad_chunk))
+        else:
+            parts = [run(slice(s, s + self.grad_chunk)) for s in range(0, max(len(x), 1), self.grad_chunk)]
+        sdf, grad, tmpl, chunk_dropped = (torch.cat(p).cpu().numpy() for p in zip(*parts))
+        dropped[0] = max(dropped[0], float(chunk_dropped.max()))
+        return sdf, grad, tmpl
 
     def warp_fn(self, z_id: torch.Tensor, expressions: torch.Tensor) -> deform.WarpFn:
         """Per-point backward warp for frame-indexed expressions (T,53) (per-frame constants folded in)."""
