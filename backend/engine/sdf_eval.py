@@ -47,6 +47,43 @@ def heaviest_regions(logits: torch.Tensor, tol: float) -> tuple[torch.Tensor, to
         return keep, left.gather(1, keep_sorted.sum(1, keepdim=True) - 1)
 
 
+def local_features(model, slots: list[int], x: torch.Tensor, anchors: torch.Tensor, b1: torch.Tensor,
+                   w: torch.Tensor, keep: torch.Tensor | None, record: list | None = None) -> tuple[torch.Tensor, int]:
+    """Blended local features (P,F) at points x (P,3): region r's network (slot slots[r], first-layer bias b1[r]
+    with its code folded in, anchor anchors[r]) on the points that keep it (keep (P,R) bool; None: every point),
+    weighted by w (P,R); one matrix product per region and layer. Returns the features and the point-region
+    pairs evaluated. Activations are computed in place unless autograd is on or `record` is given; `record`
+    receives (region, slot, point indices or None, encoding, pre-activations, unweighted output) per region
+    (what Session._reverse needs)."""
+    cfg = model.cfg
+    inplace = not torch.is_grad_enabled() and record is None
+    feat = x.new_zeros((x.shape[0], cfg.feat_dim))
+    pairs = 0
+    for r, s in enumerate(slots):
+        idx = None if keep is None else torch.nonzero(keep[:, r]).squeeze(1)
+        if idx is not None and idx.numel() == 0:
+            continue
+        xr, wr = (x, w[:, r]) if idx is None else (x[idx], w[idx, r])
+        enc = positional_encoding((xr - anchors[r]) * model.flip[r], cfg.pe_freqs, cfg.pe_scale)
+        pre = [torch.addmm(b1[r], enc, model.loc_wx[s])]
+        h = F.silu(pre[0], inplace=inplace)
+        for wh, bh in zip(model.loc_wh, model.loc_bh):
+            pre.append(torch.addmm(bh[s], h, wh[s]))
+            h = F.silu(pre[-1], inplace=inplace)
+        g = torch.addmm(model.loc_bo[s], h, model.loc_wo[s])
+        if record is not None:
+            record.append((r, s, idx, enc, pre, g))
+        g = g.mul_(wr[:, None]) if inplace else g * wr[:, None]
+        # in place also under autograd (the backward needs only the indices). index_put_ with indices unique per
+        # call: deterministic (one call for all pairs is not on CPU), and much faster than index_add_ on CPU
+        if idx is None:
+            feat.add_(g)
+        else:
+            feat.index_put_((idx,), g, accumulate=True)
+        pairs += xr.shape[0]
+    return feat, pairs
+
+
 class HeadSdf:
     def __init__(self, model, zr: torch.Tensor, k: torch.Tensor, mode: str = "dense", drop_tol: float = 1e-4,
                  exact_below: float = 0.0, hidden_dtype: torch.dtype = torch.float32, fused: bool = True):
@@ -59,6 +96,7 @@ class HeadSdf:
         cfg = model.cfg
         self.sigma, self.freqs, self.pe_scale = cfg.sigma, cfg.pe_freqs, cfg.pe_scale
         s = model.slot
+        self.slots: list[int] = s.tolist()  # region -> local network
         self.hidden_dtype = hidden_dtype
         with torch.no_grad():
             self.k = k[0].float()  # (R,3)
@@ -161,21 +199,8 @@ class HeadSdf:
         if dropped.numel():
             self._count(dropped=float(dropped.max()))
         w = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)  # renormalised over kept
-        feat = x.new_zeros((x.shape[0], self.wo.shape[-1]))
-        for r in range(self.k.shape[0]):
-            idx = torch.nonzero(keep[:, r]).squeeze(1)
-            if idx.numel() == 0:
-                continue
-            local = (x[idx] - self.k[r]) * self.flip[r]
-            enc = positional_encoding(local, self.freqs, self.pe_scale)
-            h = F.silu(torch.addmm(self.b1[r], enc, self.w1[r]), inplace=True)  # in place: no grad, less memory
-            for wt, b in zip(self.wh, self.bh):
-                h = F.silu(torch.addmm(b[r], h, wt[r]), inplace=True)
-            g = torch.addmm(self.bo[r], h, self.wo[r]).float()
-            # accumulate=True with indices unique per call: deterministic (one call for all pairs is not on CPU),
-            # and much faster than index_add_ on CPU
-            feat.index_put_((idx,), g.mul_(w[idx, r, None]), accumulate=True)
-            self._count(regions=idx.numel())
+        feat, pairs = local_features(self.model, self.slots, x, self.k, self.b1, w, keep)
+        self._count(regions=pairs)
         return feat
 
     def _count(self, regions: int = 0, exact: int = 0, dropped: float = 0.0) -> None:

@@ -16,11 +16,10 @@ import torch
 from .. import __version__, constants, errors
 from ..cpu import thread_map, thread_slices
 from ..data.atlas import load_atlas
-from ..model.encoding import positional_encoding
 from ..weights import load_model
 from . import deform, edit, validate
 from .extract import CoarseSdf, ExtractStats, Mesh, check_resolution, extract_mesh
-from .sdf_eval import HeadSdf, heaviest_regions
+from .sdf_eval import HeadSdf, heaviest_regions, local_features
 from .head import HeadSpec, check_names
 from .template import TemplateIndex, seam_faces
 
@@ -218,8 +217,7 @@ class Session:
 
     def _features(self, x: torch.Tensor, zr: torch.Tensor, k: torch.Tensor, dropped: list[float], tol: float | None,
                   tape: _Tape | None = None) -> torch.Tensor:
-        """_field's blended features: one matrix product per region and layer on the points that keep it. With a
-        tape, what _reverse needs is recorded on it (no in-place activations)."""
+        """_field's blended features (sdf_eval.local_features). With a tape, what _reverse needs is recorded on it."""
         m, cfg = self.model, self.model.cfg
         tol = tol if self.topk is not None else None
         anchors = k[0]
@@ -235,31 +233,8 @@ class Session:
         w = torch.softmax(logits, 1)
         if tape is not None:
             tape.diff, tape.dist, tape.w = diff, dist, w
-        inplace = not torch.is_grad_enabled() and tape is None
-        silu = torch.nn.functional.silu
         bias1 = torch.einsum("rz,rzh->rh", zr[0], m.loc_wz[m.slot]) + m.loc_b[m.slot]
-        feat = x.new_zeros((x.shape[0], cfg.feat_dim))
-        for r, s in enumerate(self._slots):
-            idx = None if keep is None else torch.nonzero(keep[:, r]).squeeze(1)
-            if idx is not None and idx.numel() == 0:
-                continue
-            xr, wr = (x, w[:, r]) if idx is None else (x[idx], w[idx, r])
-            enc = positional_encoding((xr - anchors[r]) * m.flip[r], cfg.pe_freqs, cfg.pe_scale)
-            pre = [torch.addmm(bias1[r], enc, m.loc_wx[s])]
-            h = silu(pre[0], inplace=inplace)
-            for wh, bh in zip(m.loc_wh, m.loc_bh):
-                pre.append(torch.addmm(bh[s], h, wh[s]))
-                h = silu(pre[-1], inplace=inplace)
-            g = torch.addmm(m.loc_bo[s], h, m.loc_wo[s])
-            if tape is not None:
-                tape.regions.append((r, s, idx, enc, pre, g))
-            # in place also under autograd (the backward needs only the indices); indices unique per call:
-            # deterministic, and faster than index_add on CPU
-            if idx is None:
-                feat.add_(g * wr[:, None])
-            else:
-                feat.index_put_((idx,), g * wr[:, None], accumulate=True)
-        return feat
+        return local_features(m, self._slots, x, anchors, bias1, w, keep, None if tape is None else tape.regions)[0]
 
     def _field_grad(self, x: torch.Tensor, zr: torch.Tensor, k: torch.Tensor, dropped: list[float],
                     tol: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
