@@ -3,7 +3,9 @@
 The main thread only reads and routes frames, so `cancel` and `shutdown` are seen while an op runs; ops run on
 one worker thread, one at a time, in arrival order. The engine (`backend.engine.session.Session`) is built on
 the first handshake, not at start, so a start-up failure (missing weights, no CUDA) reaches the client as a
-structured error reply instead of a dead process.
+structured error reply instead of a dead process. Right after that handshake, if no request is waiting yet,
+the worker runs the engine's `warm_up()`: the add-on starts the backend when its panel is first shown, so the
+first head's one-off costs are paid before the user asks for it.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class Server:
         self._cv = threading.Condition()
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="imhead-worker", daemon=True)
+        # "pending" after the first good handshake: the backend's warm_up() runs if no request is waiting by then
+        self._warm_up_state = "none"
 
     # ------------------------------------------------------------------------------------------ main thread
 
@@ -212,15 +216,37 @@ class Server:
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._stopping and self._warm_up_state != "pending":
                     self._cv.wait()
-                if not self._queue:
+                if self._queue:
+                    job: _Job | None = self._queue.popleft()
+                    if job.op != "handshake" and self._warm_up_state == "pending":
+                        self._warm_up_state = "done"  # a request came first: it pays the one-off costs itself
+                elif self._stopping:
                     return
-                job = self._queue.popleft()
+                else:
+                    job, self._warm_up_state = None, "done"
+            if job is None:
+                self._warm_up()
+                continue
             header, arrays = self._run(job)
             with self._cv:
                 self._jobs.pop(job.id, None)
+                if job.op == "handshake" and header.get("ok") and self._warm_up_state == "none":
+                    self._warm_up_state = "pending" if callable(getattr(self._backend, "warm_up", None)) else "done"
             self._send_reply(job, header, arrays)
+
+    def _warm_up(self) -> None:
+        """The backend's warm_up() (one-off costs of a first request: imports, first allocations, GPU kernel
+        compilation), run once after the handshake while no request waits; a request arriving meanwhile waits
+        for it. A failure is only logged: the requests that follow report their own errors."""
+        t = time.perf_counter()
+        try:
+            self._backend.warm_up()
+        except BaseException as exc:  # noqa: BLE001 - the worker thread must survive it
+            self.log(f"warm-up failed: {type(exc).__name__}: {exc}")
+            return
+        self.log(f"warm-up done in {time.perf_counter() - t:.2f} s")
 
     def _run(self, job: _Job) -> tuple[dict[str, Any], dict[str, Any]]:
         try:

@@ -47,6 +47,7 @@ class _State:
     jobs: list[Job] = field(default_factory=list)
     last_error: str = ""
     handshake_checked: bool = False
+    prestarted: bool = False  # prestart() is tried once per Blender session
 
 
 _state = _State()
@@ -68,6 +69,20 @@ def ensure_started() -> BackendClient:
         raise BackendUnavailable(f"The imHead backend stopped ({_death_reason(client)}). "
                                  "Press 'Restart Backend'.")
     return _start()
+
+
+def prestart() -> None:
+    """Start the backend ahead of the first request, once per Blender session (the main panel calls this when it
+    is drawn and the preference allows it): its torch import, model load and warm-up (the server's, after the
+    handshake) then overlap the user's first look at the panel. Never raises: a failure shows in the panel's
+    status like any other."""
+    if _state.prestarted or _state.client is not None:
+        return
+    _state.prestarted = True
+    try:
+        _start()
+    except BackendUnavailable:
+        pass  # _start recorded why in last_error
 
 
 def _death_reason(client: BackendClient) -> str:

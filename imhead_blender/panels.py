@@ -4,7 +4,7 @@ import time
 
 import bpy
 
-from . import backend_service, expressions, live_deform, region_edit
+from . import backend_service, expressions, live_deform, preferences, region_edit
 from .operators.common import active_head
 
 
@@ -29,6 +29,8 @@ class IMHEAD_PT_main(_ImHeadPanel, bpy.types.Panel):
 
     def draw(self, context):
         layout = self.layout
+        if preferences.get_preferences(context).start_with_panel:
+            backend_service.prestart()
         _draw_backend_status(layout)
         settings = context.scene.imhead
         col = layout.column(align=True)

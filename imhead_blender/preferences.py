@@ -19,10 +19,18 @@ class ImHeadPreferences(bpy.types.AddonPreferences):
         subtype="FILE_PATH",
         options=set(),
     )
+    start_with_panel: bpy.props.BoolProperty(
+        name="Start with the panel",
+        description="Start the backend when the imHead tab is first shown, so the first head comes sooner "
+        "(the backend then holds its memory while Blender runs). Off: it starts on the first request",
+        default=True,
+        options=set(),
+    )
 
     def draw(self, context):
         layout = self.layout
         layout.prop(self, "python_path")
+        layout.prop(self, "start_with_panel")
         try:
             python, source = resolve_python(self.python_path)
             layout.label(text=f"Using {python} ({source})", icon="CHECKMARK")

@@ -71,10 +71,16 @@ class ProtocolTestBackend:
 
         if os.environ.get("IMHEAD_TEST_FACTORY_FAIL"):
             raise WeightsError("protocol-test: weights deliberately missing")
+        time.sleep(float(os.environ.get("IMHEAD_TEST_FACTORY_DELAY", "0")))
 
     def info(self) -> dict:
         return {"backend_version": "protocol-test", "torch_device": "none", "model_name": "protocol-test",
                 "trained": False, "regions": [], "expressions": []}
+
+    def warm_up(self) -> None:
+        if os.environ.get("IMHEAD_TEST_WARM_UP") == "fail":
+            raise RuntimeError("protocol-test: warm-up deliberately failed")
+        print("protocol-test: warming up", file=sys.stderr, flush=True)
 
     def slow(self, params, arrays, progress):
         from backend.errors import Cancelled

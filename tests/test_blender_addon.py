@@ -49,6 +49,11 @@ def test_installs_from_zip_and_registers(lifecycle):
     assert reg["frame_handler"]
 
 
+def test_the_panel_starts_the_backend_once_when_the_preference_allows(lifecycle):
+    assert lifecycle["started_by_panel_when_off"] is False
+    assert lifecycle["started_by_panel"] == {"started": True, "same_client": True, "status": "STARTING"}
+
+
 def test_handshake_is_shown(lifecycle):
     hs = lifecycle["handshake"]
     assert hs["model_name"]
@@ -338,7 +343,16 @@ def scenario_lifecycle(zip_path: str) -> dict:
     for obj in list(bpy.data.objects):
         bpy.data.objects.remove(obj)
     scene = bpy.context.scene
+    prefs = bpy.context.preferences.addons[module].preferences
+    prefs.start_with_panel = False
     facts["panels_before"] = draw_panels(bpy, module)
+    facts["started_by_panel_when_off"] = service.client() is not None
+    prefs.start_with_panel = True  # the default: the first draw starts the backend, later draws do not restart it
+    draw_panels(bpy, module)
+    first = service.client()
+    draw_panels(bpy, module)
+    facts["started_by_panel"] = {"started": first is not None, "same_client": service.client() is first,
+                                 "status": service.status()[0]}
 
     # --- Generate through the operator, replies applied by pump_backend() (timers do not run here).
     seed, resolution = 11, 48

@@ -174,3 +174,12 @@ def test_generate_is_deterministic(session):
 def test_generate_rejects_bad_input(session, params):
     with pytest.raises(errors.InvalidInput):
         session.generate(params, {})
+
+
+def test_warm_up_builds_what_a_first_request_needs():
+    fresh = Session(device="cpu")
+    assert fresh._template_index is None
+    fresh.warm_up()
+    assert fresh._template_index is not None  # scipy imported, template index built
+    out, arrays = fresh.generate({"seed": 1, "resolution": 32}, {})
+    assert len(arrays["faces"]) > 0

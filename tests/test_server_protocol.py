@@ -9,6 +9,7 @@ import os
 import queue
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -274,3 +275,43 @@ def test_a_dying_op_ends_the_process_with_its_status(conn):
     conn.send(wire.request(1, "die", {"status": 7}))
     assert conn.exit_status() == 7
     assert "dying now" in conn.stderr()
+
+
+def _wait_for_log(conn: RawConn, text: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in (log := b"".join(conn._stderr).decode(errors="replace")):
+        assert time.monotonic() < deadline, f"{text!r} not logged; stderr:\n{log}"
+        time.sleep(0.05)
+    return log
+
+
+def test_warm_up_runs_once_after_the_first_handshake(conn):
+    conn.handshake()
+    _wait_for_log(conn, "warm-up done")
+    conn.handshake()
+    assert conn.call(1, "echo", {"a": 1}).header["params"] == {"a": 1}
+    log = _wait_for_log(conn, "warm-up done")
+    assert log.count("protocol-test: warming up") == 1 and log.count("warm-up done") == 1
+
+
+def test_a_failing_warm_up_is_logged_and_the_server_keeps_serving(venv_python):
+    c = RawConn(protocol_server_cmd(venv_python), env={"IMHEAD_TEST_WARM_UP": "fail"})
+    try:
+        c.handshake()
+        assert "deliberately failed" in _wait_for_log(c, "warm-up failed")
+        assert c.call(1, "echo", {"a": 1}).header["params"] == {"a": 1}
+    finally:
+        c.close()
+
+
+def test_a_request_waiting_at_the_handshake_goes_first_and_skips_the_warm_up(venv_python):
+    # the backend takes 1 s to build, so the request is queued before the handshake's reply
+    c = RawConn(protocol_server_cmd(venv_python), env={"IMHEAD_TEST_FACTORY_DELAY": "1"})
+    try:
+        c.send_raw(wire.encode_bytes(wire.request(0, "handshake", {"protocol": wire.PROTOCOL_VERSION}))
+                   + wire.encode_bytes(wire.request(1, "echo", {"a": 1})))
+        assert c.reply(0).header["ok"] and c.reply(1).header["params"] == {"a": 1}
+        assert c.call(2, "echo", {}).header["ok"]
+        assert "warming up" not in c.stderr()
+    finally:
+        c.close()

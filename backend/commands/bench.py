@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..engine.bench import BenchConfig, bench_cold_start, bench_device, table
+    from ..engine.bench import BenchConfig, bench_cold_start, bench_device, bench_prestarted, table
     from ..engine.session import Session
 
     if args.threads:
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_cold:
             log(f"cold start on {dev}")
             rows.append(bench_cold_start(dev, args.weights))
+            rows.append(bench_prestarted(dev, args.weights))
         session = Session(weights_dir=args.weights, device=dev)
         trained = session.loaded.trained
         cfg = BenchConfig(sizes=cpu_sizes if dev == "cpu" else sizes, fit=not args.no_fit,

@@ -16,6 +16,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,3 +241,50 @@ def bench_cold_start(device: str, weights: Path | None) -> Row:
         ok = proc.returncode == 0 and out.exists()
     return Row("cold start", device, "128^3", ms if ok else None,
                detail="process start -> first mesh written" if ok else f"failed: {proc.stderr.strip()[-200:]}")
+
+
+def bench_prestarted(device: str, weights: Path | None, timeout_s: float = 300.0) -> Row:
+    """The add-on starts `python -m backend serve` when its panel is first shown; the server warms up after the
+    handshake. Timed: a generate at 128^3 sent once the warm-up is done, request to reply; the detail gives how
+    long that readiness took from the spawn (a click later than that gets this latency)."""
+    from .. import wire
+
+    cmd = [sys.executable, "-m", "backend", "serve", "--device", device]
+    if weights is not None:
+        cmd += ["--weights", str(weights)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[2])
+    warmed = threading.Event()
+    log: list[str] = []
+
+    def read_log() -> None:
+        for line in proc.stderr:
+            log.append(line.decode(errors="replace"))
+            if "warm-up done" in log[-1] or "warm-up failed" in log[-1]:
+                warmed.set()
+
+    threading.Thread(target=read_log, daemon=True).start()
+
+    def call(rid: int, op: str, params: dict) -> wire.Message:
+        proc.stdin.write(wire.encode_bytes(wire.request(rid, op, params)))
+        proc.stdin.flush()
+        while (msg := wire.read_frame(proc.stdout)) is not None:
+            if msg.kind == "reply" and msg.id == rid:
+                return msg
+        raise RuntimeError("the server exited")
+
+    try:
+        t0 = time.perf_counter()
+        ok = call(0, "handshake", {"protocol": wire.PROTOCOL_VERSION}).header["ok"] and warmed.wait(timeout_s)
+        ready_s = time.perf_counter() - t0
+        t = time.perf_counter()
+        ok = ok and call(1, "generate", {"seed": 0, "resolution": 128}).header["ok"]
+        ms = (time.perf_counter() - t) * 1e3
+        call(2, "shutdown", {})
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    detail = (f"generate sent once the server had warmed up ({ready_s:.1f} s after its spawn; the add-on spawns it "
+              "when its panel is first shown)") if ok else f"failed: {''.join(log)[-200:]}"
+    return Row("first head, prestarted", device, "128^3", ms if ok else None, detail=detail)

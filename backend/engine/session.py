@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # fit and align load scipy: imported where fitting needs them
 
 
 DEFAULT_RESOLUTION = 256
+# warm_up's head: on CUDA fine enough that every kernel of the descent runs (coarse lattice of 32 cells)
+WARM_UP_RESOLUTION = {"cpu": 32, "cuda": 128}
 TOPK = 16  # nearest local networks per point in the CPU latent fit (FIT_TOPK)
 # Point evaluations outside extraction: each point through its heaviest local networks until at most this blend
 # mass is left out (renormalised over the kept ones, as sdf_eval.HeadSdf's sparse mode); None: all 39.
@@ -444,6 +446,18 @@ class Session:
         return (g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     # ------------------------------------------------------------------ ops
+    def warm_up(self) -> None:
+        """Pay a first request's one-off costs now (the server calls this after the handshake): a small head
+        through generate (the template index and scipy's import, first-call allocations; on CUDA the Triton
+        kernels compile or load from their cache) and a short pose of some of its vertices (the warp network)."""
+        head = HeadSpec(identity=self.sample_identity(0))
+        z_id, zr, k = self.decode(head)
+        _, arrays = self.head_mesh(head, WARM_UP_RESOLUTION.get(self.device.type, WARM_UP_RESOLUTION["cpu"]),
+                                   NullProgress())
+        weights = np.zeros((1, len(self.expression_names)), np.float32)
+        weights[0, 0] = 0.5
+        self.pose(arrays["canonical"][:256], z_id, zr, k, weights, exact_residual=False)
+
     def generate(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
         progress = progress or NullProgress()
         validate.keys(params, {"head", "seed", "resolution"}, "generate")
