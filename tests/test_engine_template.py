@@ -82,3 +82,19 @@ def test_nearest_region_reuses_the_closest_search(index):
 def test_seam_faces_counts_mixed_islands():
     faces = np.array([[0, 1, 2], [1, 2, 3]])
     assert seam_faces(faces, np.array([0, 0, 0, 1])) == 1
+
+
+def test_brute_force_search_gives_the_k_d_tree_answers():
+    """The GPU's search (knn_brute, run here on CPU) finds the same closest points as the k-d trees."""
+    atlas = load_atlas()
+    rng = np.random.default_rng(3)
+    p = atlas.vertices[rng.integers(0, len(atlas.vertices), 5000)] + rng.normal(0, 0.004, (5000, 3))
+    tree = MeshIndex(atlas.vertices, atlas.faces)
+    brute = MeshIndex(atlas.vertices, atlas.faces, search="brute")
+    (f1, b1, d1), (f2, b2, d2) = tree.closest(p), brute.closest(p)
+    assert np.abs(d1 - d2).max() < 1e-7
+    same = f1 == f2  # a different face only where two faces are equally close (a shared edge or corner)
+    assert same.mean() > 0.99 and np.abs(b1[same] - b2[same]).max() < 1e-6
+    assert np.array_equal(tree.nearest_vertex(p[::-1]), brute.nearest_vertex(p[::-1]))
+    with pytest.raises(ValueError):
+        MeshIndex(atlas.vertices, atlas.faces, search="octree")

@@ -156,7 +156,7 @@ class Session:
     @property
     def template_index(self) -> TemplateIndex:
         if self._template_index is None:
-            self._template_index = TemplateIndex(self.atlas)
+            self._template_index = TemplateIndex(self.atlas, self.device)
         return self._template_index
 
     @property

@@ -55,19 +55,43 @@ def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return torch.stack(bary, -1)
 
 
+KNN_BLOCK = 1 << 26  # query x point distances per piece of the brute-force search on a GPU
+GPU_CHUNK = 1 << 17  # points per closest-point pass on a GPU (bounds the candidate arrays: ~0.5 GB)
+
+
+def knn_brute(queries: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (Q,k) of each query's k nearest points (nearest first), every distance evaluated: on a GPU a few
+    hundred million direct differences cost milliseconds, where the host k-d tree took ~0.4 s for a 256^3
+    head's template positions. Pieces of KNN_BLOCK distances bound the memory."""
+    step = max(1, KNN_BLOCK // max(len(points), 1))
+    parts = [torch.cdist(queries[s : s + step], points, compute_mode="donot_use_mm_for_euclid_dist")
+             .topk(k, dim=1, largest=False).indices for s in range(0, len(queries), step)]
+    return torch.cat(parts) if parts else torch.zeros((0, k), dtype=torch.long, device=points.device)
+
+
 class MeshIndex:
-    """Closest-point queries on a triangle mesh (approximate candidate search, exact per candidate)."""
+    """Closest-point queries on a triangle mesh (approximate candidate search, exact per candidate), on `device`.
+    `search`: "kdtree" (scipy's k-d trees, the CPU default: chunks on parallel threads) or "brute" (knn_brute,
+    the GPU default); the same candidates either way, up to near-ties in float32."""
 
     def __init__(self, vertices: np.ndarray, faces: np.ndarray, candidates: int = 3, max_valence: int = 12,
-                 centroid_candidates: int = 4):
-        from scipy.spatial import cKDTree  # scipy loads only where closest points are needed
-
+                 centroid_candidates: int = 4, device: torch.device | str = "cpu", search: str | None = None):
+        self.device = torch.device(device)
+        self.search = search or ("kdtree" if self.device.type == "cpu" else "brute")
+        if self.search not in ("kdtree", "brute"):
+            raise ValueError(f"search must be 'kdtree' or 'brute', got {search!r}")
         self.vertices = np.asarray(vertices, np.float64)
         self.faces = np.asarray(faces, np.int64)
-        self.tree = cKDTree(self.vertices)
         self.candidates = min(candidates, len(self.vertices))
         self.centroid_candidates = min(centroid_candidates, len(self.faces))
-        self.centroid_tree = cKDTree(self.vertices[self.faces].mean(1))
+        centroids = self.vertices[self.faces].mean(1)
+        if self.search == "kdtree":
+            from scipy.spatial import cKDTree  # scipy loads only where closest points are needed
+
+            self.tree, self.centroid_tree = cKDTree(self.vertices), cKDTree(centroids)
+        else:
+            self._points = {name: torch.as_tensor(a, dtype=torch.float32, device=self.device)
+                            for name, a in (("vertices", self.vertices), ("centroids", centroids))}
         # Faces incident to each vertex, padded with the vertex's first face (duplicates are harmless) and
         # cut at max_valence: only fan centres (e.g. of the template's neck cap) exceed it. Long fan
         # triangles are also found through the nearest face centroids (centroid_candidates).
@@ -82,15 +106,16 @@ class MeshIndex:
         keep = slot < width
         vf[vert_of[keep], slot[keep]] = face_of[keep]
         first = np.where(vf[:, :1] >= 0, vf[:, :1], 0)
-        self.vertex_faces = np.where(vf >= 0, vf, first)
+        self.vertex_faces = torch.as_tensor(np.where(vf >= 0, vf, first).astype(np.int32), device=self.device)
         # Triangle corners as coordinate planes (corner, xyz, F) float32, for closest(); and its last answer.
-        self._tri_planes = torch.as_tensor(self.vertices[self.faces], dtype=torch.float32).permute(1, 2, 0).contiguous()
+        self._tri_planes = torch.as_tensor(self.vertices[self.faces], dtype=torch.float32,
+                                           device=self.device).permute(1, 2, 0).contiguous()
         self._last: tuple[np.ndarray, tuple[np.ndarray, ...]] | None = None
 
     def closest(self, points: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Closest mesh point among the triangles around the nearest `candidates` vertices and the
         `centroid_candidates` triangles with the nearest centroids:
-        (face (N,), barycentric (N,3) float64, distance (N,)). Chunks of points run on parallel threads
+        (face (N,), barycentric (N,3) float64, distance (N,)). On CPU chunks of points run on parallel threads
         (cpu.thread_map; each row's answer does not depend on the chunking). The answer for the last query is
         kept, so asking again for the same points (UVs, then distances) costs one comparison."""
         return self._query(points, chunk)[:3]
@@ -98,7 +123,13 @@ class MeshIndex:
     def nearest_vertex(self, points: np.ndarray) -> np.ndarray:
         """Index (N,) of each point's nearest mesh vertex (the first candidate of closest's search when it has
         just been asked for the same points)."""
-        return self._query(points)[3] if self._is_last(points) else self.tree.query(np.asarray(points, np.float64))[1]
+        if self._is_last(points):
+            return self._query(points)[3]
+        points = np.ascontiguousarray(points, np.float64)
+        if self.search == "kdtree":
+            return self.tree.query(points)[1]
+        q = torch.as_tensor(points, dtype=torch.float32, device=self.device)
+        return knn_brute(q, self._points["vertices"], 1)[:, 0].cpu().numpy()
 
     def _is_last(self, points: np.ndarray) -> bool:
         last = self._last
@@ -106,47 +137,62 @@ class MeshIndex:
 
     def _query(self, points: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, ...]:
         """closest's answer and the nearest vertex: (face, barycentric, distance, vertex)."""
-        points = np.asarray(points, np.float64)
+        points = np.ascontiguousarray(points, np.float64)
         if not self._is_last(points):
-            chunks = [points[s : s + chunk] for s in range(0, max(len(points), 1), chunk)]  # one, maybe empty
-            parts = thread_map(self._closest_chunk, chunks)
-            self._last = (points.copy(), tuple(np.concatenate(a) for a in zip(*parts)))
+            if self.device.type == "cpu":
+                chunks = [points[s : s + chunk] for s in range(0, max(len(points), 1), chunk)]  # one, maybe empty
+                parts = thread_map(self._closest_chunk, chunks)
+                answer = tuple(np.concatenate(a) for a in zip(*parts))
+            else:  # in order: the device runs one chunk at a time
+                parts = [self._closest_chunk(points[s : s + GPU_CHUNK]) for s in range(0, max(len(points), 1), GPU_CHUNK)]
+                answer = tuple(np.concatenate(a) for a in zip(*parts))
+            self._last = (points.copy(), answer)
         return tuple(a.copy() for a in self._last[1])
+
+    def _nearest(self, p: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `candidates` nearest vertices and the `centroid_candidates` nearest face centroids, (n,k) each."""
+        if self.search == "kdtree":
+            _, near = self.tree.query(p, k=self.candidates)
+            _, near_faces = self.centroid_tree.query(p, k=self.centroid_candidates)
+            return (torch.as_tensor(near.reshape(len(p), -1)),
+                    torch.as_tensor(near_faces.reshape(len(p), -1)))
+        q = torch.as_tensor(p, dtype=torch.float32, device=self.device)
+        return (knn_brute(q, self._points["vertices"], self.candidates),
+                knn_brute(q, self._points["centroids"], self.centroid_candidates))
 
     def _closest_chunk(self, p: np.ndarray) -> tuple[np.ndarray, ...]:
         if len(p) == 0:
             return np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64)
-        _, near = self.tree.query(p, k=self.candidates)
-        _, near_faces = self.centroid_tree.query(p, k=self.centroid_candidates)
-        near = near.reshape(len(p), -1)
-        cand = np.concatenate([self.vertex_faces[near].reshape(len(p), -1), near_faces.reshape(len(p), -1)], 1)
+        near, near_faces = self._nearest(p)
+        cand = torch.cat([self.vertex_faces[near].reshape(len(p), -1), near_faces.int()], 1)
         # Each face once: neighbouring vertices share most faces (~14 distinct of 36 slots on the template), so
         # the distinct ones go first (ascending; each repeat is written where its first copy went, the columns
         # past a row's distinct ones repeat its first) and the columns past the most distinct in a row are cut.
         # int32: sorts in half the time of int64.
-        cand = torch.as_tensor(cand.astype(np.int32)).sort(dim=1).values
+        cand = cand.sort(dim=1).values
         slot = torch.cat([torch.ones_like(cand[:, :1], dtype=torch.bool), cand[:, 1:] != cand[:, :-1]], 1).cumsum(1) - 1
         cand = cand[:, :1].expand(-1, int(slot[:, -1].max()) + 1).clone().scatter_(1, slot, cand)  # (n, C)
         # Work relative to the query point: float32 keeps sub-micrometre precision at head scale. Layout
         # (corner, xyz, n, C): the same float32 arithmetic as on (n, C, corner, xyz), on contiguous planes.
         tri = self._tri_planes.view(9, -1).index_select(1, cand.view(-1)).view(3, 3, *cand.shape)
-        tri = tri - torch.as_tensor(p.T, dtype=torch.float32)[None, :, :, None]
-        q = torch.zeros(3, 1, 1)
+        pt = torch.as_tensor(p.T, dtype=torch.float32, device=self.device)
+        tri = tri - pt[None, :, :, None]
+        q = torch.zeros(3, 1, 1, device=self.device)
         bc = closest_point_on_triangles(q, tri[0], tri[1], tri[2], coord_dim=0)  # (n, C, 3)
         w = bc.permute(2, 0, 1)  # (corner, n, C)
         x = torch.stack([w[0] * tri[0, j] + w[1] * tri[1, j] + w[2] * tri[2, j] for j in range(3)], -1)
         d = x.norm(dim=-1)
         best = d.argmin(dim=1)
-        rows = torch.arange(len(p))
-        return (cand[rows, best].numpy().astype(np.int64), bc[rows, best].double().numpy(),
-                d[rows, best].double().numpy(), near[:, 0].astype(np.int64))
+        rows = torch.arange(len(p), device=self.device)
+        return (cand[rows, best].cpu().numpy().astype(np.int64), bc[rows, best].double().cpu().numpy(),
+                d[rows, best].double().cpu().numpy(), near[:, 0].cpu().numpy().astype(np.int64))
 
 
 class TemplateIndex(MeshIndex):
     """The atlas surface: closest point, region labels, UVs."""
 
-    def __init__(self, atlas: Atlas):
-        super().__init__(atlas.vertices, atlas.faces)
+    def __init__(self, atlas: Atlas, device: torch.device | str = "cpu"):
+        super().__init__(atlas.vertices, atlas.faces, device=device)
         self.atlas = atlas
         self.face_island = _uv_islands(self.faces, atlas.uv)
 
