@@ -98,3 +98,16 @@ def test_brute_force_search_gives_the_k_d_tree_answers():
     assert np.array_equal(tree.nearest_vertex(p[::-1]), brute.nearest_vertex(p[::-1]))
     with pytest.raises(ValueError):
         MeshIndex(atlas.vertices, atlas.faces, search="octree")
+
+
+def test_knn_brute_is_exact_near_and_far_from_the_mesh():
+    from backend.engine.template import knn_brute
+
+    atlas = load_atlas()
+    rng = np.random.default_rng(5)
+    p = atlas.vertices[rng.integers(0, len(atlas.vertices), 4000)] + rng.normal(0, 0.003, (4000, 3))
+    p[:100] = rng.normal(0, 0.5, (100, 3))  # far away: ranked by the matrix product, re-ranked exactly
+    ref = cKDTree(atlas.vertices.astype(np.float64)).query(p, k=3)[1]
+    got = knn_brute(torch.as_tensor(p, dtype=torch.float32), torch.as_tensor(atlas.vertices, dtype=torch.float32), 3)
+    assert np.array_equal(got.numpy(), ref)
+    assert knn_brute(torch.zeros((0, 3)), torch.ones((5, 3)), 2).shape == (0, 2)
