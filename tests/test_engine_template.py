@@ -84,30 +84,12 @@ def test_seam_faces_counts_mixed_islands():
     assert seam_faces(faces, np.array([0, 0, 0, 1])) == 1
 
 
-def test_brute_force_search_gives_the_k_d_tree_answers():
-    """The GPU's search (knn_brute, run here on CPU) finds the same closest points as the k-d trees."""
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_closest_with_the_tests_on_a_gpu_matches_cpu():
     atlas = load_atlas()
-    rng = np.random.default_rng(3)
-    p = atlas.vertices[rng.integers(0, len(atlas.vertices), 5000)] + rng.normal(0, 0.004, (5000, 3))
-    tree = MeshIndex(atlas.vertices, atlas.faces)
-    brute = MeshIndex(atlas.vertices, atlas.faces, search="brute")
-    (f1, b1, d1), (f2, b2, d2) = tree.closest(p), brute.closest(p)
-    assert np.abs(d1 - d2).max() < 1e-7
-    same = f1 == f2  # a different face only where two faces are equally close (a shared edge or corner)
-    assert same.mean() > 0.99 and np.abs(b1[same] - b2[same]).max() < 1e-6
-    assert np.array_equal(tree.nearest_vertex(p[::-1]), brute.nearest_vertex(p[::-1]))
-    with pytest.raises(ValueError):
-        MeshIndex(atlas.vertices, atlas.faces, search="octree")
-
-
-def test_knn_brute_is_exact_near_and_far_from_the_mesh():
-    from backend.engine.template import knn_brute
-
-    atlas = load_atlas()
-    rng = np.random.default_rng(5)
-    p = atlas.vertices[rng.integers(0, len(atlas.vertices), 4000)] + rng.normal(0, 0.003, (4000, 3))
-    p[:100] = rng.normal(0, 0.5, (100, 3))  # far away: ranked by the matrix product, re-ranked exactly
-    ref = cKDTree(atlas.vertices.astype(np.float64)).query(p, k=3)[1]
-    got = knn_brute(torch.as_tensor(p, dtype=torch.float32), torch.as_tensor(atlas.vertices, dtype=torch.float32), 3)
-    assert np.array_equal(got.numpy(), ref)
-    assert knn_brute(torch.zeros((0, 3)), torch.ones((5, 3)), 2).shape == (0, 2)
+    rng = np.random.default_rng(4)
+    p = atlas.vertices[rng.integers(0, len(atlas.vertices), 20000)] + rng.normal(0, 0.004, (20000, 3))
+    (f1, b1, d1), (f2, b2, d2) = (MeshIndex(atlas.vertices, atlas.faces, device=d).closest(p) for d in ("cpu", "cuda"))
+    assert np.abs(d1 - d2).max() < 1e-6 and (f1 == f2).mean() > 0.999
+    assert np.array_equal(TemplateIndex(atlas, "cuda").nearest_region(p), TemplateIndex(atlas).nearest_region(p))

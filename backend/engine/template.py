@@ -55,57 +55,26 @@ def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return torch.stack(bary, -1)
 
 
-KNN_BLOCK = 1 << 26  # query x point distances per piece of the brute-force search on a GPU
 GPU_CHUNK = 1 << 17  # points per closest-point pass on a GPU (bounds the candidate arrays: ~0.5 GB)
 
 
-def knn_brute(queries: torch.Tensor, points: torch.Tensor, k: int, extra: int = 4) -> torch.Tensor:
-    """Indices (Q,k) of each query's k nearest points (nearest first), every point considered: on a GPU a few
-    hundred million distances cost milliseconds, where the host k-d tree took ~0.4 s for a 256^3 head's
-    template positions. Distances are ranked through one matrix product (|p|^2 - 2 q.p about the points'
-    centre; float32 rounding ~1e-9 m^2 at head scale), then the best k + `extra` are ranked again by direct
-    differences, so only points within that rounding of the k-th distance can trade places. Pieces of
-    KNN_BLOCK distances bound the memory. (torch.cdist without the matrix product took seconds on the H100.)"""
-    if len(queries) == 0:
-        return torch.zeros((0, k), dtype=torch.long, device=points.device)
-    centre = points.mean(0)
-    pc = points - centre
-    sq = (pc * pc).sum(1)
-    first = min(k + extra, len(points))
-    step = max(1, KNN_BLOCK // max(len(points), 1))
-    parts = []
-    for s in range(0, len(queries), step):
-        q = queries[s : s + step]
-        rank = torch.addmm(sq[None, :], q - centre, pc.T, alpha=-2.0)  # |q - p|^2 - |q|^2
-        cand = rank.topk(first, dim=1, largest=False).indices
-        exact = ((points[cand] - q[:, None, :]) ** 2).sum(-1)
-        parts.append(cand.gather(1, exact.topk(k, dim=1, largest=False).indices))
-    return torch.cat(parts)
-
-
 class MeshIndex:
-    """Closest-point queries on a triangle mesh (approximate candidate search, exact per candidate), on `device`.
-    `search`: "kdtree" (scipy's k-d trees, the CPU default: chunks on parallel threads) or "brute" (knn_brute,
-    the GPU default); the same candidates either way, up to near-ties in float32."""
+    """Closest-point queries on a triangle mesh (approximate candidate search, exact per candidate). Candidates
+    come from scipy's k-d trees on the host, the exact tests run on `device`. On CPU chunks of points run on
+    parallel threads; with a GPU the host search uses every core (cKDTree workers=-1) and the tests run on the
+    GPU (a 256^3 head's 138k template positions took ~0.43 s on the H100 host's threads alone)."""
 
     def __init__(self, vertices: np.ndarray, faces: np.ndarray, candidates: int = 3, max_valence: int = 12,
-                 centroid_candidates: int = 4, device: torch.device | str = "cpu", search: str | None = None):
+                 centroid_candidates: int = 4, device: torch.device | str = "cpu"):
+        from scipy.spatial import cKDTree  # scipy loads only where closest points are needed
+
         self.device = torch.device(device)
-        self.search = search or ("kdtree" if self.device.type == "cpu" else "brute")
-        if self.search not in ("kdtree", "brute"):
-            raise ValueError(f"search must be 'kdtree' or 'brute', got {search!r}")
         self.vertices = np.asarray(vertices, np.float64)
         self.faces = np.asarray(faces, np.int64)
+        self.tree = cKDTree(self.vertices)
         self.candidates = min(candidates, len(self.vertices))
         self.centroid_candidates = min(centroid_candidates, len(self.faces))
-        centroids = self.vertices[self.faces].mean(1)
-        if self.search == "kdtree":
-            from scipy.spatial import cKDTree  # scipy loads only where closest points are needed
-
-            self.tree, self.centroid_tree = cKDTree(self.vertices), cKDTree(centroids)
-        else:
-            self._points = {name: torch.as_tensor(a, dtype=torch.float32, device=self.device)
-                            for name, a in (("vertices", self.vertices), ("centroids", centroids))}
+        self.centroid_tree = cKDTree(self.vertices[self.faces].mean(1))
         # Faces incident to each vertex, padded with the vertex's first face (duplicates are harmless) and
         # cut at max_valence: only fan centres (e.g. of the template's neck cap) exceed it. Long fan
         # triangles are also found through the nearest face centroids (centroid_candidates).
@@ -139,11 +108,7 @@ class MeshIndex:
         just been asked for the same points)."""
         if self._is_last(points):
             return self._query(points)[3]
-        points = np.ascontiguousarray(points, np.float64)
-        if self.search == "kdtree":
-            return self.tree.query(points)[1]
-        q = torch.as_tensor(points, dtype=torch.float32, device=self.device)
-        return knn_brute(q, self._points["vertices"], 1)[:, 0].cpu().numpy()
+        return self.tree.query(np.asarray(points, np.float64), workers=self._workers)[1]
 
     def _is_last(self, points: np.ndarray) -> bool:
         last = self._last
@@ -153,26 +118,27 @@ class MeshIndex:
         """closest's answer and the nearest vertex: (face, barycentric, distance, vertex)."""
         points = np.ascontiguousarray(points, np.float64)
         if not self._is_last(points):
+            step = chunk if self.device.type == "cpu" else GPU_CHUNK
+            chunks = [points[s : s + step] for s in range(0, max(len(points), 1), step)]  # one, maybe empty
             if self.device.type == "cpu":
-                chunks = [points[s : s + chunk] for s in range(0, max(len(points), 1), chunk)]  # one, maybe empty
                 parts = thread_map(self._closest_chunk, chunks)
-                answer = tuple(np.concatenate(a) for a in zip(*parts))
-            else:  # in order: the device runs one chunk at a time
-                parts = [self._closest_chunk(points[s : s + GPU_CHUNK]) for s in range(0, max(len(points), 1), GPU_CHUNK)]
-                answer = tuple(np.concatenate(a) for a in zip(*parts))
-            self._last = (points.copy(), answer)
+            else:  # one chunk at a time on the device
+                parts = [self._closest_chunk(c) for c in chunks]
+            self._last = (points.copy(), tuple(np.concatenate(a) for a in zip(*parts)))
         return tuple(a.copy() for a in self._last[1])
 
+    @property
+    def _workers(self) -> int:
+        """cKDTree threads: one per thread_map thread on CPU, every core when the tests run on a GPU."""
+        return 1 if self.device.type == "cpu" else -1
+
     def _nearest(self, p: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `candidates` nearest vertices and the `centroid_candidates` nearest face centroids, (n,k) each."""
-        if self.search == "kdtree":
-            _, near = self.tree.query(p, k=self.candidates)
-            _, near_faces = self.centroid_tree.query(p, k=self.centroid_candidates)
-            return (torch.as_tensor(near.reshape(len(p), -1)),
-                    torch.as_tensor(near_faces.reshape(len(p), -1)))
-        q = torch.as_tensor(p, dtype=torch.float32, device=self.device)
-        return (knn_brute(q, self._points["vertices"], self.candidates),
-                knn_brute(q, self._points["centroids"], self.centroid_candidates))
+        """The `candidates` nearest vertices and the `centroid_candidates` nearest face centroids, (n,k) each,
+        on the device."""
+        _, near = self.tree.query(p, k=self.candidates, workers=self._workers)
+        _, near_faces = self.centroid_tree.query(p, k=self.centroid_candidates, workers=self._workers)
+        return (torch.as_tensor(near.reshape(len(p), -1), device=self.device),
+                torch.as_tensor(near_faces.reshape(len(p), -1), device=self.device))
 
     def _closest_chunk(self, p: np.ndarray) -> tuple[np.ndarray, ...]:
         if len(p) == 0:
