@@ -168,6 +168,8 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
                 rows.append(Row(name, dev.type, f"{size}^3", ms, peak_mb=_peak_mb(dev),
                                 detail=f"{len(mesh2.vertices)} verts, max|dv| vs the row above {dv / stats.voxel:.3f} vox"))
 
+    log(f"generate on {dev}")
+    rows.append(_bench_generate(session, head, cfg, dev))
     log(f"deform on {dev}")
     rows.append(_bench_deform(session, head, cfg, dev))
     if cfg.fit:
@@ -188,6 +190,21 @@ def _dense_extrapolated(sdf, size: int, dev: torch.device) -> float:
     with torch.no_grad():
         ms, _ = _timed(lambda: _evaluate(sdf, pts, 1 << 18), dev, 1)
     return ms * n / m
+
+
+def _bench_generate(session, head, cfg: BenchConfig, dev: torch.device) -> Row:
+    """What a Generate click waits for in the engine: extraction plus every vertex attribute, as numpy arrays
+    (the add-on's default resolution on CPU, 256^3 on a GPU)."""
+    size = 256 if dev.type == "cuda" else 128
+    params = {"head": head.to_dict(), "resolution": size}
+    def run() -> tuple[dict, dict]:
+        session.template_index.forget()  # the same head again would find its template query remembered
+        return session.generate(params, {})
+
+    _reset_peak(dev)
+    ms, (out, arrays) = _timed(run, dev, cfg.repeats if dev.type == "cuda" else 3)
+    return Row("generate", dev.type, f"{size}^3", ms, peak_mb=_peak_mb(dev),
+               detail=f"extraction + SDF, normals, template, region, UV of {len(arrays['vertices'])} vertices")
 
 
 def _bench_deform(session, head, cfg: BenchConfig, dev: torch.device) -> Row:
