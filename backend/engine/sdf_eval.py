@@ -84,6 +84,26 @@ def local_features(model, slots: list[int], x: torch.Tensor, anchors: torch.Tens
     return feat, pairs
 
 
+def dense_local_features(model, x: torch.Tensor, anchors: torch.Tensor, b1: torch.Tensor, w: torch.Tensor,
+                         record: list | None = None) -> torch.Tensor:
+    """local_features with every region at every point, as one batched product per layer over the region axis
+    (on a GPU ~20 launches instead of ~600 for 39 regions). `record` receives one (encoding (R,P,E),
+    pre-activations [(R,P,H)], unweighted outputs (R,P,F)) entry. Same operations as local_features up to
+    float rounding."""
+    cfg, s = model.cfg, model.slot
+    inplace = not torch.is_grad_enabled() and record is None
+    enc = positional_encoding((x[None] - anchors[:, None]) * model.flip[:, None], cfg.pe_freqs, cfg.pe_scale)
+    pre = [torch.baddbmm(b1[:, None], enc, model.loc_wx[s])]
+    h = F.silu(pre[0], inplace=inplace)
+    for wh, bh in zip(model.loc_wh, model.loc_bh):
+        pre.append(torch.baddbmm(bh[s][:, None], h, wh[s]))
+        h = F.silu(pre[-1], inplace=inplace)
+    g = torch.baddbmm(model.loc_bo[s][:, None], h, model.loc_wo[s])
+    if record is not None:
+        record.append((enc, pre, g))
+    return torch.einsum("pr,rpf->pf", w, g)
+
+
 class HeadSdf:
     def __init__(self, model, zr: torch.Tensor, k: torch.Tensor, mode: str = "dense", drop_tol: float = 1e-4,
                  exact_below: float = 0.0, hidden_dtype: torch.dtype = torch.float32, fused: bool = True):

@@ -19,7 +19,7 @@ from ..data.atlas import load_atlas
 from ..weights import load_model
 from . import deform, edit, validate
 from .extract import CoarseSdf, ExtractStats, Mesh, check_resolution, extract_mesh
-from .sdf_eval import HeadSdf, heaviest_regions, local_features
+from .sdf_eval import HeadSdf, dense_local_features, heaviest_regions, local_features
 from .head import HeadSpec, check_names
 from .template import TemplateIndex, seam_faces
 
@@ -41,8 +41,9 @@ POINT_DROP_TOL = {"cpu": 1e-5, "cuda": None}
 # by +0.5 um (a bias, though every value is within 2 um); 1e-6: +0.06 um (values within 0.3 um), 21 regions.
 RESIDUAL_DROP_TOL = {"cpu": 1e-6, "cuda": None}
 CHUNKS = {"cpu": 1 << 13, "cuda": 1 << 18}  # points per network call: bounds (points x regions x hidden) activations
-# ... where autograd keeps every region's activations (vertex normals): ~70 KB a point with all 39 regions (CUDA)
-GRAD_CHUNKS = {"cpu": 1 << 13, "cuda": 1 << 16}
+# ... where the attribute pass keeps every region's activations for its reverse pass (~45 KB a point with all 39
+# regions on CUDA, ~85 KB at its peak with the batched reverse: 2.7 GB at 32k points)
+GRAD_CHUNKS = {"cpu": 1 << 13, "cuda": 1 << 15}
 # Points per warp-network call in deform: on CPU small enough that the (points x 256) activations stay in cache
 # (measured on 1 thread: 0.81 s per 100k warps at 4096 against 1.23 s at 128k, same FLOPs); on CUDA large.
 WARP_CHUNKS = {"cpu": 1 << 12, "cuda": 1 << 18}
@@ -124,6 +125,8 @@ class Session:
         self.residual_drop_tol = RESIDUAL_DROP_TOL.get(self.device.type, RESIDUAL_DROP_TOL["cpu"])
         self.extract_mode = EXTRACT_MODE.get(self.device.type, "sparse")  # sdf_eval.HeadSdf mode for meshes
         self.extract_half = EXTRACT_HALF.get(self.device.type, False)
+        # the attribute pass through every region (no tolerance) as batched products over the region axis
+        self.dense_attributes = self.device.type == "cuda"
         self.loaded = load_model(weights_dir, str(self.device))
         self.model = self.loaded.model.eval().requires_grad_(False)
         self._slots: list[int] = self.model.slot.tolist()  # region -> local network (no device sync per use)
@@ -236,6 +239,8 @@ class Session:
         if tape is not None:
             tape.diff, tape.dist, tape.w = diff, dist, w
         bias1 = torch.einsum("rz,rzh->rh", zr[0], m.loc_wz[m.slot]) + m.loc_b[m.slot]
+        if keep is None and tape is not None and self.dense_attributes:  # memory as the loop's tape: GRAD_CHUNKS
+            return dense_local_features(m, x, anchors, bias1, w, tape.dense)
         return local_features(m, self._slots, x, anchors, bias1, w, keep, None if tape is None else tape.regions)[0]
 
     def _field_grad(self, x: torch.Tensor, zr: torch.Tensor, k: torch.Tensor, dropped: list[float],
@@ -264,6 +269,14 @@ class Session:
         dx = pc / pc.norm(dim=-1, keepdim=True)
         dw = torch.zeros_like(tape.w)
         silu_backward = torch.ops.aten.silu_backward
+        for enc, pre, g in tape.dense:  # every region at every point, batched over regions (R,P,...)
+            dw = torch.einsum("pf,rpf->pr", dfeat, g)
+            d = torch.bmm(dfeat[None] * tape.w.t()[:, :, None], rw.wo_r)
+            for a, wh in zip(reversed(pre), [*reversed(rw.wh_r), rw.wx_r]):
+                d = torch.bmm(silu_backward(d, a), wh)
+            dxs = torch.baddbmm(d[..., :3], d[..., 3 : enc.shape[-1]].mul_(enc[..., 3:]),
+                                rw.pe_chain.expand(len(enc), -1, -1))
+            dx += dxs.mul_(m.flip[:, None, :] * cfg.pe_scale).sum(0)
         for r, s, idx, enc, pre, g in tape.regions:
             df, wr = (dfeat, tape.w[:, r]) if idx is None else (dfeat[idx], tape.w[idx, r])
             dwr = (df * g).sum(1)
@@ -623,6 +636,7 @@ class _Tape:
     dist: torch.Tensor | None = None
     w: torch.Tensor | None = None
     regions: list[tuple] = field(default_factory=list)
+    dense: list[tuple] = field(default_factory=list)  # sdf_eval.dense_local_features' record, when it ran
 
 
 class _ReverseWeights:
@@ -645,6 +659,11 @@ class _ReverseWeights:
             freqs = (2.0 ** torch.arange(cfg.pe_freqs, dtype=wx.dtype, device=wx.device)) * math.pi
             per_coord = torch.kron(freqs[:, None], torch.eye(3, dtype=wx.dtype, device=wx.device))  # (n, 3)
             self.pe_chain = torch.cat([-per_coord, per_coord])
+            # the same per region (R, ...), for the batched reverse of sdf_eval.dense_local_features
+            slots = model.slot.tolist()
+            self.wo_r = torch.stack([self.wo[s] for s in slots])
+            self.wh_r = [torch.stack([self.wh[s][i] for s in slots]) for i in range(len(model.loc_wh))]
+            self.wx_r = torch.stack([self.wx[s] for s in slots])
 
 
 class _Offset:
