@@ -128,8 +128,11 @@ class MeshIndex:
                 parts = thread_map(self._closest_chunk, chunks)
             else:  # one chunk at a time on the device
                 parts = [self._closest_chunk(c) for c in chunks]
-            self._last = (points.copy(), tuple(np.concatenate(a) for a in zip(*parts)))
-        return tuple(a.copy() for a in self._last[1])
+            answer = tuple(np.concatenate(a) for a in zip(*parts))
+            for a in answer:
+                a.flags.writeable = False  # handed out again for the same points: read-only, not copied
+            self._last = (points.copy(), answer)
+        return self._last[1]
 
     @property
     def _workers(self) -> int:
@@ -187,7 +190,9 @@ class TemplateIndex(MeshIndex):
     def uv(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ICT-layout UV (N,2) float32 of each point's closest template point, and that point's UV island."""
         face, bary, _ = self.closest(points)
-        uv = (bary[:, :, None] * self.atlas.uv[face].astype(np.float64)).sum(1)
+        corner_uv = self.atlas.uv[face].astype(np.float64)  # (N, corner, 2)
+        # corner by corner: numpy's sum over a length-3 axis took 40 ms for 126k points on the H100 host
+        uv = bary[:, 0:1] * corner_uv[:, 0] + bary[:, 1:2] * corner_uv[:, 1] + bary[:, 2:3] * corner_uv[:, 2]
         return uv.astype(np.float32), self.face_island[face]
 
 
