@@ -74,6 +74,56 @@ def test_alignment_ignores_shoulders(session, head_points, seed):
     assert np.median(err) < 0.5e-3 and err.max() < 1e-3
 
 
+def cylinder(rng: np.random.Generator, n: int, a: list[float], b: list[float], r: float) -> np.ndarray:
+    """n points on the side of the cylinder of radius r from a to b."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    axis = (b - a) / np.linalg.norm(b - a)
+    u = np.cross(axis, [1.0, 0, 0] if abs(axis[0]) < 0.9 else [0, 1.0, 0])
+    u /= np.linalg.norm(u)
+    v = np.cross(axis, u)
+    t, th = rng.uniform(0, 1, (2, n))
+    th *= 2 * np.pi
+    return a + t[:, None] * (b - a) + r * (np.cos(th)[:, None] * u + np.sin(th)[:, None] * v)
+
+
+def ellipsoid(rng: np.random.Generator, n: int, centre: list[float], radii: list[float]) -> np.ndarray:
+    d = rng.normal(size=(n, 3))
+    return np.asarray(centre) + d / np.linalg.norm(d, axis=1, keepdims=True) * np.asarray(radii)
+
+
+def figure_clutter(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """About n points of a body below the template head (model frame, +y up): a standing figure (neck, torso,
+    arms hanging, legs; 1.9 m tall) or a bust (neck, shoulders and chest cut at y = -0.5 m)."""
+    neck = cylinder(rng, n // 25, [0, -0.26, -0.01], [0, -0.15, -0.01], 0.055)
+    if kind == "bust":
+        chest = ellipsoid(rng, n, [0, -0.45, -0.01], [0.23, 0.17, 0.12])
+        return np.concatenate([neck, chest[chest[:, 1] > -0.5]])
+    k = n // 10
+    return np.concatenate([neck, ellipsoid(rng, 4 * k, [0, -0.58, -0.01], [0.19, 0.32, 0.12])]
+                          + [cylinder(rng, k, [s * 0.24, -0.33, -0.01], [s * 0.30, -0.95, -0.01], 0.045)
+                             for s in (1, -1)]
+                          + [cylinder(rng, 2 * k, [s * 0.1, -0.85, -0.01], [s * 0.12, -1.72, 0.0], 0.065)
+                             for s in (1, -1)])
+
+
+# A head that is a small part of the input (imported characters): every start of the whole input's principal
+# axes is far off, so the alignment must find the head from crops at the ends of the input's longest axis.
+@pytest.mark.parametrize("kind, clutter, frame, seed", [("body", 29000, 11, 0), ("body", 29000, "cm", 1),
+                                                        ("bust", 10500, 13, 0), ("bust", 10500, "cm", 2)])
+def test_alignment_finds_a_small_head(session, head_points, kind, clutter, frame, seed):
+    head = head_points[:4000]
+    body = figure_clutter(kind, clutter, np.random.default_rng(seed + 7))
+    lo, hi = {"body": (0.1, 0.15), "bust": (0.3, 0.4)}[kind]
+    assert lo < len(head) / (len(head) + len(body)) < hi
+    true = (Similarity(100.0, Rotation.random(random_state=seed).as_matrix(), np.array([30.0, -120.0, 5.0]))
+            if frame == "cm" else random_similarity(frame))
+    sim, _ = session.aligner.align(true.apply(np.concatenate([head, body])), seed=seed)
+    turn = np.degrees(Rotation.from_matrix(sim.rotation @ true.rotation).magnitude())
+    err = np.linalg.norm(sim.apply(true.apply(head)) - head, axis=1)
+    assert turn < 1.0 and sim.scale * true.scale == pytest.approx(1.0, rel=5e-3)
+    assert np.median(err) < 0.5e-3 and err.max() < 1e-3
+
+
 @pytest.mark.parametrize("frame, seed", [(300, 2), (207, 207)])
 def test_alignment_of_a_face_crop(session, head_points, frame, seed):
     # A face scan (front half only, no back of the head): the coarse stages must still pick the right pose.

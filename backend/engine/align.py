@@ -1,5 +1,6 @@
 """Robust similarity alignment of an arbitrary head scan (any units, position, orientation; shoulders, holes,
-hair caps) to the model frame, against the mean head surface.
+hair caps; a whole figure or a bust of which the head is a small part) to the model frame, against the mean
+head surface.
 
 Method: orientation hypotheses from the input's principal axes (all 24 proper rotations that map them onto
 the template's principal axes) x scale hypotheses around the RMS-radius ratio x head positions along the
@@ -17,11 +18,20 @@ hypotheses are replaced by their Umeyama fit, and the landmark pairs stay in eve
 With known units the scale is fixed (rigid ICP): the head's true size is then left to the identity code.
 All hypotheses of a stage run together (one batched nearest-neighbour query per tree and iteration, on
 every core): the same math as one ICP run per hypothesis, without 288 x 3 small queries from Python.
+
+Beyond ~60% clutter no whole-input hypothesis starts near the head and trimming cannot recover, so a
+result whose coverage (median distance from the template's face to the input surface, blind to whatever
+else the input holds) is poor triggers a crop search: the points near each end of the input's longest axis
+(20, 35 and 50% of its extent) give hypotheses of their own (their centroid, radius and principal axes),
+whose coarse ICP runs on the crop alone; the best-covering two are refined on the input points inside the
+template's box under them (the whole head, whatever the crop cut), and coverage picks the result among these
+and the whole-input one.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,11 +88,18 @@ def _principal_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return c, vecs
 
 
+def _flat(x: np.ndarray) -> bool:
+    """All points on a line or a single point: no principal axes to start from."""
+    c = x.mean(0)
+    return bool(np.linalg.eigvalsh(np.cov((x - c).T))[1] <= 1e-12 * ((x - c) ** 2).sum(1).mean())
+
+
 @dataclass
 class AlignStats:
     score: float  # symmetric trimmed mean distance (model metres)
     forward_median: float  # median input -> template distance after alignment (model metres)
     hypotheses: int
+    coverage: float  # Aligner.coverage of the result (model metres)
 
 
 def _rodrigues(w: np.ndarray) -> np.ndarray:
@@ -155,6 +172,24 @@ PLANE_TOL = 1e-9
 # and torso into the template (scale ~0.5) outscored them. On clean heads and face crops 3x the 30% cost lies
 # above the 60% one at the solution: their alignments came out the same.
 INLIER_QUANTILE, INLIER_SPREAD = 0.3, 3.0
+# (input points, iterations, survivors (None: all), coarse template) of the stages before the fine ones
+COARSE_STAGES = [(250, 3, None, True), (500, 8, 24, True)]
+CROP_STAGES = [(250, 3, None, True), (500, 8, 8, True)]
+# Coverage (Aligner.coverage) is a median: face crops and holes leave up to half the face uncovered.
+COVER_QUANTILE, COVER_NEIGHBOURS = 0.5, 6
+# The crop search (~1.5-2 s on CPU) runs only when the whole-input result covers the face worse than this
+# (model metres). The mean head's own samples cover it to 0.1-0.3 mm, heads of random identities from the
+# model to 0.8-1.9 mm; the wrong poses of heads that were 12-45% of a figure or bust measured 3.9-29 mm.
+# A real head above it only costs the crop search: the whole-input result still competes.
+COVER_OK = 0.0025
+# Crops: these fractions of the input's extent along its longest axis, at both ends. A head is ~0.33 m of a
+# ~1.8 m standing figure (under 20%) and about half of a bust; larger crops bring the shoulders.
+CROP_FRACTIONS = (0.2, 0.35, 0.5)
+CROP_KEEP = 2  # crop results refined on the re-cropped input
+BOX_MARGIN = 0.03  # metres around the template's box: the input points the re-cropped refinement sees
+
+Pairing = tuple[np.ndarray, np.ndarray, cKDTree, np.ndarray]
+Sampler = Callable[[int], tuple[np.ndarray, np.ndarray]]  # n -> (n input points, their unit normals)
 
 
 def estimate_normals(x: np.ndarray, tree: cKDTree, points: np.ndarray, k: int = 12) -> np.ndarray:
@@ -182,6 +217,8 @@ class Aligner:
         self.keep = keep
         self.t_center, self.t_axes = _principal_axes(self.target)
         self.t_radius = float(np.sqrt(((self.target - self.t_center) ** 2).sum(1).mean()))
+        self.cover = np.random.default_rng(1).permutation(self.reliable)[:COARSE_POINTS]
+        self.box = (self.target.min(0) - BOX_MARGIN, self.target.max(0) + BOX_MARGIN)
 
     def _icp(self, sims: list[Similarity], x: np.ndarray, x_normals: np.ndarray, x_tree: cKDTree,
              t_idx: np.ndarray, iters: int, fixed_scale: float | None,
@@ -248,6 +285,94 @@ class Aligner:
             active = active[move >= PLANE_TOL]
         return [(Similarity(float(scale[h]), rot[h], trans[h]), float(score[h])) for h in range(H)]
 
+    def _starts(self, x: np.ndarray, fixed_scale: float | None, scale_factors: tuple[float, ...],
+                shift_factors: tuple[float, ...]) -> list[Similarity]:
+        """Hypotheses mapping x's principal axes onto the template's (24 ways) x scales around the RMS-radius
+        ratio x centres shifted along x's longest axis (factors of its RMS radius)."""
+        c, axes = _principal_axes(x)
+        radius = float(np.sqrt(((x - c) ** 2).sum(1).mean()))
+        s0 = fixed_scale if fixed_scale is not None else self.t_radius / radius
+        scales = [s0] if fixed_scale is not None else [s0 * f for f in scale_factors]
+        centres = [c + f * radius * axes[:, 0] for f in shift_factors]
+        starts = []
+        for rot_axes in axis_rotations():
+            rot = self.t_axes @ rot_axes @ axes.T
+            starts += [Similarity(s, rot, self.t_center - s * rot @ centre) for s in scales for centre in centres]
+        return starts
+
+    def _stages(self, pool: list[tuple[Similarity, float]], sample: Sampler,
+                stages: list[tuple[int, int, int | None, bool]],
+                fixed_scale: float | None, landmarks: tuple[np.ndarray, np.ndarray] | None, rng: np.random.Generator
+                ) -> tuple[list[tuple[Similarity, float]], Pairing]:
+        """Point-to-point ICP stages (points, iterations, survivors, coarse template); returns the survivors of
+        the last stage and its points (input points, their normals, their tree, template indices)."""
+        for n_points, iters, survivors, coarse in stages:
+            x, xn = sample(n_points)
+            tree = cKDTree(x)
+            t_idx = rng.choice(self.reliable, min(n_points, len(self.reliable)), replace=False)
+            pool = sorted(pool, key=lambda r: r[1])[:survivors]
+            pool = self._icp([s for s, _ in pool], x, xn, tree, t_idx, iters, fixed_scale, landmarks, coarse=coarse)
+        return pool, (x, xn, tree, t_idx)
+
+    def _refine(self, pool: list[tuple[Similarity, float]], sample: Sampler, fixed_scale: float | None,
+                landmarks: tuple[np.ndarray, np.ndarray] | None, rng: np.random.Generator
+                ) -> tuple[Similarity, float, np.ndarray]:
+        """The fine stages: point-to-point on 4000 input and template points, then point-to-plane; the best."""
+        pool, pairing = self._stages(pool, sample, [(4000, 5, 3, False)], fixed_scale, landmarks, rng)
+        refined = self._icp([s for s, _ in pool], *pairing, 15, fixed_scale, landmarks, plane=True)
+        sim, score = min(refined, key=lambda r: r[1])
+        return sim, score, pairing[0]
+
+    def coverage(self, sim: Similarity, x_tree: cKDTree) -> float:
+        """COVER_QUANTILE of the distances (model metres) from the reliable template points, under `sim`, to
+        the input surface: the plane of their COVER_NEIGHBOURS nearest input points, plus how far they lie
+        beyond those points' spread (so that sparse inputs are not penalised between their samples, while
+        template points off the input still are). Small when input surface lies over most of the face,
+        whatever else the input holds; one measure for every candidate, wherever its ICP ran."""
+        y = sim.inverse(self.target[self.cover])
+        _, idx = x_tree.query(y, k=min(COVER_NEIGHBOURS, x_tree.n), workers=-1)
+        nb = x_tree.data[idx]
+        mid = nb.mean(1)
+        _, vecs = np.linalg.eigh(np.einsum("nki,nkj->nij", nb - mid[:, None], nb - mid[:, None]))
+        off = y - mid
+        reach = np.linalg.norm(nb - mid[:, None], axis=2).max(1)
+        d = np.abs((off * vecs[:, :, 0]).sum(1)) + np.maximum(np.linalg.norm(off, axis=1) - reach, 0)
+        return float(np.quantile(d, COVER_QUANTILE) * sim.scale)
+
+    def _crop_search(self, x_all: np.ndarray, sampler: Callable[[np.ndarray], Sampler], x_tree: cKDTree,
+                     fixed_scale: float | None, rng: np.random.Generator
+                     ) -> tuple[list[tuple[Similarity, float, np.ndarray, float]], int]:
+        """Hypotheses from each end of the input's longest axis (the head of a bust or a standing figure is
+        one of them; which one is unknown): each crop's own centroid, radius and principal axes, its ICP on
+        its own points so that the body does not outweigh the head. The CROP_KEEP crop results that cover
+        the face best are refined on the input points in and around the template's box under each, which
+        restores the parts of the head that a crop cut off. Returns (similarity, ICP score, last input points,
+        coverage) per refined result and the number of hypotheses."""
+        c, axes = _principal_axes(x_all)
+        t = (x_all - c) @ axes[:, 0]
+        lo, hi = t.min(), t.max()
+        found, count = [], 0
+        for frac in CROP_FRACTIONS:
+            for crop in (t >= hi - frac * (hi - lo), t <= lo + frac * (hi - lo)):
+                idx = np.flatnonzero(crop)
+                if len(idx) < 10 or _flat(x_all[idx]):
+                    continue
+                starts = self._starts(x_all[idx], fixed_scale, (0.8, 1.0, 1.25), (0.0,))
+                count += len(starts)
+                pool, _ = self._stages([(s, np.inf) for s in starts], sampler(idx), CROP_STAGES, fixed_scale, None,
+                                       rng)
+                sim = min(pool, key=lambda r: r[1])[0]
+                found.append((sim, self.coverage(sim, x_tree)))
+        out = []
+        for sim, _ in sorted(found, key=lambda r: r[1])[:CROP_KEEP]:
+            y = sim.apply(x_all)
+            near = np.flatnonzero(((y > self.box[0]) & (y < self.box[1])).all(1))
+            if len(near) < 10:
+                continue
+            sim, score, x = self._refine([(sim, np.inf)], sampler(near), fixed_scale, None, rng)
+            out.append((sim, score, x, self.coverage(sim, x_tree)))
+        return out, count
+
     def align(self, points: np.ndarray, normals: np.ndarray | None = None, *, fixed_scale: float | None = None,
               landmarks: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0) -> tuple[Similarity, AlignStats]:
         """points (N,3) in the input frame, normals (N,3) or None (then estimated, unoriented).
@@ -256,44 +381,37 @@ class Aligner:
         if len(x_all) < 10:
             raise errors.InvalidInput(f"need at least 10 input points to align, got {len(x_all)}")
         rng = np.random.default_rng(seed)
-        c, axes = _principal_axes(x_all)
-        radius = float(np.sqrt(((x_all - c) ** 2).sum(1).mean()))
-        if radius <= 0 or np.linalg.eigvalsh(np.cov((x_all - c).T))[1] <= 1e-12 * radius**2:
+        radius = float(np.sqrt(((x_all - x_all.mean(0)) ** 2).sum(1).mean()))
+        if radius <= 0 or _flat(x_all):
             raise errors.InvalidInput("the input is degenerate (all points on a line or a single point)")
-        all_tree = cKDTree(x_all) if normals is None else None
+        x_tree = cKDTree(x_all)
+        if normals is not None:
+            unit = np.asarray(normals, np.float64)
+            unit = unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-300)
 
-        def sub(n: int) -> tuple[np.ndarray, np.ndarray]:
-            idx = rng.choice(len(x_all), min(n, len(x_all)), replace=False)
-            if normals is not None:
-                nrm = np.asarray(normals[idx], np.float64)
-                return x_all[idx], nrm / np.maximum(np.linalg.norm(nrm, axis=1, keepdims=True), 1e-300)
-            return x_all[idx], estimate_normals(x_all, all_tree, x_all[idx])
+        def sampler(pool: np.ndarray) -> Sampler:
+            def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+                idx = pool[rng.choice(len(pool), min(n, len(pool)), replace=False)]
+                if normals is not None:
+                    return x_all[idx], unit[idx]
+                return x_all[idx], estimate_normals(x_all, x_tree, x_all[idx])
+            return sample
 
+        everything = sampler(np.arange(len(x_all)))
         if landmarks is not None:
             lm_in, lm_t = (np.asarray(a, np.float64) for a in landmarks)
             starts = [umeyama(lm_in, lm_t, scale=fixed_scale)]
         else:
-            s0 = fixed_scale if fixed_scale is not None else self.t_radius / radius
             # Clutter (shoulders, torso) inflates the radius and pulls the centroid away from the head:
             # larger scales and head positions shifted along the input's longest axis are tried as well.
-            scales = [s0] if fixed_scale is not None else [s0 * f for f in (0.8, 1.15, 1.6, 2.2)]
-            shifts = [c + f * radius * axes[:, 0] for f in (0.0, 0.6, -0.6)]
-            starts = []
-            for rot_axes in axis_rotations():
-                rot = self.t_axes @ rot_axes @ axes.T  # input principal axes -> template principal axes
-                for s in scales:
-                    for centre in shifts:
-                        starts.append(Similarity(s, rot, self.t_center - s * rot @ centre))
-        # (points, iterations, survivors, coarse template)
-        stages = [(250, 3, len(starts), True), (500, 8, 24, True), (4000, 5, 3, False)]
-        pool = [(s, np.inf) for s in starts]
-        for n_points, iters, survivors, coarse in stages:
-            x, xn = sub(n_points)
-            tree = cKDTree(x)
-            t_idx = rng.choice(self.reliable, min(n_points, len(self.reliable)), replace=False)
-            pool = sorted(pool, key=lambda r: r[1])[:survivors]
-            pool = self._icp([s for s, _ in pool], x, xn, tree, t_idx, iters, fixed_scale, landmarks, coarse=coarse)
-        refined = self._icp([s for s, _ in pool], x, xn, tree, t_idx, 15, fixed_scale, landmarks, plane=True)
-        sim, score = min(refined, key=lambda r: r[1])
+            starts = self._starts(x_all, fixed_scale, (0.8, 1.15, 1.6, 2.2), (0.0, 0.6, -0.6))
+        pool, _ = self._stages([(s, np.inf) for s in starts], everything, COARSE_STAGES, fixed_scale, landmarks, rng)
+        sim, score, x = self._refine(pool, everything, fixed_scale, landmarks, rng)
+        hypotheses = len(starts)
+        cover = self.coverage(sim, x_tree)
+        if landmarks is None and cover > COVER_OK:
+            crops, count = self._crop_search(x_all, sampler, x_tree, fixed_scale, rng)
+            hypotheses += count
+            sim, score, x, cover = min([(sim, score, x, cover)] + crops, key=lambda r: r[3])
         d_f, _ = self.tree.query(sim.apply(x))
-        return sim, AlignStats(score, float(np.median(d_f)), len(starts))
+        return sim, AlignStats(score, float(np.median(d_f)), hypotheses, cover)
