@@ -183,6 +183,18 @@ def test_fit_is_invariant_to_the_input_frame(session):
     assert t["scale"] * s1.scale == pytest.approx(1.0, rel=2e-3)
 
 
+def test_fit_of_a_full_figure_measures_the_head(session, head_points):
+    """A head on a standing figure (12% of the points), in centimetres: the fit finds the head and its error is
+    measured on the input inside the model's box, not on the body."""
+    body = figure_clutter("body", 29000, np.random.default_rng(9))
+    true = Similarity(100.0, Rotation.random(random_state=5).as_matrix(), np.array([30.0, -120.0, 5.0]))
+    pts = true.apply(np.concatenate([head_points[:4000], body])).astype(np.float32)
+    out, fitted = session.fit({"resolution": 64, "steps": 20, "fit_expression": False}, {"points": pts})
+    assert out["transform"]["scale"] * 100.0 == pytest.approx(1.0, rel=5e-3)
+    assert 0.1 < out["alignment"]["in_box_fraction"] < 0.25
+    assert out["error"]["trimmed_one_sided_cd_mm"] < 3.0  # a 64^3 mesh after 20 steps; ~500 mm with the body
+
+
 def test_held_out_identity_recovered(session):
     if not session.loaded.trained:
         pytest.skip("needs trained weights (weights/imhead.safetensors)")

@@ -1,7 +1,8 @@
 """Fitting an arbitrary mesh or point cloud: input sampling, alignment (align.py), latent fit
 (backend.model.inversion.fit_latents), and the fit error.
 
-Fit error: trimmed one-sided Chamfer distance from the aligned input samples to the fitted head mesh (the
+Fit error: trimmed one-sided Chamfer distance from the aligned input samples inside the model's canonical box
+(the part of the input a head model describes: a full figure's body is left out) to the fitted head mesh (the
 mean of the closest `ERROR_KEEP` fraction of point-to-triangle distances, so shoulders or hair that the
 model cannot represent do not dominate), reported in millimetres in the model frame and in input units.
 """

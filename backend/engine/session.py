@@ -550,14 +550,17 @@ class Session:
                         expression={n: float(w) for n, w in zip(self.expression_names, weights) if w >= FIT_MIN_WEIGHT})
         check_cancel(progress)
         out, mesh = self.head_mesh(head, resolution, _Offset(progress, 0.8, 0.2))
-        err = fit.fit_error(x_model, mesh["vertices"], mesh["faces"], sim.scale)
+        # measured on the input inside the model's box: the part a head model describes (a figure's body is not)
+        in_box = ((x_model > lo) & (x_model < hi)).all(1)
+        err = fit.fit_error(x_model[in_box], mesh["vertices"], mesh["faces"], sim.scale)
         mesh["vertices"] = sim.inverse(mesh["vertices"].astype(np.float64)).astype(np.float32)
         mesh["normals"] = (mesh["normals"] @ sim.rotation).astype(np.float32)
         out.update({
             "error": err.to_dict(),
             "transform": sim.to_dict(),  # x_model = scale * rotation @ x_input + translation
             "alignment": {"score_m": align_stats.score, "forward_median_m": align_stats.forward_median,
-                          "hypotheses": align_stats.hypotheses, "inlier_fraction": float(inlier.mean())},
+                          "hypotheses": align_stats.hypotheses, "inlier_fraction": float(inlier.mean()),
+                          "in_box_fraction": float(in_box.mean())},
             "fit": {"steps": steps, "batch_points": batch_points, "normals": nrm is not None,
                     "final_loss": result.losses[-1] if result.losses else None},
         })
