@@ -559,6 +559,7 @@ class Session:
             "error": err.to_dict(),
             "transform": sim.to_dict(),  # x_model = scale * rotation @ x_input + translation
             "alignment": {"score_m": align_stats.score, "forward_median_m": align_stats.forward_median,
+                          "coverage_m": align_stats.coverage,
                           "hypotheses": align_stats.hypotheses, "inlier_fraction": float(inlier.mean()),
                           "in_box_fraction": float(in_box.mean())},
             "fit": {"steps": steps, "batch_points": batch_points, "normals": nrm is not None,
