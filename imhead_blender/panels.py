@@ -5,6 +5,7 @@ import time
 import bpy
 
 from . import backend_service, expressions, live_deform, preferences, region_edit
+from .operators import fit as fit_ops
 from .operators.common import active_head
 
 
@@ -195,6 +196,10 @@ class IMHEAD_PT_fit(_ImHeadPanel, bpy.types.Panel):
         obj = context.active_object
         if obj is None or obj.type != "MESH" or obj.imhead.is_head:
             layout.label(text="Select a mesh (not an imHead head)", icon="INFO")
+        else:
+            count = len(fit_ops.landmark_group_names(obj))
+            layout.label(text=f"Landmarks: {count} vertex group(s) '{fit_ops.LANDMARK_PREFIX}<region>'",
+                         icon="CHECKMARK" if count >= 3 else "INFO")
         layout.operator("imhead.fit_selected", icon="MOD_SHRINKWRAP")
 
 

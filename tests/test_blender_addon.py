@@ -217,6 +217,14 @@ def test_fit_adds_a_head_overlaying_the_input(fitting):
     assert fitting["status"] == ["READY", ""]
 
 
+def test_fit_takes_landmarks_from_vertex_groups(fitting):
+    assert sorted(fitting["landmark_names"]) == ["chin", "left ear", "nose tip", "right ear"]  # not the rig's "chin"
+    assert "at least 3" in fitting["two_landmarks"]
+    lf = fitting["landmark_fit"]
+    assert lf["hypotheses"] == 1  # the landmarks' Umeyama fit replaced the automatic hypotheses
+    assert lf["median_dist_over_extent"] < (0.02 if fitting["trained"] else 0.1)
+
+
 # ===================================================================== scenarios (run inside Blender)
 
 def _install(bpy, zip_path: str) -> str:
@@ -652,6 +660,9 @@ def scenario_fit(zip_path: str) -> dict:
     head = _heads(scene)[0]
     co = np.empty(len(head.data.vertices) * 3, np.float32)
     head.data.vertices.foreach_get("co", co)
+    region = np.empty(len(head.data.vertices), np.int32)
+    head.data.attributes["imhead_region"].data.foreach_get("value", region)
+    region_names = [r.name for r in head.imhead.regions]
     tris = np.empty(len(head.data.polygons) * 3, np.int32)
     head.data.polygons.foreach_get("vertices", tris)
     mesh = bpy.data.meshes.new("scan")
@@ -722,6 +733,41 @@ def scenario_fit(zip_path: str) -> dict:
         "head_json": bool(json.loads(fitted.imhead.head_json)["identity"]),
         "source_untouched": len(scan.data.vertices) == len(co) // 3 and not scan.imhead.is_head,
     }
+
+    # Landmarks: vertex groups "imhead:<region>" over four regions' vertices. Two are refused before sending;
+    # four replace the automatic hypotheses by their one Umeyama start.
+    for name in ("nose tip", "chin", "left ear", "right ear"):
+        group = scan.vertex_groups.new(name=f"imhead:{name}")
+        group.add(np.flatnonzero(region == region_names.index(name)).tolist(), 1.0, "REPLACE")
+    scan.vertex_groups.new(name="chin")  # a skinning group of a rig: not a landmark
+    fit_module = sys.modules[f"{module}.operators.fit"]
+    facts["landmark_names"] = fit_module.landmark_groups(scan)[0]
+    for g in [g for g in scan.vertex_groups if g.name in ("imhead:chin", "imhead:left ear")]:
+        scan.vertex_groups.remove(g)
+    bpy.context.view_layer.objects.active = scan
+    try:
+        facts["two_landmarks"] = list(bpy.ops.imhead.fit_selected(steps=5))
+    except RuntimeError as exc:  # the operator's ERROR report
+        facts["two_landmarks"] = str(exc)
+    for name in ("chin", "left ear"):
+        scan.vertex_groups.new(name=f"imhead:{name}").add(
+            np.flatnonzero(region == region_names.index(name)).tolist(), 1.0, "REPLACE")
+    assert bpy.ops.imhead.fit_selected(steps=5) == {"FINISHED"}
+    job = service.jobs()[0]
+    apply_reply = job.on_success
+
+    def record_params(params, arrays):
+        reply["params"] = params
+        apply_reply(params, arrays)
+
+    job.on_success = record_params
+    service.drain(900)
+    newest = [h for h in _heads(scene) if h is not fitted][0]
+    bpy.context.view_layer.update()
+    head_world = np.array([newest.matrix_world @ v.co for v in newest.data.vertices])
+    dist = np.array([tree.find(p)[2] for p in head_world])
+    facts["landmark_fit"] = {"hypotheses": reply["params"]["alignment"]["hypotheses"],
+                             "median_dist_over_extent": float(np.median(dist) / np.ptp(scan_world, axis=0).max())}
     facts["status"] = list(service.status())
     service.shutdown()
     return facts

@@ -9,6 +9,10 @@ from mathutils import Matrix
 from .. import axes, backend_service, head_objects, live_deform, mesh_build, region_edit
 
 MAX_POINTS = 5_000_000  # the backend refuses more; say so before sending hundreds of MB
+# Vertex groups named LANDMARK_PREFIX + a region name ("imhead:nose tip", "imhead:chin", "imhead:left ear", ...)
+# are landmarks: each group's weighted centre is pinned to that region's anchor point during the alignment.
+# A prefix, not bare region names: rigged characters carry skinning groups such as "chin" or "jaw".
+LANDMARK_PREFIX = "imhead:"
 
 
 class IMHEAD_OT_fit_selected(bpy.types.Operator):
@@ -25,6 +29,10 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
     fit_expression: bpy.props.BoolProperty(
         name="Fit Expression", default=True,
         description="Also fit expression weights (they land in the head's expression controls)")
+    use_landmarks: bpy.props.BoolProperty(
+        name="Landmarks from Vertex Groups", default=True,
+        description="Vertex groups named 'imhead:<region>' (e.g. 'imhead:nose tip', 'imhead:chin', "
+        "'imhead:left ear'; at least 3) pin those regions' anchors to the groups' centres for the alignment")
 
     @classmethod
     def poll(cls, context):
@@ -53,6 +61,15 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
                   "faces": triangles}
         scene = context.scene
         params = {"resolution": scene.imhead.resolution, "fit_expression": self.fit_expression}
+        if self.use_landmarks:
+            names, centres = landmark_groups(obj)
+            if 0 < len(names) < 3:
+                self.report({"ERROR"}, f"'{obj.name}' has {len(names)} landmark vertex group(s) "
+                                       f"('{LANDMARK_PREFIX}<region>'); the alignment needs at least 3, or none")
+                return {"CANCELLED"}
+            if names:
+                params["landmark_regions"] = names
+                arrays["landmarks"] = axes.blender_to_backend(centres).astype(np.float32)
         if self.steps:
             params["steps"] = self.steps
         try:
@@ -62,6 +79,31 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         return {"FINISHED"}
+
+
+def landmark_group_names(obj) -> list[str]:
+    return [g.name for g in obj.vertex_groups if g.name.lower().startswith(LANDMARK_PREFIX)]
+
+
+def landmark_groups(obj) -> tuple[list[str], np.ndarray]:
+    """The object's landmark vertex groups: region names (the prefix cut off) and the weighted centres (L,3) of
+    their vertices in object space, the frame of the points sent (groups with no weighted vertex are left out;
+    the backend rejects names that are not regions, listing the valid ones)."""
+    index = {g.index: g.name[len(LANDMARK_PREFIX):].strip() for g in obj.vertex_groups
+             if g.name.lower().startswith(LANDMARK_PREFIX)}
+    if not index:
+        return [], np.zeros((0, 3))
+    sums, weights = np.zeros((len(index), 3)), np.zeros(len(index))
+    slot = {g: i for i, g in enumerate(index)}
+    for v in obj.data.vertices:
+        for ge in v.groups:
+            i = slot.get(ge.group)
+            if i is not None and ge.weight > 0:
+                sums[i] += ge.weight * np.array(v.co)
+                weights[i] += ge.weight
+    names = list(index.values())
+    used = np.flatnonzero(weights > 0)
+    return [names[i] for i in used], sums[used] / weights[used, None]
 
 
 def fit_error_mm(params: dict) -> float:
