@@ -62,7 +62,7 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
         scene = context.scene
         params = {"resolution": scene.imhead.resolution, "fit_expression": self.fit_expression}
         if self.use_landmarks:
-            names, centres = landmark_groups(obj)
+            names, centres = landmark_groups(obj, points)
             if 0 < len(names) < 3:
                 self.report({"ERROR"}, f"'{obj.name}' has {len(names)} landmark vertex group(s) "
                                        f"('{LANDMARK_PREFIX}<region>'); the alignment needs at least 3, or none")
@@ -85,10 +85,13 @@ def landmark_group_names(obj) -> list[str]:
     return [g.name for g in obj.vertex_groups if g.name.lower().startswith(LANDMARK_PREFIX)]
 
 
-def landmark_groups(obj) -> tuple[list[str], np.ndarray]:
+def landmark_groups(obj, evaluated: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
     """The object's landmark vertex groups: region names (the prefix cut off) and the weighted centres (L,3) of
     their vertices in object space, the frame of the points sent (groups with no weighted vertex are left out;
-    the backend rejects names that are not regions, listing the valid ones)."""
+    the backend rejects names that are not regions, listing the valid ones). Vertex positions come from
+    `evaluated` (the evaluated mesh's, e.g. posed by an armature) when it has the same vertices, else from the
+    mesh data."""
+    use_evaluated = evaluated is not None and len(evaluated) == len(obj.data.vertices)
     index = {g.index: g.name[len(LANDMARK_PREFIX):].strip() for g in obj.vertex_groups
              if g.name.lower().startswith(LANDMARK_PREFIX)}
     if not index:
@@ -99,7 +102,7 @@ def landmark_groups(obj) -> tuple[list[str], np.ndarray]:
         for ge in v.groups:
             i = slot.get(ge.group)
             if i is not None and ge.weight > 0:
-                sums[i] += ge.weight * np.array(v.co)
+                sums[i] += ge.weight * (evaluated[v.index] if use_evaluated else np.array(v.co))
                 weights[i] += ge.weight
     names = list(index.values())
     used = np.flatnonzero(weights > 0)
