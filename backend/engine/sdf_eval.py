@@ -85,20 +85,26 @@ def local_features(model, slots: list[int], x: torch.Tensor, anchors: torch.Tens
 
 
 def dense_local_features(model, x: torch.Tensor, anchors: torch.Tensor, b1: torch.Tensor, w: torch.Tensor,
-                         record: list | None = None) -> torch.Tensor:
+                         record: list | None = None, layers: tuple | None = None) -> torch.Tensor:
     """local_features with every region at every point, as one batched product per layer over the region axis
-    (on a GPU ~20 launches instead of ~600 for 39 regions). `record` receives one (encoding (R,P,E),
-    pre-activations [(R,P,H)], unweighted outputs (R,P,F)) entry. Same operations as local_features up to
-    float rounding."""
+    (on a GPU ~20 launches instead of ~600 for 39 regions). `layers`: the per-region weights (w1 (R,E,H),
+    [wh (R,H,H)], [bh (R,H)], wo (R,H,F), bo (R,F)), by default the model's by slot; the layers after the
+    first may be in a lower precision (HeadSdf's float16 path), the output comes back in float32. `record`
+    receives one (encoding (R,P,E), pre-activations [(R,P,H)], unweighted outputs (R,P,F)) entry. Same
+    operations as local_features up to float rounding."""
     cfg, s = model.cfg, model.slot
+    if layers is None:
+        layers = (model.loc_wx[s], [wh[s] for wh in model.loc_wh], [bh[s] for bh in model.loc_bh], model.loc_wo[s],
+                  model.loc_bo[s])
+    w1, whs, bhs, wo, bo = layers
     inplace = not torch.is_grad_enabled() and record is None
     enc = positional_encoding((x[None] - anchors[:, None]) * model.flip[:, None], cfg.pe_freqs, cfg.pe_scale)
-    pre = [torch.baddbmm(b1[:, None], enc, model.loc_wx[s])]
-    h = F.silu(pre[0], inplace=inplace)
-    for wh, bh in zip(model.loc_wh, model.loc_bh):
-        pre.append(torch.baddbmm(bh[s][:, None], h, wh[s]))
+    pre = [torch.baddbmm(b1[:, None], enc, w1)]
+    h = F.silu(pre[0], inplace=inplace).to(wo.dtype)
+    for wh, bh in zip(whs, bhs):
+        pre.append(torch.baddbmm(bh[:, None], h, wh))
         h = F.silu(pre[-1], inplace=inplace)
-    g = torch.baddbmm(model.loc_bo[s][:, None], h, model.loc_wo[s])
+    g = torch.baddbmm(bo[:, None], h, wo).float()
     if record is not None:
         record.append((enc, pre, g))
     return torch.einsum("pr,rpf->pf", w, g)
@@ -114,13 +120,12 @@ class HeadSdf:
         self.model, self.mode, self.drop_tol = model, mode, drop_tol
         self.exact_below = exact_below
         cfg = model.cfg
-        self.sigma, self.freqs, self.pe_scale = cfg.sigma, cfg.pe_freqs, cfg.pe_scale
+        self.sigma = cfg.sigma
         s = model.slot
         self.slots: list[int] = s.tolist()  # region -> local network
         self.hidden_dtype = hidden_dtype
         with torch.no_grad():
             self.k = k[0].float()  # (R,3)
-            self.flip = model.flip.float()  # (R,3)
             self.b1 = (torch.einsum("rz,rzh->rh", zr[0].float(), model.loc_wz[s].float()) + model.loc_b[s]).contiguous()
         # dense mode with float16 hidden layers on CUDA: the fused Triton kernel (engine/fused_sdf.py, float16
         # operands throughout) instead of the per-layer products
@@ -201,17 +206,10 @@ class HeadSdf:
 
     def _dense(self, x: torch.Tensor, low: tuple | None = None) -> torch.Tensor:
         """All regions at every point; `low`: the reduced-precision hidden/output layers instead of float32."""
-        R = self.k.shape[0]
         wh, bh, wo, bo = low if low is not None else (self.wh, self.bh, self.wo, self.bo)
-        local = (x[None] - self.k[:, None]) * self.flip[:, None]  # (R,N,3)
-        enc = positional_encoding(local, self.freqs, self.pe_scale)
-        h = F.silu(torch.baddbmm(self.b1[:, None], enc, self.w1), inplace=True).to(wo.dtype)
-        for w, b in zip(wh, bh):
-            h = F.silu(torch.baddbmm(b[:, None], h, w), inplace=True)
-        g = torch.baddbmm(bo[:, None], h, wo).float()  # (R,N,F)
         w = torch.softmax(self._logits(x), dim=1)  # (N,R)
-        self._count(regions=R * x.shape[0])
-        return torch.einsum("nr,rnf->nf", w, g)
+        self._count(regions=self.k.shape[0] * x.shape[0])
+        return dense_local_features(self.model, x, self.k, self.b1, w, layers=(self.w1, wh, bh, wo, bo))
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         logits = self._logits(x)
