@@ -4,9 +4,9 @@ Rows: sparse extraction (ours) vs the NPHM-style dense baseline (every lattice p
 networks, scikit-image marching cubes) in the same run, with the accuracy of ours against it (largest
 vertex distance either way in voxels, sign agreement at our evaluated points); deform of a 50k-vertex mesh
 per frame; fit of the mean head moved to a random frame; cold start (a fresh process until its first mesh
-is written); peak memory (the process's peak RSS during the row on CPU, torch's peak allocation on CUDA). Where the dense baseline
-would take too long (`--dense-max-points`), its time is extrapolated from a timed slice of the lattice and
-marked "~".
+is written); peak memory (the process's peak RSS during the row on CPU, torch's peak allocation on CUDA).
+Where the dense baseline would take too long (`--dense-max-points`), its time is extrapolated from a timed
+slice of the lattice and marked "~".
 """
 
 from __future__ import annotations
@@ -197,6 +197,7 @@ def _bench_generate(session, head, cfg: BenchConfig, dev: torch.device) -> Row:
     (the add-on's default resolution on CPU, 256^3 on a GPU)."""
     size = 256 if dev.type == "cuda" else 128
     params = {"head": head.to_dict(), "resolution": size}
+
     def run() -> tuple[dict, dict]:
         session.template_index.forget()  # the same head again would find its template query remembered
         return session.generate(params, {})

@@ -270,7 +270,7 @@ class Session:
         dw = torch.zeros_like(tape.w)
         silu_backward = torch.ops.aten.silu_backward
         for enc, pre, g in tape.dense:  # every region at every point, batched over regions (R,P,...)
-            dw = torch.einsum("pf,rpf->pr", dfeat, g)
+            dw += torch.einsum("pf,rpf->pr", dfeat, g)
             d = torch.bmm(dfeat[None] * tape.w.t()[:, :, None], rw.wo_r)
             for a, wh in zip(reversed(pre), [*reversed(rw.wh_r), rw.wx_r]):
                 d = torch.bmm(silu_backward(d, a), wh)
@@ -524,7 +524,8 @@ class Session:
         x_model = sim.apply(samples)
         d_f, _ = self.aligner.tree.query(x_model)
         lo, hi = np.array(constants.BBOX_MIN), np.array(constants.BBOX_MAX)
-        inlier = (d_f <= max(2.5 * float(np.median(d_f)), 0.003)) & ((x_model > lo) & (x_model < hi)).all(1)
+        in_box = ((x_model > lo) & (x_model < hi)).all(1)  # the part of the input a head model describes
+        inlier = (d_f <= max(2.5 * float(np.median(d_f)), 0.003)) & in_box
         if inlier.sum() < 50:
             raise errors.InvalidInput("could not find a head in the input (too few points near the aligned mean head)")
         pts = torch.as_tensor(x_model[inlier], device=self.device, dtype=torch.float32)
@@ -550,8 +551,7 @@ class Session:
                         expression={n: float(w) for n, w in zip(self.expression_names, weights) if w >= FIT_MIN_WEIGHT})
         check_cancel(progress)
         out, mesh = self.head_mesh(head, resolution, _Offset(progress, 0.8, 0.2))
-        # measured on the input inside the model's box: the part a head model describes (a figure's body is not)
-        in_box = ((x_model > lo) & (x_model < hi)).all(1)
+        # measured on the input inside the model's box (a figure's body is not what the head model describes)
         err = fit.fit_error(x_model[in_box], mesh["vertices"], mesh["faces"], sim.scale)
         mesh["vertices"] = sim.inverse(mesh["vertices"].astype(np.float64)).astype(np.float32)
         mesh["normals"] = (mesh["normals"] @ sim.rotation).astype(np.float32)
