@@ -27,7 +27,9 @@ is the float32 field's (to its own rounding, ~1e-7 m).
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -47,32 +49,75 @@ def heaviest_regions(logits: torch.Tensor, tol: float) -> tuple[torch.Tensor, to
         return keep, left.gather(1, keep_sorted.sum(1, keepdim=True) - 1)
 
 
-def local_features(model, slots: list[int], x: torch.Tensor, anchors: torch.Tensor, b1: torch.Tensor,
-                   w: torch.Tensor, keep: torch.Tensor | None, record: list | None = None) -> tuple[torch.Tensor, int]:
-    """Blended local features (P,F) at points x (P,3): region r's network (slot slots[r], first-layer bias b1[r]
-    with its code folded in, anchor anchors[r]) on the points that keep it (keep (P,R) bool; None: every point),
-    weighted by w (P,R); one matrix product per region and layer. Returns the features and the point-region
-    pairs evaluated. Activations are computed in place unless autograd is on or `record` is given; `record`
-    receives (region, slot, point indices or None, encoding, pre-activations, unweighted output) per region
-    (what Session._reverse needs)."""
+@dataclass(frozen=True)
+class FirstLayer:
+    """The local networks' first layers folded onto one encoding shared by every region (fold_first_layer):
+    region r's pre-activations at points x are positional_encoding(x) @ w[r] + b[r]."""
+
+    w: torch.Tensor  # (R,E,H)
+    b: torch.Tensor  # (R,H)
+
+
+def fold_first_layer(model, anchors: torch.Tensor, b1: torch.Tensor) -> FirstLayer:
+    """Region r encodes u = flip_r * (x - anchor_r) * pe_scale as [u, sin(f u), cos(f u)]. Per frequency f and
+    coordinate, sin(f u) = flip (sin(f s x) cos(f s a) - cos(f s x) sin(f s a)) and cos(f u) = cos(f s x)
+    cos(f s a) + sin(f s x) sin(f s a) (s = pe_scale; sin is odd, cos even, flip = +-1), and u is s x flip
+    plus a constant: so region r's first layer on its own encoding equals a (R,E,H) weight on the encoding
+    of x itself, computed once per point instead of once per point and region (~10% of the CPU extraction's
+    time went to the per-region sines, cosines and their bookkeeping). Folded in float64; the weights come
+    out float32. anchors (R,3), b1 (R,H): the first-layer biases with the region codes in."""
+    cfg = model.cfg
+    n = cfg.pe_freqs
+    s = cfg.pe_scale
+    w1 = model.loc_wx[model.slot].double()  # (R,E,H): rows u (3), sin (3n), cos (3n), freq-major
+    flip = model.flip.double()  # (R,3)
+    a = anchors.double()
+    freqs = (2.0 ** torch.arange(n, dtype=torch.float64, device=a.device)) * math.pi
+    beta = (freqs[None, :, None] * (s * a)[:, None, :]).reshape(len(a), 3 * n)  # (R, 3n): f s a
+    cb, sb = torch.cos(beta)[..., None], torch.sin(beta)[..., None]
+    fl = flip.repeat(1, n)[..., None]  # (R, 3n, 1): each term's coordinate flip
+    wx, ws, wc = w1[:, :3], w1[:, 3 : 3 + 3 * n], w1[:, 3 + 3 * n :]
+    w = torch.cat([flip[..., None] * wx, fl * cb * ws + sb * wc, cb * wc - fl * sb * ws], 1)
+    b = b1.double() - torch.einsum("rc,rch->rh", flip * s * a, wx)
+    return FirstLayer(w.float().contiguous(), b.float().contiguous())
+
+
+@dataclass
+class LocalRecord:
+    """What a reverse pass needs from local_features: the shared encoding (P,E) and, per evaluated region,
+    (region, slot, point indices or None for all, pre-activations of each hidden layer, unweighted output)."""
+
+    enc: torch.Tensor | None = None
+    regions: list[tuple] = field(default_factory=list)
+
+
+def local_features(model, slots: list[int], x: torch.Tensor, first: FirstLayer, w: torch.Tensor,
+                   keep: torch.Tensor | None, record: LocalRecord | None = None) -> tuple[torch.Tensor, int]:
+    """Blended local features (P,F) at points x (P,3): region r's network (first layer first.w[r], first.b[r];
+    later layers of slot slots[r]) on the points that keep it (keep (P,R) bool; None: every point), weighted
+    by w (P,R); one matrix product per region and layer. Returns the features and the point-region pairs
+    evaluated. Activations are computed in place unless autograd is on or `record` is given (Session._reverse
+    reads it)."""
     cfg = model.cfg
     inplace = not torch.is_grad_enabled() and record is None
     feat = x.new_zeros((x.shape[0], cfg.feat_dim))
+    enc_all = positional_encoding(x, cfg.pe_freqs, cfg.pe_scale)
+    if record is not None:
+        record.enc = enc_all
     pairs = 0
     for r, s in enumerate(slots):
         idx = None if keep is None else torch.nonzero(keep[:, r]).squeeze(1)
         if idx is not None and idx.numel() == 0:
             continue
-        xr, wr = (x, w[:, r]) if idx is None else (x[idx], w[idx, r])
-        enc = positional_encoding((xr - anchors[r]) * model.flip[r], cfg.pe_freqs, cfg.pe_scale)
-        pre = [torch.addmm(b1[r], enc, model.loc_wx[s])]
+        enc, wr = (enc_all, w[:, r]) if idx is None else (enc_all[idx], w[idx, r])
+        pre = [torch.addmm(first.b[r], enc, first.w[r])]
         h = F.silu(pre[0], inplace=inplace)
         for wh, bh in zip(model.loc_wh, model.loc_bh):
             pre.append(torch.addmm(bh[s], h, wh[s]))
             h = F.silu(pre[-1], inplace=inplace)
         g = torch.addmm(model.loc_bo[s], h, model.loc_wo[s])
         if record is not None:
-            record.append((r, s, idx, enc, pre, g))
+            record.regions.append((r, s, idx, pre, g))
         g = g.mul_(wr[:, None]) if inplace else g * wr[:, None]
         # in place also under autograd (the backward needs only the indices). index_put_ with indices unique per
         # call: deterministic (one call for all pairs is not on CPU), and much faster than index_add_ on CPU
@@ -80,7 +125,7 @@ def local_features(model, slots: list[int], x: torch.Tensor, anchors: torch.Tens
             feat.add_(g)
         else:
             feat.index_put_((idx,), g, accumulate=True)
-        pairs += xr.shape[0]
+        pairs += enc.shape[0]
     return feat, pairs
 
 
@@ -127,6 +172,7 @@ class HeadSdf:
         with torch.no_grad():
             self.k = k[0].float()  # (R,3)
             self.b1 = (torch.einsum("rz,rzh->rh", zr[0].float(), model.loc_wz[s].float()) + model.loc_b[s]).contiguous()
+            self.first = fold_first_layer(model, self.k, self.b1) if mode == "sparse" else None
         # dense mode with float16 hidden layers on CUDA: the fused Triton kernel (engine/fused_sdf.py, float16
         # operands throughout) instead of the per-layer products
         self.fused = None
@@ -217,7 +263,7 @@ class HeadSdf:
         if dropped.numel():
             self._count(dropped=float(dropped.max()))
         w = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)  # renormalised over kept
-        feat, pairs = local_features(self.model, self.slots, x, self.k, self.b1, w, keep)
+        feat, pairs = local_features(self.model, self.slots, x, self.first, w, keep)
         self._count(regions=pairs)
         return feat
 

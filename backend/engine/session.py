@@ -19,7 +19,8 @@ from ..data.atlas import load_atlas
 from ..weights import load_model
 from . import deform, edit, validate
 from .extract import CoarseSdf, ExtractStats, Mesh, check_resolution, extract_mesh
-from .sdf_eval import HeadSdf, dense_local_features, heaviest_regions, local_features
+from .sdf_eval import (FirstLayer, HeadSdf, LocalRecord, dense_local_features, fold_first_layer, heaviest_regions,
+                       local_features)
 from .head import HeadSpec, check_names
 from .template import TemplateIndex, seam_faces
 
@@ -238,10 +239,15 @@ class Session:
         w = torch.softmax(logits, 1)
         if tape is not None:
             tape.diff, tape.dist, tape.w = diff, dist, w
-        bias1 = torch.einsum("rz,rzh->rh", zr[0], m.loc_wz[m.slot]) + m.loc_b[m.slot]
+        with torch.no_grad():
+            bias1 = torch.einsum("rz,rzh->rh", zr[0], m.loc_wz[m.slot]) + m.loc_b[m.slot]
         if keep is None and tape is not None and self.dense_attributes:  # memory as the loop's tape: GRAD_CHUNKS
             return dense_local_features(m, x, anchors, bias1, w, tape.dense)
-        return local_features(m, self._slots, x, anchors, bias1, w, keep, None if tape is None else tape.regions)[0]
+        with torch.no_grad():
+            first = fold_first_layer(m, anchors, bias1)
+        if tape is not None:
+            tape.first = first
+        return local_features(m, self._slots, x, first, w, keep, None if tape is None else tape.local)[0]
 
     def _field_grad(self, x: torch.Tensor, zr: torch.Tensor, k: torch.Tensor, dropped: list[float],
                     tol: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,27 +283,40 @@ class Session:
             dxs = torch.baddbmm(d[..., :3], d[..., 3 : enc.shape[-1]].mul_(enc[..., 3:]),
                                 rw.pe_chain.expand(len(enc), -1, -1))
             dx += dxs.mul_(m.flip[:, None, :] * cfg.pe_scale).sum(0)
-        for r, s, idx, enc, pre, g in tape.regions:
-            df, wr = (dfeat, tape.w[:, r]) if idx is None else (dfeat[idx], tape.w[idx, r])
-            dwr = (df * g).sum(1)
-            d = torch.mm(df * wr[:, None], rw.wo[s])
-            for a, wh in zip(reversed(pre), [*reversed(rw.wh[s]), rw.wx[s]]):
-                d = torch.mm(silu_backward(d, a), wh)
-            # d: the encoding's gradient in the order (x, cos, sin terms, padding); chained to the scaled,
-            # flipped local coordinates through sin' = cos and cos' = -sin
-            dxs = torch.addmm(d[:, :3], d[:, 3 : enc.shape[1]].mul_(enc[:, 3:]), rw.pe_chain)
-            dxr = dxs.mul_(m.flip[r] * cfg.pe_scale)
-            if idx is None:
-                dw[:, r] = dwr
-                dx += dxr
-            else:
-                dw[idx, r] = dwr
-                dx.index_put_((idx,), dxr, accumulate=True)
+        if tape.local.regions:
+            dx.add_(self._reverse_local(dfeat, tape, dw))
         # blend weights: softmax over the kept logits -|x - k_r| / sigma (left-out ones have w = 0)
         dl = tape.w * (dw - (tape.w * dw).sum(1, keepdim=True))
         # d|x - k_r| / dx = (x - k_r) / |x - k_r|; a point on an anchor takes 0 (no direction), as autograd does
         coef = torch.where(tape.dist > 0, dl / (tape.dist * -cfg.sigma), 0.0)
         return dx.add_(torch.einsum("pr,prc->pc", coef, tape.diff))
+
+    def _reverse_local(self, dfeat: torch.Tensor, tape: _Tape, dw: torch.Tensor) -> torch.Tensor:
+        """_reverse through the per-region loop's networks (sdf_eval.local_features): each region's gradient in
+        the shared encoding, summed, then chained to x once (the encoding's derivative: x * pe_scale -> pe_scale,
+        sin(f s x) -> f s cos(f s x), cos(f s x) -> -f s sin(f s x)). Writes the blend-weight gradients into dw."""
+        cfg, rw = self.model.cfg, self._reverse_weights
+        enc, n, w1 = tape.local.enc, 3 * cfg.pe_freqs, tape.first.w
+        # the folded first layers transposed, with one zero column more: (n,96) x (96,40) products ran ~1.5x
+        # faster than (96,39) ones on the 2-core CPU
+        w1t = torch.cat([w1.transpose(1, 2), w1.new_zeros(w1.shape[0], w1.shape[2], 1)], 2)
+        denc = enc.new_zeros((enc.shape[0], w1t.shape[2]))
+        silu_backward = torch.ops.aten.silu_backward
+        for r, s, idx, pre, g in tape.local.regions:
+            df, wr = (dfeat, tape.w[:, r]) if idx is None else (dfeat[idx], tape.w[idx, r])
+            dwr = (df * g).sum(1)
+            d = torch.mm(df * wr[:, None], rw.wo[s])
+            for a, wh in zip(reversed(pre), [*reversed(rw.wh[s]), w1t[r]]):
+                d = torch.mm(silu_backward(d, a), wh)
+            if idx is None:
+                dw[:, r] = dwr
+                denc += d
+            else:
+                dw[idx, r] = dwr
+                denc.index_put_((idx,), d, accumulate=True)
+        sin, cos = enc[:, 3 : 3 + n], enc[:, 3 + n : 3 + 2 * n]
+        dterms = denc[:, 3 : 3 + n] * cos - denc[:, 3 + n : 3 + 2 * n] * sin
+        return torch.addmm(denc[:, :3], dterms, rw.freq_chain).mul_(cfg.pe_scale)
 
     @cached_property
     def _reverse_weights(self) -> _ReverseWeights:
@@ -633,13 +652,14 @@ class Session:
 @dataclass
 class _Tape:
     """What Session._reverse needs from a forward pass: the points' offsets from the anchors (P,R,3), their
-    lengths (P,R), the blend weights (P,R), and per evaluated region (region, slot, point indices or None for
-    all, encoding, pre-activations of each hidden layer, unweighted output)."""
+    lengths (P,R), the blend weights (P,R), and the local networks' record (the per-region loop's, with the
+    folded first layers it ran with, or the batched all-regions pass's)."""
 
     diff: torch.Tensor | None = None
     dist: torch.Tensor | None = None
     w: torch.Tensor | None = None
-    regions: list[tuple] = field(default_factory=list)
+    first: FirstLayer | None = None  # the folded first layers local_features ran with
+    local: LocalRecord = field(default_factory=LocalRecord)  # sdf_eval.local_features' record
     dense: list[tuple] = field(default_factory=list)  # sdf_eval.dense_local_features' record, when it ran
 
 
@@ -652,22 +672,21 @@ class _ReverseWeights:
         with torch.no_grad():
             self.wo = [w.t().contiguous() for w in model.loc_wo]
             self.wh = [[wh[s].t().contiguous() for wh in model.loc_wh] for s in range(model.n_slots)]
-            # The first layer's transposed weight with its columns as (x, cos terms, sin terms) and one zero
-            # column more: (n,96) x (96,40) products ran ~1.5x faster than (96,39) ones on the 2-core CPU.
+            # each frequency's factor on the coordinate its sin / cos term encodes, (3 n_freqs, 3)
+            freqs = (2.0 ** torch.arange(cfg.pe_freqs, dtype=model.loc_wx.dtype, device=model.loc_wx.device)) * math.pi
+            self.freq_chain = torch.kron(freqs[:, None], torch.eye(3, dtype=freqs.dtype, device=freqs.device))
+            # For the batched reverse of sdf_eval.dense_local_features, per region (R, ...): the first layer's
+            # transposed weight with its columns as (x, cos terms, sin terms) and one zero column more, and
+            # d(encoding)/d(x * pe_scale) in that order: the cos terms' column gradients times sin, then the sin
+            # terms' times cos, weighted by -freq and +freq onto the coordinate they encode.
             n = 3 * cfg.pe_freqs
             order = [*range(3), *range(3 + n, 3 + 2 * n), *range(3, 3 + n)]
-            wx = model.loc_wx[:, order].transpose(1, 2)
-            self.wx = list(torch.cat([wx, wx.new_zeros(*wx.shape[:2], 1)], 2))
-            # d(encoding)/d(x * pe_scale): the cos terms' column gradients times sin, then the sin terms' times
-            # cos, weighted by -freq and +freq onto the coordinate they encode
-            freqs = (2.0 ** torch.arange(cfg.pe_freqs, dtype=wx.dtype, device=wx.device)) * math.pi
-            per_coord = torch.kron(freqs[:, None], torch.eye(3, dtype=wx.dtype, device=wx.device))  # (n, 3)
-            self.pe_chain = torch.cat([-per_coord, per_coord])
-            # the same per region (R, ...), for the batched reverse of sdf_eval.dense_local_features
             slots = model.slot.tolist()
+            wx = model.loc_wx[slots][:, order].transpose(1, 2)
+            self.wx_r = torch.cat([wx, wx.new_zeros(*wx.shape[:2], 1)], 2)
+            self.pe_chain = torch.cat([-self.freq_chain, self.freq_chain])
             self.wo_r = torch.stack([self.wo[s] for s in slots])
             self.wh_r = [torch.stack([self.wh[s][i] for s in slots]) for i in range(len(model.loc_wh))]
-            self.wx_r = torch.stack([self.wx[s] for s in slots])
 
 
 class _Offset:
