@@ -69,11 +69,11 @@ def test_vertex_attributes_match_all_regions(session, generated):
         sdf39, grad39, tmpl39 = session.sdf_grad_template(x, zr, k, [0.0])
     finally:
         session.topk = saved
-    # measured here: 2.0 um, 0.4 um, 0.09 degrees
-    assert np.abs(sdf - sdf39).max() < 5e-6
-    assert np.linalg.norm(tmpl - tmpl39, axis=1).max() < 2e-6
+    # measured here (POINT_DROP_TOL 1e-4): 14.3 um, 4.5 um, 0.39 degrees
+    assert np.abs(sdf - sdf39).max() < 2e-5
+    assert np.linalg.norm(tmpl - tmpl39, axis=1).max() < 6e-6
     cos = (grad * grad39).sum(1) / (np.linalg.norm(grad, axis=1) * np.linalg.norm(grad39, axis=1))
-    assert np.degrees(np.arccos(np.clip(cos, -1, 1))).max() < 0.3
+    assert np.degrees(np.arccos(np.clip(cos, -1, 1))).max() < 0.5
     np.testing.assert_allclose(arrays["normals"], grad / np.linalg.norm(grad, axis=1, keepdims=True), atol=1e-6)
     h, sub = 1e-4, x[::50].astype(np.float64)
     sdf_at = lambda p: session.vertex_sdf(p.astype(np.float32), zr, k).double().numpy()  # noqa: E731
