@@ -89,9 +89,8 @@ def thread_slices(n: int, chunk: int) -> list[slice]:
 
 def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """[fn(item) for item in items] on as many Python threads as torch has intra-op threads, each running torch's
-    ops on one thread (restored after). For work that does not parallelise inside its ops, such as the template
-    queries' cKDTree searches and small torch ops (engine/template.py): a 128^3 head's 31k closest points took
-    0.10-0.125 s on the quiet 2-core machine against 0.115-0.15 s as one op at a time on two OpenMP threads."""
+    ops on one thread (restored after). For work that does not parallelise inside its ops: the per-region network
+    products (engine/extract.py, Session.sdf_grad_template) and MeshIndex's cKDTree searches (engine/template.py)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch

@@ -204,6 +204,6 @@ def test_warm_up_builds_what_a_first_request_needs():
     fresh = Session(device="cpu")
     assert fresh._template_index is None
     fresh.warm_up()
-    assert fresh._template_index is not None  # scipy imported, template index built
+    assert fresh._template_index is not None  # template index built
     out, arrays = fresh.generate({"seed": 1, "resolution": 32}, {})
     assert len(arrays["faces"]) > 0

@@ -19,10 +19,12 @@ TOUCH_CHUNK = 1 << 24  # distance-matrix entries per piece of the touch test
 
 def component_labels(faces: torch.Tensor, n_vertices: int) -> torch.Tensor:
     """(F,3) long faces -> (n_vertices,) long label per vertex: the smallest vertex index of its piece."""
-    u = torch.cat([faces[:, 0], faces[:, 1]])
-    v = torch.cat([faces[:, 1], faces[:, 2]])
-    n = n_vertices
-    parent = torch.arange(n + 1, device=faces.device)  # slot n takes the hooks a round skips
+    return edge_labels(torch.cat([faces[:, 0], faces[:, 1]]), torch.cat([faces[:, 1], faces[:, 2]]), n_vertices)
+
+
+def edge_labels(u: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+    """Graph of n nodes and long edges (u[i], v[i]) -> (n,) long label per node: the smallest node of its piece."""
+    parent = torch.arange(n + 1, device=u.device)  # slot n takes the hooks a round skips
     while True:
         pu, pv = parent[u], parent[v]
         differ = torch.nonzero(pu != pv).squeeze(1)  # the one host sync of a round (then index, not mask)

@@ -482,7 +482,7 @@ class Session:
     # ------------------------------------------------------------------ ops
     def warm_up(self) -> None:
         """Pay a first request's one-off costs now (the server calls this after the handshake): a small head
-        through generate (the template index and scipy's import, first-call allocations; on CUDA the Triton
+        through generate (the template index, first-call allocations; on CUDA the Triton
         kernels compile or load from their cache) and a short pose of some of its vertices (the warp network)."""
         head = HeadSpec(identity=self.sample_identity(0))
         z_id, zr, k = self.decode(head)

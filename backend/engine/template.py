@@ -8,12 +8,15 @@ straddles a seam and gets stretched UVs. Such faces are counted (`seam_faces`) s
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from .. import errors
 from ..cpu import thread_map
+from .components import edge_labels
 
 if TYPE_CHECKING:
     from ..data.atlas import Atlas
@@ -59,14 +62,14 @@ GPU_CHUNK = 1 << 17  # points per closest-point pass on a GPU (bounds the candid
 
 
 class MeshIndex:
-    """Closest-point queries on a triangle mesh (approximate candidate search, exact per candidate). Candidates
-    come from scipy's k-d trees on the host, the exact tests run on `device`. On CPU chunks of points run on
-    parallel threads; with a GPU the host search uses every core (cKDTree workers=-1) and the tests run on the
-    GPU (a 256^3 head's 138k template positions took ~0.43 s on the H100 host's threads alone)."""
+    """Closest-point queries on any triangle mesh for points at any distance (the fit error: input points from
+    far off included): approximate candidate search, exact per candidate. Candidates come from scipy's k-d trees
+    on the host, the exact tests run on `device`; on CPU chunks of points run on parallel threads. Large
+    triangles whose corners are all far from a point can be missed: TemplateIndex is exact."""
 
     def __init__(self, vertices: np.ndarray, faces: np.ndarray, candidates: int = 3, max_valence: int = 12,
                  centroid_candidates: int = 4, device: torch.device | str = "cpu"):
-        from scipy.spatial import cKDTree  # scipy loads only where closest points are needed
+        from scipy.spatial import cKDTree  # scipy loads only where the fit needs it
 
         self.device = torch.device(device)
         self.vertices = np.asarray(vertices, np.float64)
@@ -90,49 +93,23 @@ class MeshIndex:
         vf[vert_of[keep], slot[keep]] = face_of[keep]
         first = np.where(vf[:, :1] >= 0, vf[:, :1], 0)
         self.vertex_faces = torch.as_tensor(np.where(vf >= 0, vf, first).astype(np.int32), device=self.device)
-        # Triangle corners as coordinate planes (corner, xyz, F) float32, for closest(); and its last answer.
+        # Triangle corners as coordinate planes (corner, xyz, F) float32
         self._tri_planes = torch.as_tensor(self.vertices[self.faces], dtype=torch.float32,
                                            device=self.device).permute(1, 2, 0).contiguous()
-        self._last: tuple[np.ndarray, tuple[np.ndarray, ...]] | None = None
 
     def closest(self, points: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Closest mesh point among the triangles around the nearest `candidates` vertices and the
         `centroid_candidates` triangles with the nearest centroids:
         (face (N,), barycentric (N,3) float64, distance (N,)). On CPU chunks of points run on parallel threads
-        (cpu.thread_map; each row's answer does not depend on the chunking). The answer for the last query is
-        kept, so asking again for the same points (UVs, then distances) costs one comparison."""
-        return self._query(points, chunk)[:3]
-
-    def nearest_vertex(self, points: np.ndarray) -> np.ndarray:
-        """Index (N,) of each point's nearest mesh vertex (the first candidate of closest's search when it has
-        just been asked for the same points)."""
-        if self._is_last(points):
-            return self._query(points)[3]
-        return self.tree.query(np.asarray(points, np.float64), workers=self._workers)[1]
-
-    def forget(self) -> None:
-        """Drop the remembered last answer (benchmarks that ask again for the same points)."""
-        self._last = None
-
-    def _is_last(self, points: np.ndarray) -> bool:
-        last = self._last
-        return last is not None and last[0].shape == np.shape(points) and np.array_equal(last[0], points)
-
-    def _query(self, points: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, ...]:
-        """closest's answer and the nearest vertex: (face, barycentric, distance, vertex)."""
+        (cpu.thread_map; each row's answer does not depend on the chunking)."""
         points = np.ascontiguousarray(points, np.float64)
-        if not self._is_last(points):
-            step = chunk if self.device.type == "cpu" else GPU_CHUNK
-            chunks = [points[s : s + step] for s in range(0, max(len(points), 1), step)]  # one, maybe empty
-            if self.device.type == "cpu":
-                parts = thread_map(self._closest_chunk, chunks)
-            else:  # one chunk at a time on the device
-                parts = [self._closest_chunk(c) for c in chunks]
-            answer = tuple(np.concatenate(a) for a in zip(*parts))
-            for a in answer:
-                a.flags.writeable = False  # handed out again for the same points: read-only, not copied
-            self._last = (points.copy(), answer)
-        return self._last[1]
+        step = chunk if self.device.type == "cpu" else GPU_CHUNK
+        chunks = [points[s : s + step] for s in range(0, max(len(points), 1), step)]  # one, maybe empty
+        if self.device.type == "cpu":
+            parts = thread_map(self._closest_chunk, chunks)
+        else:  # one chunk at a time on the device
+            parts = [self._closest_chunk(c) for c in chunks]
+        return tuple(np.concatenate(a) for a in zip(*parts))
 
     @property
     def _workers(self) -> int:
@@ -149,7 +126,7 @@ class MeshIndex:
 
     def _closest_chunk(self, p: np.ndarray) -> tuple[np.ndarray, ...]:
         if len(p) == 0:
-            return np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0), np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0)
         near, near_faces = self._nearest(p)
         cand = torch.cat([self.vertex_faces[near].reshape(len(p), -1), near_faces.int()], 1)
         # Each face once: neighbouring vertices share most faces (~14 distinct of 36 slots on the template), so
@@ -172,20 +149,160 @@ class MeshIndex:
         best = d.argmin(dim=1)
         rows = torch.arange(len(p), device=self.device)
         return (cand[rows, best].cpu().numpy().astype(np.int64), bc[rows, best].double().cpu().numpy(),
-                d[rows, best].double().cpu().numpy(), near[:, 0].cpu().numpy().astype(np.int64))
+                d[rows, best].double().cpu().numpy())
 
 
-class TemplateIndex(MeshIndex):
-    """The atlas surface: closest point, region labels, UVs."""
+LEAF = 4  # triangles per TriangleTree leaf (measured on a head's 31k template positions: 4 was fastest of 4/8/16)
+
+
+class TriangleTree:
+    """Exact closest triangle of a mesh: a complete binary tree over the triangles (median splits of their
+    centroids along each node's longest side; leaves of LEAF triangles, padded with repeats) with a box per node.
+    A query descends once to a likely leaf (the child whose box is nearer, then whose centre is) for a first
+    distance, then walks the tree breadth-first keeping only nodes whose box is no farther than that: every
+    triangle that could be closer is tested. Bounds are float32 relative to the mesh's centre (with a slack far
+    above their rounding), the answer is the closest triangle (the lowest index among equally close ones).
+    Coordinates are kept as planes (3, ...): products and sums over xyz run on contiguous rows (a norm over a
+    length-3 last axis took a third of the query's time on CPU). Torch only, on any device."""
+
+    def __init__(self, tri: torch.Tensor):
+        """tri (F,3,3) float64 triangle corners, F >= 1."""
+        dev, n_tri = tri.device, tri.shape[0]
+        if n_tri == 0:
+            raise ValueError("TriangleTree needs at least one triangle")
+        self.depth = max(0, math.ceil(math.log2(max(n_tri, 1) / LEAF)))
+        size = LEAF << self.depth
+        centre = tri.mean(1)
+        order = torch.cat([torch.arange(n_tri, device=dev), torch.full((size - n_tri,), n_tri - 1, device=dev)])
+        for level in range(self.depth):
+            seg = order.view(1 << level, -1)
+            c = centre[seg]
+            axis = (c.amax(1) - c.amin(1)).argmax(1)
+            key = c.gather(2, axis[:, None, None].expand(-1, seg.shape[1], 1)).squeeze(2)
+            order = seg.gather(1, key.argsort(dim=1, stable=True)).reshape(-1)
+        self.leaves = order.view(-1, LEAF)  # (leaves, LEAF) triangle ids
+        self.origin = tri.reshape(-1, 3).mean(0)
+        rel = tri - self.origin
+        corners = rel[order].reshape(-1, 3 * LEAF, 3)
+        lo, hi = [corners.amin(1)], [corners.amax(1)]
+        for _ in range(self.depth):  # parents from children, up to the root
+            lo.insert(0, torch.minimum(lo[0][0::2], lo[0][1::2]))
+            hi.insert(0, torch.maximum(hi[0][0::2], hi[0][1::2]))
+        self.lo = [t.float().T.contiguous() for t in lo]  # per level (3, nodes)
+        self.hi = [t.float().T.contiguous() for t in hi]
+        self.mid = [(a + b) / 2 for a, b in zip(self.lo, self.hi)]
+        # per triangle: corners as planes (corner, xyz, F) and a bounding sphere (centroid (3,F), radius)
+        self.planes = rel.float().permute(1, 2, 0).contiguous()
+        self.centroid = (centre - self.origin).float().T.contiguous()
+        self.radius = (tri - centre[:, None]).norm(dim=2).amax(1).float()
+        # and its plane: unit normal (3,F) and offset (F,) (a degenerate triangle: zero normal, never pruned)
+        normal = torch.linalg.cross(rel[:, 1] - rel[:, 0], rel[:, 2] - rel[:, 0])
+        normal = normal / normal.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        self.normal = normal.float().T.contiguous()
+        self.offset = (normal * rel[:, 0]).sum(1).float()
+
+    def closest(self, p64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Points (n,3) float64 -> closest triangle (n,) long, distance (n,) float32, barycentric (n,3) float32."""
+        p = (p64 - self.origin).float().T.contiguous()  # (3, n)
+        n, dev = p.shape[1], p.device
+        # one descent: the child with the nearer box, on a tie (both contain the point) the nearer centre
+        node = torch.zeros(n, dtype=torch.long, device=dev)
+        for level in range(1, self.depth + 1):
+            left = 2 * node
+            box = [self._box_sq(p, level, c) for c in (left, left + 1)]
+            mid = [_sq(self.mid[level].index_select(1, c) - p) for c in (left, left + 1)]
+            node = torch.where((box[0] < box[1]) | ((box[0] == box[1]) & (mid[0] <= mid[1])), left, left + 1)
+        # a first distance: to the nearest of that leaf's triangles
+        rows = torch.arange(n, device=dev)
+        first = self._distance(p, rows.repeat_interleave(LEAF), self.leaves.index_select(0, node).reshape(-1))[0]
+        # slack: far above float32 rounding of the bounds at the points' distance from the mesh
+        bound = first.view(n, LEAF).amin(1) + 1e-6 * (1.0 + _sq(p).sqrt())
+        nodes = torch.zeros(n, dtype=torch.long, device=dev)
+        for level in range(1, self.depth + 1):  # every node whose box may hold something nearer
+            rows = rows.repeat_interleave(2)
+            nodes = torch.stack([2 * nodes, 2 * nodes + 1], 1).reshape(-1)
+            keep = torch.nonzero(self._box_sq(p.index_select(1, rows), level, nodes) <= bound[rows] ** 2).squeeze(1)
+            rows, nodes = rows[keep], nodes[keep]
+        rows = rows.repeat_interleave(LEAF)
+        tris = self.leaves.index_select(0, nodes).reshape(-1)
+        # the bounding spheres first: |p - c| - r <= bound
+        reach = (bound.index_select(0, rows) + self.radius.index_select(0, tris)) ** 2
+        keep = torch.nonzero(_sq(self.centroid.index_select(1, tris) - p.index_select(1, rows)) <= reach).squeeze(1)
+        rows, tris = rows[keep], tris[keep]
+        # then the planes: a triangle is no nearer than its plane
+        plane = (self.normal.index_select(1, tris) * p.index_select(1, rows)).sum(0) - self.offset.index_select(0, tris)
+        keep = torch.nonzero(plane.abs_() <= bound.index_select(0, rows)).squeeze(1)
+        rows, tris = rows[keep], tris[keep]  # never empty for a point: its nearest triangle passes
+        d, bary = self._distance(p, rows, tris)
+        best = torch.full((n,), math.inf, device=dev).scatter_reduce_(0, rows, d, "amin")
+        won = torch.nonzero(d == best[rows]).squeeze(1)
+        face = torch.full((n,), self.planes.shape[2], device=dev).scatter_reduce_(0, rows[won], tris[won], "amin")
+        won = won[tris[won] == face[rows[won]]]
+        out = torch.empty((n, 3), device=dev)
+        out[rows[won]] = bary[won]
+        return face, best, out
+
+    def _box_sq(self, p: torch.Tensor, level: int, nodes: torch.Tensor) -> torch.Tensor:
+        """Squared distance from points p (3,M) to the boxes of `nodes` (M,) at `level`."""
+        lo, hi = self.lo[level].index_select(1, nodes), self.hi[level].index_select(1, nodes)
+        return _sq((lo - p).clamp_min_(0) + (p - hi).clamp_min_(0))
+
+    def _distance(self, p: torch.Tensor, rows: torch.Tensor, tris: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance from point rows[i] of p (3,n) to triangle tris[i] and the barycentric (M,3) of its closest
+        point. Relative to the point: float32 keeps sub-micrometre precision at head scale."""
+        tri = self.planes.view(9, -1).index_select(1, tris).view(3, 3, -1) - p.index_select(1, rows)[None]
+        bc = closest_point_on_triangles(torch.zeros(3, 1, device=p.device), tri[0], tri[1], tri[2], coord_dim=0)
+        x = bc[:, 0] * tri[0] + bc[:, 1] * tri[1] + bc[:, 2] * tri[2]
+        return _sq(x).sqrt_(), bc
+
+
+def _sq(v: torch.Tensor) -> torch.Tensor:
+    """Squared length over the first axis (xyz planes)."""
+    return v[0] * v[0] + v[1] * v[1] + v[2] * v[2]
+
+
+class TemplateIndex:
+    """The atlas surface: closest point (exact, TriangleTree), region labels, UVs. Numpy and torch only (no scipy on
+    the way to a first head)."""
 
     def __init__(self, atlas: Atlas, device: torch.device | str = "cpu"):
-        super().__init__(atlas.vertices, atlas.faces, device=device)
         self.atlas = atlas
+        self.device = torch.device(device)
+        self.faces = np.asarray(atlas.faces, np.int64)
+        corners = np.asarray(atlas.vertices, np.float64)[self.faces]
+        self.tree = TriangleTree(torch.as_tensor(corners, device=self.device))
         self.face_island = _uv_islands(self.faces, atlas.uv)
+        self._last: tuple[np.ndarray, tuple[np.ndarray, ...]] | None = None
+
+    def closest(self, points: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(face (N,), barycentric (N,3) float64, distance (N,)) of each point's closest template point. The
+        answer for the last query is kept (read-only), so asking again for the same points costs a comparison."""
+        points = np.ascontiguousarray(points, np.float64)
+        if not np.isfinite(points).all():  # NaN fails every bound: such a point would get no triangle
+            raise errors.BackendError("non-finite points in a template query", code="internal_error")
+        last = self._last
+        if last is None or last[0].shape != points.shape or not np.array_equal(last[0], points):
+            # one chunk at a time (bounds the candidate arrays); on CPU each op on torch's threads: chunks on
+            # parallel threads (cpu.thread_map) measured no faster (0.15-0.27 s against 0.14-0.22 s for a 128^3
+            # head's 31k points on the 2-core machine)
+            step = chunk if self.device.type == "cpu" else GPU_CHUNK
+            parts = [self._closest_chunk(points[s : s + step]) for s in range(0, len(points), step)]
+            answer = tuple(np.concatenate(a) for a in zip(*parts)) if parts else \
+                (np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0))
+            for a in answer:
+                a.flags.writeable = False
+            self._last = last = (points.copy(), answer)
+        return last[1]
+
+    def forget(self) -> None:
+        """Drop the remembered last answer (benchmarks that ask again for the same points)."""
+        self._last = None
 
     def nearest_region(self, points: np.ndarray) -> np.ndarray:
-        """Region id of the nearest template vertex, (N,) int32."""
-        return self.atlas.region[self.nearest_vertex(points)].astype(np.int32)
+        """Region id (N,) int32 of each point's closest template point: that of its triangle's corner with the
+        largest barycentric weight (region borders follow the same closest-point map as the UVs)."""
+        face, bary, _ = self.closest(points)
+        return self.atlas.region[self.faces[face, np.argmax(bary, axis=1)]].astype(np.int32)
 
     def uv(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ICT-layout UV (N,2) float32 of each point's closest template point, and that point's UV island."""
@@ -195,6 +312,10 @@ class TemplateIndex(MeshIndex):
         uv = bary[:, 0:1] * corner_uv[:, 0] + bary[:, 1:2] * corner_uv[:, 1] + bary[:, 2:3] * corner_uv[:, 2]
         return uv.astype(np.float32), self.face_island[face]
 
+    def _closest_chunk(self, p: np.ndarray) -> tuple[np.ndarray, ...]:
+        face, dist, bary = self.tree.closest(torch.as_tensor(p, device=self.device))
+        return face.cpu().numpy(), bary.double().cpu().numpy(), dist.double().cpu().numpy()
+
 
 def seam_faces(faces: np.ndarray, vertex_island: np.ndarray) -> int:
     """Faces whose corners take their UVs from different template UV islands."""
@@ -203,10 +324,8 @@ def seam_faces(faces: np.ndarray, vertex_island: np.ndarray) -> int:
 
 
 def _uv_islands(faces: np.ndarray, uv: np.ndarray) -> np.ndarray:
-    """UV island per face: faces are joined across an edge when both edge ends carry the same UV in both."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
+    """UV island per face (0, 1, ...): faces are joined across an edge when both edge ends carry the same UV in
+    both."""
     nf = len(faces)
     # Key each corner by (vertex, rounded uv): a shared edge with identical corner keys is not a seam.
     uvq = np.round(uv.reshape(-1, 2) * 1e6).astype(np.int64)
@@ -219,8 +338,8 @@ def _uv_islands(faces: np.ndarray, uv: np.ndarray) -> np.ndarray:
     grouped = inv[order]
     same = grouped[1:] == grouped[:-1]
     a, b = owner[order][:-1][same], owner[order][1:][same]
-    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(nf, nf))
-    return connected_components(graph, directed=False)[1].astype(np.int32)
+    label = edge_labels(torch.as_tensor(a), torch.as_tensor(b), nf).numpy()
+    return np.unique(label, return_inverse=True)[1].astype(np.int32)
 
 
 def _row_ids(rows: np.ndarray) -> np.ndarray:
