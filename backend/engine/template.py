@@ -58,7 +58,10 @@ def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return torch.stack(bary, -1)
 
 
-GPU_CHUNK = 1 << 17  # points per closest-point pass on a GPU (bounds the candidate arrays: ~0.5 GB)
+GPU_CHUNK = 1 << 17  # points per MeshIndex pass on a GPU (bounds the candidate arrays: ~0.5 GB)
+# points per TemplateIndex pass on a GPU: a 512^3 head's ~500k vertices at once (a pass launches some hundreds of kernels;
+# its arrays: +3.1 GB at 503k points on the H100, 0.77 GB at 126k)
+TEMPLATE_GPU_CHUNK = 1 << 19
 
 
 class MeshIndex:
@@ -205,13 +208,15 @@ class TriangleTree:
         """Points (n,3) float64 -> closest triangle (n,) long, distance (n,) float32, barycentric (n,3) float32."""
         p = (p64 - self.origin).float().T.contiguous()  # (3, n)
         n, dev = p.shape[1], p.device
-        # one descent: the child with the nearer box, on a tie (both contain the point) the nearer centre
+        # one descent: the child with the nearer box, on a tie (both contain the point) the nearer centre; both
+        # children in one set of ops (each op is a kernel launch on a GPU)
         node = torch.zeros(n, dtype=torch.long, device=dev)
+        p2 = p.repeat(1, 2)
         for level in range(1, self.depth + 1):
-            left = 2 * node
-            box = [self._box_sq(p, level, c) for c in (left, left + 1)]
-            mid = [_sq(self.mid[level].index_select(1, c) - p) for c in (left, left + 1)]
-            node = torch.where((box[0] < box[1]) | ((box[0] == box[1]) & (mid[0] <= mid[1])), left, left + 1)
+            children = torch.cat([2 * node, 2 * node + 1])
+            box = self._box_sq(p2, level, children).view(2, n)
+            mid = _sq(self.mid[level].index_select(1, children) - p2).view(2, n)
+            node = 2 * node + ((box[1] < box[0]) | ((box[1] == box[0]) & (mid[1] < mid[0])))
         # a first distance: to the nearest of that leaf's triangles
         rows = torch.arange(n, device=dev)
         first = self._distance(p, rows.repeat_interleave(LEAF), self.leaves.index_select(0, node).reshape(-1))[0]
@@ -258,7 +263,7 @@ class TriangleTree:
 
 def _sq(v: torch.Tensor) -> torch.Tensor:
     """Squared length over the first axis (xyz planes)."""
-    return v[0] * v[0] + v[1] * v[1] + v[2] * v[2]
+    return (v * v).sum(0)
 
 
 class TemplateIndex:
@@ -285,7 +290,7 @@ class TemplateIndex:
             # one chunk at a time (bounds the candidate arrays); on CPU each op on torch's threads: chunks on
             # parallel threads (cpu.thread_map) measured no faster (0.15-0.27 s against 0.14-0.22 s for a 128^3
             # head's 31k points on the 2-core machine)
-            step = chunk if self.device.type == "cpu" else GPU_CHUNK
+            step = chunk if self.device.type == "cpu" else TEMPLATE_GPU_CHUNK
             parts = [self._closest_chunk(points[s : s + step]) for s in range(0, len(points), step)]
             answer = tuple(np.concatenate(a) for a in zip(*parts)) if parts else \
                 (np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0))
