@@ -321,12 +321,13 @@ def _final_level(sdf_fn: SdfFn, grid: Grid, cells: torch.Tensor, corner_values: 
     cert_neg = torch.gather(corner_values < 0, 1, which)  # the certifying corner's sign
     keys, inverse = torch.unique(_keys(cells[:, None, :] * 2 + off, shape), return_inverse=True)
     n = keys.shape[0]
-    # votes by scatter, not boolean-mask indexing (each mask index is a host sync)
+    # votes by scatter, not boolean-mask indexing (each mask index is a host sync); scatter_add_, not index_put_
+    # with accumulate, which sorts the indices on CUDA (0.9 ms of a 256^3 extraction's 14 ms of kernels)
     flat = inverse.reshape(-1)
-    neg_votes = torch.zeros(n, dtype=torch.int32, device=dev).index_put_(
-        (flat,), (cert & cert_neg).reshape(-1).int(), accumulate=True) > 0
-    pos_votes = torch.zeros(n, dtype=torch.int32, device=dev).index_put_(
-        (flat,), (cert & ~cert_neg).reshape(-1).int(), accumulate=True) > 0
+    neg_votes = torch.zeros(n, dtype=torch.int32, device=dev).scatter_add_(
+        0, flat, (cert & cert_neg).reshape(-1).int()) > 0
+    pos_votes = torch.zeros(n, dtype=torch.int32, device=dev).scatter_add_(
+        0, flat, (cert & ~cert_neg).reshape(-1).int()) > 0
     values = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
     reused = corner_values.float()
     if coarse is not None:
