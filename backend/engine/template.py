@@ -164,7 +164,8 @@ class TriangleTree:
     A query descends once to a likely leaf (the child whose box is nearer, then whose centre is) for a first
     distance, then walks the tree breadth-first keeping only nodes whose box is no farther than that: every
     triangle that could be closer is tested. Bounds are float32 relative to the mesh's centre (with a slack far
-    above their rounding), the answer is the closest triangle (the lowest index among equally close ones).
+    above their rounding), the answer is the closest triangle up to the float32 rounding of the distances (~1e-8 m
+    at head scale; measured within 2e-8 m of a float64 brute force), the lowest index among equally close ones.
     Coordinates are kept as planes (3, ...): products and sums over xyz run on contiguous rows (a norm over a
     length-3 last axis took a third of the query's time on CPU). Torch only, on any device."""
 
