@@ -59,8 +59,8 @@ def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 
 
 GPU_CHUNK = 1 << 17  # points per MeshIndex pass on a GPU (bounds the candidate arrays: ~0.5 GB)
-# points per TemplateIndex pass on a GPU: a 512^3 head's ~500k vertices at once (a pass launches some hundreds of kernels;
-# its arrays: +3.1 GB at 503k points on the H100, 0.77 GB at 126k)
+# points per TemplateIndex pass on a GPU: a 512^3 head's ~500k vertices at once (a pass launches some hundreds of
+# kernels; its arrays: +3.1 GB at 503k points on the H100, 0.77 GB at 126k)
 TEMPLATE_GPU_CHUNK = 1 << 19
 
 
@@ -139,20 +139,14 @@ class MeshIndex:
         cand = cand.sort(dim=1).values
         slot = torch.cat([torch.ones_like(cand[:, :1], dtype=torch.bool), cand[:, 1:] != cand[:, :-1]], 1).cumsum(1) - 1
         cand = cand[:, :1].expand(-1, int(slot[:, -1].max()) + 1).clone().scatter_(1, slot, cand)  # (n, C)
-        # Work relative to the query point: float32 keeps sub-micrometre precision at head scale. Layout
-        # (corner, xyz, n, C): the same float32 arithmetic as on (n, C, corner, xyz), on contiguous planes.
-        tri = self._tri_planes.view(9, -1).index_select(1, cand.view(-1)).view(3, 3, *cand.shape)
-        pt = torch.as_tensor(p.T, dtype=torch.float32, device=self.device)
-        tri = tri - pt[None, :, :, None]
-        q = torch.zeros(3, 1, 1, device=self.device)
-        bc = closest_point_on_triangles(q, tri[0], tri[1], tri[2], coord_dim=0)  # (n, C, 3)
-        w = bc.permute(2, 0, 1)  # (corner, n, C)
-        x = torch.stack([w[0] * tri[0, j] + w[1] * tri[1, j] + w[2] * tri[2, j] for j in range(3)], -1)
-        d = x.norm(dim=-1)
-        best = d.argmin(dim=1)
-        rows = torch.arange(len(p), device=self.device)
-        return (cand[rows, best].cpu().numpy().astype(np.int64), bc[rows, best].double().cpu().numpy(),
-                d[rows, best].double().cpu().numpy())
+        n, c = cand.shape
+        rows = torch.arange(n, device=self.device)
+        pt = torch.as_tensor(p.T, dtype=torch.float32, device=self.device).contiguous()
+        d, bc = _point_triangle(self._tri_planes, pt, rows.repeat_interleave(c), cand.reshape(-1))
+        best = d.view(n, c).argmin(dim=1)
+        pick = rows * c + best
+        return (cand[rows, best].cpu().numpy().astype(np.int64), bc[pick].double().cpu().numpy(),
+                d[pick].double().cpu().numpy())
 
 
 LEAF = 4  # triangles per TriangleTree leaf (measured on a head's 31k template positions: 4 was fastest of 4/8/16)
@@ -174,7 +168,7 @@ class TriangleTree:
         dev, n_tri = tri.device, tri.shape[0]
         if n_tri == 0:
             raise ValueError("TriangleTree needs at least one triangle")
-        self.depth = max(0, math.ceil(math.log2(max(n_tri, 1) / LEAF)))
+        self.depth = max(0, math.ceil(math.log2(n_tri / LEAF)))
         size = LEAF << self.depth
         centre = tri.mean(1)
         order = torch.cat([torch.arange(n_tri, device=dev), torch.full((size - n_tri,), n_tri - 1, device=dev)])
@@ -220,7 +214,8 @@ class TriangleTree:
             node = 2 * node + ((box[1] < box[0]) | ((box[1] == box[0]) & (mid[1] < mid[0])))
         # a first distance: to the nearest of that leaf's triangles
         rows = torch.arange(n, device=dev)
-        first = self._distance(p, rows.repeat_interleave(LEAF), self.leaves.index_select(0, node).reshape(-1))[0]
+        leaf = self.leaves.index_select(0, node).reshape(-1)
+        first = _point_triangle(self.planes, p, rows.repeat_interleave(LEAF), leaf)[0]
         # slack: far above float32 rounding of the bounds at the points' distance from the mesh
         bound = first.view(n, LEAF).amin(1) + 1e-6 * (1.0 + _sq(p).sqrt())
         nodes = torch.zeros(n, dtype=torch.long, device=dev)
@@ -239,7 +234,7 @@ class TriangleTree:
         plane = (self.normal.index_select(1, tris) * p.index_select(1, rows)).sum(0) - self.offset.index_select(0, tris)
         keep = torch.nonzero(plane.abs_() <= bound.index_select(0, rows)).squeeze(1)
         rows, tris = rows[keep], tris[keep]  # never empty for a point: its nearest triangle passes
-        d, bary = self._distance(p, rows, tris)
+        d, bary = _point_triangle(self.planes, p, rows, tris)
         best = torch.full((n,), math.inf, device=dev).scatter_reduce_(0, rows, d, "amin")
         won = torch.nonzero(d == best[rows]).squeeze(1)
         face = torch.full((n,), self.planes.shape[2], device=dev).scatter_reduce_(0, rows[won], tris[won], "amin")
@@ -253,13 +248,16 @@ class TriangleTree:
         lo, hi = self.lo[level].index_select(1, nodes), self.hi[level].index_select(1, nodes)
         return _sq((lo - p).clamp_min_(0) + (p - hi).clamp_min_(0))
 
-    def _distance(self, p: torch.Tensor, rows: torch.Tensor, tris: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distance from point rows[i] of p (3,n) to triangle tris[i] and the barycentric (M,3) of its closest
-        point. Relative to the point: float32 keeps sub-micrometre precision at head scale."""
-        tri = self.planes.view(9, -1).index_select(1, tris).view(3, 3, -1) - p.index_select(1, rows)[None]
-        bc = closest_point_on_triangles(torch.zeros(3, 1, device=p.device), tri[0], tri[1], tri[2], coord_dim=0)
-        x = bc[:, 0] * tri[0] + bc[:, 1] * tri[1] + bc[:, 2] * tri[2]
-        return _sq(x).sqrt_(), bc
+
+def _point_triangle(planes: torch.Tensor, p: torch.Tensor, rows: torch.Tensor, tris: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance (M,) from point rows[i] of p (3,n) to triangle tris[i] of planes (corner, xyz, F), both float32
+    in one frame, and the barycentric (M,3) of its closest point. Worked relative to the point (float32 keeps
+    sub-micrometre precision at head scale) on coordinate planes (contiguous rows for every product and sum)."""
+    tri = planes.view(9, -1).index_select(1, tris).view(3, 3, -1) - p.index_select(1, rows)[None]
+    bc = closest_point_on_triangles(torch.zeros(3, 1, device=p.device), tri[0], tri[1], tri[2], coord_dim=0)
+    x = bc[:, 0] * tri[0] + bc[:, 1] * tri[1] + bc[:, 2] * tri[2]
+    return _sq(x).sqrt_(), bc
 
 
 def _sq(v: torch.Tensor) -> torch.Tensor:
