@@ -2,7 +2,7 @@
 
 Zip layout (what Blender's "Install from Disk" expects, and what `blender_ext.py validate` checks):
     blender_manifest.toml, the add-on package files (imhead_blender/*) at the root,
-    backend/   the runtime backend (no backend/train/, no tests, no bytecode),
+    backend/   the runtime backend (no backend/train/, no tests/ folders, no bytecode),
     weights/   only the shipped files (*.safetensors, *.sha256, MODEL_CARD.md),
     build_info.json   the Python with torch recorded at build time (the add-on's default interpreter).
 Standard library only; entries are sorted and time-stamped 1980-01-01 so the same tree gives the same zip.
@@ -23,8 +23,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent
 MANIFEST = "blender_manifest.toml"
 ADDON_DIR = "imhead_blender"
+# Left out by folder, never by file name: a runtime module may be named like a test.
 EXCLUDED_DIRS = {"__pycache__", "tests", "train", ".pytest_cache"}
-EXCLUDED_FILES = ("*.pyc", "*.pyo", "test_*.py", "*_test.py", ".*", "build_info.json")
+EXCLUDED_FILES = ("*.pyc", "*.pyo", ".*", "build_info.json")
 WEIGHT_FILES = ("*.safetensors", "*.sha256", "MODEL_CARD.md")
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
@@ -51,7 +52,7 @@ def read_version() -> str:
 
 
 def runtime_files(root: Path) -> list[Path]:
-    """Files under `root` that ship: no caches, tests, training code, bytecode or hidden files."""
+    """Files under `root` that ship: none in cache, test or training folders, no bytecode or hidden files."""
     out = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)

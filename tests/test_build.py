@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import textwrap
 import zipfile
@@ -62,6 +63,10 @@ def test_zip_layout(built_zip, repo_root, venv_python):
     addon = {p.relative_to(repo_root / "imhead_blender").as_posix() for p in (repo_root / "imhead_blender").rglob("*.py")
              if "__pycache__" not in p.parts}
     assert addon <= names, addon - names
+    backend = {p.relative_to(repo_root).as_posix() for p in (repo_root / "backend").rglob("*.py")
+               if "__pycache__" not in p.parts and "train" not in p.relative_to(repo_root / "backend").parts}
+    assert "backend/engine/cell_kernel.py" in backend
+    assert backend <= names, f"runtime backend modules missing from the zip: {sorted(backend - names)}"
     assert info["version"] == "0.1.0" and info["python"] == venv_python
 
 
@@ -127,3 +132,38 @@ def test_ci_runs_exactly_the_readme_test_command(repo_root):
     commands = [line for line in ci[1:] if line.strip() and not line.startswith("#")]
     assert commands[-1] == "bash scripts/test.sh"
     assert "bash scripts/test.sh" in (repo_root / "README.md").read_text()
+
+
+INSTALL_SCRIPT = """
+import sys, bpy
+assert bpy.ops.extensions.package_install_files(
+    filepath=sys.argv[1], repo="user_default", enable_on_install=False, overwrite=True) == {"FINISHED"}
+print("INSTALLED", bpy.utils.user_resource("EXTENSIONS", path="user_default/imhead"))
+"""
+
+
+def test_installed_extension_generates_a_head(built_zip, venv_python, tmp_path):
+    """Install the zip with Blender's own installer, then run the backend from the installed extension folder
+    (as the add-on does) and generate a head: on the GPU where there is one, else on the CPU."""
+    user = tmp_path / "blender_user"
+    env = dict(os.environ, BLENDER_USER_RESOURCES=str(user))
+    for kind in ("CONFIG", "SCRIPTS", "EXTENSIONS", "DATAFILES"):
+        (user / kind.lower()).mkdir(parents=True, exist_ok=True)
+        env[f"BLENDER_USER_{kind}"] = str(user / kind.lower())
+    proc = subprocess.run([venv_python, "-c", INSTALL_SCRIPT, str(built_zip)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    installed = Path(next(line for line in proc.stdout.splitlines() if line.startswith("INSTALLED ")).split(" ", 1)[1])
+    assert (installed / "backend" / "engine" / "cell_kernel.py").is_file()
+    probe = ("import sys, torch, backend; print('FROM', backend.__file__); "
+             "print('CUDA', torch.cuda.is_available())")
+    where = subprocess.run([venv_python, "-c", probe], cwd=installed, capture_output=True, text=True, timeout=300)
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert f"FROM {installed / 'backend' / '__init__.py'}" in where.stdout
+    device = "cuda" if "CUDA True" in where.stdout else "cpu"
+    out = tmp_path / "head.ply"
+    gen = subprocess.run([venv_python, "-m", "backend", "generate", "--seed", "1", "--resolution", "64",
+                          "--device", device, "-o", str(out)], cwd=installed, capture_output=True, text=True,
+                         timeout=600)
+    assert gen.returncode == 0, gen.stdout[-2000:] + gen.stderr[-4000:]
+    assert out.stat().st_size > 10_000 and "vertices" in gen.stdout

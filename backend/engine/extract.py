@@ -259,15 +259,15 @@ def _may_change_sign(corner_values: torch.Tensor, side: float, stride: int, lips
     only where every fine lattice point inside provably has the corners' common sign, and the per-cell L.
     `error`: the values are within it of the field's (a certificate needs |value| - error > L |p - c|).
     Appends the largest slope seen to `slopes` (a device scalar: read once at the end, not a sync a level).
-    On CUDA one Triton kernel does the same arithmetic (engine/cell_test.py)."""
+    On CUDA one Triton kernel does the same arithmetic (engine/cell_kernel.py)."""
     dist = on_device(_cover_table(stride), corner_values.device, corner_values.dtype) * side
     if corner_values.is_cuda:
-        from . import cell_test  # Triton loads only here (a CPU cold start does not pay for it)
+        from . import cell_kernel  # Triton loads only here (a CPU cold start does not pay for it)
 
-        if cell_test.available(corner_values.device):
+        if cell_kernel.available(corner_values.device):
             if corner_values.shape[0] == 0:
                 return torch.zeros(0, dtype=torch.bool, device=corner_values.device), corner_values.new_zeros(0)
-            keep, bound, slope_max = cell_test.cell_test(corner_values, dist, side, lipschitz, SLOPE_MARGIN, error)
+            keep, bound, slope_max = cell_kernel.cell_test(corner_values, dist, side, lipschitz, SLOPE_MARGIN, error)
             slopes.append(slope_max)
             return keep, bound
     edges = on_device(EDGES, corner_values.device)

@@ -1,4 +1,4 @@
-"""engine/cell_test: the Triton cell test against the torch path of extract._may_change_sign, in Triton's
+"""engine/cell_kernel: the Triton cell test against the torch path of extract._may_change_sign, in Triton's
 interpreter on CPU (as CI runs it) and compiled on a GPU where there is one."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("triton")
 
 # in a fresh interpreter: TRITON_INTERPRET is read when triton is imported
-SCRIPT = ("import json, sys; sys.path.insert(0, 'tests'); from test_engine_cell_test import compare; "
+SCRIPT = ("import json, sys; sys.path.insert(0, 'tests'); from test_engine_cell_kernel import compare; "
           "print(json.dumps(compare('cpu')))")
 
 
@@ -25,7 +25,7 @@ def compare(device: str) -> dict:
     cells around a sphere (many near the certification margin) and random ones."""
     import torch
 
-    from backend.engine import cell_test, extract
+    from backend.engine import cell_kernel, extract
 
     g = torch.Generator().manual_seed(0)
     out = {}
@@ -37,7 +37,7 @@ def compare(device: str) -> dict:
         slopes: list = []
         keep_ref, bound_ref = extract._may_change_sign(v, side, stride, 1.5, slopes, err)
         dist = torch.as_tensor(extract._cover_table(stride), dtype=torch.float32) * side
-        keep, bound, smax = cell_test.cell_test(v.to(device), dist.to(device), side, 1.5, extract.SLOPE_MARGIN, err)
+        keep, bound, smax = cell_kernel.cell_test(v.to(device), dist.to(device), side, 1.5, extract.SLOPE_MARGIN, err)
         out[stride] = {"n": len(v), "kept": int(keep_ref.sum()), "keep_differs": int((keep.cpu() != keep_ref).sum()),
                        "bound_rel": float(((bound.cpu() - bound_ref).abs() / bound_ref).max()),
                        "slope_rel": abs(float(smax) / float(slopes[0]) - 1)}
