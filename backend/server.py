@@ -18,7 +18,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable, TextIO
+from typing import Any, BinaryIO, Callable, Iterable, Protocol, TextIO
 
 import numpy as np
 
@@ -33,6 +33,7 @@ HANDSHAKE_FIELDS = {"backend_version": str, "torch_device": str, "model_name": s
 EXIT_OK = 0
 EXIT_BROKEN_STREAM = 3
 PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress frames per second per request, unless the message changes
+HEARTBEAT_S = 1.0  # every open request hears from the server at least this often (the client's liveness check)
 
 
 def take_stdout() -> BinaryIO:
@@ -48,6 +49,14 @@ def take_stdout() -> BinaryIO:
     return frames
 
 
+class ResourceGuard(Protocol):
+    """Checks a request against the machine before it runs, and gives memory back after it."""
+
+    def check(self, op: str, params: dict[str, Any]) -> None: ...  # raises BackendError to refuse
+
+    def release(self) -> None: ...
+
+
 @dataclass
 class _Job:
     id: int
@@ -55,6 +64,10 @@ class _Job:
     params: dict[str, Any]
     arrays: dict[str, np.ndarray]
     cancel: threading.Event = field(default_factory=threading.Event)
+    # the last progress sent (the heartbeat repeats it), and when
+    fraction: float = 0.0
+    message: str = "queued"
+    sent_at: float = field(default_factory=time.monotonic)
 
 
 class _Progress:
@@ -71,7 +84,7 @@ class _Progress:
         fraction = float(fraction)
         fraction = 0.0 if math.isnan(fraction) else min(max(fraction, 0.0), 1.0)
         self._last_sent, self._last_message = now, message
-        self._server.send(wire.progress(self._job.id, fraction, str(message)))
+        self._server.send_progress(self._job, fraction, str(message))
 
     @property
     def cancelled(self) -> bool:
@@ -84,7 +97,8 @@ class Server:
     pass their own op table."""
 
     def __init__(self, backend_factory: Callable[[], Any], ops: Iterable[str], instream: BinaryIO,
-                 outstream: BinaryIO, log: TextIO = sys.stderr, shutdown_grace_s: float = 10.0):
+                 outstream: BinaryIO, log: TextIO = sys.stderr, shutdown_grace_s: float = 10.0,
+                 guard: ResourceGuard | None = None):
         self._factory = backend_factory
         self._ops = tuple(ops)
         clash = set(self._ops) & set(CONTROL_OPS)
@@ -92,6 +106,7 @@ class Server:
             raise ValueError(f"ops {sorted(clash)} are reserved by the server")
         self._in, self._out, self._log = instream, outstream, log
         self._grace = shutdown_grace_s
+        self._guard = guard
         self._backend: Any = None
         self._handshake_ok = False
         self._handshake_refusal = "send a handshake request first"
@@ -101,6 +116,7 @@ class Server:
         self._cv = threading.Condition()
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="imhead-worker", daemon=True)
+        self._heartbeat = threading.Thread(target=self._beat, name="imhead-heartbeat", daemon=True)
         # "pending" after the first good handshake: the backend's warm_up() runs if no request is waiting by then
         self._warm_up_state = "none"
 
@@ -111,9 +127,14 @@ class Server:
         self.log(f"imhead backend {__version__} ({os.path.dirname(os.path.abspath(__file__))}), protocol "
                  f"{wire.PROTOCOL_VERSION}, ready")
         self._worker.start()
+        self._heartbeat.start()
         while True:
             try:
                 msg = wire.read_frame(self._in)
+            except OSError as exc:  # stdin itself failed: as good as the client going away
+                self.log(f"cannot read the input: {exc}; exiting")
+                self._stop(reason="the input failed")
+                return EXIT_OK
             except wire.ProtocolError as exc:
                 self.log(f"bad frame: {exc}")
                 self.send(wire.reply_error(exc.request_id, exc.code, str(exc)))
@@ -192,7 +213,7 @@ class Server:
         with self._cv:
             self._jobs[job.id] = job
             self._queue.append(job)
-            self._cv.notify()
+            self._cv.notify_all()  # the heartbeat waits on the same condition
 
     def _stop(self, reason: str) -> None:
         """Cancel everything and let the worker finish its current op (bounded by the grace period)."""
@@ -204,7 +225,7 @@ class Server:
             for job in dropped:
                 del self._jobs[job.id]
             self._stopping = True
-            self._cv.notify()
+            self._cv.notify_all()
         for job in dropped:
             self.send(wire.reply_error(job.id, Cancelled.code, f"cancelled: {reason}"))
         self._worker.join(self._grace)
@@ -229,12 +250,28 @@ class Server:
             if job is None:
                 self._warm_up()
                 continue
+            job.message = f"running {job.op}"
             header, arrays = self._run(job)
+            if self._guard is not None:
+                self._guard.release()
             with self._cv:
                 self._jobs.pop(job.id, None)
                 if job.op == "handshake" and header.get("ok") and self._warm_up_state == "none":
                     self._warm_up_state = "pending" if callable(getattr(self._backend, "warm_up", None)) else "done"
             self._send_reply(job, header, arrays)
+
+    def _beat(self) -> None:
+        """Repeat each open request's last progress when nothing was sent for it for HEARTBEAT_S, so the client
+        can tell a busy server from a hung one (docs/protocol.md, "Liveness")."""
+        while True:
+            with self._cv:
+                if self._stopping:
+                    return
+                self._cv.wait(HEARTBEAT_S / 4)
+                now = time.monotonic()
+                for job in [j for j in self._jobs.values() if now - j.sent_at >= HEARTBEAT_S]:
+                    # under the lock: a job's reply (sent after it leaves _jobs) never precedes its heartbeat
+                    self.send_progress(job, job.fraction, job.message)
 
     def _warm_up(self) -> None:
         """The backend's warm_up() (one-off costs of a first request: imports, first allocations, GPU kernel
@@ -259,6 +296,8 @@ class Server:
             op = getattr(self._backend, job.op, None)
             if not callable(op):
                 raise BackendError(f"this backend ({__version__}) does not serve {job.op!r}", code="unknown_op")
+            if self._guard is not None:
+                self._guard.check(job.op, job.params)
             params, arrays = op(job.params, job.arrays, _Progress(self, job))
             if not isinstance(params, dict) or not isinstance(arrays, dict):
                 raise TypeError(f"op {job.op} returned {type(params).__name__}, {type(arrays).__name__}; "
@@ -292,6 +331,10 @@ class Server:
 
     def send(self, header: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
         self._write(wire.encode(header, arrays))
+
+    def send_progress(self, job: _Job, fraction: float, message: str) -> None:
+        job.fraction, job.message, job.sent_at = fraction, message, time.monotonic()
+        self.send(wire.progress(job.id, fraction, message))
 
     def _write(self, chunks: list) -> None:
         with self._write_lock:

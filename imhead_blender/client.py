@@ -28,7 +28,12 @@ else:
     from backend import wire  # source checkout: backend/ sits beside imhead_blender/
 
 STDERR_TAIL_LINES = 12
-KILL_GRACE_S = 2.0
+KILL_GRACE_S = 2.0  # a backend told to stop gets this long before SIGKILL (a hung one gets none)
+# The server repeats each open request's progress every second (its heartbeat); this much silence while a request
+# is open means the backend is hung (stopped, deadlocked, or swapping), reported by hung() and the panel.
+HUNG_AFTER_S = 6.0
+EOF_GRACE_S = 2.0
+ERROR_PREFIX = "[imhead-backend] error:"  # a start-up failure's one-line reason on stderr  # after end of stdout, how long pump() waits for the exit status and last stderr lines
 
 
 class BackendFailure(Exception):
@@ -120,6 +125,9 @@ class BackendClient:
         self._handshake_id: int | None = None
         self._stopped: BackendFailure | None = BackendFailure("not_running", "the backend is not started")
         self._ready: list[Callable[[], None]] = []  # callbacks to run at the end of this pump
+        self._heard_at = 0.0  # monotonic time of the last frame from this generation's process (reader thread)
+        self._busy_since = 0.0  # when the open requests went from none to some
+        self._eof_at: float | None = None  # end of stdout seen; the death is reported once its status is known
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
@@ -149,6 +157,7 @@ class BackendClient:
             raise self._stopped from None
         self._generation += 1
         self._proc, self._stopped, self.handshake = proc, None, None
+        self._heard_at, self._eof_at = 0.0, None
         self._events, self._outbox = queue.Queue(), queue.Queue()
         self._stderr_tail.clear()
         gen = self._generation
@@ -166,16 +175,30 @@ class BackendClient:
     def alive(self) -> bool:
         return self._stopped is None and self._proc is not None and self._proc.poll() is None
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Ask the backend to exit, wait up to `timeout`, then terminate/kill it. Open requests fail with
-        "cancelled"; their callbacks run here."""
+    def hung(self) -> bool:
+        """True while requests are open and the running backend has sent nothing, not even its heartbeat, for
+        HUNG_AFTER_S. It clears by itself if frames arrive again. Before the first frame the start-up timeout
+        applies instead."""
+        return self.silent_for() > HUNG_AFTER_S
+
+    def silent_for(self) -> float:
+        """Seconds the backend has been silent while requests were open (0 when idle, starting or stopped)."""
+        if not self._pending or not self._heard_at or not self.alive():
+            return 0.0
+        return time.monotonic() - max(self._heard_at, self._busy_since)
+
+    def shutdown(self, timeout: float = KILL_GRACE_S) -> None:
+        """Ask the backend to exit and return at once: a reaper thread SIGKILLs it if it is still there after
+        `timeout` seconds (at once when it is hung). Open requests fail with "cancelled"; their callbacks run
+        here."""
         if self._proc is None:
             return
-        if self.alive():
+        hung = self.hung()
+        if self.alive() and not hung:
             self._send("shutdown", {}, None, timeout)
             self._outbox.put(None)  # the writer closes stdin after the shutdown frame
         self._stop(BackendFailure("not_running", "the backend was shut down; start() it again"),
-                   BackendFailure("cancelled", "the backend was shut down"), timeout)
+                   BackendFailure("cancelled", "the backend was shut down"), 0.0 if hung else timeout)
         self._run_ready()
 
     # ------------------------------------------------------------------------------------------- requests
@@ -185,9 +208,15 @@ class BackendClient:
         return self._send(op, params, arrays, self.request_timeout)
 
     def cancel(self, future: Future) -> None:
-        """Ask the backend to stop `future`'s op; its future then fails with "cancelled" (unless it finished)."""
-        if not future.done() and self.alive():
+        """Abandon `future` now: it fails with "cancelled" at once (its callbacks run here) and the backend is
+        asked to stop its op; a late reply is ignored. A finished future is left as it is."""
+        if future.done():
+            return
+        self._pending.pop(future.request_id, None)
+        if self.alive():
             self._send("cancel", {"target": future.request_id}, None, self.request_timeout)
+        self._ready += future._settle(failure=BackendFailure("cancelled", f"{future.op} was cancelled"))
+        self._run_ready()
 
     def pump(self, max_wait: float = 0.0) -> int:
         """Apply arrived frames, death and timeouts to futures and run done-callbacks; waits at most
@@ -200,7 +229,10 @@ class BackendClient:
                 event = self._events.get_nowait()
         except queue.Empty:
             pass
-        handled += self._expire(time.monotonic())
+        now = time.monotonic()
+        if self._eof_at is not None and self._stopped is None:
+            self._report_death(now)
+        handled += self._expire(now)
         self._run_ready()
         return handled
 
@@ -227,13 +259,15 @@ class BackendClient:
         except wire.ProtocolError as exc:
             future._settle(failure=BackendFailure("invalid_input", f"cannot send {op}: {exc}"))
             return future
+        if not self._pending:
+            self._busy_since = time.monotonic()
         self._pending[future.request_id] = future
         self._outbox.put(frame)
         return future
 
     def _not_running(self) -> BackendFailure:
         if self._stopped is None:  # the process ended but pump() has not seen it yet
-            self._declare_dead()
+            self._report_death(time.monotonic(), now_or_never=True)
         assert self._stopped is not None
         return self._stopped
 
@@ -246,7 +280,8 @@ class BackendClient:
             self._stop(BackendFailure("protocol_error", f"the backend sent an unreadable frame ({payload}); "
                                                         "it was stopped"), timeout=0.2)
         elif kind == "eof":
-            self._declare_dead()
+            self._eof_at = time.monotonic()
+            self._report_death(self._eof_at)
         # "write_failed": the process is going away; its end of stdout follows and is reported then
         return 1
 
@@ -300,55 +335,44 @@ class BackendClient:
                 self._send("cancel", {"target": future.request_id}, None, self.request_timeout)
         return len(late)
 
-    def _declare_dead(self) -> None:
+    def _report_death(self, now: float, now_or_never: bool = False) -> None:
+        """After end of stdout: fail everything with the exit status and the last stderr lines once both are in,
+        polling from pump() rather than waiting (EOF_GRACE_S at most, or at once with `now_or_never`)."""
         proc = self._proc
         assert proc is not None
-        try:
-            status = proc.wait(KILL_GRACE_S)
-        except subprocess.TimeoutExpired:  # stdout closed but the process lingers: finish it
-            proc.kill()
-            status = proc.wait()
-        self._threads[2].join(1.0)  # collect the last stderr lines
-        how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        status = proc.poll()
+        complete = status is not None and not self._threads[2].is_alive()
+        if not complete and not now_or_never and now - (self._eof_at or now) < EOF_GRACE_S:
+            return
         tail = "\n".join(self._stderr_tail)
-        message = f"the imhead backend {how}" + (f"; its last output:\n{tail}" if tail else " (no output)")
-        self._stop(BackendFailure("backend_died", message))
+        error = _last_error_line(self._stderr_tail)
+        if status is None:
+            how = "closed its output but kept running, so it was killed"
+        else:
+            how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        message = f"the imhead backend {how}" + (f": {error}" if error else "")
+        message += f"; its last output:\n{tail}" if tail else " (no output)"
+        self._stop(BackendFailure("backend_died", message), timeout=0.0)
 
     def _stop(self, reason: BackendFailure, pending_failure: BackendFailure | None = None,
               timeout: float = KILL_GRACE_S) -> None:
-        """Make sure the process is gone; fail every open request; later submits fail with `reason`."""
+        """Fail every open request and make later submits fail with `reason`, at once; a reaper thread gives the
+        process `timeout` seconds to exit, then SIGKILLs it."""
         self._stopped = reason
         if reason.code != "not_running":
             self.last_error = reason
         proc = self._proc
-        if proc is not None and proc.poll() is None:
-            self._outbox.put(None)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                try:
-                    proc.wait(KILL_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        if proc is not None:
+            self._outbox.put(None)  # the writer closes stdin: a healthy backend exits on end of input
+            threading.Thread(target=_reap_process, args=(proc, timeout, list(self._threads)), daemon=True).start()
         pending, self._pending = self._pending, {}
         for future in pending.values():
             self._ready += future._settle(failure=pending_failure or reason)
 
     def _reap(self) -> None:
-        """Forget a previous process completely before starting another."""
-        if self._proc is not None:
-            if self._stopped is None:
-                self._declare_dead()
-            self._outbox.put(None)  # release the writer thread
-            for stream in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
-                try:
-                    stream.close()
-                except (OSError, ValueError):
-                    pass
-            for t in self._threads:
-                t.join(1.0)
+        """Forget a previous process before starting another (its reaper thread finishes it)."""
+        if self._proc is not None and self._stopped is None:
+            self._report_death(time.monotonic(), now_or_never=True)
         self._proc, self._threads = None, []
 
     def _run_ready(self) -> None:
@@ -361,10 +385,11 @@ class BackendClient:
 
     # ------------------------------------------------------------------------------------------- threads
 
-    @staticmethod
-    def _read_frames(gen: int, stream, events: queue.Queue) -> None:
+    def _read_frames(self, gen: int, stream, events: queue.Queue) -> None:
         try:
             while (msg := wire.read_frame(stream)) is not None:
+                if gen == self._generation:
+                    self._heard_at = time.monotonic()
                 events.put((gen, "frame", msg))
         except wire.ProtocolError as exc:
             events.put((gen, "bad_frame", str(exc)))
@@ -390,6 +415,32 @@ class BackendClient:
                 print(line, file=sys.stderr)
         except (OSError, ValueError):
             pass
+
+
+def _reap_process(proc: subprocess.Popen, grace: float, threads: list[threading.Thread]) -> None:
+    """Reaper thread: SIGKILL after `grace` seconds, then close the pipes once their threads are done."""
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # works on a stopped (SIGSTOP) process too
+        proc.wait()
+    for t in threads:
+        if t is not threading.current_thread():
+            t.join(5.0)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            if stream is not None:
+                stream.close()
+        except (OSError, ValueError):
+            pass
+
+
+def _last_error_line(lines) -> str:
+    """The backend's own explanation of a failed start (`[imhead-backend] error: ...`), if it printed one."""
+    for line in reversed(lines):
+        if line.startswith(ERROR_PREFIX):
+            return line[len(ERROR_PREFIX):].strip()
+    return ""
 
 
 def _parse_handshake(p: dict) -> Handshake:

@@ -229,8 +229,8 @@ def test_shutdown_exits_and_fails_open_requests(make_client):
     failed = []
     future.add_done_callback(failed.append)
     proc = client._proc
-    client.shutdown(timeout=10)
-    assert proc.returncode == 0 and not client.alive()
+    client.shutdown(timeout=10)  # returns at once; the process exits by itself within the grace period
+    assert not client.alive() and proc.wait(10) == 0
     assert failed == [future] and future._failure.code == "cancelled"
     late = client.submit("echo", {})
     assert late.done() and late._failure.code == "not_running"

@@ -97,8 +97,8 @@ def test_killed_backend_gives_backend_died_then_restart_works_then_shutdown_exit
     params, arrays = client.wait(client.submit("echo", {"restarted": True}, {"x": np.ones(3)}), 60)
     assert params == {"restarted": True} and arrays["x"].sum() == 3
     proc = client._proc
-    client.shutdown(timeout=30)
-    assert proc.returncode == 0
+    client.shutdown(timeout=30)  # returns at once; the backend exits 0 by itself
+    assert proc.wait(30) == 0
 
 
 def test_a_python_without_torch_gets_a_clear_environment_error(venv_python, repo_root, tmp_path):
