@@ -88,12 +88,17 @@ def untrained_extras(cfg: ImHeadConfig) -> dict[str, Tensor]:
     }
 
 
-def load_model(weights_dir: Path | None = None, device: str = "cpu") -> LoadedModel:
-    """Load verified weights from `weights_dir` (default: the repository's `weights/`); with no weights file
-    there, return the deterministic geometric-init network (a sphere) with trained=False."""
+def load_model(weights_dir: Path | None = None, device: str = "cpu", allow_untrained: bool = False) -> LoadedModel:
+    """Load verified weights from `weights_dir` (default: the repository's `weights/`). A missing weights file
+    is a WeightsError; only with `allow_untrained` (a developer flag) does it give the deterministic
+    geometric-init network (a sphere) with trained=False."""
     wdir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
     path = wdir / WEIGHTS_FILE
     if not path.exists():
+        if not allow_untrained:
+            raise WeightsError(f"the model weights are missing: {path} does not exist. Reinstall the imHead "
+                               "extension (its package ships weights/imhead.safetensors), or point the backend "
+                               "at a folder holding them with --weights")
         cfg = ImHeadConfig()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(UNTRAINED_SEED)
@@ -102,7 +107,11 @@ def load_model(weights_dir: Path | None = None, device: str = "cpu") -> LoadedMo
         extras = {k: v.to(device) for k, v in untrained_extras(cfg).items()}
         return LoadedModel(model, cfg, {"format": FORMAT, "trained": "false"}, False, extras)
 
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"the model weights at {path} cannot be read ({exc.strerror or exc}); check the file's "
+                           "permissions or reinstall the imHead extension") from exc
     _verify_checksum(path, data)
     try:
         tensors = st_load(data)

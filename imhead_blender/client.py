@@ -32,8 +32,8 @@ KILL_GRACE_S = 2.0  # a backend told to stop gets this long before SIGKILL (a hu
 # The server repeats each open request's progress every second (its heartbeat); this much silence while a request
 # is open means the backend is hung (stopped, deadlocked, or swapping), reported by hung() and the panel.
 HUNG_AFTER_S = 6.0
-EOF_GRACE_S = 2.0
-ERROR_PREFIX = "[imhead-backend] error:"  # a start-up failure's one-line reason on stderr  # after end of stdout, how long pump() waits for the exit status and last stderr lines
+EOF_GRACE_S = 2.0  # after end of stdout, how long pump() waits for the exit status and last stderr lines
+ERROR_PREFIX = "[imhead-backend] error:"  # a start-up failure's one-line reason on stderr
 
 
 class BackendFailure(Exception):

@@ -1,4 +1,4 @@
-"""Weights I/O: checksum verification, malformed files, no unpickling, untrained fallback."""
+"""Weights I/O: checksum verification, malformed files, no unpickling, the untrained model only on request."""
 
 import pickle
 import shutil
@@ -11,15 +11,17 @@ from backend.errors import WeightsError
 
 
 def _write(tmp_path, cfg=None):
-    lm = W.load_model(tmp_path / "nothing-here")
+    lm = W.load_model(tmp_path / "nothing-here", allow_untrained=True)
     meta = {"format": W.FORMAT, "config": lm.config.to_json(), "note": "test"}
     W.save_weights(tmp_path / W.WEIGHTS_FILE, W.model_tensors(lm.model, lm.extras), meta)
     return lm
 
 
-def test_missing_file_gives_deterministic_untrained_model(tmp_path):
-    a = W.load_model(tmp_path)
-    b = W.load_model(tmp_path)
+def test_missing_file_is_an_error_unless_the_developer_flag_allows_the_untrained_model(tmp_path):
+    with pytest.raises(WeightsError, match="weights are missing.*Reinstall"):
+        W.load_model(tmp_path)
+    a = W.load_model(tmp_path, allow_untrained=True)
+    b = W.load_model(tmp_path, allow_untrained=True)
     assert not a.trained
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
@@ -70,8 +72,14 @@ def test_malformed_file_with_matching_checksum_raises(tmp_path):
         W.load_model(tmp_path)
 
 
+def test_unreadable_weights_are_a_weights_error(tmp_path):
+    (tmp_path / W.WEIGHTS_FILE).mkdir()  # exists, but reading it fails (as a permission error would, also as root)
+    with pytest.raises(WeightsError, match="cannot be read"):
+        W.load_model(tmp_path, allow_untrained=True)
+
+
 def test_wrong_parameters_raise(tmp_path):
-    lm = W.load_model(tmp_path / "none")
+    lm = W.load_model(tmp_path / "none", allow_untrained=True)
     tensors = W.model_tensors(lm.model, lm.extras)
     del tensors["model.anchor_bias"]
     W.save_weights(tmp_path / W.WEIGHTS_FILE, tensors, {"format": W.FORMAT, "config": lm.config.to_json()})

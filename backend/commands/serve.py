@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import BackendError
+from ..memory import MemoryGuard
 from ..server import SESSION_OPS, Server, take_stdout
 
 
@@ -15,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with imhead.safetensors (default: the engine's default weights folder)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="torch device for the model (default: cuda when available)")
+    parser.add_argument("--allow-untrained", action="store_true",
+                        help="developer flag: without a weights file, serve the untrained network (a sphere) "
+                             "instead of refusing to start")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         from ..cpu import limit_torch_threads
 
         limit_torch_threads()
-        return Session(weights_dir=args.weights, device=args.device)
+        return Session(weights_dir=args.weights, device=args.device, allow_untrained=args.allow_untrained)
 
-    server = Server(make_session, SESSION_OPS, sys.stdin.buffer, frames)
+    server = Server(make_session, SESSION_OPS, sys.stdin.buffer, frames, guard=MemoryGuard())
     return server.serve()

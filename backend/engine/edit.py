@@ -64,7 +64,7 @@ def _regions(op: dict, names: Sequence[str]) -> list[str]:
 def _other(op: dict, parse: Callable[[object], HeadSpec]) -> HeadSpec:
     if "other" not in op:
         raise errors.InvalidInput(f"{op['op']}: 'other' (a head) is required")
-    return parse(op["other"])
+    return validate.within(f"{op['op']} 'other'", parse, op["other"])
 
 
 _ALLOWED = {
@@ -86,7 +86,7 @@ def apply_ops(head: HeadSpec, ops: object, decode: RegionDecoder, names: Sequenc
         raise errors.InvalidInput(f"at most {MAX_OPS} ops per edit")
     out = HeadSpec(head.identity.copy(), dict(head.region_overrides), dict(head.expression))
     for i, op in enumerate(ops):
-        if not isinstance(op, dict) or op.get("op") not in _ALLOWED:
+        if not isinstance(op, dict) or not validate.one_of(op.get("op"), _ALLOWED):
             raise errors.InvalidInput(f"ops[{i}] must be an object with 'op' one of {sorted(_ALLOWED)}")
         validate.keys(op, _ALLOWED[op["op"]] | {"op"}, f"ops[{i}] ({op['op']})")
         kind = op["op"]

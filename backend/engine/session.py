@@ -119,7 +119,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Session:
-    def __init__(self, weights_dir: Path | None = None, device: str = "auto"):
+    def __init__(self, weights_dir: Path | None = None, device: str = "auto", allow_untrained: bool = False):
         self.device = resolve_device(device)
         self.chunk = CHUNKS.get(self.device.type, CHUNKS["cpu"])
         self.grad_chunk = GRAD_CHUNKS.get(self.device.type, GRAD_CHUNKS["cpu"])
@@ -130,7 +130,7 @@ class Session:
         self.extract_half = EXTRACT_HALF.get(self.device.type, False)
         # the attribute pass through every region (no tolerance) as batched products over the region axis
         self.dense_attributes = self.device.type == "cuda"
-        self.loaded = load_model(weights_dir, str(self.device))
+        self.loaded = load_model(weights_dir, str(self.device), allow_untrained)
         self.model = self.loaded.model.eval().requires_grad_(False)
         self._slots: list[int] = self.model.slot.tolist()  # region -> local network (no device sync per use)
         self.extras = self.loaded.extras

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 
 from .. import constants, errors
+
+
+T = TypeVar("T")
+
+
+def one_of(value: object, allowed: Iterable[str]) -> bool:
+    """`value in allowed` for any JSON value (a list or object is not hashable, and is never allowed)."""
+    return isinstance(value, str) and value in allowed
+
+
+def within(field: str, parse: Callable[[object], T], value: object) -> T:
+    """parse(value), with an InvalidInput's message prefixed by the field it came from."""
+    try:
+        return parse(value)
+    except errors.InvalidInput as exc:
+        raise errors.InvalidInput(f"{field}: {exc}") from None
 
 
 def keys(params: object, allowed: Iterable[str], op: str) -> dict:
