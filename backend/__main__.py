@@ -28,6 +28,9 @@ if sys.platform.startswith("linux"):
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
+EXIT_ENVIRONMENT = 5  # a dependency (numpy) is missing: no frame can be spoken
+
+
 def main(argv: list[str] | None = None) -> int:
     cpu.mark_start()  # commands that load torch size its thread pool by the CPU left free meanwhile (cpu.py)
     parser = argparse.ArgumentParser(prog="python -m backend")
@@ -38,7 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            modules[name] = importlib.import_module(f".commands.{name}", __package__)
+            try:
+                modules[name] = importlib.import_module(f".commands.{name}", __package__)
+            except ImportError as exc:
+                if (exc.name or "").split(".")[0] == "backend":
+                    raise
+                # one line the add-on shows as the reason (imhead_blender/client.py, ERROR_PREFIX)
+                print(f"[imhead-backend] error: the Python running the backend ({sys.executable}) cannot import "
+                      f"{exc.name}. Choose a Python with imhead's dependencies (scripts/setup.sh makes one) in the "
+                      "add-on preferences", file=sys.stderr)
+                return EXIT_ENVIRONMENT
             modules[name].add_arguments(p)
     args = parser.parse_args(argv)
     try:

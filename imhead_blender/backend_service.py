@@ -124,7 +124,7 @@ def shutdown() -> None:
     _state.jobs.clear()
     if client is not None:
         try:
-            client.shutdown(timeout=5.0)
+            client.shutdown()  # returns at once; a reaper thread SIGKILLs it after a short grace
         except BackendFailure:
             pass  # it is going away either way
 
@@ -239,12 +239,15 @@ def regions() -> list[dict]:
 
 
 def status() -> tuple[str, str]:
-    """(state, text) with state in NOT_STARTED, STARTING, READY, ERROR."""
+    """(state, text) with state in NOT_STARTED, STARTING, READY, HUNG, ERROR."""
     client = _state.client
     if client is None:
         return ("ERROR", _state.last_error) if _state.last_error else ("NOT_STARTED", "Backend not started")
     if not client.alive():
         return "ERROR", _state.last_error or _death_reason(client)
+    if client.hung():
+        return "HUNG", (f"The backend has not answered for {client.silent_for():.0f} s; it may be stuck. Cancel "
+                        "the job or press 'Restart Backend'.")
     if client.handshake is None:
         return "STARTING", f"Starting backend ({_state.python})"
     return "READY", _state.last_error

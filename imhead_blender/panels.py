@@ -66,7 +66,7 @@ def _draw_backend_status(layout) -> None:
             _draw_error(box, text)
     elif state == "STARTING":
         box.label(text="Starting backend...", icon="SORTTIME")
-    elif state == "ERROR":
+    elif state in ("ERROR", "HUNG"):
         _draw_error(box, text)
         box.operator("imhead.restart_backend", icon="FILE_REFRESH")
     else:

@@ -17,6 +17,9 @@ class _State:
     def __init__(self) -> None:
         self.in_flight: set[str] = set()
         self.dirty: dict[str, set[str]] = {}  # object -> regions whose sliders moved while in flight
+        # object -> {region: sliders} as the backend last confirmed them, i.e. matching the mesh; a failed edit
+        # (backend crash, cancel, refusal) puts the sliders back to these
+        self.confirmed: dict[str, dict[str, list[float]]] = {}
         self.applying = 0  # >0 while sliders are written from a reply (no requests then)
 
 
@@ -39,9 +42,9 @@ def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str) -> None:
     _state.in_flight.add(name)  # before submitting: a request refused at once fails synchronously
     try:
         backend_service.submit("edit", params, None, label=f"{label} ({name})", object_name=name,
-                               on_success=partial(_apply, name), on_failure=lambda _exc: _done(name))
+                               on_success=partial(_apply, name), on_failure=lambda _exc: _failed(name))
     except backend_service.BackendUnavailable:
-        _done(name)
+        _failed(name)
         raise
 
 
@@ -72,9 +75,25 @@ def selected_regions(obj: bpy.types.Object) -> list[str]:
     return chosen
 
 
-def _done(name: str) -> None:
+def _failed(name: str) -> None:
+    """The edit did not reach the mesh: put the sliders back where the mesh is, or, without a confirmed state
+    (the file was reloaded since), mark them unknown so the panel offers to load them again."""
     _state.in_flight.discard(name)
     _state.dirty.pop(name, None)
+    obj = bpy.data.objects.get(name)
+    if obj is None:
+        return
+    confirmed = _state.confirmed.get(name)
+    if confirmed is None:
+        obj.imhead.sliders_known = False
+        return
+    _state.applying += 1
+    try:
+        for item in obj.imhead.regions:
+            if item.name in confirmed:
+                item.sliders = confirmed[item.name]
+    finally:
+        _state.applying -= 1
 
 
 def _apply(name: str, params: dict, arrays: dict) -> None:
@@ -98,11 +117,14 @@ def store_sliders(obj: bpy.types.Object, sliders: dict | None, skip: set[str] = 
         return
     _state.applying += 1
     try:
+        confirmed = _state.confirmed.setdefault(obj.name, {})
         for item in obj.imhead.regions:
             values = sliders.get(item.name)
-            if values is not None and item.name not in skip:
+            if values is not None:
                 n = len(item.sliders)
-                item.sliders = [float(v) for v in values[:n]] + [0.0] * max(0, n - len(values))
+                confirmed[item.name] = [float(v) for v in values[:n]] + [0.0] * max(0, n - len(values))
+                if item.name not in skip:
+                    item.sliders = confirmed[item.name]
         obj.imhead.sliders_known = True
     finally:
         _state.applying -= 1
