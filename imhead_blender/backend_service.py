@@ -86,7 +86,9 @@ def prestart() -> None:
 
 
 def _death_reason(client: BackendClient) -> str:
-    failure = client.last_error
+    failure = client.stop_reason()
+    if failure is None or failure.code == "not_running":
+        failure = client.last_error or failure
     if failure is None:
         return "its process exited"
     return failure.message.partition("; its last output")[0].splitlines()[0]

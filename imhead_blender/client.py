@@ -175,6 +175,11 @@ class BackendClient:
     def alive(self) -> bool:
         return self._stopped is None and self._proc is not None and self._proc.poll() is None
 
+    def stop_reason(self) -> BackendFailure | None:
+        """Why the backend is not running (its death is reported here at once if pump() has not yet), or None
+        while it runs."""
+        return None if self.alive() else self._not_running()
+
     def hung(self) -> bool:
         """True while requests are open and the running backend has sent nothing, not even its heartbeat, for
         HUNG_AFTER_S. It clears by itself if frames arrive again. Before the first frame the start-up timeout
@@ -341,11 +346,13 @@ class BackendClient:
         proc = self._proc
         assert proc is not None
         status = proc.poll()
+        if status is not None and now_or_never:
+            self._threads[2].join(0.03)  # the process is gone: its last stderr lines are a few ms away
         complete = status is not None and not self._threads[2].is_alive()
         if not complete and not now_or_never and now - (self._eof_at or now) < EOF_GRACE_S:
             return
         tail = "\n".join(self._stderr_tail)
-        error = _last_error_line(self._stderr_tail)
+        error = _last_error_line(self._stderr_tail, failed=status is not None and status > 0)
         if status is None:
             how = "closed its output but kept running, so it was killed"
         else:
@@ -435,12 +442,14 @@ def _reap_process(proc: subprocess.Popen, grace: float, threads: list[threading.
             pass
 
 
-def _last_error_line(lines) -> str:
-    """The backend's own explanation of a failed start (`[imhead-backend] error: ...`), if it printed one."""
+def _last_error_line(lines, failed: bool) -> str:
+    """The backend's own explanation of a failed start (`[imhead-backend] error: ...`); else, when it exited with
+    an error status, its last line (a traceback's exception, a launcher's message)."""
     for line in reversed(lines):
         if line.startswith(ERROR_PREFIX):
             return line[len(ERROR_PREFIX):].strip()
-    return ""
+    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+    return last if failed else ""
 
 
 def _parse_handshake(p: dict) -> Handshake:
