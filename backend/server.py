@@ -33,7 +33,7 @@ HANDSHAKE_FIELDS = {"backend_version": str, "torch_device": str, "model_name": s
 EXIT_OK = 0
 EXIT_BROKEN_STREAM = 3
 PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress frames per second per request, unless the message changes
-HEARTBEAT_S = 1.0  # every open request hears from the server at least this often (the client's liveness check)
+HEARTBEAT_S = 0.8  # every open request hears from the server at least this often (the client's liveness check)
 
 
 def take_stdout() -> BinaryIO:
@@ -267,7 +267,7 @@ class Server:
             with self._cv:
                 if self._stopping:
                     return
-                self._cv.wait(HEARTBEAT_S / 4)
+                self._cv.wait(HEARTBEAT_S / 8)
                 now = time.monotonic()
                 for job in [j for j in self._jobs.values() if now - j.sent_at >= HEARTBEAT_S]:
                     # under the lock: a job's reply (sent after it leaves _jobs) never precedes its heartbeat

@@ -56,6 +56,8 @@ class Server:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, "PYTHONPATH": str(root), **env})
         self.replies: list[wire.Message] = []
+        self.progress_of: int | None = None  # the request whose progress frames are timed
+        self.progress_times: list[float] = []
         self.arrived = threading.Condition()
         self.stderr: list[bytes] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -64,6 +66,8 @@ class Server:
     def _read(self) -> None:
         try:
             while (msg := wire.read_frame(self.proc.stdout)) is not None:
+                if msg.kind == "progress" and msg.id == self.progress_of:
+                    self.progress_times.append(time.monotonic())
                 if msg.kind == "reply":
                     with self.arrived:
                         self.replies.append(msg)
