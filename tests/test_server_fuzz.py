@@ -51,8 +51,8 @@ def expected_id(frame: bytes):
 
 
 class Server:
-    def __init__(self, python: str, root, **env: str):
-        self.proc = subprocess.Popen([python, "-m", "backend", "serve"], cwd=root, stdin=subprocess.PIPE,
+    def __init__(self, python: str, root, args: tuple | list = (), **env: str):
+        self.proc = subprocess.Popen([python, "-m", "backend", "serve", *args], cwd=root, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, "PYTHONPATH": str(root), **env})
         self.replies: list[wire.Message] = []

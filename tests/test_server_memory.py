@@ -66,3 +66,21 @@ def test_a_big_request_is_refused_at_once_and_progress_flows_every_second(venv_p
           f"largest gap {max(gaps):.2f} s; rss {rss_base:.0f} -> {rss_after:.0f} MB")
     assert len(progress) >= 3 and max(gaps) < 1.2  # "every second", plus scheduling slack on a shared machine
     assert rss_after - rss_base < 100
+
+
+def test_missing_weights_refuse_the_handshake_unless_the_developer_flag_is_given(venv_python, repo_root, tmp_path):
+    for name in ("atlas.safetensors", "atlas.safetensors.sha256"):  # the atlas, but no model weights
+        (tmp_path / name).write_bytes((repo_root / "weights" / name).read_bytes())
+    for extra, ok in (([], False), (["--allow-untrained"], True)):
+        server = Server(venv_python, repo_root, args=["--weights", str(tmp_path), *extra])
+        try:
+            server.send(wire.encode_bytes(wire.request(1, "handshake", {"protocol": wire.PROTOCOL_VERSION})))
+            reply = server.reply_to(1, 120).header
+        finally:
+            server.proc.kill()
+            server.proc.wait(10)
+        if ok:
+            assert reply["ok"] and reply["params"]["trained"] is False, reply
+        else:
+            assert reply["error"]["code"] == "weights_error"
+            assert "weights are missing" in reply["error"]["message"] and "Reinstall" in reply["error"]["message"]
