@@ -115,7 +115,11 @@ def _start() -> BackendClient:
 
 def restart() -> BackendClient:
     shutdown()
-    return _start()
+    client = _start()
+    from . import live_deform  # here: live_deform imports this module
+
+    live_deform.reapply_stale()  # poses cut off by the old process's end, queued behind the handshake
+    return client
 
 
 def shutdown() -> None:

@@ -28,6 +28,7 @@ class _State:
         self.stats: dict[str, tuple[float, int]] = {}  # name -> (residual p99 in metres, non-converged)
         self.tokens: dict[str, tuple[int, int]] = {}  # name -> mesh identity the cache belongs to
         self.suspended = 0
+        self.stale: set[str] = set()  # objects whose last deform failed: posed again after a Restart
 
 
 _state = _State()
@@ -78,7 +79,7 @@ def request_for_object(obj: bpy.types.Object) -> None:
     _state.in_flight[name] = key  # before submitting: a request refused at once fails synchronously
     try:
         _submit(obj, weights[None, :], partial(_apply_live, name, key), "Expression",
-                on_failure=lambda _exc: _forget_in_flight(name))
+                on_failure=lambda _exc: _deform_failed(name))
     except backend_service.BackendUnavailable:
         _forget_in_flight(name)
         raise
@@ -103,6 +104,26 @@ def _token(obj: bpy.types.Object) -> tuple[int, int]:
 def _forget_in_flight(name: str) -> None:
     _state.in_flight.pop(name, None)
     _state.dirty.discard(name)
+
+
+def _deform_failed(name: str) -> None:
+    """The mesh still shows the previous pose while the weights say otherwise: remember to pose it again."""
+    _forget_in_flight(name)
+    _state.stale.add(name)
+
+
+def reapply_stale() -> None:
+    """After a Restart: request the current pose of every object whose deform was cut off."""
+    from . import backend_service
+
+    stale, _state.stale = _state.stale, set()
+    for name in stale:
+        obj = bpy.data.objects.get(name)
+        try:
+            if obj is not None:
+                request_for_object(obj)
+        except backend_service.BackendUnavailable:
+            _state.stale.add(name)  # the panel shows why; the next Restart tries again
 
 
 def _apply_live(name: str, key: bytes, params: dict, arrays: dict[str, np.ndarray]) -> None:

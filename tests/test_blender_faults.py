@@ -49,6 +49,12 @@ def test_kill_9_during_a_slider_edit_rolls_the_sliders_back(faults):
     assert k["restart_s"] < UI_BUDGET_S and k["status_after_restart"] == "READY"
 
 
+def test_a_pose_cut_off_by_a_crash_is_requested_again_after_restart(faults):
+    e = faults["expression"]
+    assert e["in_flight"] and not e["shown_after_crash"]
+    assert e["jobs_after_restart"] == 1 and e["shown_after_restart"] and e["status"] == "READY"
+
+
 def test_sigstop_is_hung_within_10_s_then_cancel_and_restart_do_not_block(faults):
     s = faults["sigstop"]
     assert s["hung_after_s"] < 10 and s["status"][0] == "HUNG" and "Restart" in s["status"][1]
@@ -162,6 +168,23 @@ def scenario(zip_path: str, tmp: Path) -> dict:
                      "head_json_unchanged": head.imhead.head_json == before["head_json"],
                      "mesh_unchanged": vertices(head) == before["vertices"],
                      "restart_s": restart_s, "status_after_restart": service.status()[0]}
+
+    # --- kill -9 while an expression deform is in flight: after Restart the pose is requested again.
+    live = sys.modules[f"{module}.live_deform"]
+    other = _heads(scene)[1]
+    setattr(other.imhead.expressions, "jawOpen", 0.8)  # the update callback sends the deform
+    in_flight = bool(service.jobs(other.name))
+    for pid in _backend_pids():
+        os.kill(pid, signal.SIGKILL)
+    pump_until(lambda: not service.jobs(), 30)
+    key = live.weights_key(live.weights_of(other))
+    shown_after_crash = live._state.shown.get(other.name) == key
+    assert bpy.ops.imhead.restart_backend() == {"FINISHED"}
+    reposed_jobs = len(service.jobs(other.name))
+    service.drain(300)
+    facts["expression"] = {"in_flight": in_flight, "shown_after_crash": shown_after_crash,
+                           "jobs_after_restart": reposed_jobs, "shown_after_restart": live._state.shown.get(
+                               other.name) == key, "status": service.status()[0]}
 
     # --- SIGSTOP during a Generate: HUNG within 10 s, Cancel and Restart return at once.
     heads_before = len(_heads(scene))
