@@ -271,7 +271,7 @@ class Server:
                 now = time.monotonic()
                 for job in [j for j in self._jobs.values() if now - j.sent_at >= HEARTBEAT_S]:
                     # under the lock: a job's reply (sent after it leaves _jobs) never precedes its heartbeat
-                    self.send_progress(job, job.fraction, job.message)
+                    self.send_progress(job)
 
     def _warm_up(self) -> None:
         """The backend's warm_up() (one-off costs of a first request: imports, first allocations, GPU kernel
@@ -332,18 +332,26 @@ class Server:
     def send(self, header: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
         self._write(wire.encode(header, arrays))
 
-    def send_progress(self, job: _Job, fraction: float, message: str) -> None:
-        job.fraction, job.message, job.sent_at = fraction, message, time.monotonic()
-        self.send(wire.progress(job.id, fraction, message))
+    def send_progress(self, job: _Job, fraction: float | None = None, message: str | None = None) -> None:
+        """Send (and remember) new progress, or repeat the last one (the heartbeat). Under the write lock, so a
+        repeat can never overtake a newer fraction."""
+        with self._write_lock:
+            if fraction is not None and message is not None:
+                job.fraction, job.message = fraction, message
+            job.sent_at = time.monotonic()
+            self._write_locked(wire.encode(wire.progress(job.id, job.fraction, job.message)))
 
     def _write(self, chunks: list) -> None:
         with self._write_lock:
-            try:
-                for chunk in chunks:
-                    self._out.write(chunk)
-                self._out.flush()
-            except (BrokenPipeError, ValueError, OSError) as exc:  # the client is gone; stdin EOF follows
-                self.log(f"cannot write to the client: {exc}")
+            self._write_locked(chunks)
+
+    def _write_locked(self, chunks: list) -> None:
+        try:
+            for chunk in chunks:
+                self._out.write(chunk)
+            self._out.flush()
+        except (BrokenPipeError, ValueError, OSError) as exc:  # the client is gone; stdin EOF follows
+            self.log(f"cannot write to the client: {exc}")
 
     def log(self, text: str) -> None:
         print(f"[imhead-backend] {text}", file=self._log, flush=True)
