@@ -13,7 +13,8 @@ each GT sample to the predicted surface:
     chamfer_l2 = (mean accuracy^2 + mean completeness^2) / 2                 (mm^2)
     normal_consistency = (mean |n_pred . n_gt(closest triangle)| + mean |n_gt . n_pred(closest triangle)|) / 2
     f_score@t = 2 P R / (P + R), P = share of accuracy <= t, R = share of completeness <= t, t in mm
-A mesh scored against itself gives ~0 (float32 rounding), whatever n: NPHM's point-to-point distances
+A mesh scored against itself gives ~0 (float32 rounding, larger on long thin triangles: up to 5e-3 mm on
+the ICT neck cap's 25 cm x 1 cm fan), whatever n: NPHM's point-to-point distances
 (nearest sample of the other cloud) measure the sampling as well, 0.5 / sqrt(samples per m^2) for two
 independent samplings of one surface (docs/benchmarks.md: 0.55 mm for an ICT head at 200k samples).
 Other differences from NPHM: thresholds 1, 2.5 and 5 mm (NPHM reports 1, 5, 10, 20); samples cover the whole
