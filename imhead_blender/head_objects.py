@@ -9,7 +9,7 @@ import json
 import bpy
 import numpy as np
 
-from . import backend_service, live_deform, mesh_build
+from . import backend_service, face_parts, materials, live_deform, mesh_build
 
 HEAD_FORMAT = "imhead-head/1"
 
@@ -33,6 +33,7 @@ def create_head_object(scene: bpy.types.Scene, name: str, head: dict, arrays: di
     obj.location = location
     scene.collection.objects.link(obj)
     store_head(obj, head, seed=seed, resolution=resolution)
+    add_parts(obj)
     _make_active(scene, obj)
     return obj
 
@@ -50,6 +51,7 @@ def replace_head_mesh(obj: bpy.types.Object, head: dict, arrays: dict[str, np.nd
         bpy.data.meshes.remove(old)
         mesh.name = name
     store_head(obj, head, seed=obj.imhead.seed, resolution=obj.imhead.resolution)
+    add_parts(obj)
     live_deform.forget(obj.name)
     live_deform.request_for_object(obj)
 
@@ -80,6 +82,12 @@ def store_head(obj: bpy.types.Object, head: dict, *, seed: int, resolution: int)
             item.name = str(region["name"])
             item.region_id = int(region["id"])
             item.mirror = int(region.get("mirror", -1) if region.get("mirror") is not None else -1)
+
+
+def add_parts(obj: bpy.types.Object) -> None:
+    """Eyes, teeth, gums and tongue fitted to the head's current mesh, and its skin material."""
+    red = {r["name"]: int(r["id"]) for r in backend_service.regions() if r["name"] in materials.RED_REGIONS}
+    face_parts.attach(obj, red)
 
 
 def _make_active(scene: bpy.types.Scene, obj: bpy.types.Object) -> None:

@@ -64,6 +64,13 @@ class ImHeadRegion(bpy.types.PropertyGroup):
         options=ANIMATABLE, update=_sliders_changed)
 
 
+def _redraw_material(self, context):
+    # Object attributes feed the shaders; tag the object so viewport and renders pick up the new value.
+    self.id_data.update_tag()
+    for child in self.id_data.children:
+        child.update_tag()
+
+
 def _is_other_head(self, obj) -> bool:
     return obj.imhead.is_head and obj != self.id_data
 
@@ -92,6 +99,16 @@ class ImHeadObjectProperties(bpy.types.PropertyGroup):
         name="Scale", min=0.0, max=SLIDER_RANGE, default=1.0, options=ANIMATABLE,
         description="Spread of Randomise, in standard deviations of the training heads")
     fit_error_mm: bpy.props.FloatProperty(name="Fit Error (mm)", default=-1.0, options=set())
+    # Read by the shared materials through Attribute nodes (type OBJECT), so each head keeps its own look.
+    skin_tone: bpy.props.FloatProperty(
+        name="Skin Tone", min=0.0, max=1.0, default=0.3, options=ANIMATABLE,
+        description="From pale (0) through tan to deep brown (1)", update=_redraw_material)
+    skin_redness: bpy.props.FloatProperty(
+        name="Redness", min=0.0, max=1.0, default=0.5, options=ANIMATABLE,
+        description="Flush of lips, nose and cheeks", update=_redraw_material)
+    iris_hue: bpy.props.FloatProperty(
+        name="Iris Hue", min=0.0, max=1.0, default=0.5, options=ANIMATABLE,
+        description="Hue shift of the iris colour (0.5: the material's own blue-grey)", update=_redraw_material)
 
 
 class ImHeadSceneSettings(bpy.types.PropertyGroup):
