@@ -500,7 +500,9 @@ class Session:
             head = self.parse_head(params["head"])
         else:
             head = HeadSpec(identity=self.sample_identity(validate.seed(params.get("seed", 0))))
-        return self.head_mesh(head, resolution, progress)
+        out, mesh = self.head_mesh(head, resolution, progress)
+        out["sliders"] = self.sliders(head)  # the region sliders' positions, so no separate load step
+        return out, mesh
 
     def edit(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
         progress = progress or NullProgress()
@@ -542,6 +544,7 @@ class Session:
         sim, align_stats = self.aligner.align(samples, sample_normals, fixed_scale=fixed_scale, landmarks=landmarks,
                                               seed=seed)
         check_cancel(progress)
+        fit.check_head_coverage(align_stats.coverage)
         x_model = sim.apply(samples)
         d_f, _ = self.aligner.tree.query(x_model)
         lo, hi = np.array(constants.BBOX_MIN), np.array(constants.BBOX_MAX)
@@ -574,6 +577,7 @@ class Session:
         out, mesh = self.head_mesh(head, resolution, _Offset(progress, 0.8, 0.2))
         # measured on the input inside the model's box (a figure's body is not what the head model describes)
         err = fit.fit_error(x_model[in_box], mesh["vertices"], mesh["faces"], sim.scale)
+        fit.check_fit_error(err.trimmed_mm)
         mesh["vertices"] = sim.inverse(mesh["vertices"].astype(np.float64)).astype(np.float32)
         mesh["normals"] = (mesh["normals"] @ sim.rotation).astype(np.float32)
         out.update({
