@@ -28,7 +28,8 @@ ASSET = "face_parts.safetensors"
 PART_KEY = "imhead_part"  # custom property on each part object: its kind
 EYE_WINDOW = 1.35  # in eye radii around the eye centre (sclera and lids)
 MOUTH_WINDOW_M = 0.035  # around the teeth's centre (lips, chin, cheeks next to the mouth)
-MIN_VERTICES = 12
+MIN_VERTICES = 24
+WINDOW_GROWTH = (1.0, 1.5, 2.0, 3.0)
 EYE_MARGIN = 1.015  # eyeballs sit just outside the head's own (fused) sclera surface
 # The generated lips are a little fuller than ICT's at the closed mouth, where the teeth tips would show
 # through the slit: the mouth parts sit this much farther back (template frame, -Z).
@@ -80,11 +81,14 @@ def similarity(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.
 
 def placement(template: np.ndarray, canonical: np.ndarray, centre: np.ndarray, radius: float
               ) -> tuple[float, np.ndarray, np.ndarray]:
-    """Similarity from the template frame to this head's canonical frame around `centre` (backend axes)."""
-    near = np.linalg.norm(template - centre, axis=1) < radius
-    if near.sum() < MIN_VERTICES:
-        raise ValueError(f"only {int(near.sum())} head vertices near template point {np.round(centre, 3).tolist()}")
-    return similarity(template[near], canonical[near])
+    """Similarity from the template frame to this head's canonical frame around `centre` (backend axes). Coarse
+    meshes have few vertices there: the window widens (WINDOW_GROWTH) until it holds MIN_VERTICES."""
+    distance = np.linalg.norm(template - centre, axis=1)
+    for growth in WINDOW_GROWTH:
+        near = distance < radius * growth
+        if near.sum() >= MIN_VERTICES:
+            return similarity(template[near], canonical[near])
+    raise ValueError(f"only {int(near.sum())} head vertices near template point {np.round(centre, 3).tolist()}")
 
 
 def parts_of(head: bpy.types.Object) -> list[bpy.types.Object]:
@@ -99,7 +103,7 @@ def remove(head: bpy.types.Object) -> None:
             bpy.data.meshes.remove(mesh)
 
 
-def attach(head: bpy.types.Object, region_ids: dict[str, int] | None = None) -> list[bpy.types.Object]:
+def attach(head: bpy.types.Object) -> list[bpy.types.Object]:
     """(Re)build the head's eyes, teeth, gums and tongue from its current mesh; returns the new parts."""
     arrays, jaw_names = asset()
     mesh = head.data
@@ -117,7 +121,6 @@ def attach(head: bpy.types.Object, region_ids: dict[str, int] | None = None) -> 
         else:
             obj = _mouth_part(head, part, arrays, mouth_sim, jaw_names)
         made.append(obj)
-    materials.assign(head, materials.skin(list((region_ids or {}).values())))
     return made
 
 

@@ -86,8 +86,39 @@ def store_head(obj: bpy.types.Object, head: dict, *, seed: int, resolution: int)
 
 def add_parts(obj: bpy.types.Object) -> None:
     """Eyes, teeth, gums and tongue fitted to the head's current mesh, and its skin material."""
+    from . import identity  # it imports this module
+
     red = {r["name"]: int(r["id"]) for r in backend_service.regions() if r["name"] in materials.RED_REGIONS}
-    face_parts.attach(obj, red)
+    materials.assign(obj, materials.skin(list(red.values())))
+    try:
+        face_parts.attach(obj)
+    except ValueError as exc:  # a head without parts is still a head: say why, keep going
+        face_parts.remove(obj)
+        backend_service.report_problem(f"{obj.name}: no eyes or teeth ({exc})")
+    identity.store(obj)
+
+
+HEAD_GAP_M = 0.05
+
+
+def move_beside_others(scene: bpy.types.Scene, obj: bpy.types.Object) -> None:
+    """Step a new head along +X until its bounds clear every other head's (with a gap), so heads added at the
+    same cursor stand side by side instead of inside each other."""
+    bpy.context.view_layer.update()
+    others = [_world_bounds(o) for o in scene.objects if o is not obj and o.type == "MESH" and o.imhead.is_head]
+    lo, hi = _world_bounds(obj)
+    step = float(hi[0] - lo[0]) + HEAD_GAP_M
+    shift = 0.0
+    while any((lo + [shift, 0, 0] < o_hi).all() and (hi + [shift, 0, 0] > o_lo).all() for o_lo, o_hi in others):
+        shift += step
+    if shift:
+        obj.location.x += shift
+
+
+def _world_bounds(obj: bpy.types.Object) -> tuple[np.ndarray, np.ndarray]:
+    m = np.array(obj.matrix_world)
+    corners = np.array([list(c) for c in obj.bound_box]) @ m[:3, :3].T + m[:3, 3]
+    return corners.min(0), corners.max(0)
 
 
 def _make_active(scene: bpy.types.Scene, obj: bpy.types.Object) -> None:
