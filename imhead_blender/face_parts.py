@@ -28,9 +28,12 @@ ASSET = "face_parts.safetensors"
 PART_KEY = "imhead_part"  # custom property on each part object: its kind
 EYE_WINDOW = 1.35  # in eye radii around the eye centre (sclera and lids)
 MOUTH_WINDOW_M = 0.035  # around the teeth's centre (lips, chin, cheeks next to the mouth)
+EYEBALL_REGIONS = ("left eyeball", "right eyeball")
+LIP_EDGE_M = 0.003
+LIP_DEPTH_M = 0.012  # vertices this far behind the contour's back are not on the lips (the head behind them)
 MIN_VERTICES = 24
 WINDOW_GROWTH = (1.0, 1.5, 2.0, 3.0)
-EYE_MARGIN = 1.015  # eyeballs sit just outside the head's own (fused) sclera surface
+EYE_MARGIN = 1.0  # the head's own eyeball faces are hidden (skin_masks): the ICT shell as the model learnt it
 # The generated lips are a little fuller than ICT's at the closed mouth, where the teeth tips would show
 # through the slit: the mouth parts sit this much farther back (template frame, -Z).
 MOUTH_INSET_M = 0.002
@@ -103,8 +106,9 @@ def remove(head: bpy.types.Object) -> None:
             bpy.data.meshes.remove(mesh)
 
 
-def attach(head: bpy.types.Object) -> list[bpy.types.Object]:
-    """(Re)build the head's eyes, teeth, gums and tongue from its current mesh; returns the new parts."""
+def attach(head: bpy.types.Object, eyeball_regions: list[int]) -> list[bpy.types.Object]:
+    """(Re)build the head's eyes, teeth, gums and tongue from its current mesh, and its skin masks (lips;
+    its own eyeball faces hidden); returns the new parts."""
     arrays, jaw_names = asset()
     mesh = head.data
     template = axes.blender_to_backend(mesh_build.read_point_vector(mesh, mesh_build.TEMPLATE)).astype(np.float64)
@@ -121,7 +125,46 @@ def attach(head: bpy.types.Object) -> list[bpy.types.Object]:
         else:
             obj = _mouth_part(head, part, arrays, mouth_sim, jaw_names)
         made.append(obj)
+    skin_masks(head, template, arrays["lip_contour"], eyeball_regions)
     return made
+
+
+def skin_masks(head: bpy.types.Object, template: np.ndarray, lip_contour: np.ndarray,
+               eyeball_regions: list[int]) -> None:
+    """The `imhead_lips` weight (1 inside the outer lip contour seen from the front, a LIP_EDGE_M soft edge) and
+    the head's own eyeball faces moved to the transparent second material slot: the eye objects replace them,
+    and a fused sclera would otherwise show through wherever a turned eye is not."""
+    mesh = head.data
+    weight = lip_weight(template, lip_contour)
+    attr = mesh.attributes.get(materials.LIPS_ATTRIBUTE) or mesh.attributes.new(
+        materials.LIPS_ATTRIBUTE, "FLOAT", "POINT")
+    attr.data.foreach_set("value", weight.astype(np.float32))
+    region = np.empty(len(mesh.vertices), np.int32)
+    mesh.attributes[mesh_build.REGION].data.foreach_get("value", region)
+    tris = np.empty(len(mesh.polygons) * 3, np.int32)
+    mesh.polygons.foreach_get("vertices", tris)
+    on_eyeball = np.isin(region, eyeball_regions)[tris.reshape(-1, 3)].all(1)
+    while len(mesh.materials) < 2:
+        mesh.materials.append(None)
+    mesh.materials[1] = materials.hidden()
+    mesh.polygons.foreach_set("material_index", on_eyeball.astype(np.int32))
+    mesh.update()
+
+
+def lip_weight(template: np.ndarray, contour: np.ndarray) -> np.ndarray:
+    """Per vertex: 1 inside the lip contour (x, y of the template, front of the face only), falling to 0 over
+    LIP_EDGE_M across it."""
+    p, c = template[:, :2], np.asarray(contour, np.float64)[:, :2]
+    a, b = c, np.roll(c, -1, axis=0)
+    ab = b - a
+    t = np.clip(((p[:, None] - a) * ab).sum(-1) / (ab ** 2).sum(-1), 0.0, 1.0)
+    dist = np.linalg.norm(p[:, None] - (a + t[..., None] * ab), axis=-1).min(1)
+    crosses = ((a[:, 1] > p[:, 1, None]) != (b[:, 1] > p[:, 1, None])) & (
+        p[:, 0, None] < a[:, 0] + (p[:, 1, None] - a[:, 1]) * ab[:, 0] / np.where(ab[:, 1] == 0, 1e-12, ab[:, 1]))
+    inside = crosses.sum(1) % 2 == 1
+    signed = np.where(inside, dist, -dist)
+    front = template[:, 2] > np.asarray(contour)[:, 2].min() - LIP_DEPTH_M
+    return np.clip(0.5 + signed / LIP_EDGE_M, 0.0, 1.0) * front
 
 
 def _to_blender(points_backend: np.ndarray, sim) -> np.ndarray:
@@ -161,6 +204,10 @@ def _eye(head: bpy.types.Object, part: Part, arrays: dict, sim, side: int) -> bp
     layer = obj.data.uv_layers.new(name=mesh_build.UV_NAME)
     layer.data.foreach_set("uv", uv[faces.ravel()].astype(np.float32).ravel())
     _gaze_drivers(obj, head, "L" if side == 0 else "R")
+    # The eye material reads the iris hue from the object it shades: follow the head's control.
+    driver = obj.driver_add("imhead.iris_hue").driver
+    driver.type = "AVERAGE"
+    _driver_var(driver, "hue", head, "iris_hue", "imhead.")
     return obj
 
 
@@ -180,13 +227,13 @@ def _gaze_drivers(obj: bpy.types.Object, head: bpy.types.Object, side: str) -> N
         driver.expression = f"(a - b) * {gain:.6f}"
 
 
-def _driver_var(driver, name: str, head: bpy.types.Object, expression: str) -> None:
+def _driver_var(driver, name: str, head: bpy.types.Object, prop: str, prefix: str = "imhead.expressions.") -> None:
     var = driver.variables.new()
     var.name = name
     var.type = "SINGLE_PROP"
     var.targets[0].id_type = "OBJECT"
     var.targets[0].id = head
-    var.targets[0].data_path = f"imhead.expressions.{expression}"
+    var.targets[0].data_path = f"{prefix}{prop}"
 
 
 def _mouth_part(head: bpy.types.Object, part: Part, arrays: dict, sim, jaw_names: tuple[str, ...]

@@ -88,10 +88,10 @@ def add_parts(obj: bpy.types.Object) -> None:
     """Eyes, teeth, gums and tongue fitted to the head's current mesh, and its skin material."""
     from . import identity  # it imports this module
 
-    red = {r["name"]: int(r["id"]) for r in backend_service.regions() if r["name"] in materials.RED_REGIONS}
-    materials.assign(obj, materials.skin(list(red.values())))
+    regions = {r["name"]: int(r["id"]) for r in backend_service.regions()}
+    materials.assign(obj, materials.skin())
     try:
-        face_parts.attach(obj)
+        face_parts.attach(obj, [regions[n] for n in face_parts.EYEBALL_REGIONS if n in regions])
     except ValueError as exc:  # a head without parts is still a head: say why, keep going
         face_parts.remove(obj)
         backend_service.report_problem(f"{obj.name}: no eyes or teeth ({exc})")

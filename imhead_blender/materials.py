@@ -4,9 +4,11 @@ head; per-head looks come from the object's own keyframeable properties (`imhead
 independent and the controls animate like any other parameter.
 
 Skin: Principled BSDF with subsurface scattering; a tone ramp (pale to deep brown) driven by the tone
-control, redness on the lips from the region attribute, and mottling plus pore bump from noise on the template
-position (the correspondence behind the template UVs, so the pattern sits at the same place on every face, but
-continuous where the ICT UV layout has seams). The head keeps the template UV map for the artist's own textures.
+control, redness on the lips (a soft-edged weight inside the template's outer lip contour), and mottling plus
+pore bump from noise on the template position (the correspondence behind the template UVs, so the pattern sits
+at the same place on every face, but continuous where the ICT UV layout has seams). The head keeps the template
+UV map for the artist's own textures. Its own eyeball faces get the transparent second slot (the eye objects
+show instead).
 Eyes: the UV map written with each eyeball (a frontal projection, see face_parts) gives the distance from the
 gaze axis: pupil, iris with radial fibres, limbal ring, sclera; a clear coat for the wet cornea.
 """
@@ -14,8 +16,8 @@ gaze axis: pupil, iris with radial fibres, limbal ring, sclera; a clear coat for
 import bpy
 
 SKIN, EYE, TEETH, GUMS = "imHead Skin", "imHead Eye", "imHead Teeth", "imHead Gums"
-# Region names whose skin is redder (the atlas's names, from the handshake).
-RED_REGIONS = ("upper lip", "lower lip")
+LIPS_ATTRIBUTE = "imhead_lips"  # FLOAT point attribute, 1 inside the outer lip contour (face_parts.skin_masks)
+HIDDEN = "imHead Hidden"
 PUPIL, IRIS, LIMBUS = 0.13, 0.36, 0.40  # radii on the frontal projection, in eyeball radii
 SKIN_SSS_RADIUS = (1.0, 0.35, 0.2)
 SKIN_SSS_SCALE_M = 0.006
@@ -52,8 +54,8 @@ def _math(nodes, links, op: str, a, b=None, value: float | None = None):
     return node.outputs[0]
 
 
-def skin(region_ids: list[int]) -> bpy.types.Material:
-    """The shared skin material (made on first use); `region_ids` are the RED_REGIONS' atlas ids."""
+def skin() -> bpy.types.Material:
+    """The shared skin material (made on first use)."""
     mat = bpy.data.materials.get(SKIN)
     if mat is not None:
         return mat
@@ -69,17 +71,11 @@ def skin(region_ids: list[int]) -> bpy.types.Material:
         ramp.color_ramp.elements.new(pos).color = (*col, 1)
     links.new(tone.outputs["Fac"], ramp.inputs["Fac"])
 
-    # Redness: 1 on the red regions (region attribute compared with each id), scaled by the object's control.
-    region = nodes.new("ShaderNodeAttribute")
-    region.attribute_type, region.attribute_name = "GEOMETRY", "imhead_region"
-    red = None
-    for rid in region_ids:
-        hit = _math(nodes, links, "COMPARE", region.outputs["Fac"], value=float(rid))
-        hit.node.inputs[2].default_value = 0.5
-        red = hit if red is None else _math(nodes, links, "MAXIMUM", red, hit)
+    # Redness: the lips' weight (a point attribute with a soft edge, face_parts.skin_masks) times the control.
+    lips = nodes.new("ShaderNodeAttribute")
+    lips.attribute_type, lips.attribute_name = "GEOMETRY", LIPS_ATTRIBUTE
     redness = _object_value(nodes, "imhead.skin_redness")
-    amount = (_math(nodes, links, "MULTIPLY", red, redness.outputs["Fac"]) if red is not None
-              else redness.outputs["Fac"])
+    amount = _math(nodes, links, "MULTIPLY", lips.outputs["Fac"], redness.outputs["Fac"])
 
     # Mottling and pores from noise on the template position: the same spot of every face gets the same
     # pattern, like a texture in the shared ICT UV layout, but without that layout's seams.
@@ -115,9 +111,8 @@ def skin(region_ids: list[int]) -> bpy.types.Material:
     bsdf.inputs["Subsurface Weight"].default_value = 0.35
     bsdf.inputs["Subsurface Radius"].default_value = SKIN_SSS_RADIUS
     bsdf.inputs["Subsurface Scale"].default_value = SKIN_SSS_SCALE_M
-    bsdf.inputs["Roughness"].default_value = 0.45
-    bsdf.inputs["Specular IOR Level"].default_value = 0.45
-    bsdf.inputs["Coat Weight"].default_value = 0.05
+    bsdf.inputs["Roughness"].default_value = 0.58
+    bsdf.inputs["Specular IOR Level"].default_value = 0.4
     return mat
 
 
@@ -198,6 +193,18 @@ def teeth() -> bpy.types.Material:
 
 def gums() -> bpy.types.Material:
     return _plain(GUMS, (0.62, 0.22, 0.22), 0.4, 0.4)
+
+
+def hidden() -> bpy.types.Material:
+    """Fully transparent: on the head's own (fused) eyeball faces, so the eye objects show instead."""
+    mat = bpy.data.materials.get(HIDDEN)
+    if mat is not None:
+        return mat
+    mat, nodes, _links = _new_material(HIDDEN)
+    _principled(nodes).inputs["Alpha"].default_value = 0.0
+    if hasattr(mat, "use_transparent_shadow"):
+        mat.use_transparent_shadow = True
+    return mat
 
 
 def assign(obj: bpy.types.Object, material: bpy.types.Material) -> None:

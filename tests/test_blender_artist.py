@@ -112,7 +112,10 @@ def test_materials_are_assigned(artist):
     m = artist["materials"]
     assert m["head"] == "imHead Skin" and m["subsurface"] > 0.1
     assert m["eye"] == "imHead Eye" and m["teeth"] == "imHead Teeth" and m["gums"] == "imHead Gums"
-    assert {"imhead.skin_tone", "imhead_region", "imhead_template"} <= set(m["skin_attributes"])
+    assert {"imhead.skin_tone", "imhead_lips", "imhead_template"} <= set(m["skin_attributes"])
+    assert m["eye_hue_follows_head"] == pytest.approx(0.1)
+    assert m["lips_weight_max"] == pytest.approx(1.0) and m["lips_fraction"] < 0.05
+    assert m["hidden_faces"] > 0 and m["hidden_material"] == "imHead Hidden"
 
 
 @pytest.mark.parametrize("engine", ["CYCLES", "BLENDER_EEVEE"])
@@ -324,7 +327,18 @@ def scenario_artist(zip_path: str, out_dir: str) -> dict:
         "teeth": parts["Teeth.Upper"].data.materials[0].name, "gums": parts["Gums.Lower"].data.materials[0].name,
         "subsurface": float(skin.node_tree.nodes["Principled BSDF"].inputs["Subsurface Weight"].default_value),
         "skin_attributes": sorted(n.attribute_name for n in skin.node_tree.nodes if n.type == "ATTRIBUTE"),
+        "hidden_material": a.data.materials[1].name,
     }
+    index = np.empty(len(a.data.polygons), np.int32)
+    a.data.polygons.foreach_get("material_index", index)
+    lips = np.empty(len(a.data.vertices), np.float32)
+    a.data.attributes["imhead_lips"].data.foreach_get("value", lips)
+    a.imhead.iris_hue = 0.1
+    bpy.context.view_layer.update()
+    facts["materials"].update(hidden_faces=int(index.sum()), lips_weight_max=float(lips.max()),
+                              lips_fraction=float((lips > 0.5).mean()),
+                              eye_hue_follows_head=float(parts["Eye.L"].imhead.iris_hue))
+    a.imhead.iris_hue = 0.5
     b.hide_render = True
     for child in b.children:
         child.hide_render = True

@@ -16,6 +16,7 @@ Arrays written:
   lower_teeth_deltas (K,V,3), lower_gums_tongue_deltas (K,V,3): ICT's displacement of those vertices by each
       of the K expressions that move the jaw (names in the metadata's "jaw_expressions")
   mouth_centre (3,): the middle of the teeth, where the mouth parts' placement window is centred
+  lip_contour (12,3): the outer lip contour (Multi-PIE 68 landmarks 49-60 on the ICT mesh)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backend.data.ict import CM_TO_M, _parse_obj, _Source  # noqa: E402
+from backend.data.ict import CM_TO_M, MULTIPIE68, _parse_obj, _Source  # noqa: E402
 
 GUMS_TONGUE = (14062, 17039, 14034, 17006)      # vertex range, polygon range (ICT README, half-open)
 TEETH = (17039, 21451, 17006, 21496)
@@ -113,6 +114,8 @@ def build(source: Path) -> dict[str, np.ndarray]:
         radii.append(r)
         out[f"eye_{side}_vertices"] = sclera.astype(np.float32)
         out[f"eye_{side}_faces"] = triangles(fv[plo_s:phi_s], slo)
+    # The outer lip contour (Multi-PIE landmarks 49-60): the add-on tints the skin inside it.
+    out["lip_contour"] = neutral[MULTIPIE68[48:60]].astype(np.float32)
     out["eye_centre"] = np.asarray(centres, np.float32)
     out["eye_radius"] = np.asarray(radii, np.float32)
 
