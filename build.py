@@ -3,7 +3,7 @@
 Zip layout (what Blender's "Install from Disk" expects, and what `blender_ext.py validate` checks):
     blender_manifest.toml, the add-on package files (imhead_blender/*) at the root,
     backend/   the runtime backend (no backend/train/, no tests/ folders, no bytecode),
-    weights/   only the shipped files (*.safetensors, *.sha256, MODEL_CARD.md),
+    weights/   only the shipped files (*.safetensors, *.sha256, MODEL_CARD.md, identity_directions.json),
     build_info.json   the Python with torch recorded at build time (the add-on's default interpreter).
 Standard library only; entries are sorted and time-stamped 1980-01-01 so the same tree gives the same zip.
 """
@@ -26,7 +26,7 @@ ADDON_DIR = "imhead_blender"
 # Left out by folder, never by file name: a runtime module may be named like a test.
 EXCLUDED_DIRS = {"__pycache__", "tests", "train", ".pytest_cache"}
 EXCLUDED_FILES = ("*.pyc", "*.pyo", ".*", "build_info.json")
-WEIGHT_FILES = ("*.safetensors", "*.sha256", "MODEL_CARD.md")
+WEIGHT_FILES = ("*.safetensors", "*.sha256", "MODEL_CARD.md", "identity_directions.json")
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 

@@ -6,7 +6,7 @@ numpy only and talks to it through `client.py`.
 
 import bpy
 
-from . import backend_service, live_deform, operators, panels, preferences, properties, region_edit
+from . import backend_service, identity, live_deform, operators, panels, preferences, properties, region_edit
 
 _CLASSES = (preferences.ImHeadPreferences, *operators.CLASSES, *panels.CLASSES)
 
@@ -16,10 +16,12 @@ def _on_load_pre(*_args) -> None:
     backend_service.cancel_all()
     live_deform.reset()
     region_edit.reset()
+    identity.reset()
 
 
 _HANDLERS = (
     (bpy.app.handlers.frame_change_post, live_deform.on_frame_change),
+    (bpy.app.handlers.frame_change_post, identity.on_frame_change),
     (bpy.app.handlers.undo_post, live_deform.on_undo_redo),
     (bpy.app.handlers.redo_post, live_deform.on_undo_redo),
     (bpy.app.handlers.load_pre, _on_load_pre),

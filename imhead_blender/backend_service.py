@@ -48,6 +48,9 @@ class _State:
     last_error: str = ""
     handshake_checked: bool = False
     prestarted: bool = False  # prestart() is tried once per Blender session
+    crashes: list[float] = field(default_factory=list)  # monotonic times of automatic restarts
+    died_at: float | None = None  # when the running client was first seen dead
+    notice: str = ""  # shown with READY: the last automatic restart
 
 
 _state = _State()
@@ -60,15 +63,62 @@ class BackendUnavailable(RuntimeError):
 # --- lifecycle -------------------------------------------------------------------------------------------
 
 def ensure_started() -> BackendClient:
-    """Start the backend on first use. A process that died is not silently restarted: the user sees why it
-    stopped and presses Restart (so a crash loop is visible rather than hidden)."""
+    """Start the backend on first use. A process that died is restarted by pump_backend() after a backoff
+    (auto_restart); meanwhile requests are refused with the reason, so a crash is never silent."""
     client = _state.client
     if client is not None:
         if client.alive():
             return client
-        raise BackendUnavailable(f"The imHead backend stopped ({_death_reason(client)}). "
-                                 "Press 'Restart Backend'.")
+        crashed = client.last_error is not None and client.last_error.code == "backend_died"
+        plan = f"{_restart_plan()}, or press 'Restart Backend'." if crashed else "Press 'Restart Backend'."
+        raise BackendUnavailable(f"The imHead backend stopped ({_death_reason(client)}). {plan}")
     return _start()
+
+
+# Automatic restarts after a crash: at most RESTARTS_PER_MINUTE in any 60 s, the n-th waiting BACKOFF_S[n].
+RESTARTS_PER_MINUTE = 3
+BACKOFF_S = (1.0, 4.0, 10.0)
+
+
+def _restart_plan() -> str:
+    now = time.monotonic()
+    recent = [t for t in _state.crashes if now - t < 60.0]
+    if len(recent) >= RESTARTS_PER_MINUTE:
+        return f"It crashed {len(recent)} times within a minute, so it is not restarted automatically: fix the " \
+               "cause (see the console)"
+    wait = BACKOFF_S[len(recent)] - (now - (_state.died_at or now))
+    return f"It restarts automatically in {max(wait, 0.0):.0f} s"
+
+
+def auto_restart() -> None:
+    """pump_backend() calls this while the client is dead: restart once the backoff has passed, unless that
+    would be the fourth restart within a minute. Every step is written where the panel shows it."""
+    client = _state.client
+    if client is None or client.alive() or client.last_error is None or client.last_error.code != "backend_died":
+        return  # not started, running, or stopped on purpose / by a failed handshake (a restart would not help)
+    now = time.monotonic()
+    if _state.died_at is None:
+        _state.died_at = now
+    _state.crashes = [t for t in _state.crashes if now - t < 60.0]
+    reason = _death_reason(client)
+    if len(_state.crashes) >= RESTARTS_PER_MINUTE or now - _state.died_at < BACKOFF_S[len(_state.crashes)]:
+        _state.last_error = f"The imHead backend stopped ({reason}). {_restart_plan()}."
+        return
+    _state.crashes.append(now)
+    count = len(_state.crashes)
+    print(f"[imhead] backend stopped ({reason}); automatic restart {count} of {RESTARTS_PER_MINUTE} this minute",
+          file=sys.stderr)
+    _state.client = None  # not shutdown(): this runs inside the timer that shutdown() would unregister
+    try:
+        client.shutdown(timeout=1.0)
+    except BackendFailure:
+        pass  # it is gone already
+    try:
+        _start()
+    except BackendUnavailable:
+        pass  # _start recorded why in last_error
+    _state.notice = f"Backend restarted automatically after it stopped ({reason}); {count} of " \
+                    f"{RESTARTS_PER_MINUTE} restarts allowed per minute"
 
 
 def prestart() -> None:
@@ -101,26 +151,36 @@ def _start() -> BackendClient:
     except RuntimeError as exc:
         _state.last_error = str(exc)
         raise BackendUnavailable(str(exc)) from exc
-    client = BackendClient(python, str(root), request_timeout=REQUEST_TIMEOUT_S)
+    client = BackendClient(python, str(root), request_timeout=REQUEST_TIMEOUT_S,
+                           env=preferences.backend_env(preferences.get_preferences()))
     try:
         client.start()
     except BackendFailure as exc:
         _state.last_error = exc.message
         raise BackendUnavailable(exc.message) from exc
     _state.client, _state.python = client, python
-    _state.last_error, _state.handshake_checked = "", False
+    _state.last_error, _state.handshake_checked, _state.died_at = "", False, None
     _ensure_timer()
     return client
 
 
 def restart() -> BackendClient:
     shutdown()
+    _state.crashes, _state.notice = [], ""
     client = _start()
     from . import live_deform  # here: live_deform imports this module
 
     live_deform.reapply_stale()  # poses cut off by the old process's end, queued behind the handshake
     return client
 
+
+def restart_if_running() -> None:
+    """A setting the process reads at start changed (the device): apply it now if a backend runs."""
+    if _state.client is not None:
+        try:
+            restart()
+        except BackendUnavailable:
+            pass  # shown in the panel's status
 
 def shutdown() -> None:
     """Stop the process and forget its jobs (used by Restart and unregister)."""
@@ -206,8 +266,10 @@ def pump_backend() -> int:
     if client.handshake is not None and not _state.handshake_checked:
         _state.handshake_checked = True
         _check_handshake(client.handshake.info)
-    if not client.alive() and not _state.last_error:
-        _state.last_error = _death_reason(client)
+    if not client.alive():
+        if not _state.last_error:
+            _state.last_error = _death_reason(client)
+        auto_restart()
     if handled:
         _redraw()
     return handled
@@ -257,6 +319,17 @@ def status() -> tuple[str, str]:
     if client.handshake is None:
         return "STARTING", f"Starting backend ({_state.python})"
     return "READY", _state.last_error
+
+
+def report_problem(text: str) -> None:
+    """A reply was applied only in part: show why in the panel and the console."""
+    _state.last_error = text
+    print(f"[imhead] {text}", file=sys.stderr)
+
+
+def notice() -> str:
+    """The last automatic restart, for the panel (empty when there was none since the last manual restart)."""
+    return _state.notice
 
 
 def clear_error() -> None:

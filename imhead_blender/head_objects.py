@@ -9,7 +9,7 @@ import json
 import bpy
 import numpy as np
 
-from . import backend_service, live_deform, mesh_build
+from . import backend_service, face_parts, materials, live_deform, mesh_build
 
 HEAD_FORMAT = "imhead-head/1"
 
@@ -33,6 +33,7 @@ def create_head_object(scene: bpy.types.Scene, name: str, head: dict, arrays: di
     obj.location = location
     scene.collection.objects.link(obj)
     store_head(obj, head, seed=seed, resolution=resolution)
+    add_parts(obj)
     _make_active(scene, obj)
     return obj
 
@@ -50,6 +51,7 @@ def replace_head_mesh(obj: bpy.types.Object, head: dict, arrays: dict[str, np.nd
         bpy.data.meshes.remove(old)
         mesh.name = name
     store_head(obj, head, seed=obj.imhead.seed, resolution=obj.imhead.resolution)
+    add_parts(obj)
     live_deform.forget(obj.name)
     live_deform.request_for_object(obj)
 
@@ -80,6 +82,43 @@ def store_head(obj: bpy.types.Object, head: dict, *, seed: int, resolution: int)
             item.name = str(region["name"])
             item.region_id = int(region["id"])
             item.mirror = int(region.get("mirror", -1) if region.get("mirror") is not None else -1)
+
+
+def add_parts(obj: bpy.types.Object) -> None:
+    """Eyes, teeth, gums and tongue fitted to the head's current mesh, and its skin material."""
+    from . import identity  # it imports this module
+
+    regions = {r["name"]: int(r["id"]) for r in backend_service.regions()}
+    materials.assign(obj, materials.skin())
+    try:
+        face_parts.attach(obj, [regions[n] for n in face_parts.EYEBALL_REGIONS if n in regions])
+    except ValueError as exc:  # a head without parts is still a head: say why, keep going
+        face_parts.remove(obj)
+        backend_service.report_problem(f"{obj.name}: no eyes or teeth ({exc})")
+    identity.store(obj)
+
+
+HEAD_GAP_M = 0.05
+
+
+def move_beside_others(scene: bpy.types.Scene, obj: bpy.types.Object) -> None:
+    """Step a new head along +X until its bounds clear every other head's (with a gap), so heads added at the
+    same cursor stand side by side instead of inside each other."""
+    bpy.context.view_layer.update()
+    others = [_world_bounds(o) for o in scene.objects if o is not obj and o.type == "MESH" and o.imhead.is_head]
+    lo, hi = _world_bounds(obj)
+    step = float(hi[0] - lo[0]) + HEAD_GAP_M
+    shift = 0.0
+    while any((lo + [shift, 0, 0] < o_hi).all() and (hi + [shift, 0, 0] > o_lo).all() for o_lo, o_hi in others):
+        shift += step
+    if shift:
+        obj.location.x += shift
+
+
+def _world_bounds(obj: bpy.types.Object) -> tuple[np.ndarray, np.ndarray]:
+    m = np.array(obj.matrix_world)
+    corners = np.array([list(c) for c in obj.bound_box]) @ m[:3, :3].T + m[:3, 3]
+    return corners.min(0), corners.max(0)
 
 
 def _make_active(scene: bpy.types.Scene, obj: bpy.types.Object) -> None:

@@ -4,7 +4,7 @@ import time
 
 import bpy
 
-from . import backend_service, expressions, live_deform, preferences, region_edit
+from . import backend_service, expressions, identity, live_deform, preferences, region_edit
 from .operators import fit as fit_ops
 from .operators.common import active_head
 
@@ -64,6 +64,9 @@ def _draw_backend_status(layout) -> None:
                   icon="INFO" if hs.trained else "ERROR")
         if text:
             _draw_error(box, text)
+        if backend_service.notice():
+            for line in _wrap(backend_service.notice()):
+                box.label(text=line, icon="INFO")
     elif state == "STARTING":
         box.label(text="Starting backend...", icon="SORTTIME")
     elif state in ("ERROR", "HUNG"):
@@ -78,6 +81,14 @@ ERROR_LINES = 8  # the full text (backend stderr tail included) is in the consol
 
 def _draw_error(layout, text: str) -> None:
     """Labels do not wrap and the sidebar is narrow: wrap by words, cap the number of lines."""
+    lines = _wrap(text)
+    col = layout.column(align=True)
+    col.alert = True
+    for i, line in enumerate(lines):
+        col.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+
+
+def _wrap(text: str) -> list[str]:
     lines, line = [], ""
     for word in text.split():
         if line and len(line) + len(word) > 40:
@@ -88,10 +99,7 @@ def _draw_error(layout, text: str) -> None:
         lines.append(line)
     if len(lines) > ERROR_LINES:
         lines = lines[: ERROR_LINES - 1] + [lines[ERROR_LINES - 1] + " ..."]
-    col = layout.column(align=True)
-    col.alert = True
-    for i, line in enumerate(lines):
-        col.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+    return lines
 
 
 class IMHEAD_PT_head(_HeadSubPanel, bpy.types.Panel):
@@ -109,6 +117,40 @@ class IMHEAD_PT_head(_HeadSubPanel, bpy.types.Panel):
         row = layout.row(align=True)
         row.prop(props, "resolution")
         row.operator("imhead.regenerate", text="", icon="FILE_REFRESH")
+        layout.operator("imhead.apply_as_mesh", icon="MESH_DATA")
+
+
+class IMHEAD_PT_identity(_HeadSubPanel, bpy.types.Panel):
+    bl_label = "Identity"
+
+    def draw(self, context):
+        obj = active_head(context)
+        props = obj.imhead
+        layout = self.layout
+        row = layout.row(align=True)
+        row.operator("imhead.randomise_identity", text="Randomise", icon="FILE_REFRESH")
+        row.prop(props, "randomise_strength")
+        if identity.busy(obj.name):
+            layout.label(text="Rebuilding...", icon="SORTTIME")
+        try:
+            names = identity.stats().names
+        except ValueError as exc:
+            _draw_error(layout, str(exc))
+            return
+        col = layout.column(align=True)
+        for i, name in enumerate(names):
+            col.prop(props, "identity", index=i, text=name, slider=True)
+
+
+class IMHEAD_PT_look(_HeadSubPanel, bpy.types.Panel):
+    bl_label = "Look"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        props = active_head(context).imhead
+        col = self.layout.column(align=True)
+        for name in ("skin_tone", "skin_redness", "iris_hue"):
+            col.prop(props, name, slider=True)
 
 
 class IMHEAD_PT_expressions(_HeadSubPanel, bpy.types.Panel):
@@ -158,6 +200,7 @@ class IMHEAD_PT_regions(_HeadSubPanel, bpy.types.Panel):
         row = layout.row(align=True)
         for action, text in (("ALL", "All"), ("NONE", "None"), ("INVERT", "Invert"), ("MIRROR", "Mirror")):
             row.operator("imhead.region_select", text=text).action = action
+        layout.prop(props, "symmetric")
         if region_edit.busy(obj.name):
             layout.label(text="Editing...", icon="SORTTIME")
 
@@ -203,5 +246,5 @@ class IMHEAD_PT_fit(_ImHeadPanel, bpy.types.Panel):
         layout.operator("imhead.fit_selected", icon="MOD_SHRINKWRAP")
 
 
-CLASSES = (IMHEAD_UL_regions, IMHEAD_PT_main, IMHEAD_PT_head, IMHEAD_PT_expressions, IMHEAD_PT_regions,
-           IMHEAD_PT_fit)
+CLASSES = (IMHEAD_UL_regions, IMHEAD_PT_main, IMHEAD_PT_head, IMHEAD_PT_identity, IMHEAD_PT_look,
+           IMHEAD_PT_expressions, IMHEAD_PT_regions, IMHEAD_PT_fit)

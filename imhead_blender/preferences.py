@@ -7,6 +7,14 @@ from pathlib import Path
 import bpy
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+DEVICE_ENV = "IMHEAD_DEVICE"  # read by `python -m backend serve` as its --device default
+DEVICES = {"AUTO": "auto", "CPU": "cpu", "GPU": "cuda"}
+
+
+def _device_changed(self, context):
+    from . import backend_service
+
+    backend_service.restart_if_running()
 
 
 class ImHeadPreferences(bpy.types.AddonPreferences):
@@ -27,9 +35,23 @@ class ImHeadPreferences(bpy.types.AddonPreferences):
         options=set(),
     )
 
+    device: bpy.props.EnumProperty(
+        name="Device",
+        items=[("AUTO", "Automatic", "A CUDA GPU when the backend's torch sees one, else the CPU"),
+               ("CPU", "CPU", "Always the CPU"),
+               ("GPU", "GPU", "A CUDA GPU; the backend reports an error when there is none")],
+        default="AUTO", options=set(), update=_device_changed,
+        description="Where the backend runs the model (its --device); changing it restarts a running backend")
+
     def draw(self, context):
+        from . import backend_service
+
         layout = self.layout
         layout.prop(self, "python_path")
+        row = layout.row()
+        row.prop(self, "device")
+        hs = backend_service.handshake()
+        row.label(text=f"In use: {hs.torch_device}" if hs is not None else "In use: (backend not running)")
         layout.prop(self, "start_with_panel")
         try:
             python, source = resolve_python(self.python_path)
@@ -42,6 +64,11 @@ class ImHeadPreferences(bpy.types.AddonPreferences):
 def get_preferences(context=None) -> ImHeadPreferences:
     context = context or bpy.context
     return context.preferences.addons[__package__].preferences
+
+
+def backend_env(prefs: "ImHeadPreferences") -> dict[str, str]:
+    """Environment for the backend process: the device choice."""
+    return {DEVICE_ENV: DEVICES.get(prefs.device, "auto")}
 
 
 def build_info() -> dict:

@@ -14,10 +14,19 @@ PCA_SLIDERS = 8  # leading principal directions per region shown as sliders (the
 SLIDER_RANGE = 5.0  # the backend's limit, in standard deviations
 
 
+IDENTITY_SLIDERS = 12  # identity.COUNT (not imported here: identity imports the head modules)
+
+
 def _sliders_changed(self, context):
     from . import region_edit
 
     region_edit.request_sliders(self.id_data, self.name)
+
+
+def _identity_changed(self, context):
+    from . import identity
+
+    identity.on_update(self, context)
 
 
 def _expression_changed(self, context):
@@ -62,6 +71,16 @@ class ImHeadRegion(bpy.types.PropertyGroup):
         min=-SLIDER_RANGE, max=SLIDER_RANGE, soft_min=-3.0, soft_max=3.0,
         description="Position along this region's leading principal directions, in standard deviations",
         options=ANIMATABLE, update=_sliders_changed)
+    applied: bpy.props.FloatVectorProperty(
+        size=PCA_SLIDERS, default=(0.0,) * PCA_SLIDERS, options=set(),
+        description="The backend's slider positions for this head (what Symmetric editing measures moves from)")
+
+
+def _redraw_material(self, context):
+    # Object attributes feed the shaders; tag the object so viewport and renders pick up the new value.
+    self.id_data.update_tag()
+    for child in self.id_data.children:
+        child.update_tag()
 
 
 def _is_other_head(self, obj) -> bool:
@@ -92,6 +111,27 @@ class ImHeadObjectProperties(bpy.types.PropertyGroup):
         name="Scale", min=0.0, max=SLIDER_RANGE, default=1.0, options=ANIMATABLE,
         description="Spread of Randomise, in standard deviations of the training heads")
     fit_error_mm: bpy.props.FloatProperty(name="Fit Error (mm)", default=-1.0, options=set())
+    identity: bpy.props.FloatVectorProperty(
+        name="Identity", size=IDENTITY_SLIDERS, default=(0.0,) * IDENTITY_SLIDERS,
+        min=-SLIDER_RANGE, max=SLIDER_RANGE, soft_min=-3.0, soft_max=3.0, options=ANIMATABLE,
+        update=_identity_changed,
+        description="Position along the model's leading identity directions, in standard deviations")
+    randomise_strength: bpy.props.FloatProperty(
+        name="Strength", min=0.0, max=SLIDER_RANGE, default=1.0, options=ANIMATABLE,
+        description="Spread of the random identity, in standard deviations (0: the average head)")
+    symmetric: bpy.props.BoolProperty(
+        name="Symmetric", default=True, options=set(),
+        description="Region slider edits also apply the mirrored change to the region's mirror partner")
+    # Read by the shared materials through Attribute nodes (type OBJECT), so each head keeps its own look.
+    skin_tone: bpy.props.FloatProperty(
+        name="Skin Tone", min=0.0, max=1.0, default=0.3, options=ANIMATABLE,
+        description="From pale (0) through tan to deep brown (1)", update=_redraw_material)
+    skin_redness: bpy.props.FloatProperty(
+        name="Redness", min=0.0, max=1.0, default=0.5, options=ANIMATABLE,
+        description="Flush of lips, nose and cheeks", update=_redraw_material)
+    iris_hue: bpy.props.FloatProperty(
+        name="Iris Hue", min=0.0, max=1.0, default=0.5, options=ANIMATABLE,
+        description="Hue shift of the iris colour (0.5: the material's own blue-grey)", update=_redraw_material)
 
 
 class ImHeadSceneSettings(bpy.types.PropertyGroup):

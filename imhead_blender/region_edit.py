@@ -9,8 +9,10 @@ refreshes the sliders of every region the user has not touched since.
 from functools import partial
 
 import bpy
+import numpy as np
 
 from . import backend_service, head_objects
+from .properties import SLIDER_RANGE as SLIDER_LIMIT
 
 
 class _State:
@@ -54,12 +56,38 @@ def request_sliders(obj: bpy.types.Object, region: str) -> None:
         return
     name = obj.name
     if name in _state.in_flight:
-        _state.dirty.setdefault(name, set()).add(region)
+        _state.dirty.setdefault(name, set()).update([region, *mirror_partner_change(obj, region)])
         return
+    regions = [region, *mirror_partner_change(obj, region)]
     try:
-        submit_edit(obj, [_pca_op(obj, region)], "Region sliders")
+        submit_edit(obj, [_pca_op(obj, r) for r in regions], "Region sliders")
     except backend_service.BackendUnavailable:
         pass  # shown in the panel's status box; a property update cannot report
+
+
+def mirror_partner_change(obj: bpy.types.Object, region: str) -> list[str]:
+    """With Symmetric on, move the mirror partner's sliders by the mirrored change of `region`'s; returns
+    [partner] when it moved, else []."""
+    from . import identity
+
+    props = obj.imhead
+    item = props.regions.get(region)
+    if not props.symmetric or item is None or item.mirror < 0 or item.mirror == item.region_id:
+        return []
+    partner = next((r for r in props.regions if r.region_id == item.mirror), None)
+    if partner is None:
+        return []
+    delta = np.array(item.sliders) - np.array(item.applied)
+    try:
+        moved = identity.mirrored_delta(item.region_id, partner.region_id, delta)
+    except ValueError:
+        return []
+    _state.applying += 1
+    try:
+        partner.sliders = [float(np.clip(v, -SLIDER_LIMIT, SLIDER_LIMIT)) for v in np.array(partner.applied) + moved]
+    finally:
+        _state.applying -= 1
+    return [partner.name]
 
 
 def _pca_op(obj: bpy.types.Object, region: str) -> dict:
@@ -125,6 +153,7 @@ def store_sliders(obj: bpy.types.Object, sliders: dict | None, skip: set[str] = 
                 confirmed[item.name] = [float(v) for v in values[:n]] + [0.0] * max(0, n - len(values))
                 if item.name not in skip:
                     item.sliders = confirmed[item.name]
+                item.applied = confirmed[item.name]
         obj.imhead.sliders_known = True
     finally:
         _state.applying -= 1

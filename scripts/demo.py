@@ -1,5 +1,6 @@
 """Headless demo: install the built extension into Blender (the bpy module) with an isolated user config,
-press the sidebar's Generate operator, then light, save and render the head with Cycles.
+press the sidebar's Generate operator (a head with eyes, teeth and materials), then light, save and render it
+with Cycles (or EEVEE).
 
 Run with the venv's python (it has bpy and is also the backend's python):
     .venv/bin/python scripts/demo.py [--zip dist/imhead-X.zip] [--seed 7] [--resolution 192]
@@ -27,6 +28,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=192)
     p.add_argument("--size", type=int, default=768, help="square image size in pixels")
     p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--engine", choices=("CYCLES", "BLENDER_EEVEE"), default="CYCLES")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the backend")
     p.add_argument("--update-docs", action="store_true", help="also copy the picture to docs/demo.png")
     return p.parse_args()
@@ -105,21 +107,12 @@ def frame_head(bpy, obj, scene, size: int) -> None:
     scene.render.resolution_percentage = 100
 
 
-def skin_material(bpy):
-    mat = bpy.data.materials.new("imHead skin")
-    bsdf = mat.node_tree.nodes["Principled BSDF"]
-    bsdf.inputs["Base Color"].default_value = (0.60, 0.40, 0.31, 1.0)
-    bsdf.inputs["Roughness"].default_value = 0.5
-    bsdf.inputs["Subsurface Weight"].default_value = 0.15
-    bsdf.inputs["Subsurface Radius"].default_value = (0.012, 0.005, 0.003)
-    return mat
-
-
-def setup_render(bpy, scene, samples: int, out_png: Path) -> None:
-    scene.render.engine = "CYCLES"
+def setup_render(bpy, scene, samples: int, out_png: Path, engine: str = "CYCLES") -> None:
+    scene.render.engine = engine
     scene.cycles.device = "CPU"
     scene.cycles.samples = samples
     scene.cycles.use_denoising = True
+    scene.eevee.taa_render_samples = samples
     scene.render.film_transparent = False
     world = bpy.data.worlds.new("World")
     world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.06, 0.065, 0.075, 1.0)
@@ -164,10 +157,9 @@ def main() -> int:
           f"in {time.monotonic() - t0:.1f} s (backend {hs.model_name} on {hs.torch_device}, "
           f"{'trained' if hs.trained else 'UNTRAINED'} weights)")
 
-    head.data.materials.append(skin_material(bpy))
     frame_head(bpy, head, scene, args.size)
     png = out / "demo.png"
-    setup_render(bpy, scene, args.samples, png)
+    setup_render(bpy, scene, args.samples, png, args.engine)
     blend = out / "demo.blend"
     bpy.ops.wm.save_as_mainfile(filepath=str(blend))
     t0 = time.monotonic()

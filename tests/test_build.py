@@ -58,7 +58,7 @@ def test_zip_layout(built_zip, repo_root, venv_python):
     assert not any("__pycache__" in n or n.endswith((".pyc", ".pyo")) for n in names)
     assert not any(n.startswith("tests/") or Path(n).name.startswith("test_") for n in names)
     shipped = {f"weights/{p.name}" for p in (repo_root / "weights").glob("*")
-               if p.suffix in (".safetensors", ".sha256") or p.name == "MODEL_CARD.md"}
+               if p.suffix in (".safetensors", ".sha256") or p.name in ("MODEL_CARD.md", "identity_directions.json")}
     assert {n for n in names if n.startswith("weights/")} == shipped
     addon = {p.relative_to(repo_root / "imhead_blender").as_posix() for p in (repo_root / "imhead_blender").rglob("*.py")
              if "__pycache__" not in p.parts}

@@ -1,6 +1,7 @@
 """`python -m backend bench [--cpu-only] [--sizes 64,128,256,512] [--no-fit] [--no-cold]`: print one markdown
-table of extraction (ours vs the NPHM-style dense baseline, same run), deform, fit, cold start and peak memory
-on the CPU and, when available, the GPU (see backend/engine/bench.py)."""
+table of extraction (ours vs the NPHM-style dense baseline, same run), deform, fit, cold start, peak memory and a
+complete head in Blender (skin, eyes, teeth, materials; 128^3 on CPU, 256^3 on GPU) on the CPU and, when
+available, the GPU (see backend/engine/bench.py)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-frames", type=int, default=2, help="expression frames for the CPU deform row")
     parser.add_argument("--no-fit", action="store_true", help="skip the fit rows")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start rows")
+    parser.add_argument("--no-head", action="store_true",
+                        help="skip the complete-head row (real Blender: the bpy module and scripts/bench_head.py)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--weights", type=Path, default=None, metavar="DIR")
 
@@ -30,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..engine.bench import BenchConfig, bench_cold_start, bench_device, bench_prestarted, table
+    from ..engine.bench import BenchConfig, bench_cold_start, bench_complete_head, bench_device, bench_prestarted, table
     from ..engine.session import Session
 
     if args.threads:
@@ -54,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
                           frames=args.cpu_frames if dev == "cpu" else args.frames,
                           dense_max_points=args.dense_max_points or (3_000_000 if dev == "cuda" else 300_000))
         rows += bench_device(session, cfg, log)
+        if not args.no_head:
+            del session  # the Blender run starts its own backend
+            rows.append(bench_complete_head(dev, 128 if dev == "cpu" else 256, log))
     gpu = torch.cuda.get_device_name(0) if "cuda" in devices else "none"
     print(f"imhead bench {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
           f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; GPU: {gpu}; "

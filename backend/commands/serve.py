@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,14 +15,27 @@ from ..server import SESSION_OPS, Server, take_stdout
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
                         help="folder with imhead.safetensors (default: the engine's default weights folder)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="torch device for the model (default: cuda when available)")
+    parser.add_argument("--device", choices=DEVICES, default=_default_device(),
+                        help=f"torch device for the model (default: ${DEVICE_ENV} if set, else auto: cuda when "
+                        "available)")
     parser.add_argument("--allow-untrained", action="store_true",
                         help="developer flag: without a weights file, serve the untrained network (a sphere) "
                              "instead of refusing to start")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_ENV = "IMHEAD_DEVICE"  # how the add-on passes its Automatic / CPU / GPU preference
+
+
+def _default_device() -> str:
+    return os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"  # checked in run()
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.device not in DEVICES:
+        print(f"[imhead-backend] ${DEVICE_ENV} must be one of {', '.join(DEVICES)}, not {args.device!r}",
+              file=sys.stderr)
+        return 2
     frames = take_stdout()
 
     def make_session():

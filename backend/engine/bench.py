@@ -306,3 +306,28 @@ def bench_prestarted(device: str, weights: Path | None, timeout_s: float = 300.0
     detail = (f"generate sent once the server had warmed up ({ready_s:.1f} s after its spawn; the add-on spawns it "
               "when its panel is first shown)") if ok else f"failed: {''.join(log)[-200:]}"
     return Row("first head, prestarted", device, "128^3", ms if ok else None, detail=detail)
+
+
+def bench_complete_head(device: str, size: int, log, timeout_s: float = 900.0) -> Row:
+    """The add-on's click-to-head time for a complete head (skin, eyes, teeth, materials) through real Blender
+    (scripts/bench_head.py with the bpy module); a row saying why when that cannot run here."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    task = "complete head in Blender (skin, eyes, teeth, materials)"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_head.py"
+    if not script.is_file() or importlib.util.find_spec("bpy") is None:
+        return Row(task, device, f"{size}^3", detail="skipped: needs a source checkout and the bpy module")
+    log(f"complete head in Blender on {device} at {size}^3")
+    proc = subprocess.run([sys.executable, str(script), "--resolution", str(size),
+                           "--device", "GPU" if device == "cuda" else "CPU"],
+                          capture_output=True, text=True, timeout=timeout_s)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return Row(task, device, f"{size}^3", detail=f"failed: {(proc.stderr or proc.stdout).strip()[-200:]}")
+    r = json.loads(lines[-1])
+    return Row(task, device, f"{size}^3", ours_ms=1000 * r["total_s"],
+               detail=f"backend {1000 * (r['total_s'] - r['addon_s']):.0f} ms + add-on {1000 * r['addon_s']:.0f} ms "
+                      f"(mesh, parts, materials), median of {r['repeats']}")

@@ -1,6 +1,10 @@
 """Fitting an arbitrary mesh or point cloud: input sampling, alignment (align.py), latent fit
 (backend.model.inversion.fit_latents), and the fit error.
 
+Not a head: an input whose best alignment leaves the template's face farther than NOT_A_HEAD_COVERAGE_M from it
+(median), or whose fitted head stays farther than NOT_A_HEAD_ERROR_MM from it, is refused with the code
+`not_a_head` (docs/benchmarks.md has the values measured on heads, Suzanne, a cube and a headless body).
+
 Fit error: trimmed one-sided Chamfer distance from the aligned input samples inside the model's canonical box
 (the part of the input a head model describes: a full figure's body is left out) to the fitted head mesh (the
 mean of the closest `ERROR_KEEP` fraction of point-to-triangle distances, so shoulders or hair that the
@@ -19,11 +23,30 @@ from ..data.atlas import Atlas
 from .template import MeshIndex
 
 ERROR_KEEP = 0.9
+NOT_A_HEAD_COVERAGE_M = 0.004
+NOT_A_HEAD_ERROR_MM = 5.0
 UNITS = {"m": 1.0, "cm": 0.01, "mm": 0.001, "in": 0.0254}
 OUTER_EXCLUDED = ("mouth interior", "left eyeball", "right eyeball")  # not on a scan's outer surface
 # Often hidden or reshaped in scans (hair, caps, collars, cut-off necks): not used as template -> input pairs.
 UNRELIABLE = ("crown", "occiput", "nape", "throat", "left parietal scalp", "right parietal scalp",
               "left side neck", "right side neck", "left ear", "right ear")
+
+
+def check_head_coverage(coverage_m: float) -> None:
+    """Refuse an alignment that found no face (checked before the latent fit, so a wrong input fails fast)."""
+    if not coverage_m <= NOT_A_HEAD_COVERAGE_M:
+        raise errors.BackendError(
+            f"this does not look like a head: the best alignment leaves the model's face {1000 * coverage_m:.1f} mm "
+            f"from the input (median; heads give about 1-2 mm, the limit is {1000 * NOT_A_HEAD_COVERAGE_M:.0f} mm). "
+            "Select a head, a bust or a figure with a head, or add 'imhead:<region>' landmark groups",
+            code="not_a_head")
+
+
+def check_fit_error(trimmed_mm: float) -> None:
+    if not trimmed_mm <= NOT_A_HEAD_ERROR_MM:
+        raise errors.BackendError(
+            f"this does not look like a head: the fitted head stays {trimmed_mm:.1f} mm from the input (trimmed "
+            f"mean; the limit is {NOT_A_HEAD_ERROR_MM:.0f} mm)", code="not_a_head")
 
 
 def sample_mesh(vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator

@@ -38,6 +38,7 @@ def fit_head(session: Session, params: dict, arrays: dict, progress: Progress) -
     sim, align_stats = aligner.align(samples, sample_normals, fixed_scale=req.fixed_scale, landmarks=req.landmarks,
                                      seed=req.seed)
     check_cancel(progress)
+    fit.check_head_coverage(align_stats.coverage)
     x_model = sim.apply(samples)
     d_f, _ = aligner.tree.query(x_model)
     lo, hi = np.array(constants.BBOX_MIN), np.array(constants.BBOX_MAX)
@@ -72,6 +73,7 @@ def fit_head(session: Session, params: dict, arrays: dict, progress: Progress) -
     out, mesh = session.head_mesh(head, req.resolution, OffsetProgress(progress, *PROGRESS_FIT_MESH))
     # measured on the input inside the model's box (a figure's body is not what the head model describes)
     err = fit.fit_error(x_model[in_box], mesh["vertices"], mesh["faces"], sim.scale)
+    fit.check_fit_error(err.trimmed_mm)
     mesh["vertices"] = sim.inverse(mesh["vertices"].astype(np.float64)).astype(np.float32)
     mesh["normals"] = (mesh["normals"] @ sim.rotation).astype(np.float32)
     out.update({

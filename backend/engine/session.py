@@ -343,7 +343,9 @@ class Session:
     def generate(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
         request = GenerateRequest.parse(params, self.parse_head)
         head = request.head if request.head is not None else HeadSpec(identity=self.sample_identity(request.seed))
-        return self.head_mesh(head, request.resolution, progress or NullProgress())
+        out, mesh = self.head_mesh(head, request.resolution, progress or NullProgress())
+        out["sliders"] = self.sliders(head)  # the region sliders' positions, so no separate load step
+        return out, mesh
 
     def edit(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
         request = EditRequest.parse(params, self.parse_head)

@@ -37,6 +37,7 @@ def _add_head(scene_name: str, seed: int, resolution: int, location, params: dic
         return
     obj = head_objects.create_head_object(scene, f"imHead.{seed}", params["head"], arrays,
                                           seed=seed, resolution=resolution, location=location)
+    head_objects.move_beside_others(scene, obj)
     region_edit.store_sliders(obj, params.get("sliders"))
 
 
