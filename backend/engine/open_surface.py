@@ -37,6 +37,7 @@ from .surface_metrics import unique_edges
 NECK_MARGIN = 0.05  # m above the template's neck opening (its plane, along its normal)
 HEAD_FACES_END = 28120  # atlas faces [0, 28120): head and neck cap; then the two scleras (backend/data/ict.py)
 NECK_CAP_FACES = 52  # the last head faces: the ear-clipped 54-vertex neck loop
+EYELID_PULL = 0.05  # the two sides of a lid slit: 0.1 of the edge apart (no motion has to tell them apart)
 EYES = (("left upper eyelid", "left eyeball"), ("right upper eyelid", "right eyeball"))
 MOUTH = ("upper lip", "lower lip", "mouth interior", "left mouth corner", "right mouth corner")
 # (expression, zone regions, the two sides' regions): slit where that expression at weight 1 moves neighbours apart
@@ -45,7 +46,7 @@ MOTION_CUTS = (
     *((f"eyeBlink_{s}", (f"{side} upper eyelid", f"{side} lower eyelid", f"{side} eyeball"), (f"{side} upper eyelid",),
        (f"{side} eyeball",)) for s, side in (("L", "left"), ("R", "right"))),
 )
-STRETCH_CUT = 1.5  # an edge the expression would stretch beyond this factor is a bridge
+STRETCH_CUT = 2.5  # an edge the expression would stretch beyond this factor is a bridge
 JUMP_SAMPLES = 16  # motion samples along a bridge edge (where its copies go: _motion_jump)
 MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut (the expression does not part them)
 
@@ -161,7 +162,7 @@ class SurfaceOpener:
                 a, b = edges[:, 0], edges[:, 1]
                 return (on_ball[a] & on_lid[b]) | (on_lid[a] & on_ball[b])
 
-            arrays, count = mesh_cut.slit(arrays, phi, is_bridge)
+            arrays, count = mesh_cut.slit(arrays, phi, is_bridge, pull=EYELID_PULL)
             opened += count
         return arrays, opened
 
