@@ -173,3 +173,24 @@ def test_lip_boundaries_open_under_jaw_open(session, opened_head):
     assert upper.sum() >= 2 and lower.sum() >= 2
     assert np.median(drop[lower]) - np.median(drop[upper]) > 0.01  # the lips part by more than a centimetre
     assert (posed["converged"] == 0).sum() <= 0.001 * len(v)
+
+
+def test_surface_command_prints_a_row_per_head(capsys, tmp_path):
+    import argparse
+    import json
+
+    from backend.__main__ import main
+    from backend.commands.surface import _seeds
+
+    assert _seeds("0-3,7") == [0, 1, 2, 3, 7]
+    with pytest.raises(argparse.ArgumentTypeError):
+        _seeds("a-b")
+    out_json = tmp_path / "rows.json"
+    assert main(["surface", "--seeds", "1", "--resolutions", "32", "--raw", "--device", "cpu",
+                 "--json", str(out_json)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("seed") and len(lines) == 4  # header, raw row, opened row, summary
+    rows = json.loads(out_json.read_text())
+    assert [r["opened"] for r in rows] == [False, True]
+    assert rows[0]["neck_planarity_m"] is None and rows[1]["neck_planarity_m"] < 1e-6
+    assert set(rows[1]["jawOpen"]) == {"unsolved", "stretched", "max_stretch"}

@@ -58,18 +58,19 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     s = Session(device="cpu")
-    heads, close = [], []
+    heads, close, lines = [], [], []
     for i, opened in enumerate((False, True)):
         posed, faces, info = jaw_open(s, args.seed, args.resolution, opened)
-        label = (f"{'after: opened mesh, continued solve' if opened else 'before: extracted mesh, one solve'} - "
-                 f"{info['unsolved']} unsolved, {info['stretched']} edges > 3x (max {info['max']:.0f}x)")
-        log(t0, label)
+        label = "after: opened mesh, continued solve" if opened else "before: extracted mesh, one solve"
+        lines.append(f"{label}: genus {info['genus']:g}, {info['unsolved']} vertices unsolved, "
+                     f"{info['stretched']} edges stretched > 3x (largest {info['max']:.0f}x)")
+        log(t0, lines[-1])
         x = (i - 0.5) * 0.30
-        heads.append(Panel(place(posed, x, 0.0), faces, label))
+        heads.append(Panel(place(posed, x, 0.0), faces, "after" if opened else "before"))
         near = np.linalg.norm(info["canonical"] - MOUTH_CENTRE, axis=1) < CLOSEUP_RADIUS
         cf = faces[near[faces].all(1)]
         close.append(Panel(place(posed - MOUTH_CENTRE, (i - 0.5) * 0.11, 0.0), cf, "before" if not opened else "after"))
-    render(Picture(heads, f"jawOpen = 1, seed {args.seed}, resolution {args.resolution}", 1600.0),
+    render(Picture(heads, f"jawOpen = 1, seed {args.seed}, resolution {args.resolution}", 1600.0, extra=lines),
            args.out / "open_mouth.png", args.samples)
     render(Picture(close, f"jawOpen = 1, the mouth (seed {args.seed}, resolution {args.resolution})", 6000.0),
            args.out / "open_mouth_closeup.png", args.samples)
