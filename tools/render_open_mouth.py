@@ -61,9 +61,9 @@ def main() -> int:
     heads, close, lines = [], [], []
     for i, opened in enumerate((False, True)):
         posed, faces, info = jaw_open(s, args.seed, args.resolution, opened)
-        label = "after: opened mesh, continued solve" if opened else "before: extracted mesh, one solve"
-        lines.append(f"{label}: genus {info['genus']:g}, {info['unsolved']} vertices unsolved, "
-                     f"{info['stretched']} edges stretched > 3x (largest {info['max']:.0f}x)")
+        label = "after (opened, continued solve)" if opened else "before (extracted, one solve)"
+        lines.append(f"{label}: genus {info['genus']:g}, {info['unsolved']} unsolved, "
+                     f"{info['stretched']} edges > 3x (max {info['max']:.0f}x)")
         log(t0, lines[-1])
         x = (i - 0.5) * 0.30
         heads.append(Panel(place(posed, x, 0.0), faces, "after" if opened else "before"))
