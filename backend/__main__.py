@@ -18,6 +18,7 @@ COMMANDS = {
     "animate": "deform a head's mesh through expression frames",
     "bench": "print the speed and memory benchmark table",
     "eval": "evaluate the shipped weights on the held-out split",
+    "surface": "print the surface quality table of generated heads (topology, neck cut, expression stretch)",
 }
 
 

@@ -26,6 +26,7 @@ Vertex order and topology are unchanged: output vertex i of every frame belongs 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +37,7 @@ from torch import nn
 WarpFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 JACOBIAN_AFTER = 5  # Broyden iterations before a still-unconverged point gets the exact Jacobian
+CONTINUATION_STEP = 0.25  # largest expression weight change per solve_continued step (continuation_steps)
 
 
 @dataclass
@@ -125,13 +127,15 @@ def _jacobian(warp: WarpFn, x: torch.Tensor, frame: torch.Tensor) -> torch.Tenso
 
 
 def solve(warp: WarpFn, x_c: torch.Tensor, n_frames: int, *, tol: float = 1e-6, max_iter: int = 30,
-          chunk: int | None = None, zero_frames: torch.Tensor | None = None) -> DeformResult:
+          chunk: int | None = None, zero_frames: torch.Tensor | None = None, start: torch.Tensor | None = None
+          ) -> DeformResult:
     """Posed positions for canonical points x_c (N,3) under each of n_frames expressions (see module doc).
     tol is in metres (1e-6 = 1 micrometre). zero_frames: optional (n_frames,) bool, frames whose warp is
     identically zero (skipped: x = x_c exactly). stats counts point evaluations: `warp_points` (forward
     warps), `jacobian_points` (points that needed the autograd Jacobian), `stopped_at_x0`. chunk: points
     solved together (default: 4M on GPU, where per-iteration launch and sync overhead dominates small
-    batches, 128k on CPU); the warp function chunks its own network evaluation."""
+    batches, 128k on CPU); the warp function chunks its own network evaluation. start: optional (n_frames,N,3)
+    points to iterate from instead of x_c (continuation: solve_continued); zero frames still return x_c."""
     if chunk is None:
         chunk = 1 << 22 if x_c.is_cuda else 1 << 17
     n = x_c.shape[0]
@@ -148,7 +152,8 @@ def solve(warp: WarpFn, x_c: torch.Tensor, n_frames: int, *, tol: float = 1e-6, 
     for s in range(0, flat.shape[0], chunk):
         idx = flat[s : s + chunk]
         fr = torch.div(idx, n, rounding_mode="floor")
-        x, f, r, it = _solve_chunk(warp, x_c[idx - fr * n], fr, tol, max_iter, stats)
+        y = None if start is None else start.reshape(-1, 3)[idx]
+        x, f, r, it = _solve_chunk(warp, x_c[idx - fr * n], fr, tol, max_iter, stats, y)
         out[idx], fvec[idx], res[idx] = x, f, r
         iters = max(iters, it)
     return DeformResult(out.view(n_frames, n, 3), res.view(n_frames, n), (res <= tol).view(n_frames, n), iters,
@@ -166,23 +171,25 @@ def _secant_update(b: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.T
     return b + upd * ok[:, :, None]
 
 
-def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: float, max_iter: int, stats: dict
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: float, max_iter: int, stats: dict,
+                 start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    y = x_c if start is None else start
     with torch.no_grad():
-        w0 = warp(x_c, frame)  # = F(x_c)
-        x = x_c - w0
+        w0 = warp(y, frame)  # from x_c: = F(x_c)
+        x = x_c - w0  # one fixed-point step from y
         f = x + warp(x, frame) - x_c
         r = f.norm(dim=1)
+        s0 = -w0 if start is None else x - y  # that step; F(y) = -s0
     stats["warp_points"] += 2 * x.shape[0]
     active = torch.nonzero((r > tol) & torch.isfinite(r)).squeeze(1)
     stats["stopped_at_x0"] += x.shape[0] - active.numel()
     if not active.numel():
         return x, f, r, 0
     # Compacted state of the unconverged points; x, f, r hold each point's best iterate (x0 at first).
-    xa, fa, fra, xca, w0a = x[active], f[active], frame[active], x_c[active], w0[active]
+    xa, fa, fra, xca, s0a = x[active], f[active], frame[active], x_c[active], s0[active]
     eye = torch.eye(3, device=x.device, dtype=x.dtype)
-    with torch.no_grad():  # B = I after its first step x_c -> x0 (step -w0, change of F: F(x0) - w0)
-        ba = _secant_update(eye.expand(active.numel(), 3, 3), -w0a, fa - w0a)
+    with torch.no_grad():  # B = I after its first step y -> x0 (step s0, change of F: F(x0) - F(y) = F(x0) + s0)
+        ba = _secant_update(eye.expand(active.numel(), 3, 3), s0a, fa + s0a)
     best_r = r[active]
     it = 0
     while active.numel() and it < max_iter:
@@ -220,3 +227,28 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
             ba = _secant_update(ba[keep], step, fn - fa)
             xa, fa, fra, xca, best_r, active = xn, fn, fra[keep], xca[keep], best_r[keep], active[keep]
     return x, f, r, it
+
+
+def solve_continued(make_warp: Callable[[float], WarpFn], x_c: torch.Tensor, n_frames: int, steps: int,
+                    **kwargs) -> DeformResult:
+    """solve() along the path t = 1/steps, 2/steps, ..., 1 of expressions t x e, each solve starting from the
+    last one's positions (make_warp(t): the warp of the expressions scaled by t). Where surfaces that touch in
+    the canonical head part (lips under jawOpen), the backward warp has several roots near a contact point, and
+    a start from x_c can land on the other side's; following the path keeps each point on its own side.
+    Iterations and stats are summed over the steps."""
+    result, start, total, iters = None, None, {}, 0
+    for k in range(1, steps + 1):
+        result = solve(make_warp(k / steps), x_c, n_frames, start=start, **kwargs)
+        start = result.vertices
+        iters += result.iterations
+        for key, value in (result.stats or {}).items():
+            total[key] = total.get(key, 0) + value
+    result.iterations, result.stats = iters, total
+    return result
+
+
+def continuation_steps(expressions: torch.Tensor) -> int:
+    """solve_continued steps for expressions (T,53): one per CONTINUATION_STEP of the largest |weight|."""
+    if expressions.numel() == 0:
+        return 1
+    return max(1, math.ceil(float(expressions.abs().max()) / CONTINUATION_STEP - 1e-9))

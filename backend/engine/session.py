@@ -18,7 +18,7 @@ from .. import __version__, constants, errors
 from ..cpu import thread_map, thread_slices
 from ..data.atlas import load_atlas
 from ..weights import load_model
-from . import deform, edit
+from . import deform, edit, open_surface
 from .extract import CoarseSdf, ExtractStats, Mesh, extract_mesh
 from .head import HeadSpec
 from .point_field import PointField
@@ -76,6 +76,7 @@ class Session:
         self._template_index: TemplateIndex | None = None
         self._aligner: Aligner | None = None
         self._vertex_sdf_cache: dict[tuple, torch.Tensor] = {}  # see cached_vertex_sdf
+        self.open_surfaces = True  # False: meshes as extracted (closed lips, the model's own neck bottom)
 
     # ------------------------------------------------------------------ names
     def info(self) -> dict:
@@ -101,6 +102,10 @@ class Session:
         if self._template_index is None:
             self._template_index = TemplateIndex(self.atlas, self.device)
         return self._template_index
+
+    @cached_property
+    def surface_opener(self) -> open_surface.SurfaceOpener:
+        return open_surface.SurfaceOpener(self.atlas)
 
     @property
     def aligner(self) -> Aligner:
@@ -218,13 +223,16 @@ class Session:
         progress.report(PROGRESS_ATTRIBUTES, "attributes")
         arrays, attr_stats = self.attributes(mesh, zr, k)
         stats = extract_stats(ext, dropped, self.topk) | attr_stats
+        if self.open_surfaces:  # neck cut, one piece, lips and upper lids slit (engine/open_surface.py)
+            arrays, stats["surface"] = open_surface.open_head(self, arrays, z_id, zr, k)
         weights = head.expression_vector(self.expression_names)
         if np.any(weights != 0):
             check_cancel(progress)
             progress.report(PROGRESS_POSE, "posing")
             # the vertex SDF is remembered: the add-on's deform requests for this mesh and head skip it
-            res = self.pose(mesh.vertices, z_id, zr, k, weights[None], exact_residual=False,
-                            canonical_sdf=self.cached_vertex_sdf(mesh.vertices, zr, k))
+            canonical = arrays["canonical"]
+            res = self.pose(canonical, z_id, zr, k, weights[None], exact_residual=False,
+                            canonical_sdf=self.cached_vertex_sdf(canonical, zr, k))
             arrays["vertices"] = res["vertices"][0]
             arrays["normals"] = self.posed_normals(res["vertices"][0], z_id, zr, k, weights)
             stats["deform"] = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
@@ -283,8 +291,9 @@ class Session:
         Frames with an all-zero expression vector are not solved (their warp is exactly zero: x = x_c)."""
         x_c = torch.as_tensor(canonical, device=self.device, dtype=torch.float32)
         e = torch.as_tensor(expressions, device=self.device, dtype=torch.float32)
-        warp = self.warp_fn(z_id, e)
-        result = deform.solve(warp, x_c, e.shape[0], zero_frames=(e == 0).all(1))
+        # along the path 0 -> e (deform.solve_continued): where lips touch, a start at x_c finds the other lip's root
+        result = deform.solve_continued(lambda t: self.warp_fn(z_id, e * t), x_c, e.shape[0],
+                                        deform.continuation_steps(e), zero_frames=(e == 0).all(1))
         T, N = e.shape[0], x_c.shape[0]
         with torch.no_grad():
             if exact_residual:  # the canonical point x + warp(x) is x_c + F

@@ -1,0 +1,227 @@
+"""Clean, open head surfaces from the extracted canonical mesh (docs/surface.md).
+
+The canonical head is the neutral one, whose lips touch and whose upper eyelids touch the eyeballs, so the
+zero level set joins them: a mouth cannot open and a lid cannot slide without tearing faces. After the
+vertex attributes (each vertex's template position: its closest point on the mean ICT head), `apply`:
+
+1. neck: cuts exactly along a plane a fixed margin above the template's neck opening (the model's closed,
+   rippled neck bottom goes; the new boundary is one planar loop);
+2. upper eyelids: slits where an edge joins a vertex whose template point is on an upper lid to one on that
+   eye's sclera (the scleras are separate closed surfaces of the template), through the edge's middle. The
+   eyeball stays joined to the lower lid (no loose piece) and the upper lid can close over it;
+3. lips (and lids, where the model moves them): slits where the expression that parts them (jawOpen,
+   eyeBlink_L/R at weight 1, solved as the deform op solves it) moves an edge's two ends apart by more than
+   its length: along the level of the motion halfway between the two sides' typical motion. The template's
+   own lip line was tried first and does not work with the current correspondence head: near the contact it
+   puts vertices that the warp moves with the upper lip on the lower lip (docs/surface.md);
+4. pieces: keeps only the largest connected piece (an inner mouth shell, floaters).
+
+A slit vertex becomes two, pulled slightly apart toward their own sides (mesh_cut.slit), and the deform op
+follows the path from weight 0 (deform.solve_continued), so each side keeps to its own root of the warp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import errors
+from ..data.atlas import Atlas
+from . import deform, mesh_cut
+from .surface_metrics import unique_edges
+
+NECK_MARGIN = 0.05  # m above the template's neck opening (its plane, along its normal)
+HEAD_FACES_END = 28120  # atlas faces [0, 28120): head and neck cap; then the two scleras (backend/data/ict.py)
+NECK_CAP_FACES = 52  # the last head faces: the ear-clipped 54-vertex neck loop
+EYELID_PULL = 0.05  # the two sides of a lid slit: 0.1 of the edge apart (no motion has to tell them apart)
+EYES = (("left upper eyelid", "left eyeball"), ("right upper eyelid", "right eyeball"))
+MOUTH = ("upper lip", "lower lip", "mouth interior", "left mouth corner", "right mouth corner")
+# (expression, zone regions, the two sides' regions): slit where that expression at weight 1 moves neighbours apart
+MOTION_CUTS = (
+    ("jawOpen", MOUTH, ("upper lip",), ("lower lip",)),
+    *((f"eyeBlink_{s}", (f"{side} upper eyelid", f"{side} lower eyelid", f"{side} eyeball"), (f"{side} upper eyelid",),
+       (f"{side} eyeball",)) for s, side in (("L", "left"), ("R", "right"))),
+)
+STRETCH_CUT = 2.5  # an edge the expression would stretch beyond this factor is a bridge
+JUMP_SAMPLES = 16  # motion samples along a bridge edge (where its copies go: _motion_jump)
+MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut (the expression does not part them)
+
+
+Motion = Callable[[np.ndarray, str], np.ndarray]  # (canonical points (P,3), expression) -> displacement (P,3)
+
+
+@dataclass
+class OpenStats:
+    neck_plane_point: list[float]
+    neck_plane_normal: list[float]
+    pieces_dropped: int
+    eyelid_edges_opened: int  # by the template (upper lid - sclera)
+    motion_edges_opened: int  # by the expressions' motion (lips under jawOpen, lids under eyeBlink)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class SurfaceOpener:
+    """Built once per atlas; `apply` takes a head's mesh arrays (generate's: canonical, template, region, ...)
+    and each vertex's closest template point (face, barycentric)."""
+
+    def __init__(self, atlas: Atlas):
+        self.atlas = atlas
+        self.faces = np.asarray(atlas.faces, np.int64)
+        names = list(atlas.names)
+        self.eyes = [(names.index(lid), names.index(ball)) for lid, ball in EYES]
+
+    @cached_property
+    def neck_plane(self) -> tuple[np.ndarray, np.ndarray]:
+        """(point, upward normal) of the cut: the template neck opening's best-fit plane, raised by NECK_MARGIN."""
+        v = np.asarray(self.atlas.vertices, np.float64)
+        pts = v[_neck_ring(self.faces[:HEAD_FACES_END])]
+        centre = pts.mean(0)
+        normal = np.linalg.svd(pts - centre)[2][2]
+        if normal[1] < 0:
+            normal = -normal
+        return centre + NECK_MARGIN * normal, normal
+
+    def apply(self, arrays: dict[str, np.ndarray], closest_face: np.ndarray, closest_bary: np.ndarray,
+              motion: Motion) -> tuple[dict[str, np.ndarray], OpenStats]:
+        n = len(arrays["canonical"])
+        if closest_face.shape != (n,) or closest_bary.shape != (n, 3):
+            raise errors.BackendError("template correspondence does not match the mesh", code="internal_error")
+        arrays = dict(arrays)
+        arrays["_tface"] = np.asarray(closest_face, np.int64)
+        arrays["_tbary"] = np.asarray(closest_bary, np.float64)
+        point, normal = self.neck_plane
+        arrays = mesh_cut.cut_plane(arrays, point, normal)
+        arrays, lids = self._open_eyelids(arrays)
+        arrays, moved = self._open_by_motion(arrays, motion)
+        arrays, dropped = mesh_cut.keep_largest_piece(arrays)
+        for k in ("_tface", "_tbary"):
+            arrays.pop(k)
+        return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved)
+
+    def _zone(self, arrays: dict[str, np.ndarray], regions: tuple[str, ...]) -> np.ndarray:
+        """Vertices whose closest template triangle has a corner in one of the regions."""
+        ids = [list(self.atlas.names).index(r) for r in regions]
+        return np.isin(self.atlas.region[self.faces[arrays["_tface"]]], ids).any(1)
+
+    def _open_by_motion(self, arrays: dict[str, np.ndarray], motion: Motion) -> tuple[dict[str, np.ndarray], int]:
+        """For each MOTION_CUTS expression: its displacement |D| of the zone's vertices (and two rings around them)
+        at weight 1, phi = |D| - tau with tau halfway between the medians of the two sides' vertices; a bridge
+        is an edge of two zone vertices across phi = 0 whose ends move apart by more than (STRETCH_CUT - 1) x its
+        length. The mesh is slit there (mesh_cut.slit)."""
+        opened = 0
+        for expression, zone_regions, side_a, side_b in MOTION_CUTS:
+            zone = self._zone(arrays, zone_regions)
+            if not zone.any():
+                continue
+            edges, _ = unique_edges(np.asarray(arrays["faces"], np.int64))
+            near = zone.copy()
+            for _ in range(2):
+                near[edges[near[edges[:, 0]], 1]] = True
+                near[edges[near[edges[:, 1]], 0]] = True
+            canon = arrays["canonical"].astype(np.float64)
+            disp = np.zeros_like(canon)
+            disp[near] = motion(arrays["canonical"][near], expression)
+            size = np.linalg.norm(disp, axis=1)
+            a_side, b_side = zone & self._zone(arrays, side_a), zone & self._zone(arrays, side_b)
+            if not a_side.any() or not b_side.any():
+                continue
+            med_a, med_b = float(np.median(size[a_side])), float(np.median(size[b_side]))
+            if abs(med_a - med_b) < MIN_SEPARATION:
+                continue
+            phi = np.where(near, size - 0.5 * (med_a + med_b), 1.0)
+
+            def is_bridge(e: np.ndarray, zone=zone, disp=disp) -> np.ndarray:
+                a, b = e[:, 0], e[:, 1]
+                apart = np.linalg.norm(disp[a] - disp[b], axis=1)
+                return zone[a] & zone[b] & (apart > (STRETCH_CUT - 1) * np.linalg.norm(canon[a] - canon[b], axis=1))
+
+            def split_at(e: np.ndarray, expression=expression) -> tuple[np.ndarray, np.ndarray]:
+                return _motion_jump(canon[e[:, 0]], canon[e[:, 1]], lambda p: motion(p, expression))
+
+            arrays, count = mesh_cut.slit(arrays, phi, is_bridge, split_at=split_at)
+            opened += count
+        return arrays, opened
+
+    def _open_eyelids(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """Slit each upper lid from its eyeball where an edge joins a vertex on the template's upper lid to one on
+        its sclera (a separate closed surface of the template), through the edge's middle."""
+        opened = 0
+        for lid, ball in self.eyes:
+            region = self.atlas.region[self.faces[arrays["_tface"], np.argmax(arrays["_tbary"], 1)]]
+            on_ball = (arrays["_tface"] >= HEAD_FACES_END) & (region == ball)
+            on_lid = (arrays["_tface"] < HEAD_FACES_END) & (region == lid)
+            phi = np.where(on_ball, -1.0, 1.0)
+
+            def is_bridge(edges: np.ndarray, on_ball=on_ball, on_lid=on_lid) -> np.ndarray:
+                a, b = edges[:, 0], edges[:, 1]
+                return (on_ball[a] & on_lid[b]) | (on_lid[a] & on_ball[b])
+
+            arrays, count = mesh_cut.slit(arrays, phi, is_bridge, pull=EYELID_PULL)
+            opened += count
+        return arrays, opened
+
+
+def _motion_jump(a: np.ndarray, b: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Where the slit's two copies go on segments a -> b (K,3), as fractions (t_a, t_b) of the way: the motion at
+    JUMP_SAMPLES + 1 evenly spaced points, each point on the side of the end whose motion is nearer its own;
+    t_a is one sample short of the end of the run of a-side points from a, t_b one sample past the start of the
+    run of b-side points that ends at b. Right next to the jump the warp's roots are nearly singular, and the
+    side a root finder takes there is not reliable; the motion can also jump more than once along an edge."""
+    t = np.linspace(0.0, 1.0, JUMP_SAMPLES + 1)
+    pts = a[:, None] + t[None, :, None] * (b - a)[:, None]
+    d = motion(pts.reshape(-1, 3).astype(np.float32)).reshape(len(a), len(t), 3)
+    near_a = np.linalg.norm(d - d[:, :1], axis=2) < np.linalg.norm(d - d[:, -1:], axis=2)
+    run_a = np.argmin(near_a, axis=1) - 1  # last index of the run from a (near_a[:, 0] is always true)
+    run_b = len(t) - np.argmax(near_a[:, ::-1], axis=1)  # first index of the run ending at b
+    return t[np.maximum(run_a - 1, 0)], t[np.minimum(run_b + 1, len(t) - 1)]
+
+
+def expression_motion(session, z_id: torch.Tensor) -> Motion:
+    """Motion for a session's head: the deform op's root finding (deform.solve_continued) at weight 1."""
+    names = session.expression_names
+
+    def motion(points: np.ndarray, expression: str) -> np.ndarray:
+        e = torch.zeros((1, len(names)), device=session.device)
+        e[0, names.index(expression)] = 1.0
+        x_c = torch.as_tensor(points, device=session.device, dtype=torch.float32)
+        res = deform.solve_continued(lambda t: session.warp_fn(z_id, e * t), x_c, 1, deform.continuation_steps(e))
+        return (res.vertices[0] - x_c).cpu().numpy().astype(np.float64)
+
+    return motion
+
+
+def open_head(session, arrays: dict[str, np.ndarray], z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor
+              ) -> tuple[dict[str, np.ndarray], dict]:
+    """A session's head mesh arrays (Session.attributes') opened (SurfaceOpener.apply); the vertices the cuts add
+    get their attributes (normals, template, region, UV) from the network at their own positions, as every
+    other vertex does."""
+    face, bary, _ = session.template_index.closest(arrays["template"])
+    arrays = dict(arrays)
+    arrays[mesh_cut.NEW] = np.zeros(len(arrays["canonical"]), bool)
+    opened, stats = session.surface_opener.apply(arrays, face, bary, expression_motion(session, z_id))
+    new = opened.pop(mesh_cut.NEW)
+    if new.any():
+        from .extract import Mesh
+
+        fresh, _ = session.attributes(Mesh(opened["canonical"][new], np.zeros((0, 3), np.int32)), zr, k)
+        for key in ("normals", "template", "region", "uv"):
+            opened[key][new] = fresh[key]
+    return opened, stats.to_dict() | {"vertices_added": int(new.sum())}
+
+
+def _neck_ring(head: np.ndarray) -> np.ndarray:
+    """Vertices of the template's neck opening: the converter ear-clips that 54-vertex loop into the last
+    NECK_CAP_FACES head faces (backend/data/ict.py); checked: without them the head's only boundary is that loop."""
+    cap = head[-NECK_CAP_FACES:]
+    ring = np.unique(cap)
+    edges, count = unique_edges(head[:-NECK_CAP_FACES])
+    if not np.array_equal(np.unique(edges[count == 1]), ring):
+        raise errors.BackendError("the atlas's neck cap is not where the converter puts it", code="internal_error")
+    return ring

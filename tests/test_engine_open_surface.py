@@ -1,0 +1,196 @@
+"""Open head surfaces: mesh cuts (plane, slit), topology measurements, and the generated head's neck, lips and
+pieces (engine/open_surface.py, engine/mesh_cut.py, engine/surface_metrics.py)."""
+
+import numpy as np
+import pytest
+import torch
+from skimage.measure import marching_cubes
+
+from backend.engine import deform, mesh_cut
+from backend.engine import surface_metrics as sm
+from backend.engine.session import Session
+
+LIPS = ("upper lip", "lower lip", "left mouth corner", "right mouth corner")
+
+
+def _mc(field: np.ndarray, h: float, origin: float) -> dict[str, np.ndarray]:
+    v, f, _, _ = marching_cubes(field, 0.0, spacing=(h, h, h))
+    v = (v + origin).astype(np.float32)
+    f = f[:, ::-1].astype(np.int32)  # outward for a field negative inside
+    return {"vertices": v, "canonical": v.copy(), "faces": f, "region": np.zeros(len(v), np.int32),
+            "normals": (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)}
+
+
+def _grid(n: int = 48, r: float = 1.2) -> tuple[np.ndarray, float]:
+    t = np.linspace(-r, r, n)
+    return np.stack(np.meshgrid(t, t, t, indexing="ij"), -1), float(t[1] - t[0])
+
+
+def sphere() -> dict[str, np.ndarray]:
+    p, h = _grid()
+    return _mc(np.linalg.norm(p, axis=-1) - 1.0, h, -1.2)
+
+
+def torus() -> dict[str, np.ndarray]:
+    p, h = _grid()
+    q = np.stack([np.linalg.norm(p[..., :2], axis=-1) - 0.7, p[..., 2]], -1)
+    return _mc(np.linalg.norm(q, axis=-1) - 0.3, h, -1.2)
+
+
+def touching_pair() -> dict[str, np.ndarray]:
+    """Two flattened blobs (an upper and a lower lip) fused along y = 0."""
+    p, h = _grid()
+    scale = np.array([1.0, 2.2, 1.6])
+    upper = np.linalg.norm((p - [0, 0.42, 0]) * scale, axis=-1) - 1.0
+    lower = np.linalg.norm((p + [0, 0.42, 0]) * scale, axis=-1) - 1.0
+    return _mc(np.minimum(upper, lower), h, -1.2)
+
+
+def test_topology_of_closed_and_holed_shapes():
+    s, t = sphere(), torus()
+    assert sm.topology(s["faces"]).genus == 0 and sm.topology(s["faces"]).boundary_loops == 0
+    assert sm.topology(t["faces"]).genus == 1
+    both = np.concatenate([s["faces"], t["faces"] + len(s["vertices"])])
+    topo = sm.topology(both)
+    assert len(topo.pieces) == 2 and 0.3 < topo.second_piece_fraction < 0.7
+    assert sm.neck_loop(s["vertices"], s["faces"]) is None
+
+
+def test_cut_plane_leaves_one_planar_smooth_loop():
+    s = sphere()
+    point, normal = np.array([0.0, -0.5, 0.1]), np.array([0.0, 0.9, 0.3])
+    cut = mesh_cut.cut_plane(s, point, normal)
+    n = normal / np.linalg.norm(normal)
+    assert ((cut["canonical"] - point) @ n).min() > -1e-6  # nothing below the plane is left
+    topo = sm.topology(cut["faces"])
+    assert topo.genus == 0 and topo.boundary_loops == 1 and topo.nonmanifold_edges == 0
+    loop = sm.neck_loop(cut["canonical"], cut["faces"])
+    assert loop.planarity_m < 1e-6 and loop.smoothness < 1.02
+    assert abs(abs(loop.normal @ n) - 1) < 1e-6
+    assert np.allclose(np.linalg.norm(cut["normals"], axis=1), 1, atol=1e-5)  # interpolated, renormalised
+    assert len(cut["canonical"]) == len(cut["vertices"]) == len(cut["region"])
+
+
+def test_saw_tooth_loop_is_not_smooth():
+    t = np.linspace(0, 2 * np.pi, 200, endpoint=False)
+    r = 1 + 0.05 * (np.arange(200) % 2)
+    teeth = np.stack([r * np.cos(t), np.zeros_like(t), r * np.sin(t)], 1)
+    assert sm.loop_shape(teeth).smoothness > 1.3
+
+
+def test_slit_separates_the_two_sides_along_the_contact():
+    pair = touching_pair()
+    c = pair["canonical"].astype(np.float64)
+    assert sm.topology(pair["faces"]).genus == 0
+    phi = c[:, 1]
+
+    def is_bridge(e):  # the contact ring's front half is slit (the "mouth"); behind z = 0 it stays joined
+        return c[e, 2].min(1) > 0
+
+    out, opened = mesh_cut.slit(pair, phi, is_bridge)
+    assert opened > 5
+    topo = sm.topology(out["faces"])
+    assert len(topo.pieces) == 1 and topo.genus == 0 and topo.boundary_loops == 1 and topo.nonmanifold_edges == 0
+    loop = sm.boundary_loops(out["faces"])[0]
+    v = out["canonical"].astype(np.float64)
+    up, down = loop[v[loop, 1] > 0], loop[v[loop, 1] < 0]
+    assert len(up) > 3 and len(down) > 3  # two lip boundaries, one on each side
+    assert v[loop, 2].min() > -0.1  # the slit ends where the bridges end
+    faces = out["faces"]
+    front = (v[faces, 2] > 0.1).all(1)
+    sides = np.sign(v[faces[front], 1])
+    assert (np.abs(sides.sum(1)) >= 2).all()  # in front, no face spans both sides
+    # a hinge at z = 0: the upper side turns up in front; the slit opens and no edge stretches
+    posed = v + (v[:, 1:2] > 0) * np.clip(v[:, 2:3], 0, None) * np.array([0, 0.5, 0])
+    gap = posed[up, 1].min() - posed[down, 1].max()
+    assert gap > 0 or v[loop, 2].max() < 0.2
+    assert np.median(posed[up, 1] - v[up, 1]) > 0.05
+    assert sm.edge_stretch(v, posed, faces).max() < 3
+
+
+def test_solve_continued_with_one_step_is_solve():
+    torch.manual_seed(0)
+    w = torch.randn(3, 3) * 0.1
+
+    def make(t):
+        return lambda x, frame: t * torch.tanh(x @ w)
+
+    x_c = torch.randn(50, 3)
+    a = deform.solve(make(1.0), x_c, 1)
+    b = deform.solve_continued(make, x_c, 1, 1)
+    assert torch.equal(a.vertices, b.vertices)
+    assert deform.continuation_steps(torch.tensor([[0.2, -0.9]])) == 4
+
+
+@pytest.fixture(scope="module")
+def session():
+    return Session(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def opened_head(session):
+    return session.generate({"seed": 0, "resolution": 96}, {})
+
+
+def test_generated_head_is_one_piece_with_a_planar_neck(session, opened_head):
+    params, arrays = opened_head
+    stats = params["stats"]["surface"]
+    topo = sm.topology(arrays["faces"])
+    assert len(topo.pieces) == 1 and topo.nonmanifold_edges == 0
+    assert topo.boundary_loops >= 4  # neck, mouth, two upper lids
+    loop = sm.neck_loop(arrays["canonical"], arrays["faces"])
+    assert loop.planarity_m < 1e-6 and loop.smoothness < 1.1
+    assert abs(abs(loop.normal @ np.array(stats["neck_plane_normal"])) - 1) < 1e-6
+    assert stats["eyelid_edges_opened"] > 0 and stats["motion_edges_opened"] > 0
+    for key in ("vertices", "canonical", "template", "normals", "uv", "region"):
+        assert len(arrays[key]) == len(arrays["canonical"])
+    session.open_surfaces = False
+    try:
+        _, raw = session.generate({"seed": 0, "resolution": 96}, {})
+    finally:
+        session.open_surfaces = True
+    assert sm.topology(raw["faces"]).boundary_loops == 0  # as extracted: closed, lips joined
+
+
+def test_lip_boundaries_open_under_jaw_open(session, opened_head):
+    params, arrays = opened_head
+    names = session.region_names
+    lips = np.isin(arrays["region"], [names.index(n) for n in LIPS])
+    v = arrays["canonical"]
+    weights = np.zeros((1, len(session.expression_names)), np.float32)
+    weights[0, session.expression_names.index("jawOpen")] = 1
+    _, posed = session.deform({"head": params["head"]}, {"canonical": v, "expressions": weights})
+    on_slit = np.zeros(len(v), bool)
+    for lp in sm.boundary_loops(arrays["faces"]):
+        if lips[lp].mean() > 0.5:
+            on_slit[lp] = True
+    # the slit's two boundaries: the vertices that stay with the upper lip and those that go with the lower one
+    drop = v[:, 1] - posed["vertices"][0, :, 1]
+    middle = on_slit & (np.abs(v[:, 0]) < 0.015)
+    assert middle.sum() >= 4
+    split = 0.5 * (drop[middle].max() + drop[middle].min())
+    upper, lower = middle & (drop < split), middle & (drop >= split)
+    assert upper.sum() >= 2 and lower.sum() >= 2
+    assert np.median(drop[lower]) - np.median(drop[upper]) > 0.01  # the lips part by more than a centimetre
+    assert (posed["converged"] == 0).sum() <= 0.001 * len(v)
+
+
+def test_surface_command_prints_a_row_per_head(capsys, tmp_path):
+    import argparse
+    import json
+
+    from backend.__main__ import main
+    from backend.commands.surface import _seeds
+
+    assert _seeds("0-3,7") == [0, 1, 2, 3, 7]
+    with pytest.raises(argparse.ArgumentTypeError):
+        _seeds("a-b")
+    out_json = tmp_path / "rows.json"
+    assert main(["surface", "--seeds", "1", "--resolutions", "32", "--raw", "--device", "cpu",
+                 "--json", str(out_json)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("seed") and len(lines) == 4  # header, raw row, opened row, summary
+    rows = json.loads(out_json.read_text())
+    assert [r["opened"] for r in rows] == [False, True]
+    assert rows[0]["neck_planarity_m"] is None and rows[1]["neck_planarity_m"] < 1e-6
+    assert set(rows[1]["jawOpen"]) == {"unsolved", "stretched", "max_stretch"}
