@@ -31,12 +31,14 @@ from . import surface
 from .camera import pixel_rays, project, rotvec_to_matrix
 from .correspondence import WEIGHTS, USED
 
-FIT_TOPK = 16  # nearest local networks per point inside the fit (the differentiable ImHead.features path)
+FIT_TOPK = None  # all 39 local networks inside the fit: for the few hundred points per step the dense batched
+# products run faster on CPU than the per-region loop of ImHead's top-k path
 TRACE_TOPK = 8  # while marching rays (no graph; the hit is re-evaluated with FIT_TOPK)
 HEAD_CENTRE = (0.0, 0.0, 0.02)  # model frame; the bounding sphere of the traced region
 HEAD_RADIUS = 0.2
 SIL_SOFTNESS = 1e-3  # m: sigmoid(-sdf / softness) is the predicted coverage of a ray
 EYE_OUTER = (USED.index(36), USED.index(45))
+JACOBIAN_EVERY = 8  # steps between fresh Jacobians of the landmark solves (chord steps in between)
 
 
 @dataclass
@@ -45,7 +47,8 @@ class FitSettings:
     pose_steps: int = 300
     silhouette: bool = True
     rays_per_side: int = 16  # silhouette rays per frame: a jittered grid over the head's box
-    silhouette_frames: int = 4  # frames traced per step (a random subset)
+    silhouette_frames: int = 4  # frames traced per trace (a random subset)
+    trace_every: int = 4  # steps between traces; in between the same rays' closest approaches are re-evaluated
     id_prior: float = 2e-4
     exp_l1: float = 2e-4
     temporal: float = 0.05
@@ -90,6 +93,9 @@ class _Problem:
         self.gen = torch.Generator(device="cpu").manual_seed(settings.seed)
         self.x_can: Tensor | None = None  # warm starts of the solves
         self.x_pose: Tensor | None = None
+        self.J_can: Tensor | None = None
+        self.J_pose: Tensor | None = None
+        self.calls = 0
         self.box = _box(masks) if masks is not None and masks.any() else None  # silhouette rays' pixel box
 
     # ------------------------------------------------------------------ landmarks
@@ -104,10 +110,15 @@ class _Problem:
             sdf = m.sdf_from_features(x, feat)
             return torch.cat([m.template_from_features(x, feat) - self.targets, sdf[..., None]], -1)
 
-        x0 = self.targets[None] if self.x_can is None else self.x_can
-        x_star, J = surface.gauss_newton(canon_res, x0, iters=3 if self.x_can is None else 1)
-        self.x_can = x_star
-        x_c = surface.attach(x_star, J, canon_res(x_star, zr, k))  # (1, L, 3)
+        fresh = self.calls % JACOBIAN_EVERY == 0
+        self.calls += 1
+        if self.x_can is None or self.J_can is None:
+            self.x_can, self.J_can = surface.gauss_newton(canon_res, self.targets[None], iters=4)
+        elif fresh:
+            self.x_can, self.J_can = surface.gauss_newton(canon_res, self.x_can, iters=1)
+        else:
+            self.x_can = surface.chord(canon_res, self.x_can, self.J_can)
+        x_c = surface.attach(self.x_can, self.J_can, canon_res(self.x_can, zr, k))  # (1, L, 3)
 
         T = self.T
         zt_d, e_d = z.detach().expand(T, -1), e.detach()
@@ -116,12 +127,16 @@ class _Problem:
         def pose_res(x: Tensor, e: Tensor = e_d, zt: Tensor = zt_d, xc: Tensor = xc_d) -> Tensor:
             return x + m.warp(x, e, zt) - xc
 
-        if self.x_pose is None:
+        if self.x_pose is None or self.J_pose is None:
             with torch.no_grad():
-                self.x_pose = xc_d - m.warp(xc_d, e_d, zt_d)
-        xp_star, Jp = surface.gauss_newton(pose_res, self.x_pose, iters=2)
-        self.x_pose = xp_star
-        return surface.attach(xp_star, Jp, pose_res(xp_star, e, z.expand(T, -1), x_c.expand(T, -1, -1)))
+                x0 = xc_d - m.warp(xc_d, e_d, zt_d)
+            self.x_pose, self.J_pose = surface.gauss_newton(pose_res, x0, iters=2)
+        elif fresh:
+            self.x_pose, self.J_pose = surface.gauss_newton(pose_res, self.x_pose, iters=1)
+        else:
+            self.x_pose = surface.chord(pose_res, self.x_pose, self.J_pose)
+        return surface.attach(self.x_pose, self.J_pose,
+                              pose_res(self.x_pose, e, z.expand(T, -1), x_c.expand(T, -1, -1)))
 
     def landmark_loss(self, pixels: Tensor) -> Tensor:
         r2 = ((pixels - self.obs) / self.scale).square().sum(-1)  # (T, L)
@@ -129,52 +144,54 @@ class _Problem:
         return (w * r2).sum() / w.sum()
 
     # ------------------------------------------------------------------ silhouette
-    def silhouette_loss(self, z: Tensor, e: Tensor, rot: Tensor, trans: Tensor, focal: Tensor
-                        ) -> tuple[Tensor, float]:
-        """IMavatar's mask loss on rays where the trace and the mask disagree; also the traced IoU."""
+    def trace(self, z: Tensor, e: Tensor, rot: Tensor, trans: Tensor, focal: Tensor) -> float:
+        """Sphere-trace a jittered pixel grid on a random subset of frames (no graph); keeps the rays where the
+        trace and the mask disagree for silhouette_loss. Returns the traced rays' IoU with the mask."""
         assert self.masks is not None and self.box is not None
         s = self.settings
         cand = torch.nonzero(self.frame_w > 0)[:, 0].cpu()
         pick = cand[torch.randperm(len(cand), generator=self.gen)[: s.silhouette_frames]].to(self.dev)
-        n = s.rays_per_side
+        n, F = s.rays_per_side, len(pick)
         ys, xs = self.box
-        gy = (torch.arange(n, dtype=torch.float32)[:, None] + torch.rand(len(pick), n, n, generator=self.gen)) / n
-        gx = (torch.arange(n, dtype=torch.float32)[None, :] + torch.rand(len(pick), n, n, generator=self.gen)) / n
+        gy = (torch.arange(n, dtype=torch.float32)[:, None] + torch.rand(F, n, n, generator=self.gen)) / n
+        gx = (torch.arange(n, dtype=torch.float32)[None, :] + torch.rand(F, n, n, generator=self.gen)) / n
         px = torch.stack([xs[0] + gx * (xs[1] - xs[0]), ys[0] + gy * (ys[1] - ys[0])], -1)
-        px = px.view(len(pick), n * n, 2).to(self.dev)
+        px = px.view(F, n * n, 2).to(self.dev)
         iy = px[..., 1].long().clamp(0, self.height - 1)
         ix = px[..., 0].long().clamp(0, self.width - 1)
-        target = self.masks[pick[:, None], iy, ix].float()  # (F, N)
-
-        m = self.model
-        zr, k = m.decode(z)
-        Fn = len(pick)
-        zb, eb = z.expand(Fn, -1), e[pick]
-        zrb, kb = zr.expand(Fn, -1, -1), k.expand(Fn, -1, -1)
-        origin, direction = pixel_rays(px, rot[pick], trans[pick], focal, self.width, self.height)
-        centre = torch.tensor(HEAD_CENTRE, device=self.dev)
-        o_d, d_d = origin.detach().expand_as(direction), direction.detach()
-        meets, near, far = surface.ray_sphere(o_d, d_d, centre, HEAD_RADIUS)
-
-        def posed_sdf(x: Tensor, topk: int, zb: Tensor = zb, eb: Tensor = eb, zrb: Tensor = zrb, kb: Tensor = kb
-                      ) -> Tensor:
-            return m.sdf(x + m.warp(x, eb, zb), zrb, kb, topk)
-
-        zd, ed, zrd, kd = zb.detach(), eb.detach(), zrb.detach(), kb.detach()
-        hit, s_best, _ = surface.sphere_trace(lambda x: posed_sdf(x, TRACE_TOPK, zd, ed, zrd, kd), o_d, d_d,
-                                              near, far)
-        hit = hit & meets
+        inside = self.masks[pick[:, None], iy, ix]  # (F, N)
         with torch.no_grad():
-            inter = (hit & (target > 0.5)).sum()
-            union = (hit | (target > 0.5)).sum()
-            iou = float(inter / union.clamp_min(1))
-        wrong = (hit != (target > 0.5)) & meets
+            zr, k = self.model.decode(z)
+            origin, direction = pixel_rays(px, rot[pick], trans[pick], focal, self.width, self.height)
+            origin = origin.expand_as(direction)
+            meets, near, far = surface.ray_sphere(origin, direction, torch.tensor(HEAD_CENTRE, device=self.dev),
+                                                  HEAD_RADIUS)
+            hit, s_best, _ = surface.sphere_trace(
+                lambda x: self._posed_sdf(x, TRACE_TOPK, z.expand(F, -1), e[pick], zr.expand(F, -1, -1),
+                                          k.expand(F, -1, -1)), origin, direction, near, far)
+            hit = hit & meets
+            iou = float((hit & inside).sum() / (hit | inside).sum().clamp_min(1))
+        wrong = (hit != inside) & meets
+        self.rays = (pick, px, s_best, inside.float(), wrong)
+        return iou
+
+    def _posed_sdf(self, x: Tensor, topk: int | None, z: Tensor, e: Tensor, zr: Tensor, k: Tensor) -> Tensor:
+        m = self.model
+        return m.sdf(x + m.warp(x, e, z), zr, k, topk)
+
+    def silhouette_loss(self, z: Tensor, e: Tensor, rot: Tensor, trans: Tensor, focal: Tensor) -> Tensor:
+        """IMavatar's mask loss on the last trace's rays where the trace and the mask disagree, at each ray's
+        closest approach to the surface, which moves with the current pose."""
+        pick, px, s_best, target, wrong = self.rays
         if not bool(wrong.any()):
-            return torch.zeros((), device=self.dev), iou
-        x = origin + s_best.detach()[..., None] * direction  # the closest approach moves with the pose
-        f = posed_sdf(x, FIT_TOPK)
+            return torch.zeros((), device=self.dev)
+        F = len(pick)
+        origin, direction = pixel_rays(px, rot[pick], trans[pick], focal, self.width, self.height)
+        x = origin + s_best[..., None] * direction
+        zr, k = self.model.decode(z)
+        f = self._posed_sdf(x, FIT_TOPK, z.expand(F, -1), e[pick], zr.expand(F, -1, -1), k.expand(F, -1, -1))
         bce = torch.nn.functional.binary_cross_entropy_with_logits(-f / SIL_SOFTNESS, target, reduction="none")
-        return (bce * wrong).sum() / wrong.sum(), iou
+        return (bce * wrong).sum() / wrong.sum()
 
 
 def _box(masks: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -255,13 +272,14 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
             loss = loss + settings.temporal * (_second_difference(rvec) + _second_difference(e)
                                                + _second_difference(trans / 0.05))
         if use_sil:
-            sil, iou = p.silhouette_loss(z, e, rot, trans, log_f.exp())
-            loss = loss + settings.silhouette_weight * sil
+            if i % settings.trace_every == 0:
+                iou = p.trace(z.detach(), e.detach(), rot.detach(), trans.detach(), log_f.detach().exp())
+            loss = loss + settings.silhouette_weight * p.silhouette_loss(z, e, rot, trans, log_f.exp())
         loss.backward()
         opt.step()
         with torch.no_grad():
             e.clamp_(0.0, 1.0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
 
     with torch.no_grad():
         z = p.id_mean[None] + u @ p.id_chol.T

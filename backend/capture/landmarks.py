@@ -16,7 +16,8 @@ MIN_DETECTION = 0.5
 MIN_FACE_FRACTION = 0.8  # of a video's frames that must show the face
 
 
-def detect(frames: np.ndarray, video: bool, check: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def detect(frames: np.ndarray, video: bool, check: Callable[[int], None] | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Landmarks (T, 468, 2) in pixels (x right, y down) and found (T,) bool. InvalidInput when no face is
     found, when any frame shows more than one face, or when a video loses the face in too many frames.
     `check(t)` runs before each frame (progress and cancel)."""

@@ -49,6 +49,21 @@ def gauss_newton(residual: Residual, x0: Tensor, iters: int, damping: float = 1e
     return x, J
 
 
+def chord(residual: Residual, x0: Tensor, J: Tensor, iters: int = 1, damping: float = 1e-9,
+          max_step: float = 0.02) -> Tensor:
+    """Gauss-Newton steps with a Jacobian from an earlier solve (the chord method): one forward pass each, no
+    reverse passes. While the unknowns move slowly (an optimisation's consecutive steps) the stale J still
+    contracts; the attached gradient uses it too, which changes the gradient's direction by about as much as J
+    has changed since."""
+    x = x0.detach()
+    with torch.no_grad():
+        for _ in range(iters):
+            step = _normal_solve(J, residual(x), damping)
+            norm = step.norm(dim=-1, keepdim=True)
+            x = x - step * torch.clamp(max_step / norm.clamp_min(1e-12), max=1.0)
+    return x
+
+
 def attach(x_star: Tensor, J: Tensor, live_residual: Tensor, damping: float = 1e-9) -> Tensor:
     """x* with the implicit-function gradient: `live_residual` is r(x*, theta) computed with the graph to theta."""
     return x_star.detach() - _normal_solve(J.detach(), live_residual, damping)

@@ -613,6 +613,14 @@ class Session:
             raise errors.InvalidInput("the landmarks are collinear")
         return given.astype(np.float64), target.astype(np.float64)
 
+    def fit_capture(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
+        """A head, per-frame expressions and head pose from a photo or a video (backend/capture/op.py)."""
+        from ..capture.op import run
+
+        if arrays:
+            raise errors.InvalidInput("fit_capture takes no arrays (the footage is read from 'path')")
+        return run(self, params, progress or NullProgress())
+
     def deform(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
         progress = progress or NullProgress()
         validate.keys(params, {"head", "exact_residual"}, "deform")

@@ -1,5 +1,6 @@
 """Operators: each submits to the backend and returns at once; replies are applied by pump_backend()."""
 
-from . import backend, expressions, fit, generate, regions
+from . import backend, expressions, fit, footage, generate, regions
 
-CLASSES = (*backend.CLASSES, *generate.CLASSES, *expressions.CLASSES, *regions.CLASSES, *fit.CLASSES)
+CLASSES = (*backend.CLASSES, *generate.CLASSES, *expressions.CLASSES, *regions.CLASSES, *fit.CLASSES,
+           *footage.CLASSES)
