@@ -28,7 +28,8 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
 
     truth = json.loads((clip / "truth.json").read_text())
     s = Session(weights_dir=weights, device=device)
-    params: dict = {"path": str(clip / "clip.mp4"), "resolution": truth["resolution"]}
+    params: dict = {"path": str(clip / "clip.mp4"), "resolution": truth["resolution"],
+                    "focal_px": truth["camera"]["focal_px"]}  # the clip's camera, as Blender's movie clip has it
     if steps is not None:
         params["steps"] = steps
     t0 = time.perf_counter()

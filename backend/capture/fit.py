@@ -49,8 +49,9 @@ class FitSettings:
     rays_per_side: int = 16  # silhouette rays per frame: a jittered grid over the head's box
     silhouette_frames: int = 4  # frames traced per trace (a random subset)
     trace_every: int = 4  # steps between traces; in between the same rays' closest approaches are re-evaluated
-    id_prior: float = 2e-4
-    exp_l1: float = 2e-4
+    focal_px: float | None = None  # known focal length; None: estimated (videos) or 1.2 x the longer side
+    id_prior: float = 2e-3
+    exp_l1: float = 3e-4  # per unit of summed weights in a frame: a weight of 1 costs a ~2% eye-distance miss
     temporal: float = 0.05
     silhouette_weight: float = 0.02
     seed: int = 0
@@ -231,8 +232,9 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
     p = _Problem(model, extras, targets, observed, found, masks, width, height, video, settings)
     dev, T = p.dev, p.T
     use_sil = settings.silhouette and masks is not None and bool(masks.any())
-    focal0 = 1.2 * max(width, height)
-    log_f = torch.tensor([math.log(focal0)], device=dev, requires_grad=video)
+    fit_focal = video and settings.focal_px is None
+    focal0 = settings.focal_px or 1.2 * max(width, height)
+    log_f = torch.tensor([math.log(focal0)], device=dev, requires_grad=fit_focal)
     # initial distance: the mean head's outer eye corners (9 cm apart) at the observed eye distance
     eye_m = float((p.targets[EYE_OUTER[0]] - p.targets[EYE_OUTER[1]]).norm())
     depth = focal0 * eye_m / p.scale
@@ -244,7 +246,7 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
     losses: list[float] = []
 
     # stage 1: pose (and focal) against the mean head's template landmarks
-    opt = _Adam([(rvec, 0.02), (trans, 0.001)] + ([(log_f, 0.02)] if video else []))
+    opt = _Adam([(rvec, 0.02), (trans, 0.001)] + ([(log_f, 0.02)] if fit_focal else []))
     tpts = p.targets[None].expand(T, -1, -1)
     for i in range(settings.pose_steps):
         if i % 50 == 0:
@@ -258,7 +260,7 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
     # stage 2: identity, expressions, pose and focal through the network
     u = torch.zeros(1, p.id_mean.shape[0], device=dev, requires_grad=True)
     e = torch.zeros(T, model.cfg.n_expressions, device=dev, requires_grad=True)
-    opt = _Adam([(u, 0.05), (e, 0.02), (rvec, 0.005), (trans, 0.0005)] + ([(log_f, 0.005)] if video else []))
+    opt = _Adam([(u, 0.05), (e, 0.02), (rvec, 0.005), (trans, 0.0005)] + ([(log_f, 0.005)] if fit_focal else []))
     iou = None
     for i in range(settings.steps):
         report(0.1 + 0.9 * i / settings.steps, f"fitting identity and expressions ({i}/{settings.steps})")
@@ -267,7 +269,7 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
         rot = rotvec_to_matrix(rvec)
         pts = p.landmarks(z, e)
         loss = p.landmark_loss(project(pts, rot, trans, log_f.exp(), width, height))
-        loss = loss + settings.id_prior * u.square().mean() + settings.exp_l1 * e.abs().mean()
+        loss = loss + settings.id_prior * u.square().mean() + settings.exp_l1 * e.abs().sum(-1).mean()
         if video:
             loss = loss + settings.temporal * (_second_difference(rvec) + _second_difference(e)
                                                + _second_difference(trans / 0.05))

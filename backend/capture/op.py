@@ -13,19 +13,20 @@ from ..engine.extract import check_resolution
 from ..engine.head import HeadSpec
 from .correspondence import template_vertices
 
-PARAMS = {"path", "resolution", "steps", "silhouette", "max_frames", "seed"}
-BACKGROUND_SPREAD = 12.0  # RGB levels: a border this uniform (95th percentile) counts as a plain background
+PARAMS = {"path", "resolution", "steps", "silhouette", "max_frames", "seed", "focal_px"}
+BACKGROUND_SPREAD = 12.0  # RGB levels: a border mostly this uniform (median) counts as a plain background
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background colour that counts as foreground
 
 
 def foreground_masks(frames: np.ndarray) -> np.ndarray | None:
     """(T,H,W) bool where a frame differs from its plain background, or None when the border of any frame is
-    not one plain colour (a real room: the silhouette term is then left out)."""
+    not mostly one plain colour (a real room: the silhouette term is then left out). Mostly: a bust's
+    shoulders may cross the bottom edge."""
     masks = []
     for f in frames.astype(np.float32):
         border = np.concatenate([f[0], f[-1], f[:, 0], f[:, -1]])
         colour = np.median(border, 0)
-        if np.percentile(np.linalg.norm(border - colour, axis=1), 95) > BACKGROUND_SPREAD:
+        if np.median(np.linalg.norm(border - colour, axis=1)) > BACKGROUND_SPREAD:
             return None
         masks.append(np.linalg.norm(f - colour, axis=-1) > FOREGROUND_DISTANCE)
     return np.stack(masks)
@@ -51,6 +52,8 @@ def run(session, params: dict, progress) -> tuple[dict, dict]:
         if not isinstance(params["silhouette"], bool):
             raise errors.InvalidInput("fit_capture: 'silhouette' must be true or false")
         settings.silhouette = params["silhouette"]
+    if params.get("focal_px") is not None:  # known from the clip's camera; else estimated (fit.py)
+        settings.focal_px = validate.number(params["focal_px"], "focal_px", 1.0, 1e6)
     max_frames = params.get("max_frames", media.MAX_FRAMES)
     if not isinstance(max_frames, int) or isinstance(max_frames, bool) or not 1 <= max_frames <= media.MAX_FRAMES:
         raise errors.InvalidInput(f"fit_capture: 'max_frames' must be an integer in 1..{media.MAX_FRAMES}")
