@@ -110,8 +110,8 @@ def _reply_facts(bpy, scene, heads_before: set) -> dict:
     cam = scene.camera
     bg = cam.data.background_images[0] if cam is not None and len(cam.data.background_images) else None
     source = None if bg is None else [bg.source, bg.image.name if bg.source == "IMAGE" else bg.clip.name]
-    values = [getattr(head.imhead.expressions, n) for n in head.imhead.expressions.bl_rna.properties.keys()
-              if n != "rna_type"]
+    values = [v for v in (getattr(head.imhead.expressions, n) for n in head.imhead.expressions.bl_rna.properties.keys())
+              if isinstance(v, float)]
     facts.update(vertices=len(head.data.vertices), scene_camera=cam is not None, camera_background=source,
                  lens_mm=cam.data.lens if cam else 0.0, resolution=[scene.render.resolution_x,
                                                                    scene.render.resolution_y],

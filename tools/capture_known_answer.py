@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights: Path | None = None) -> dict:
+def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights: Path | None = None,
+             silhouette: bool = True) -> dict:
     from backend.capture import metrics
     from backend.capture.op import run as fit_capture
     from backend.engine.head import HeadSpec
@@ -29,7 +30,7 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
     truth = json.loads((clip / "truth.json").read_text())
     s = Session(weights_dir=weights, device=device)
     params: dict = {"path": str(clip / "clip.mp4"), "resolution": truth["resolution"],
-                    "focal_px": truth["camera"]["focal_px"]}  # the clip's camera, as Blender's movie clip has it
+                    "focal_px": truth["camera"]["focal_px"], "silhouette": silhouette}  # the clip's camera, as Blender's movie clip has it
     if steps is not None:
         params["steps"] = steps
     t0 = time.perf_counter()
@@ -56,6 +57,12 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
         "relative_rotation_error_deg_max": float(rot_rel.max()),
         "landmark_error_px": cap["landmark_error_px"], "silhouette_iou": cap["silhouette_iou"],
         "focal_px": cap["focal_px"], "true_focal_px": truth["camera"]["focal_px"],
+        "true_yaw_deg": [round(a, 2) for a in truth["yaw_deg"]],
+        "fitted_yaw_deg": [round(float(np.degrees(np.arctan2(r[0, 2], r[2, 2]))), 2) for r in arrays["rotations"]],
+        "animated_true_mean": true_exp[:, animated].mean(0).round(3).tolist(),
+        "animated_fitted_mean": arrays["expressions"][:, animated].mean(0).round(3).tolist(),
+        "largest_fitted": {s.expression_names[j]: round(float(arrays["expressions"][:, j].mean()), 3)
+                           for j in np.argsort(-arrays["expressions"].mean(0))[:8]},
         "fit_seconds": cap["fit_seconds"], "total_seconds": seconds, "seconds_per_frame": seconds / cap["frames"],
     }
 
@@ -77,8 +84,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-silhouette", action="store_true")
     args = parser.parse_args()
-    result = evaluate(args.clip, args.device, args.steps, args.weights)
+    result = evaluate(args.clip, args.device, args.steps, args.weights, not args.no_silhouette)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json is not None:

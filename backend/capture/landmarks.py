@@ -14,6 +14,7 @@ from .correspondence import mediapipe_indices
 
 MIN_DETECTION = 0.5
 MIN_FACE_FRACTION = 0.8  # of a video's frames that must show the face
+SMOOTH_MIN_FPS = 20.0  # below this a head turn moves too far between frames for the [1, 2, 1] filter
 
 
 def detect(frames: np.ndarray, video: bool, check: Callable[[int], None] | None = None

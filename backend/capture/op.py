@@ -68,7 +68,7 @@ def run(session, params: dict, progress) -> tuple[dict, dict]:
 
     points, found = landmarks.detect(footage.frames, footage.is_video, check)
     points = landmarks.fill_gaps(points, found)
-    if footage.is_video:
+    if footage.fps >= landmarks.SMOOTH_MIN_FPS:
         points = landmarks.smooth(points)
     observed = landmarks.fit_landmarks(points)
     masks = foreground_masks(footage.frames) if settings.silhouette else None

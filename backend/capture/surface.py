@@ -70,10 +70,12 @@ def attach(x_star: Tensor, J: Tensor, live_residual: Tensor, damping: float = 1e
 
 
 def sphere_trace(sdf: Callable[[Tensor], Tensor], origin: Tensor, direction: Tensor, near: Tensor, far: Tensor,
-                 steps: int = 32, hit_eps: float = 5e-4, relax: float = 0.9) -> tuple[Tensor, Tensor, Tensor]:
+                 steps: int = 32, hit_eps: float = 5e-4, relax: float = 0.9, hit_tol: float = 2e-3
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """March rays o + s d (unit d) from s = near: s += relax * sdf until |sdf| < hit_eps or s > far. Returns
     (hit (...,) bool, s at the hit or, for a miss, where the SDF along the ray was smallest, that smallest SDF).
-    No graph: the caller attaches gradients at the returned points."""
+    A ray counts as a hit when its smallest SDF is below hit_tol: rays grazing the surface converge slowly, and
+    within the step budget they must not count as misses. No graph: the caller attaches gradients."""
     with torch.no_grad():
         s = near.clone()
         best_s, best_f = s.clone(), torch.full_like(s, float("inf"))
@@ -86,7 +88,7 @@ def sphere_trace(sdf: Callable[[Tensor], Tensor], origin: Tensor, direction: Ten
             if not bool(active.any()):
                 break
             s = torch.where(active, s + relax * f.clamp_min(-0.01), s)
-        hit = best_f.abs() < hit_eps * 2
+        hit = best_f < hit_tol
         return hit, best_s, best_f
 
 
