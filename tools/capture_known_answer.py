@@ -29,8 +29,9 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
 
     truth = json.loads((clip / "truth.json").read_text())
     s = Session(weights_dir=weights, device=device)
+    # the clip's camera focal length, as a Blender movie clip's camera has it
     params: dict = {"path": str(clip / "clip.mp4"), "resolution": truth["resolution"],
-                    "focal_px": truth["camera"]["focal_px"], "silhouette": silhouette}  # the clip's camera, as Blender's movie clip has it
+                    "focal_px": truth["camera"]["focal_px"], "silhouette": silhouette}
     if steps is not None:
         params["steps"] = steps
     t0 = time.perf_counter()
