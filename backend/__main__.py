@@ -14,6 +14,7 @@ COMMANDS = {
     "regions": "print the 39-region atlas",
     "generate": "generate a head mesh (PLY with attribute columns)",
     "fit": "fit the model to a mesh or point cloud",
+    "fit-image": "fit a head, its expressions and pose to a photo or a video",
     "swap": "swap region codes between two heads",
     "animate": "deform a head's mesh through expression frames",
     "bench": "print the speed and memory benchmark table",
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             try:
-                modules[name] = importlib.import_module(f".commands.{name}", __package__)
+                modules[name] = importlib.import_module(f".commands.{name.replace('-', '_')}", __package__)
             except ImportError as exc:
                 if (exc.name or "").split(".")[0] == "backend":
                     raise

@@ -25,7 +25,7 @@ import numpy as np
 from . import __version__, wire
 from .errors import BackendError, Cancelled
 
-SESSION_OPS = ("generate", "deform", "edit", "fit")
+SESSION_OPS = ("generate", "deform", "edit", "fit", "fit_capture")
 # Handled by the server itself; "echo" returns its input unchanged (connection checks, transfer timing).
 CONTROL_OPS = ("handshake", "cancel", "shutdown", "echo")
 HANDSHAKE_FIELDS = {"backend_version": str, "torch_device": str, "model_name": str, "trained": bool,

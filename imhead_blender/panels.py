@@ -246,5 +246,16 @@ class IMHEAD_PT_fit(_ImHeadPanel, bpy.types.Panel):
         layout.operator("imhead.fit_selected", icon="MOD_SHRINKWRAP")
 
 
+class IMHEAD_PT_footage(_ImHeadPanel, bpy.types.Panel):
+    bl_label = "Head from Photo / Video"
+    bl_parent_id = "IMHEAD_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        layout.label(text="One face; a photo or a short video", icon="INFO")
+        layout.operator("imhead.head_from_footage", icon="FILE_MOVIE")
+
+
 CLASSES = (IMHEAD_UL_regions, IMHEAD_PT_main, IMHEAD_PT_head, IMHEAD_PT_identity, IMHEAD_PT_look,
-           IMHEAD_PT_expressions, IMHEAD_PT_regions, IMHEAD_PT_fit)
+           IMHEAD_PT_expressions, IMHEAD_PT_regions, IMHEAD_PT_fit, IMHEAD_PT_footage)

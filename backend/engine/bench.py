@@ -175,6 +175,10 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
     if cfg.fit:
         log(f"fit on {dev}")
         rows.append(_bench_fit(session, cfg, dev))
+        from ..capture.bench import bench_capture  # mediapipe and PyAV load only here
+
+        log(f"photo/video fit on {dev}")
+        rows += bench_capture(session, dev)
     return rows
 
 

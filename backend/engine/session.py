@@ -370,6 +370,14 @@ class Session:
 
         return fit_head(self, params, arrays, progress or NullProgress())
 
+    def fit_capture(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
+        """A head, per-frame expressions and head pose from a photo or a video (backend/capture/op.py)."""
+        from ..capture.op import run
+
+        if arrays:
+            raise errors.InvalidInput("fit_capture takes no arrays (the footage is read from 'path')")
+        return run(self, params, progress or NullProgress())
+
     def deform(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
         progress = progress or NullProgress()
         req = DeformRequest.parse(params, arrays, self.parse_head)

@@ -1,0 +1,300 @@
+"""Fit one identity, per-frame expression weights, per-frame head pose and the camera's focal length to 2D
+landmarks and (where the background is plain) the silhouette, IMavatar-style (docs/capture.md).
+
+Unknowns: whitened identity u (z_id = id_mean + id_chol u, prior |u|^2 / 256), expression weights e_t in
+[0, 1] (L1 prior), axis-angle r_t and translation t_t, log focal (videos only: a photo cannot tell focal
+length from distance, so it keeps the estimate). Two stages: the pose alone against the mean head's template
+landmarks (no network), then everything through the network:
+- landmarks: each used ICT vertex's point on this identity's surface (template(x) = vertex, sdf(x) = 0, by
+  Gauss-Newton) is carried through the inverse of the backward expression warp to frame t's posed head
+  (x_p + warp(x_p) = x_c), projected and compared with the detection; both solves get their gradients by
+  implicit differentiation at the solution (surface.attach), as IMavatar's root finding does;
+- silhouette: rays through a jittered pixel grid per frame are sphere-traced against the posed SDF; where
+  the traced hit and the foreground mask disagree, the SDF at the ray's closest approach is pushed through a
+  binary cross-entropy on sigmoid(-sdf / 1 mm) (IMavatar's mask loss);
+- temporal: squared second differences of pose and expressions (videos).
+All frames are batched; everything runs on the model's device."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..model.inversion import CodeAdam
+from . import surface
+from .camera import pixel_rays, project, rotvec_to_matrix
+from .correspondence import WEIGHTS, USED
+
+FIT_TOPK = None  # all 39 local networks inside the fit: for the few hundred points per step the dense batched
+# products run faster on CPU than the per-region loop of ImHead's top-k path
+TRACE_TOPK = 8  # while marching rays (no graph; the hit is re-evaluated with FIT_TOPK)
+HEAD_CENTRE = (0.0, 0.0, 0.02)  # model frame; the bounding sphere of the traced region
+HEAD_RADIUS = 0.2
+SIL_SOFTNESS = 1e-3  # m: sigmoid(-sdf / softness) is the predicted coverage of a ray
+EYE_OUTER = (USED.index(36), USED.index(45))
+# steps between fresh Jacobians of the landmark solves (chord steps in between). On the known-answer clip
+# (docs/capture.md) 8 let the expression solve diverge (landmark error 35 px): fresh every step.
+JACOBIAN_EVERY = 1
+
+
+@dataclass
+class FitSettings:
+    steps: int = 120  # network stage
+    pose_steps: int = 300
+    silhouette: bool = True
+    rays_per_side: int = 16  # silhouette rays per frame: a jittered grid over the head's box
+    silhouette_frames: int = 4  # frames traced per trace (a random subset)
+    trace_every: int = 4  # steps between traces; in between the same rays' closest approaches are re-evaluated
+    focal_px: float | None = None  # known focal length; None: estimated (videos) or 1.2 x the longer side
+    id_prior: float = 1e-2
+    exp_l1: float = 3e-4  # per unit of summed weights in a frame: a weight of 1 costs a ~2% eye-distance miss
+    temporal: float = 0.01  # at 6 fps a +-30 degree turn's own second differences cost ~4e-5
+    silhouette_weight: float = 0.002
+    seed: int = 0
+
+
+@dataclass
+class CaptureFit:
+    z_id: np.ndarray  # (256,)
+    expressions: np.ndarray  # (T, 53)
+    rotation: np.ndarray  # (T, 3, 3) model -> camera
+    translation: np.ndarray  # (T, 3) m
+    focal_px: float
+    observed: np.ndarray  # (T, L, 2) px
+    projected: np.ndarray  # (T, L, 2) px, the fitted head's landmarks
+    landmark_error_px: float  # mean over frames with a face
+    silhouette_iou: float | None
+    seconds: float
+    losses: list[float]
+
+
+Report = Callable[[float, str], None]  # may raise errors.Cancelled
+
+
+class _Problem:
+    def __init__(self, model, extras: dict, targets: np.ndarray, observed: np.ndarray, found: np.ndarray,
+                 masks: np.ndarray | None, width: int, height: int, video: bool, settings: FitSettings):
+        dev = next(model.parameters()).device
+        self.model, self.dev, self.settings = model, dev, settings
+        self.width, self.height, self.video = width, height, video
+        self.T = len(observed)
+        self.id_mean = extras["id_mean"].to(dev, torch.float32)
+        self.id_chol = extras["id_chol"].to(dev, torch.float32)
+        self.targets = torch.as_tensor(targets, dtype=torch.float32, device=dev)  # (L,3) template points
+        self.obs = torch.as_tensor(observed, dtype=torch.float32, device=dev)
+        self.frame_w = torch.as_tensor(found, dtype=torch.float32, device=dev)
+        self.lm_w = torch.as_tensor(WEIGHTS, device=dev)
+        eyes = (self.obs[:, EYE_OUTER[0]] - self.obs[:, EYE_OUTER[1]]).norm(dim=-1)
+        self.scale = float(eyes[self.frame_w > 0].median())  # px: landmark residuals in eye distances
+        self.masks = None if masks is None else torch.as_tensor(masks, device=dev)
+        self.gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+        self.x_can: Tensor | None = None  # warm starts of the solves
+        self.x_pose: Tensor | None = None
+        self.J_can: Tensor | None = None
+        self.J_pose: Tensor | None = None
+        self.calls = 0
+        self.box = _box(masks) if masks is not None and masks.any() else None  # silhouette rays' pixel box
+
+    # ------------------------------------------------------------------ landmarks
+    def landmarks(self, z: Tensor, e: Tensor) -> Tensor:
+        """Posed landmark points (T, L, 3) with implicit-differentiation gradients to z and e."""
+        m = self.model
+        zr, k = m.decode(z)
+        zr_d, k_d = zr.detach(), k.detach()
+
+        def canon_res(x: Tensor, zr: Tensor = zr_d, k: Tensor = k_d) -> Tensor:
+            feat = m.features(x, zr, k, FIT_TOPK)
+            sdf = m.sdf_from_features(x, feat)
+            return torch.cat([m.template_from_features(x, feat) - self.targets, sdf[..., None]], -1)
+
+        fresh = self.calls % JACOBIAN_EVERY == 0
+        self.calls += 1
+        if self.x_can is None or self.J_can is None:
+            self.x_can, self.J_can = surface.gauss_newton(canon_res, self.targets[None], iters=4)
+        elif fresh:
+            self.x_can, self.J_can = surface.gauss_newton(canon_res, self.x_can, iters=1)
+        else:
+            self.x_can = surface.chord(canon_res, self.x_can, self.J_can)
+        x_c = surface.attach(self.x_can, self.J_can, canon_res(self.x_can, zr, k))  # (1, L, 3)
+
+        T = self.T
+        zt_d, e_d = z.detach().expand(T, -1), e.detach()
+        xc_d = x_c.detach().expand(T, -1, -1)
+
+        def pose_res(x: Tensor, e: Tensor = e_d, zt: Tensor = zt_d, xc: Tensor = xc_d) -> Tensor:
+            return x + m.warp(x, e, zt) - xc
+
+        if self.x_pose is None or self.J_pose is None:
+            with torch.no_grad():
+                x0 = xc_d - m.warp(xc_d, e_d, zt_d)
+            self.x_pose, self.J_pose = surface.gauss_newton(pose_res, x0, iters=2)
+        elif fresh:
+            self.x_pose, self.J_pose = surface.gauss_newton(pose_res, self.x_pose, iters=1)
+        else:
+            self.x_pose = surface.chord(pose_res, self.x_pose, self.J_pose)
+        return surface.attach(self.x_pose, self.J_pose,
+                              pose_res(self.x_pose, e, z.expand(T, -1), x_c.expand(T, -1, -1)))
+
+    def landmark_loss(self, pixels: Tensor) -> Tensor:
+        r2 = ((pixels - self.obs) / self.scale).square().sum(-1)  # (T, L)
+        w = self.frame_w[:, None] * self.lm_w[None]
+        return (w * r2).sum() / w.sum()
+
+    # ------------------------------------------------------------------ silhouette
+    def trace(self, z: Tensor, e: Tensor, rot: Tensor, trans: Tensor, focal: Tensor) -> float:
+        """Sphere-trace a jittered pixel grid on a random subset of frames (no graph); keeps the rays where the
+        trace and the mask disagree for silhouette_loss. Returns the traced rays' IoU with the mask."""
+        assert self.masks is not None and self.box is not None
+        s = self.settings
+        cand = torch.nonzero(self.frame_w > 0)[:, 0].cpu()
+        pick = cand[torch.randperm(len(cand), generator=self.gen)[: s.silhouette_frames]].to(self.dev)
+        n, F = s.rays_per_side, len(pick)
+        ys, xs = self.box
+        gy = (torch.arange(n, dtype=torch.float32)[:, None] + torch.rand(F, n, n, generator=self.gen)) / n
+        gx = (torch.arange(n, dtype=torch.float32)[None, :] + torch.rand(F, n, n, generator=self.gen)) / n
+        px = torch.stack([xs[0] + gx * (xs[1] - xs[0]), ys[0] + gy * (ys[1] - ys[0])], -1)
+        px = px.view(F, n * n, 2).to(self.dev)
+        iy = px[..., 1].long().clamp(0, self.height - 1)
+        ix = px[..., 0].long().clamp(0, self.width - 1)
+        inside = self.masks[pick[:, None], iy, ix]  # (F, N)
+        with torch.no_grad():
+            zr, k = self.model.decode(z)
+            origin, direction = pixel_rays(px, rot[pick], trans[pick], focal, self.width, self.height)
+            origin = origin.expand_as(direction)
+            meets, near, far = surface.ray_sphere(origin, direction, torch.tensor(HEAD_CENTRE, device=self.dev),
+                                                  HEAD_RADIUS)
+            hit, s_best, _ = surface.sphere_trace(
+                lambda x: self._posed_sdf(x, TRACE_TOPK, z.expand(F, -1), e[pick], zr.expand(F, -1, -1),
+                                          k.expand(F, -1, -1)), origin, direction, near, far)
+            hit = hit & meets
+            iou = float((hit & inside).sum() / (hit | inside).sum().clamp_min(1))
+        wrong = (hit != inside) & meets
+        self.rays = (pick, px, s_best, inside.float(), wrong)
+        return iou
+
+    def _posed_sdf(self, x: Tensor, topk: int | None, z: Tensor, e: Tensor, zr: Tensor, k: Tensor) -> Tensor:
+        m = self.model
+        return m.sdf(x + m.warp(x, e, z), zr, k, topk)
+
+    def silhouette_loss(self, z: Tensor, e: Tensor, rot: Tensor, trans: Tensor, focal: Tensor) -> Tensor:
+        """IMavatar's mask loss on the last trace's rays where the trace and the mask disagree, at each ray's
+        closest approach to the surface, which moves with the current pose."""
+        pick, px, s_best, target, wrong = self.rays
+        if not bool(wrong.any()):
+            return torch.zeros((), device=self.dev)
+        F = len(pick)
+        origin, direction = pixel_rays(px, rot[pick], trans[pick], focal, self.width, self.height)
+        x = origin + s_best[..., None] * direction
+        zr, k = self.model.decode(z)
+        f = self._posed_sdf(x, FIT_TOPK, z.expand(F, -1), e[pick], zr.expand(F, -1, -1), k.expand(F, -1, -1))
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(-f / SIL_SOFTNESS, target, reduction="none")
+        return (bce * wrong).sum() / wrong.sum()
+
+
+def _box(masks: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Pixel box (y range, x range) around every frame's foreground, grown by 10%."""
+    any_mask = masks.any(0)
+    ys, xs = np.nonzero(any_mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    gy, gx = 0.1 * (y1 - y0), 0.1 * (x1 - x0)
+    h, w = any_mask.shape
+    return (max(0.0, y0 - gy), min(float(h), y1 + gy)), (max(0.0, x0 - gx), min(float(w), x1 + gx))
+
+
+class _Adam:
+    """One CodeAdam (inversion.py: no torch.optim import, one second moment per code vector) per learning rate."""
+
+    def __init__(self, groups: list[tuple[Tensor, float]]):
+        self.opts = [CodeAdam([param], lr) for param, lr in groups]
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad()
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+
+def _second_difference(a: Tensor) -> Tensor:
+    return (a[2:] - 2 * a[1:-1] + a[:-2]).square().mean() if len(a) > 2 else a.new_zeros(())
+
+
+def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, found: np.ndarray,
+                masks: np.ndarray | None, width: int, height: int, video: bool, settings: FitSettings,
+                report: Report) -> CaptureFit:
+    """targets (L,3): the template points of the landmarks; observed (T,L,2) px; found (T,) bool."""
+    t0 = time.perf_counter()
+    p = _Problem(model, extras, targets, observed, found, masks, width, height, video, settings)
+    dev, T = p.dev, p.T
+    use_sil = settings.silhouette and masks is not None and bool(masks.any())
+    fit_focal = video and settings.focal_px is None
+    focal0 = settings.focal_px or 1.2 * max(width, height)
+    log_f = torch.tensor([math.log(focal0)], device=dev, requires_grad=fit_focal)
+    # initial distance: the mean head's outer eye corners (9 cm apart) at the observed eye distance
+    eye_m = float((p.targets[EYE_OUTER[0]] - p.targets[EYE_OUTER[1]]).norm())
+    depth = focal0 * eye_m / p.scale
+    centre_px = p.obs[p.frame_w > 0].mean((0, 1))
+    tx = (centre_px[0] - width / 2) * depth / focal0
+    ty = -(centre_px[1] - height / 2) * depth / focal0
+    trans = torch.tensor([[float(tx), float(ty), -depth]], device=dev).repeat(T, 1).requires_grad_(True)
+    rvec = torch.zeros(T, 3, device=dev).add_(1e-4).requires_grad_(True)
+    losses: list[float] = []
+
+    # stage 1: pose (and focal) against the mean head's template landmarks
+    opt = _Adam([(rvec, 0.02), (trans, 0.001)] + ([(log_f, 0.02)] if fit_focal else []))
+    tpts = p.targets[None].expand(T, -1, -1)
+    for i in range(settings.pose_steps):
+        if i % 50 == 0:
+            report(0.1 * i / settings.pose_steps, "fitting the head pose")
+        opt.zero_grad()
+        pix = project(tpts, rotvec_to_matrix(rvec), trans, log_f.exp(), width, height)
+        loss = p.landmark_loss(pix) + settings.temporal * _second_difference(rvec)
+        loss.backward()
+        opt.step()
+
+    # stage 2: identity, expressions, pose and focal through the network
+    u = torch.zeros(1, p.id_mean.shape[0], device=dev, requires_grad=True)
+    e = torch.zeros(T, model.cfg.n_expressions, device=dev, requires_grad=True)
+    opt = _Adam([(u, 0.05), (e, 0.02), (rvec, 0.005), (trans, 0.0005)] + ([(log_f, 0.005)] if fit_focal else []))
+    iou = None
+    for i in range(settings.steps):
+        report(0.1 + 0.9 * i / settings.steps, f"fitting identity and expressions ({i}/{settings.steps})")
+        opt.zero_grad()
+        z = p.id_mean[None] + u @ p.id_chol.T
+        rot = rotvec_to_matrix(rvec)
+        pts = p.landmarks(z, e)
+        loss = p.landmark_loss(project(pts, rot, trans, log_f.exp(), width, height))
+        loss = loss + settings.id_prior * u.square().mean() + settings.exp_l1 * e.abs().sum(-1).mean()
+        if video:
+            loss = loss + settings.temporal * (_second_difference(rvec) + _second_difference(e)
+                                               + _second_difference(trans / 0.05))
+        if use_sil:
+            if i % settings.trace_every == 0:
+                iou = p.trace(z.detach(), e.detach(), rot.detach(), trans.detach(), log_f.detach().exp())
+            loss = loss + settings.silhouette_weight * p.silhouette_loss(z, e, rot, trans, log_f.exp())
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            e.clamp_(0.0, 1.0)
+        losses.append(float(loss.detach()))
+
+    with torch.no_grad():
+        z = p.id_mean[None] + u @ p.id_chol.T
+        rot = rotvec_to_matrix(rvec)
+    pts = p.landmarks(z, e.detach()).detach()
+    with torch.no_grad():
+        pix = project(pts, rot, trans, log_f.exp(), width, height)
+        err = (pix - p.obs).norm(dim=-1).mean(1)
+        lm_err = float(err[p.frame_w > 0].mean())
+    return CaptureFit(
+        z_id=z[0].cpu().numpy().astype(np.float32), expressions=e.detach().cpu().numpy().astype(np.float32),
+        rotation=rot.cpu().numpy().astype(np.float32), translation=trans.detach().cpu().numpy().astype(np.float32),
+        focal_px=float(log_f.exp()[0]), observed=observed.astype(np.float32), projected=pix.cpu().numpy(),
+        landmark_error_px=lm_err, silhouette_iou=iou, seconds=time.perf_counter() - t0, losses=losses)

@@ -1,0 +1,101 @@
+"""The `fit_capture` op (server and CLI): footage path in; the fitted neutral head's mesh, per-frame expression
+weights and head pose, and the camera out (docs/protocol.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import errors
+from ..engine import validate
+from ..engine.extract import check_resolution
+from ..engine.head import HeadSpec
+from .correspondence import template_vertices
+
+PARAMS = {"path", "resolution", "steps", "silhouette", "max_frames", "seed", "focal_px"}
+BACKGROUND_SPREAD = 12.0  # RGB levels: a border mostly this uniform (median) counts as a plain background
+FOREGROUND_DISTANCE = 40.0  # RGB distance from the background colour that counts as foreground
+
+
+def foreground_masks(frames: np.ndarray) -> np.ndarray | None:
+    """(T,H,W) bool where a frame differs from its plain background, or None when the border of any frame is
+    not mostly one plain colour (a real room: the silhouette term is then left out). Mostly: a bust's
+    shoulders may cross the bottom edge."""
+    masks = []
+    for f in frames.astype(np.float32):
+        border = np.concatenate([f[0], f[-1], f[:, 0], f[:, -1]])
+        colour = np.median(border, 0)
+        if np.median(np.linalg.norm(border - colour, axis=1)) > BACKGROUND_SPREAD:
+            return None
+        masks.append(np.linalg.norm(f - colour, axis=-1) > FOREGROUND_DISTANCE)
+    return np.stack(masks)
+
+
+def run(session, params: dict, progress) -> tuple[dict, dict]:
+    from ..engine.session import check_cancel
+    from . import landmarks, media
+    from .fit import FitSettings, fit_capture
+
+    validate.keys(params, PARAMS, "fit_capture")
+    path = params.get("path")
+    if not isinstance(path, str) or not path:
+        raise errors.InvalidInput("fit_capture: 'path' must be the footage's file path")
+    resolution = check_resolution(params.get("resolution", 128))
+    settings = FitSettings(seed=validate.seed(params.get("seed", 0)))
+    if "steps" in params:
+        steps = params["steps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= 5000:
+            raise errors.InvalidInput("fit_capture: 'steps' must be an integer in 0..5000")
+        settings.steps = steps
+    if "silhouette" in params:
+        if not isinstance(params["silhouette"], bool):
+            raise errors.InvalidInput("fit_capture: 'silhouette' must be true or false")
+        settings.silhouette = params["silhouette"]
+    if params.get("focal_px") is not None:  # known from the clip's camera; else estimated (fit.py)
+        settings.focal_px = validate.number(params["focal_px"], "focal_px", 1.0, 1e6)
+    max_frames = params.get("max_frames", media.MAX_FRAMES)
+    if not isinstance(max_frames, int) or isinstance(max_frames, bool) or not 1 <= max_frames <= media.MAX_FRAMES:
+        raise errors.InvalidInput(f"fit_capture: 'max_frames' must be an integer in 1..{media.MAX_FRAMES}")
+
+    progress.report(0.0, f"reading {Path(path).name}")
+    footage = media.load_footage(path, max_frames=max_frames)
+    T, H, W, _ = footage.frames.shape
+
+    def check(t: int) -> None:
+        check_cancel(progress)
+        progress.report(0.05 + 0.1 * t / T, f"finding the face (frame {t + 1}/{T})")
+
+    points, found = landmarks.detect(footage.frames, footage.is_video, check)
+    points = landmarks.fill_gaps(points, found)
+    if footage.fps >= landmarks.SMOOTH_MIN_FPS:
+        points = landmarks.smooth(points)
+    observed = landmarks.fit_landmarks(points)
+    masks = foreground_masks(footage.frames) if settings.silhouette else None
+
+    def report(fraction: float, message: str) -> None:
+        check_cancel(progress)
+        progress.report(0.15 + 0.6 * fraction, message)
+
+    targets = session.atlas.vertices[template_vertices()]
+    fit = fit_capture(session.model, session.extras, targets, observed, found, masks, W, H, footage.is_video,
+                      settings, report)
+    check_cancel(progress)
+    head = HeadSpec(identity=fit.z_id)
+
+    class _Tail:
+        cancelled = property(lambda self: progress.cancelled)
+
+        def report(self, fraction: float, message: str) -> None:
+            progress.report(0.75 + 0.25 * fraction, message)
+
+    out, arrays = session.head_mesh(head, resolution, _Tail())
+    out["capture"] = {
+        "frames": T, "fps": footage.fps, "width": W, "height": H, "focal_px": fit.focal_px,
+        "faces_found": int(found.sum()), "landmark_error_px": fit.landmark_error_px,
+        "silhouette": masks is not None, "silhouette_iou": fit.silhouette_iou, "fit_seconds": fit.seconds,
+    }
+    arrays.update(expressions=fit.expressions, rotations=fit.rotation, translations=fit.translation,
+                  landmarks=fit.observed, fitted_landmarks=fit.projected.astype(np.float32),
+                  found=found.astype(np.uint8))
+    return out, arrays

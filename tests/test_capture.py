@@ -1,0 +1,220 @@
+"""backend/capture without Blender: decoding and its errors, the face detector's errors, the landmark
+correspondence, implicit-differentiation gradients, the camera, a landmark fit with a known answer, and the
+op's parameter checks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backend.capture import camera, correspondence, landmarks, media, surface
+from backend.errors import InvalidInput
+
+
+def _astronaut() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.astronaut()
+
+
+def _write_png(path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path)
+
+
+def _write_mp4(path, frames: list[np.ndarray], fps: int = 10) -> None:
+    import av
+
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+# ------------------------------------------------------------------ decoding
+def test_photo_and_video_decode(tmp_path):
+    img = _astronaut()
+    _write_png(tmp_path / "a.png", img)
+    photo = media.load_footage(tmp_path / "a.png")
+    assert photo.frames.shape == (1, 512, 512, 3) and not photo.is_video
+    assert np.array_equal(photo.frames[0], img)
+    _write_mp4(tmp_path / "a.mp4", [img[:256, :256]] * 5, fps=10)
+    video = media.load_footage(tmp_path / "a.mp4")
+    assert video.frames.shape == (5, 256, 256, 3) and video.fps == pytest.approx(10.0)
+    assert np.abs(video.frames[2].astype(int) - img[:256, :256]).mean() < 8  # lossy codec
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    with pytest.raises(InvalidInput, match="no such file"):
+        media.load_footage(tmp_path / "missing.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(InvalidInput, match="not a readable image"):
+        media.load_footage(tmp_path / "corrupt.png")
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    with pytest.raises(InvalidInput, match="not a readable video|no frames|no video stream"):
+        media.load_footage(tmp_path / "corrupt.mp4")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InvalidInput, match="unsupported file type"):
+        media.load_footage(tmp_path / "notes.txt")
+
+
+def test_too_long_video_is_refused(tmp_path):
+    frame = _astronaut()[:128, :128]
+    _write_mp4(tmp_path / "long.mp4", [frame] * 6)
+    with pytest.raises(InvalidInput, match="too long"):
+        media.load_footage(tmp_path / "long.mp4", max_frames=4)
+    with pytest.raises(InvalidInput, match="too long"):
+        media.load_footage(tmp_path / "long.mp4", max_pixels=3 * 128 * 128)
+
+
+# ------------------------------------------------------------------ face detection
+def test_landmarks_on_the_astronaut():
+    img = _astronaut()
+    points, found = landmarks.detect(img[None], video=False)
+    assert found.all() and points.shape == (1, 468, 2)
+    sub = landmarks.fit_landmarks(points)[0]
+    nose_tip = sub[correspondence.USED.index(30)]
+    assert 200 < nose_tip[0] < 280 and 90 < nose_tip[1] < 160  # her face is at x 180-300, y 50-200
+
+
+def test_no_face_and_several_faces_are_refused():
+    with pytest.raises(InvalidInput, match="no face found"):
+        landmarks.detect(np.full((1, 256, 256, 3), 128, np.uint8), video=False)
+    face = _astronaut()[20:260, 140:340]
+    two = np.concatenate([face, face], 1)
+    with pytest.raises(InvalidInput, match="2 faces found"):
+        landmarks.detect(two[None], video=False)
+
+
+def test_smoothing_and_gaps():
+    pts = np.zeros((5, 2, 2), np.float32)
+    pts[2] = 4.0
+    found = np.array([True, True, False, True, True])
+    filled = landmarks.fill_gaps(pts, found)
+    assert np.array_equal(filled[2], pts[1]) or np.array_equal(filled[2], pts[3])
+    sm = landmarks.smooth(pts)
+    assert sm[2, 0, 0] == pytest.approx(2.0) and sm[1, 0, 0] == pytest.approx(1.0) and sm[0, 0, 0] == 0.0
+
+
+# ------------------------------------------------------------------ correspondence
+def test_correspondence_indices():
+    from backend.data.atlas import load_atlas
+
+    atlas = load_atlas()
+    assert len(correspondence.ICT_MULTIPIE68) == len(correspondence.MEDIAPIPE_MULTIPIE68) == 68
+    assert len(set(correspondence.MEDIAPIPE_MULTIPIE68)) == 68
+    ict = correspondence.template_vertices()
+    assert ict.max() < len(atlas.vertices) and len(ict) == len(correspondence.WEIGHTS)
+    v = atlas.vertices
+    eye_r, eye_l = v[correspondence.ICT_MULTIPIE68[36]], v[correspondence.ICT_MULTIPIE68[45]]
+    # image-left (the subject's right) eye corner lies at -x, mirrored by the other one; nose tip foremost
+    assert eye_r[0] < -0.03 and eye_l[0] == pytest.approx(-eye_r[0], abs=2e-3)
+    assert v[correspondence.ICT_MULTIPIE68[30]][2] > max(eye_r[2], eye_l[2]) + 0.02
+
+
+# ------------------------------------------------------------------ implicit differentiation
+def test_attached_gradient_matches_finite_differences():
+    """The surface point of a sphere of radius rho nearest a target direction: x* = rho * a / |a|. The
+    attached gradient d x / d rho must be a / |a| although no graph runs through the iterations."""
+    a = torch.tensor([[0.3, -0.2, 0.9]], dtype=torch.float64)
+
+    def solve(rho: torch.Tensor) -> torch.Tensor:
+        def res(x, rho=rho.detach()):
+            n = x / x.norm(dim=-1, keepdim=True)
+            return torch.cat([(n - a / a.norm()) * 0.1, (x.norm(dim=-1, keepdim=True) - rho)], -1)
+
+        x_star, J = surface.gauss_newton(res, torch.tensor([[0.0, 0.0, 0.5]], dtype=torch.float64), iters=20)
+        return surface.attach(x_star, J, res(x_star, rho))
+
+    rho = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    x = solve(rho)
+    assert torch.allclose(x.detach(), 0.7 * a / a.norm(), atol=1e-9)
+    (g,) = torch.autograd.grad(x[0, 0], rho)
+    assert float(g) == pytest.approx(float(a[0, 0] / a.norm()), rel=1e-6)
+
+
+def test_sphere_trace_hits_a_sphere():
+    origin = torch.tensor([[0.0, 0.0, 1.0]]).expand(3, 3)
+    d = torch.tensor([[0.0, 0.0, -1.0], [0.05, 0.0, -1.0], [0.5, 0.0, -1.0]])
+    d = d / d.norm(dim=-1, keepdim=True)
+    meets, near, far = surface.ray_sphere(origin, d, torch.zeros(3), 0.3)
+    hit, s, f = surface.sphere_trace(lambda x: x.norm(dim=-1) - 0.1, origin, d, near, far, steps=64)
+    assert hit.tolist() == [True, True, False]
+    assert float(s[0]) == pytest.approx(0.9, abs=1e-3)
+    assert float(f[2]) > 0.1  # the miss keeps its closest approach
+
+
+# ------------------------------------------------------------------ camera
+def test_projection_and_rays_agree():
+    rot = camera.rotvec_to_matrix(torch.tensor([[0.1, -0.4, 0.05]]))
+    assert torch.allclose(rot @ rot.transpose(1, 2), torch.eye(3)[None], atol=1e-6)
+    assert float(torch.det(rot)) == pytest.approx(1.0, abs=1e-6)
+    trans = torch.tensor([[0.01, -0.02, -0.6]])
+    pts = torch.tensor([[[0.02, 0.03, 0.1], [-0.05, 0.0, 0.08]]])
+    f = torch.tensor([800.0])
+    px = camera.project(pts, rot, trans, f, 640, 480)
+    origin, d = camera.pixel_rays(px, rot, trans, f, 640, 480)
+    # each point lies on its pixel's ray
+    v = pts - origin
+    along = (v * d).sum(-1, keepdim=True)
+    assert torch.allclose(v, along * d, atol=1e-5)
+    # the camera looks down -Z: a point in front of it, straight ahead, lands on the image centre
+    centre = camera.project(torch.tensor([[[0.0, 0.0, -1.0]]]), torch.eye(3)[None], torch.zeros(1, 3), f, 640, 480)
+    assert centre[0, 0].tolist() == pytest.approx([320.0, 240.0])
+
+
+# ------------------------------------------------------------------ fit with a known answer (landmarks only)
+def test_landmark_fit_recovers_a_known_pose():
+    """Landmarks made by the model itself (a sampled identity, one expression, a known pose) are fitted back
+    from the mean head: the pose must come back within a few degrees, whatever the weights."""
+    from backend.capture.fit import FitSettings, _Problem, fit_capture
+    from backend.engine.session import Session
+
+    s = Session(device="cpu")
+    targets = s.atlas.vertices[correspondence.template_vertices()]
+    W = H = 400
+    T = 1
+    z = torch.as_tensor(s.sample_identity(2))[None]
+    e = torch.zeros(T, 53)
+    e[0, s.expression_names.index("jawOpen")] = 0.5
+    rot = camera.rotvec_to_matrix(torch.tensor([[0.05, math.radians(20), 0.0]]))
+    trans = torch.tensor([[0.0, 0.01, -0.7]])
+    dummy = np.zeros((T, len(targets), 2), np.float32)
+    prob = _Problem(s.model, s.extras, targets, dummy + 200, np.ones(T, bool), None, W, H, False, FitSettings())
+    pts = prob.landmarks(z, e).detach()
+    observed = camera.project(pts, rot, trans, torch.tensor([1.2 * W]), W, H).numpy()
+    fit = fit_capture(s.model, s.extras, targets, observed, np.ones(T, bool), None, W, H, False,
+                      FitSettings(steps=25, silhouette=False), lambda f, m: None)
+    rel = fit.rotation[0] @ rot[0].numpy().T
+    angle = math.degrees(math.acos(np.clip((np.trace(rel) - 1) / 2, -1, 1)))
+    assert angle < 4.0
+    assert fit.landmark_error_px < 3.0
+    assert 0.0 <= fit.expressions.min() and fit.expressions.max() <= 1.0
+
+
+# ------------------------------------------------------------------ op checks
+def test_op_refuses_bad_params(tmp_path):
+    from backend.engine.session import Session
+
+    s = Session(device="cpu")
+    with pytest.raises(InvalidInput, match="unknown parameters"):
+        s.fit_capture({"path": "x.png", "colour": 1}, {})
+    with pytest.raises(InvalidInput, match="'path'"):
+        s.fit_capture({}, {})
+    with pytest.raises(InvalidInput, match="takes no arrays"):
+        s.fit_capture({"path": "x.png"}, {"points": np.zeros((1, 3), np.float32)})
+    with pytest.raises(InvalidInput, match="steps"):
+        s.fit_capture({"path": "x.png", "steps": -1}, {})
+    blank = np.full((128, 128, 3), 90, np.uint8)
+    _write_png(tmp_path / "blank.png", blank)
+    with pytest.raises(InvalidInput, match="no face found"):
+        s.fit_capture({"path": str(tmp_path / "blank.png")}, {})

@@ -1,0 +1,99 @@
+"""Fit the known-answer clip (tools/capture_clip.py) back and print the measures (docs/capture.md):
+
+    .venv/bin/python tools/capture_known_answer.py DIR [--device cpu|cuda] [--steps N] [--json OUT]
+
+Face CD-L1 of the fitted neutral head against the rendered one, expression weight MAE over the 53 weights and
+all frames (and over the five animated ones), head rotation error (absolute, and relative to the first
+frame), landmark error and time per frame. Not shipped."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights: Path | None = None,
+             silhouette: bool = True) -> dict:
+    from backend.capture import metrics
+    from backend.capture.op import run as fit_capture
+    from backend.engine.head import HeadSpec
+    from backend.engine.session import NullProgress, Session
+
+    truth = json.loads((clip / "truth.json").read_text())
+    s = Session(weights_dir=weights, device=device)
+    # the clip's camera focal length, as a Blender movie clip's camera has it
+    params: dict = {"path": str(clip / "clip.mp4"), "resolution": truth["resolution"],
+                    "focal_px": truth["camera"]["focal_px"], "silhouette": silhouette}
+    if steps is not None:
+        params["steps"] = steps
+    t0 = time.perf_counter()
+    out, arrays = fit_capture(s, params, NullProgress())
+    seconds = time.perf_counter() - t0
+    _, zr, k = s.decode(HeadSpec(identity=np.asarray(truth["identity"], np.float32)))
+    true_mesh, _, _ = s.canonical_mesh(zr, k, truth["resolution"])
+    true_exp = np.asarray(truth["expressions"], np.float32)
+    true_rot = np.stack([metrics.yaw_matrix(a) for a in truth["yaw_deg"]])
+    animated = np.abs(true_exp).max(0) > 0
+    rot_abs = metrics.rotation_error_deg(arrays["rotations"], true_rot)
+    rot_rel = metrics.rotation_error_deg(metrics.relative_rotations(arrays["rotations"]),
+                                         metrics.relative_rotations(true_rot))
+    cap = out["capture"]
+    return {
+        "frames": cap["frames"], "size": truth["camera"]["size"], "device": str(s.device),
+        "face_cd_l1_mm": metrics.face_cd_l1_mm(arrays["vertices"], arrays["faces"], true_mesh.vertices,
+                                               true_mesh.faces),
+        "mean_head_face_cd_l1_mm": _mean_head_cd(s, true_mesh, truth["resolution"]),
+        "expression_mae": metrics.expression_mae(arrays["expressions"], true_exp),
+        "expression_mae_animated": metrics.expression_mae(arrays["expressions"][:, animated], true_exp[:, animated]),
+        "rotation_error_deg_mean": float(rot_abs.mean()), "rotation_error_deg_max": float(rot_abs.max()),
+        "relative_rotation_error_deg_mean": float(rot_rel.mean()),
+        "relative_rotation_error_deg_max": float(rot_rel.max()),
+        "landmark_error_px": cap["landmark_error_px"], "silhouette_iou": cap["silhouette_iou"],
+        "focal_px": cap["focal_px"], "true_focal_px": truth["camera"]["focal_px"],
+        "true_yaw_deg": [round(a, 2) for a in truth["yaw_deg"]],
+        "fitted_yaw_deg": [round(float(np.degrees(np.arctan2(r[0, 2], r[2, 2]))), 2) for r in arrays["rotations"]],
+        "animated_true_mean": true_exp[:, animated].mean(0).round(3).tolist(),
+        "animated_fitted_mean": arrays["expressions"][:, animated].mean(0).round(3).tolist(),
+        "largest_fitted": {s.expression_names[j]: round(float(arrays["expressions"][:, j].mean()), 3)
+                           for j in np.argsort(-arrays["expressions"].mean(0))[:8]},
+        "fit_seconds": cap["fit_seconds"], "total_seconds": seconds, "seconds_per_frame": seconds / cap["frames"],
+    }
+
+
+def _mean_head_cd(s, true_mesh, resolution: int) -> float:
+    """The same measure for the mean identity: what the fit has to beat."""
+    from backend.capture import metrics
+    from backend.engine.head import HeadSpec
+
+    _, zr, k = s.decode(HeadSpec(identity=s.extras["id_mean"].cpu().numpy().astype(np.float32)))
+    mean_mesh, _, _ = s.canonical_mesh(zr, k, resolution)
+    return metrics.face_cd_l1_mm(mean_mesh.vertices, mean_mesh.faces, true_mesh.vertices, true_mesh.faces)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("clip", type=Path)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--weights", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-silhouette", action="store_true")
+    args = parser.parse_args()
+    result = evaluate(args.clip, args.device, args.steps, args.weights, not args.no_silhouette)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
