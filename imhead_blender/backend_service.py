@@ -51,6 +51,13 @@ class _State:
 
 
 _state = _State()
+# Called after every successful start (first start, Restart): resend what could not be sent while it was down.
+_ready_listeners: list[Callable[[], None]] = []
+
+
+def add_ready_listener(fn: Callable[[], None]) -> None:
+    if fn not in _ready_listeners:
+        _ready_listeners.append(fn)
 
 
 class BackendUnavailable(RuntimeError):
@@ -108,6 +115,13 @@ def _start() -> BackendClient:
     _state.client, _state.python = client, python
     _state.last_error, _state.handshake_checked = "", False
     _ensure_timer()
+    for listener in _ready_listeners:
+        try:
+            listener()
+        except BackendUnavailable:
+            break
+        except Exception:  # one listener's bug must not stop the start
+            traceback.print_exc()
     return client
 
 

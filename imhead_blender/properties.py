@@ -92,6 +92,9 @@ class ImHeadObjectProperties(bpy.types.PropertyGroup):
         name="Scale", min=0.0, max=SLIDER_RANGE, default=1.0, options=ANIMATABLE,
         description="Spread of Randomise, in standard deviations of the training heads")
     fit_error_mm: bpy.props.FloatProperty(name="Fit Error (mm)", default=-1.0, options=set())
+    blend_json: bpy.props.StringProperty(
+        options=set(), description="The last Blend's base head, regions and other head (JSON): a keyframed "
+        "Amount re-blends from it on frame change")
 
 
 class ImHeadSceneSettings(bpy.types.PropertyGroup):

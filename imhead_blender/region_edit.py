@@ -10,7 +10,7 @@ from functools import partial
 
 import bpy
 
-from . import backend_service, head_objects
+from . import backend_service, head_objects, undo
 
 
 class _State:
@@ -18,6 +18,8 @@ class _State:
         self.in_flight: set[str] = set()
         self.dirty: dict[str, set[str]] = {}  # object -> regions whose sliders moved while in flight
         self.applying = 0  # >0 while sliders are written from a reply (no requests then)
+        self.pending: dict[str, set[str]] = {}  # object -> regions the backend could not take (restarting)
+        self.sent: dict[str, dict[str, tuple[float, ...]]] = {}  # object -> region -> slider values sent/shown
 
 
 _state = _State()
@@ -32,14 +34,20 @@ def busy(name: str) -> bool:
     return name in _state.in_flight
 
 
-def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str) -> None:
-    """Send `ops` for this head; raises BackendUnavailable (the caller reports it)."""
+def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str, head: dict | None = None,
+                retry_regions: set[str] = frozenset(), undo_step: bool = True) -> backend_service.Job:
+    """Send `ops` for this head (or for `head`, e.g. a blend's base); raises BackendUnavailable (the caller
+    reports it). `retry_regions`: slider regions sent again when the backend is back, should this edit be
+    lost with the process. `undo_step`: push one when the reply is applied (not for slider moves: their
+    property change is the undo step)."""
     name = obj.name
-    params = {"head": head_objects.head_spec(obj), "ops": ops, "resolution": obj.imhead.resolution}
+    params = {"head": head if head is not None else head_objects.head_spec(obj), "ops": ops,
+              "resolution": obj.imhead.resolution}
     _state.in_flight.add(name)  # before submitting: a request refused at once fails synchronously
     try:
-        backend_service.submit("edit", params, None, label=f"{label} ({name})", object_name=name,
-                               on_success=partial(_apply, name), on_failure=lambda _exc: _done(name))
+        return backend_service.submit("edit", params, None, label=f"{label} ({name})", object_name=name,
+                                      on_success=partial(_apply, name, undo_step),
+                                      on_failure=partial(_failed, name, set(retry_regions)))
     except backend_service.BackendUnavailable:
         _done(name)
         raise
@@ -47,16 +55,65 @@ def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str) -> None:
 
 def request_sliders(obj: bpy.types.Object, region: str) -> None:
     """A slider of `region` moved: edit now, or after the edit in flight."""
-    if _state.applying or not obj.imhead.is_head or not obj.imhead.sliders_known:
+    request_regions(obj, {region})
+
+
+def request_regions(obj: bpy.types.Object, regions: set[str]) -> None:
+    """Sliders of `regions` moved (by hand or by their animation): one edit now, or after the edit in
+    flight; kept for later when the backend cannot take it."""
+    if _state.applying or not obj.imhead.is_head or not obj.imhead.sliders_known or not regions:
         return
     name = obj.name
     if name in _state.in_flight:
-        _state.dirty.setdefault(name, set()).add(region)
+        _state.dirty.setdefault(name, set()).update(regions)
         return
+    regions = set(regions) | _state.pending.pop(name, set())
+    for r in regions:
+        _state.sent.setdefault(name, {})[r] = slider_values(obj, r)
     try:
-        submit_edit(obj, [_pca_op(obj, region)], "Region sliders")
+        submit_edit(obj, [_pca_op(obj, r) for r in sorted(regions)], "Region sliders", retry_regions=regions,
+                    undo_step=False)
     except backend_service.BackendUnavailable:
-        pass  # shown in the panel's status box; a property update cannot report
+        _state.pending.setdefault(name, set()).update(regions)  # the panel's status box says why
+
+
+def copy_sliders(source: bpy.types.Object, target: bpy.types.Object, regions: set[str]) -> None:
+    """Write `source`'s slider values (e.g. a render's evaluated copy) onto `target` without edits."""
+    _state.applying += 1
+    try:
+        for r in regions:
+            target.imhead.regions[r].sliders = list(source.imhead.regions[r].sliders)
+    finally:
+        _state.applying -= 1
+
+
+def resend_pending() -> None:
+    """The backend is (re)started: send the slider moves it could not take."""
+    waiting, _state.pending = _state.pending, {}
+    for name, regions in sorted(waiting.items()):
+        obj = bpy.data.objects.get(name)
+        if obj is not None:
+            request_regions(obj, regions)
+
+
+def pending() -> dict[str, set[str]]:
+    return {k: set(v) for k, v in _state.pending.items()}
+
+
+def _failed(name: str, regions: set[str], exc) -> None:
+    dirty = _state.dirty.get(name, set())
+    _done(name)
+    if regions or dirty:  # died or restarted (open requests end "cancelled"): send when it is back
+        _state.pending.setdefault(name, set()).update(regions | dirty)
+
+
+def slider_values(obj: bpy.types.Object, region: str) -> tuple[float, ...]:
+    return tuple(round(float(v), 6) for v in obj.imhead.regions[region].sliders)
+
+
+def sent_sliders(name: str) -> dict[str, tuple[float, ...]]:
+    """The slider values last sent for (or received with) each region of the object."""
+    return _state.sent.get(name, {})
 
 
 def _pca_op(obj: bpy.types.Object, region: str) -> dict:
@@ -77,7 +134,7 @@ def _done(name: str) -> None:
     _state.dirty.pop(name, None)
 
 
-def _apply(name: str, params: dict, arrays: dict) -> None:
+def _apply(name: str, undo_step: bool, params: dict, arrays: dict) -> None:
     _state.in_flight.discard(name)
     dirty = _state.dirty.pop(name, set())
     obj = bpy.data.objects.get(name)
@@ -85,11 +142,10 @@ def _apply(name: str, params: dict, arrays: dict) -> None:
         return
     head_objects.replace_head_mesh(obj, params["head"], arrays)
     store_sliders(obj, params.get("sliders"), skip=dirty)
+    if undo_step:
+        undo.push("imHead region edit")
     if dirty:
-        try:
-            submit_edit(obj, [_pca_op(obj, r) for r in sorted(dirty)], "Region sliders")
-        except backend_service.BackendUnavailable:
-            pass
+        request_regions(obj, dirty)
 
 
 def store_sliders(obj: bpy.types.Object, sliders: dict | None, skip: set[str] = frozenset()) -> None:
@@ -103,6 +159,7 @@ def store_sliders(obj: bpy.types.Object, sliders: dict | None, skip: set[str] = 
             if values is not None and item.name not in skip:
                 n = len(item.sliders)
                 item.sliders = [float(v) for v in values[:n]] + [0.0] * max(0, n - len(values))
+                _state.sent.setdefault(obj.name, {})[item.name] = slider_values(obj, item.name)
         obj.imhead.sliders_known = True
     finally:
         _state.applying -= 1

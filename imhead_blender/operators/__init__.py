@@ -1,5 +1,16 @@
 """Operators: each submits to the backend and returns at once; replies are applied by pump_backend()."""
 
-from . import backend, expressions, fit, generate, regions
+from . import backend, capture, expressions, fit, generate, regions
 
-CLASSES = (*backend.CLASSES, *generate.CLASSES, *expressions.CLASSES, *regions.CLASSES, *fit.CLASSES)
+CLASSES = (*backend.CLASSES, *generate.CLASSES, *expressions.CLASSES, *regions.CLASSES, *fit.CLASSES,
+           *capture.CLASSES)
+
+
+def register_menus() -> None:
+    for menu, fn in capture.MENUS:
+        menu.append(fn)
+
+
+def unregister_menus() -> None:
+    for menu, fn in capture.MENUS:
+        menu.remove(fn)

@@ -5,7 +5,7 @@ from functools import partial
 
 import bpy
 
-from .. import backend_service, head_objects, region_edit
+from .. import backend_service, head_objects, region_edit, undo
 from .common import active_head
 
 
@@ -38,6 +38,7 @@ def _add_head(scene_name: str, seed: int, resolution: int, location, params: dic
     obj = head_objects.create_head_object(scene, f"imHead.{seed}", params["head"], arrays,
                                           seed=seed, resolution=resolution, location=location)
     region_edit.store_sliders(obj, params.get("sliders"))
+    undo.push("imHead generate")
 
 
 class IMHEAD_OT_regenerate(bpy.types.Operator):
@@ -67,6 +68,7 @@ def _replace(name: str, params: dict, arrays: dict) -> None:
     obj = bpy.data.objects.get(name)
     if obj is not None:
         head_objects.replace_head_mesh(obj, params["head"], arrays)
+        undo.push("imHead rebuild")
 
 
 CLASSES = (IMHEAD_OT_generate, IMHEAD_OT_regenerate)
