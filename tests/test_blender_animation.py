@@ -53,7 +53,9 @@ def test_arkit_keys_are_the_models_own_deforms(rig):
     # 12 frames per request here: frames done / total seen after each of the five requests but the last
     assert k["chunks_in_flight_at_start"] == 1
     assert k["progress"] == [[0, 52], [12, 52], [24, 52], [36, 52], [48, 52]]
-    assert k["jaw_vs_direct"] < 1e-6 and k["brow_inner_vs_direct"] < 1e-6
+    # the same deform as a one-pose request; the root finder stops within ~1 um, and a batch of poses may take
+    # another iteration than a single pose (1.07e-6 m measured)
+    assert k["jaw_vs_direct"] < 5e-6 and k["brow_inner_vs_direct"] < 5e-6
     assert k["tongue_vs_basis"] == 0.0
     if rig["trained"]:
         assert k["jaw_moved_m"] > 1e-4 and k["brow_inner_moved_m"] > 1e-5
