@@ -79,6 +79,8 @@ def test_capture_csv_import_export_round_trip(rig):
     assert c["menu_entries"] == {"import": True, "export": True}
     assert c["round_trip_max_diff"] < 1e-5 and c["round_trip_frames"] == 48
     assert c["undo_import_keys"] == 0
+    for key, (value, control) in c["key_vs_control"].items():  # the controls drive the ARKit keys
+        assert value == pytest.approx(control, abs=1e-6) and value > 0.2, key
 
 
 def test_malformed_csv_names_line_and_column_and_changes_nothing(rig):
@@ -98,7 +100,8 @@ def test_glb_and_fbx_carry_the_shape_keys_and_animation(rig):
     assert glb["animation_frames"] >= 48
     fbx = rig["fbx"]
     assert fbx["shape_keys"] == 53
-    assert {"mouthSmileLeft", "browInnerUp", "jawOpen"} <= set(fbx["animated_keys"])
+    assert {"mouthSmileLeft", "mouthSmileRight", "cheekSquintLeft", "eyeBlinkLeft", "browInnerUp", "jawOpen",
+            "browOuterUpRight"} <= set(fbx["animated_keys"])
 
 
 def test_render_of_a_live_head_shows_each_frames_pose(live):
@@ -320,6 +323,10 @@ def scenario_rig(zip_path: str, tmp: Path) -> dict:
     obj = bpy.data.objects[name]
     scene.frame_set(25)
     smile = obj.imhead.expressions.mouthSmile_L
+    blocks = obj.data.shape_keys.key_blocks
+    key_vs_control = {k: [round(blocks[k].value, 6), round(getattr(obj.imhead.expressions, c), 6)]
+                      for k, c in (("mouthSmileRight", "mouthSmile_R"), ("cheekSquintLeft", "cheekSquint_L"),
+                                   ("mouthSmileLeft", "mouthSmile_L"))}
     blink = max((scene.frame_set(f), obj.imhead.expressions.eyeBlink_L)[1] for f in range(20, 30))
     scene.frame_set(13)
     yaw = obj.rotation_euler.z
@@ -343,7 +350,7 @@ def scenario_rig(zip_path: str, tmp: Path) -> dict:
         "head_yaw_at_0_5s": yaw,
         "menu_entries": {"import": "menu_import" in import_menu, "export": "menu_export" in export_menu},
         "round_trip_max_diff": float(np.abs(np.array(got) - np.array(ref)).max()), "round_trip_frames": len(got),
-        "undo_import_keys": undo_import_keys,
+        "undo_import_keys": undo_import_keys, "key_vs_control": key_vs_control,
     }
 
     # --- Malformed files: a clear error, nothing changed.
@@ -408,8 +415,10 @@ def scenario_rig(zip_path: str, tmp: Path) -> dict:
                     "weight_channels": len(channels),
                     "animation_frames": doc["accessors"][sampler_inputs[0]]["count"] if sampler_inputs else 0}
     fbx = tmp / "head.fbx"
+    # one take, the scene's timeline (by default every action in the file becomes a take of its own, and an
+    # importer reads the first)
     assert bpy.ops.export_scene.fbx(filepath=str(fbx), use_selection=True, bake_anim=True,
-                                    bake_anim_simplify_factor=0.0) == {"FINISHED"}
+                                    bake_anim_use_all_actions=False, bake_anim_use_nla_strips=False) == {"FINISHED"}
     exported = set(bpy.data.objects)
     assert bpy.ops.import_scene.fbx(filepath=str(fbx)) == {"FINISHED"}
     mesh_obj = next(o for o in bpy.data.objects if o.type == "MESH" and o not in exported)
