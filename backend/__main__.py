@@ -21,9 +21,9 @@ COMMANDS = {
 }
 
 
-# CUDA's caching allocator with expandable segments (before torch initialises CUDA; a user's own setting wins).
-# Measured on an H100, 256^3 extraction, median of 9 runs in each of 7 fresh processes: 18.7-19.8 ms against
-# 19.2-28.8 ms (mostly 21-23) with the default segments. Linux only: elsewhere torch warns that it lacks them.
+# CUDA's caching allocator with expandable segments (before torch initialises CUDA; a user's own setting wins):
+# steadier extraction times (docs/benchmarks.md, "Engine tuning"). Linux only: elsewhere torch warns that it
+# lacks them.
 if sys.platform.startswith("linux"):
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 

@@ -143,12 +143,11 @@ def test_metrics_on_ict_heads(ict):
     outer = ict.faces[ict.face_buried == 0]        # a prediction has no buried triangles
     n = 100_000
     same = metrics.evaluate_ict(gt[1], outer, gt[1], ict, n=n)
-    v = gt[1]
-    e1, e2 = v[outer[:, 1]] - v[outer[:, 0]], v[outer[:, 2]] - v[outer[:, 0]]
-    area = 0.5 * np.linalg.norm(np.cross(e1, e2), axis=1).sum()
-    # independent samples of one surface: mean nearest-neighbour distance 0.5 / sqrt(density)
-    assert same["head"]["chamfer_l1"] == pytest.approx(0.5 / np.sqrt(n / area) * 1e3, rel=0.05)
+    # point to surface: a head against itself is ~0 (the sampled point-to-point metric gave 0.5 / sqrt(density))
+    for part in ("head", "face"):
+        assert same[part]["chamfer_l1"] < 1e-4 and same[part]["f_score@1mm"] == 1.0
+        assert same[part]["normal_consistency"] > 1 - 1e-4
     assert same["face"]["n_pred"] < 0.5 * same["head"]["n_pred"]              # the face is a part of the head
     # the neutral vs the expressive head of the same identity differ mostly in the face
     diff = metrics.evaluate_ict(gt[0], outer, gt[1], ict, n=n)
-    assert diff["face"]["chamfer_l1"] > diff["head"]["chamfer_l1"] > 1.5 * same["head"]["chamfer_l1"]
+    assert diff["face"]["chamfer_l1"] > diff["head"]["chamfer_l1"] > 0.1

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from backend.engine.head import HeadSpec
-from backend.engine.session import LIPSCHITZ, Session
+from backend.engine.session import Session
+from backend.engine.tuning import LIPSCHITZ
 
 
 @pytest.fixture(scope="module")

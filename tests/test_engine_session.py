@@ -7,7 +7,8 @@ from scipy.spatial import cKDTree
 
 from backend import errors
 from backend.engine.extract import extract_dense, extract_mesh
-from backend.engine.session import EXTRACT_DROP_TOL, LIPSCHITZ, POINT_DROP_TOL, Session
+from backend.engine.session import Session
+from backend.engine.tuning import EXTRACT_DROP_TOL, LIPSCHITZ, POINT_DROP_TOL
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +64,13 @@ def test_vertex_attributes_match_all_regions(session, generated):
     assert params["stats"]["vertex_max_dropped_blend_weight"] <= POINT_DROP_TOL["cpu"]
     _, zr, k = session.decode_params(params["head"])
     x = arrays["canonical"]
-    sdf, grad, tmpl = session.sdf_grad_template(x, zr, k, [0.0])
+    sdf, grad, tmpl, dropped = session.sdf_grad_template(x, zr, k)
     session.topk, saved = None, session.topk
     try:
-        sdf39, grad39, tmpl39 = session.sdf_grad_template(x, zr, k, [0.0])
+        sdf39, grad39, tmpl39, dropped39 = session.sdf_grad_template(x, zr, k)
     finally:
         session.topk = saved
+    assert dropped == params["stats"]["vertex_max_dropped_blend_weight"] and dropped39 == 0.0
     # measured here (POINT_DROP_TOL 1e-4): 14.3 um, 4.5 um, 0.39 degrees
     assert np.abs(sdf - sdf39).max() < 2e-5
     assert np.linalg.norm(tmpl - tmpl39, axis=1).max() < 6e-6
@@ -83,20 +85,23 @@ def test_vertex_attributes_match_all_regions(session, generated):
 
 @pytest.mark.parametrize("all_regions", [False, True])
 def test_reverse_pass_matches_autograd(session, generated, all_regions):
-    """_field_grad's hand-written reverse pass (local networks, positional encoding, blend weights, prior sphere)
-    gives autograd's gradient of _field, with the same SDF and features; also at points on an anchor."""
+    """PointField.field_grad's hand-written reverse pass (local networks, positional encoding, blend weights,
+    prior sphere) gives autograd's gradient of PointField.field, with the same SDF and features; also at points
+    on an anchor."""
     params, arrays = generated
     _, zr, k = session.decode_params(params["head"])
     x = torch.cat([torch.as_tensor(arrays["canonical"][::3]), k[0, :2]])
     session.topk, saved = (None if all_regions else session.topk), session.topk
     try:
-        sdf, grad, feat = session._field_grad(x, zr, k, [0.0], POINT_DROP_TOL["cpu"])
+        field = session.point_field(zr, k, POINT_DROP_TOL["cpu"])
+        sdf, grad, feat, dropped = field.field_grad(x)
         xg = x.clone().requires_grad_(True)
-        sdf_ref, feat_ref = session._field(xg, zr, k, [0.0], POINT_DROP_TOL["cpu"])
+        sdf_ref, feat_ref, dropped_ref = field.field(xg)
         (grad_ref,) = torch.autograd.grad(sdf_ref.sum(), xg)
     finally:
         session.topk = saved
     assert torch.equal(sdf, sdf_ref.detach()) and torch.equal(feat, feat_ref.detach())
+    assert dropped == dropped_ref and (dropped == 0.0) == all_regions and dropped <= POINT_DROP_TOL["cpu"]
     assert torch.isfinite(grad).all()
     assert (grad - grad_ref).norm(dim=1).max() < 2e-5  # float32 rounding; measured <= 2e-6 on |grad| ~ 1
 
@@ -112,11 +117,11 @@ def test_dense_attribute_pass_matches_the_region_loop(session, generated):
     session.topk = None
     try:
         session.dense_attributes = False
-        sdf_l, grad_l, feat_l = session._field_grad(x, zr, k, [0.0], None)
+        sdf_l, grad_l, feat_l, _ = session.point_field(zr, k, None).field_grad(x)
         session.dense_attributes = True
-        sdf, grad, feat = session._field_grad(x, zr, k, [0.0], None)
+        sdf, grad, feat, _ = session.point_field(zr, k, None).field_grad(x)
         xg = x.clone().requires_grad_(True)
-        sdf_ref, _ = session._field(xg, zr, k, [0.0], None)
+        sdf_ref, _, _ = session.point_field(zr, k, None).field(xg)
         (grad_ref,) = torch.autograd.grad(sdf_ref.sum(), xg)
     finally:
         session.topk, session.dense_attributes = saved
@@ -134,7 +139,7 @@ def test_vertex_attributes_do_not_import_sympy(run_python):
         "from backend.engine.session import Session\n"
         "s = Session(device='cpu')\n"
         "_, zr, k = s.decode(HeadSpec(s.sample_identity(0)))\n"
-        "s.sdf_grad_template(s.atlas.vertices[:2000], zr, k, [0.0])\n"
+        "s.sdf_grad_template(s.atlas.vertices[:2000], zr, k)\n"
         "print('sympy' in sys.modules)\n"
     )
     assert run_python(code).strip() == "False"
@@ -175,7 +180,7 @@ def test_generate_matches_dense_full_network(session, generated):
     # pieces are kept on both sides here (generate drops them; skimage's mesh connects pieces differently).
     _, zr, k = session.decode_params(params["head"])
     ref, _ = extract_dense(lambda x: session.model.sdf(x[None], zr, k)[0], GEN_RESOLUTION, min_component=0.0)
-    fast, _ = extract_mesh(session.sdf_fn(zr, k, [0.0]), GEN_RESOLUTION, lipschitz=LIPSCHITZ, min_component=0.0)
+    fast, _ = extract_mesh(session.sdf_fn(zr, k), GEN_RESOLUTION, lipschitz=LIPSCHITZ, min_component=0.0)
     h = stats["voxel_m"]
     assert cKDTree(ref.vertices).query(v)[0].max() < 0.1 * h  # generate's mesh lies on the reference
     assert cKDTree(ref.vertices).query(fast.vertices)[0].max() < 0.1 * h

@@ -16,7 +16,7 @@ from backend.train.synthetic import SphereSource
 
 ARGS = ["--data", "synthetic", "--tiny", "--batch", "2", "--ns", "128", "--nq", "128", "--total-steps", "160",
         "--log-every", "40", "--warmup", "10", "--lr", "2e-3", "--code-lr", "1e-2", "--n-synthetic", "2",
-        "--topk", "4", "--minutes", "10"]
+        "--topk", "4", "--minutes", "10", "--step", "autograd", "--identities", "table"]
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 For each held-out identity: sample --points surface points (area-uniform, exposed ICT triangles) of its
 neutral mesh, fit z_id to them (backend.model.inversion), extract the surface (backend.engine.extract) and
-score it with backend.data.metrics (CD-L1, NC, F@1mm; mm at real scale). Then, per identity, --expressions
-held-out expressions are fitted (z_exp, starting from the neutral fit) and scored the same way. The
+score it with backend.data.metrics (CD-L1, NC, F@1mm; point to surface, mm at real scale). Then, per identity,
+--expressions held-out expressions are fitted (z_exp, starting from the neutral fit) and scored the same way. The
 correspondence head is scored at the ground-truth vertices (neutral and posed) against their ICT mean-head
 positions. Locality: region j's code of identity A is replaced by identity B's; the surface movement is the
 change of the SDF at A's surface points (first order in the displacement), reported outside a 1 cm margin
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         res = fit(gt, seed=i, fit_expression=False)
         fits.append((res, gt))
         mesh = mesh_of(res.zr, res.z_id, None)
-        m = metrics.evaluate_ict(mesh.vertices, mesh.faces, gt, ict, n=args.samples, seed=i)
+        m = metrics.evaluate_ict(mesh.vertices, mesh.faces, gt, ict, n=args.samples, seed=i, device=dev)
         with torch.no_grad():
             t = model.template(tens(gt[exposed_verts])[None], res.zr, model.anchors(res.zr), topk=topk)[0]
         corr = float(np.linalg.norm(t.cpu().double().numpy() - ict.neutral[exposed_verts], axis=1).mean())
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             gtp = ict.vertices(c, w)
             rp = fit(gtp, seed=1000 * i + j, fit_expression=True, init=res.z_id)
             mp = mesh_of(rp.zr, rp.z_id, rp.z_exp)
-            me = metrics.evaluate_ict(mp.vertices, mp.faces, gtp, ict, n=args.samples, seed=j)
+            me = metrics.evaluate_ict(mp.vertices, mp.faces, gtp, ict, n=args.samples, seed=j, device=dev)
             with torch.no_grad():
                 x = tens(gtp[exposed_verts])[None]
                 xc = x + model.warp(x, rp.z_exp, rp.z_id)

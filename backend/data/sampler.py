@@ -129,7 +129,9 @@ class HeadSampler:
         return torch.where(inside, -r["distance"], r["distance"])
 
     def batch(self, batch_size: int, n_surface: int | None = None, n_space: int | None = None,
-              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+              generator: torch.Generator | None = None, fresh_identities: bool = False) -> dict[str, torch.Tensor]:
+        """With `fresh_identities`, each sample's identity coefficients are a new draw from N(0, I) (id_index
+        is then -1): the whole ICT identity space is training data, for models that encode coefficients."""
         ns = n_surface or self.cfg.n_surface
         nq = n_space or self.cfg.n_space
         if batch_size < 1 or ns < 1 or nq < 1:
@@ -139,7 +141,11 @@ class HeadSampler:
         id_index = torch.randint(self.cfg.n_train, (b,), device=dev, generator=gen)
         rows = torch.randint(len(self.train_exps), (b,), device=dev, generator=gen)
         neutral = torch.rand(b, device=dev, generator=gen) < self.cfg.p_neutral
-        id_coeffs = self.train_ids[id_index]
+        if fresh_identities:
+            id_coeffs = torch.randn(b, self.train_ids.shape[1], device=dev, generator=gen)
+            id_index = torch.full_like(id_index, -1)
+        else:
+            id_coeffs = self.train_ids[id_index]
         exp_weights = self.train_exps[rows] * (~neutral)[:, None]
         posed, canon = self.meshes(id_coeffs, exp_weights)
 

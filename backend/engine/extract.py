@@ -9,7 +9,7 @@ ones on a 5^3 check lattice with a margin of half its spacing (which certifies t
 
 L_cell bounds |grad sdf| in the cell: max(L0, 1.25 x the cell's finite-difference gradient norm, per axis the
 steepest of its 4 parallel edges). L0 (`lipschitz`, default 2.5 for any field) is 1.5 for the trained model
-(session.EXTRACT_LIPSCHITZ): the eikonal-trained field has |grad| ~ 1 at the surface and <= ~2.1 anywhere
+(tuning.EXTRACT_LIPSCHITZ): the eikonal-trained field has |grad| ~ 1 at the surface and <= ~2.1 anywhere
 on the lattices measured; 1.5 gave the same meshes as 2.5 on the trained heads. This is a bound assumed,
 not proven (a neural field has no certified Lipschitz constant); stats report the largest L_cell used and
 the steepest slope seen.
@@ -382,6 +382,7 @@ def _extract_once(
         shape = tuple(c // stride + 1 for c in grid.cells)
         cells = _unkey(torch.arange(math.prod(c - 1 for c in shape), device=device), tuple(c - 1 for c in shape))
         point_keys = torch.arange(math.prod(shape), device=device)
+        inverse = point_keys  # each finer level indexes its corners through torch.unique's inverse
         if stride == 1:  # one level: its values go to marching cubes as they are
             coarse = None
         error = coarse.error if coarse is not None else 0.0

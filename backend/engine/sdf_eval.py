@@ -96,7 +96,7 @@ def local_features(model, slots: list[int], x: torch.Tensor, first: FirstLayer, 
     """Blended local features (P,F) at points x (P,3): region r's network (first layer first.w[r], first.b[r];
     later layers of slot slots[r]) on the points that keep it (keep (P,R) bool; None: every point), weighted
     by w (P,R); one matrix product per region and layer. Returns the features and the point-region pairs
-    evaluated. Activations are computed in place unless autograd is on or `record` is given (Session._reverse
+    evaluated. Activations are computed in place unless autograd is on or `record` is given (sdf_reverse.reverse
     reads it)."""
     cfg = model.cfg
     inplace = not torch.is_grad_enabled() and record is None

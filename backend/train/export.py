@@ -50,18 +50,36 @@ def code_statistics(model: ImHead, codes: torch.Tensor) -> dict[str, torch.Tenso
     }
 
 
+ENCODED_SAMPLES = 16384  # identity draws whose codes stand for an encoder's code distribution
+
+
 def load_training_checkpoint(ckpt: Path) -> tuple[TrainModule, dict]:
     with safe_open(str(Path(ckpt) / "state.safetensors"), "pt") as f:
         info = json.loads(f.metadata()["train"])
-        n_train = f.get_slice("codes.weight").get_shape()[0]
-    module = TrainModule(ImHead(ImHeadConfig.from_json(info["config"])), n_train)
+        keys = set(f.keys())
+        if "codes.weight" in keys:
+            n_train, coeff_dim = f.get_slice("codes.weight").get_shape()[0], None
+        else:
+            n_train, coeff_dim = 0, f.get_slice("id_encoder.weight").get_shape()[1]
+    module = TrainModule(ImHead(ImHeadConfig.from_json(info["config"])), n_train, id_coeff_dim=coeff_dim)
     load_checkpoint(ckpt, module, None)
     return module.eval(), info
 
 
+@torch.no_grad()
+def training_codes(module: TrainModule) -> torch.Tensor:
+    """The codes the statistics describe: the auto-decoder table, or the encoder's codes of N(0, I) draws."""
+    if not module.encodes_identities:
+        return module.codes.weight.detach()
+    g = torch.Generator().manual_seed(0)
+    coeffs = torch.randn(ENCODED_SAMPLES, module.id_encoder.in_features, generator=g)
+    return module.id_encoder(coeffs)
+
+
 def export(ckpt: Path, out: Path, extra_meta: dict[str, str] | None = None) -> str:
     module, info = load_training_checkpoint(ckpt)
-    extras = code_statistics(module.model, module.codes.weight.detach())
+    codes = training_codes(module)
+    extras = code_statistics(module.model, codes)
     meta = {
         "format": FORMAT,
         "config": module.model.cfg.to_json(),
@@ -69,7 +87,7 @@ def export(ckpt: Path, out: Path, extra_meta: dict[str, str] | None = None) -> s
         "exported_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "training": json.dumps({k: info.get(k) for k in ("step", "samples", "elapsed_s", "pieces", "world", "device",
                                                          "weights", "args")}),
-        "n_train_identities": str(module.codes.weight.shape[0]),
+        "n_train_identities": "all (encoder)" if module.encodes_identities else str(len(codes)),
     }
     meta.update(extra_meta or {})
     return save_weights(out, model_tensors(module.model, extras), meta)

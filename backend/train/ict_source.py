@@ -16,5 +16,6 @@ class IctSource:
         self.anchor_init = self.sampler.anchor_init.float().cpu()
         self.mirror_pairs = [[int(a), int(b)] for a, b in self.sampler.mirror_pairs]
 
-    def batch(self, b: int, ns: int, nq: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        return self.sampler.batch(b, ns, nq, gen)
+    def batch(self, b: int, ns: int, nq: int, gen: torch.Generator, fresh_identities: bool = False
+              ) -> dict[str, torch.Tensor]:
+        return self.sampler.batch(b, ns, nq, gen, fresh_identities=fresh_identities)

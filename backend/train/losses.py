@@ -37,18 +37,37 @@ class LossWeights:
 
 
 class TrainModule(nn.Module):
-    """The network plus the auto-decoder identity codes; forward returns (total loss, per-term losses),
-    so DistributedDataParallel sees one module whose forward makes every gradient."""
+    """The network plus the identity codes; forward returns (total loss, per-term losses), so
+    DistributedDataParallel sees one module whose forward makes every gradient.
 
-    def __init__(self, model: ImHead, n_train: int, code_std: float = 0.01):
+    Identity codes come either from an auto-decoder table (`n_train` codes, one per training identity, the
+    imHead recipe) or, with `id_coeff_dim`, from a linear encoder of the sample's ICT identity coefficients:
+    then every identity of the ICT model is a training identity (the sampler draws fresh ones), no code lags
+    behind the network, and the code distribution is the encoder's image of N(0, I)."""
+
+    def __init__(self, model: ImHead, n_train: int, code_std: float = 0.01, id_coeff_dim: int | None = None):
         super().__init__()
         self.model = model
-        self.codes = nn.Embedding(n_train, model.cfg.id_dim)
-        nn.init.normal_(self.codes.weight, std=code_std)
+        if id_coeff_dim is None:
+            self.codes = nn.Embedding(n_train, model.cfg.id_dim)
+            nn.init.normal_(self.codes.weight, std=code_std)
+        else:
+            self.id_encoder = nn.Linear(id_coeff_dim, model.cfg.id_dim)
+            nn.init.normal_(self.id_encoder.weight, std=code_std)
+            nn.init.zeros_(self.id_encoder.bias)
+
+    @property
+    def encodes_identities(self) -> bool:
+        return hasattr(self, "id_encoder")
+
+    def identity_codes(self, batch: dict[str, Tensor]) -> Tensor:
+        if self.encodes_identities:
+            return self.id_encoder(batch["id_coeffs"].to(self.id_encoder.weight.dtype))
+        return self.codes(batch["id_index"])
 
     def forward(self, batch: dict[str, Tensor], w: LossWeights, topk: int | None) -> tuple[Tensor, dict[str, Tensor]]:
         m = self.model
-        z_id = self.codes(batch["id_index"])
+        z_id = self.identity_codes(batch)
         zr, k = m.decode(z_id)
         z_exp = batch["exp_weights"]
 
@@ -58,32 +77,41 @@ class TrainModule(nn.Module):
         q = torch.cat([xc, xp + dx], 1)
         s, feat = m.sdf_and_features(q, zr, k, topk)
         gc, gp = torch.autograd.grad(s.sum(), [xc, xp], create_graph=True)
-        s, gc, gp = s.float(), gc.float(), gp.float()
+        return loss_terms(self, batch, w, z_id, zr, k, s, gc, gp, dx, feat, xc)
 
-        ns, nq = batch["surf_canon"].shape[1], batch["canon_space"].shape[1]
-        nc = ns + nq
-        s_sc, s_qc = s[:, :ns], s[:, ns:nc]
-        s_sp, s_qp = s[:, nc : nc + ns], s[:, nc + ns :]
-        c = w.space_clamp
-        out = {
-            "surface": 0.5 * (s_sc.abs().mean() + s_sp.abs().mean()),
-            "normal": (1 - F.cosine_similarity(gp[:, :ns], batch["surf_normal"], dim=-1)).mean(),
-            "normal_canon": (1 - F.cosine_similarity(gc[:, :ns], batch["surf_canon_normal"], dim=-1)).mean(),
-            "eikonal": 0.5 * (((gc[:, ns:].norm(dim=-1) - 1) ** 2).mean() + ((gp[:, ns:].norm(dim=-1) - 1) ** 2).mean()),
-            "space": 0.5 * (
-                (s_qc.clamp(-c, c) - batch["canon_sdf"].clamp(-c, c)).abs().mean()
-                + (s_qp.clamp(-c, c) - batch["space_sdf"].clamp(-c, c)).abs().mean()
-            ),
-            "deform": (batch["surf_posed"] + dx[:, :ns].float() - batch["surf_canon"]).norm(dim=-1).mean(),
-            "anchor": 1e2 * ((k.float() - batch["anchors"]) ** 2).sum(-1).mean(),
-            "latent": (z_id.float() ** 2).sum(-1).mean() / m.cfg.id_dim,
-        }
-        tmpl = m.template_from_features(xc[:, :ns].detach(), feat[:, :ns])
-        out["corresp"] = (tmpl.float() - batch["surf_template"]).norm(dim=-1).mean()
-        if m.cfg.mirror_pairs:
-            pairs = torch.tensor(m.cfg.mirror_pairs, device=zr.device)
-            out["symmetry"] = ((zr[:, pairs[:, 0]] - zr[:, pairs[:, 1]]).float() ** 2).sum(-1).mean()
-        else:
-            out["symmetry"] = torch.zeros((), device=zr.device)
-        total = sum(getattr(w, name) * val for name, val in out.items())
-        return total, {name: val.detach() for name, val in out.items()}
+
+def loss_terms(module: TrainModule, batch: dict[str, Tensor], w: LossWeights, z_id: Tensor, zr: Tensor, k: Tensor,
+               s: Tensor, gc: Tensor, gp: Tensor, dx: Tensor, feat: Tensor, xc: Tensor
+               ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted total and each term from one forward's outputs: SDF s (B, Nc + Np) at the canonical then
+    pulled-back posed queries, their spatial gradients gc (B, Nc, 3) and gp (B, Np, 3; w.r.t. the posed
+    points), the warp dx of the posed queries and the blended features (template head)."""
+    m = module.model
+    s, gc, gp = s.float(), gc.float(), gp.float()
+    ns, nq = batch["surf_canon"].shape[1], batch["canon_space"].shape[1]
+    nc = ns + nq
+    s_sc, s_qc = s[:, :ns], s[:, ns:nc]
+    s_sp, s_qp = s[:, nc : nc + ns], s[:, nc + ns :]
+    c = w.space_clamp
+    out = {
+        "surface": 0.5 * (s_sc.abs().mean() + s_sp.abs().mean()),
+        "normal": (1 - F.cosine_similarity(gp[:, :ns], batch["surf_normal"], dim=-1)).mean(),
+        "normal_canon": (1 - F.cosine_similarity(gc[:, :ns], batch["surf_canon_normal"], dim=-1)).mean(),
+        "eikonal": 0.5 * (((gc[:, ns:].norm(dim=-1) - 1) ** 2).mean() + ((gp[:, ns:].norm(dim=-1) - 1) ** 2).mean()),
+        "space": 0.5 * (
+            (s_qc.clamp(-c, c) - batch["canon_sdf"].clamp(-c, c)).abs().mean()
+            + (s_qp.clamp(-c, c) - batch["space_sdf"].clamp(-c, c)).abs().mean()
+        ),
+        "deform": (batch["surf_posed"] + dx[:, :ns].float() - batch["surf_canon"]).norm(dim=-1).mean(),
+        "anchor": 1e2 * ((k.float() - batch["anchors"]) ** 2).sum(-1).mean(),
+        "latent": (z_id.float() ** 2).sum(-1).mean() / m.cfg.id_dim,
+    }
+    tmpl = m.template_from_features(xc[:, :ns].detach(), feat[:, :ns])
+    out["corresp"] = (tmpl.float() - batch["surf_template"]).norm(dim=-1).mean()
+    if m.cfg.mirror_pairs:
+        pairs = torch.tensor(m.cfg.mirror_pairs, device=zr.device)
+        out["symmetry"] = ((zr[:, pairs[:, 0]] - zr[:, pairs[:, 1]]).float() ** 2).sum(-1).mean()
+    else:
+        out["symmetry"] = torch.zeros((), device=zr.device)
+    total = sum(getattr(w, name) * val for name, val in out.items())
+    return total, {name: val.detach() for name, val in out.items()}

@@ -31,12 +31,16 @@ class SphereSource:
         self.mean_radius = float(self.radius.mean())
         self.dirs = _directions(constants.N_REGIONS)
         self.anchor_init = self.mean_centre + self.mean_radius * self.dirs
+        self.coeffs = torch.randn(n_identities, 100, generator=g)  # stand-in ICT coefficients (encoder runs)
 
     def sdf(self, x: Tensor, ids: Tensor) -> Tensor:
         c, r = self.centre.to(x.device)[ids], self.radius.to(x.device)[ids]
         return (x - c[:, None]).norm(dim=-1) - r[:, None]
 
-    def batch(self, b: int, ns: int, nq: int, gen: torch.Generator) -> dict[str, Tensor]:
+    def batch(self, b: int, ns: int, nq: int, gen: torch.Generator, fresh_identities: bool = False
+              ) -> dict[str, Tensor]:
+        if fresh_identities:
+            raise ValueError("the sphere source has a fixed set of identities")
         ids = torch.randint(0, self.n, (b,), generator=gen)
         c, r = self.centre[ids][:, None], self.radius[ids][:, None, None]
         n = torch.nn.functional.normalize(torch.randn(b, ns, 3, generator=gen), dim=-1)
@@ -46,7 +50,7 @@ class SphereSource:
         space = torch.cat([near, box], 1)[:, :nq]
         out = {
             "id_index": ids,
-            "id_coeffs": torch.zeros(b, 100),
+            "id_coeffs": self.coeffs[ids],
             "exp_weights": torch.zeros(b, constants.N_EXPRESSIONS),
             "surf_posed": surf,
             "surf_normal": n,

@@ -16,7 +16,8 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
+import queue
+import threading
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch.distributed as dist
 
 from ..model import ImHead, ImHeadConfig
 from .checkpoint import load_checkpoint, save_checkpoint
+from .fast_step import FastTrainModule
 from .losses import LossWeights, TrainModule
 
 TINY = dict(local_hidden=32, feat_dim=16, fusion_hidden=32, dec_hidden=64, lm_hidden=16, warp_hidden=32,
@@ -55,7 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-synthetic", type=int, default=8, help="identities of the synthetic source")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--step", choices=["analytic", "autograd"], default="analytic",
+                   help="spatial gradients: analytic (forward-mode, one backward; needs --topk 0) or autograd "
+                        "(double backward, the original step)")
+    p.add_argument("--identities", choices=["encoder", "table"], default="encoder",
+                   help="identity codes: a linear encoder of fresh ICT coefficients each step, or an "
+                        "auto-decoder table of the sampler's training identities")
+    p.add_argument("--init-weights", type=Path, default=None,
+                   help="start a new run from these shipped weights' network (no effect when resuming)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
+    p.add_argument("--no-prefetch", action="store_true", help="draw each batch in the loop, not on a side thread")
     return p.parse_args(argv)
 
 
@@ -70,6 +81,85 @@ def build_source(args: argparse.Namespace, device: torch.device):
 
     src = IctSource(args.ict, args.atlas, device)
     return src, src.n_train, src.anchor_init, src.mirror_pairs
+
+
+ID_COEFFS = 100  # ICT identity modes
+
+
+def make_module(args: argparse.Namespace, cfg: ImHeadConfig, anchor_init: torch.Tensor, n_train: int) -> TrainModule:
+    cls = FastTrainModule if args.step == "analytic" else TrainModule
+    if args.step == "analytic" and args.topk > 0:
+        raise SystemExit("--step analytic evaluates all regions: use --topk 0 (or --step autograd)")
+    coeff_dim = ID_COEFFS if args.identities == "encoder" else None
+    return cls(ImHead(cfg, anchor_init=anchor_init), n_train, id_coeff_dim=coeff_dim)
+
+
+@torch.no_grad()
+def warm_start(module: TrainModule, weights_dir: Path, seed: int) -> None:
+    """The network from shipped weights; an identity encoder starts as a random rank-100 map onto the
+    weights' code distribution (mean + Cholesky factor times orthonormal columns), so the decoder sees codes
+    of the spread it was trained on from the first step."""
+    from ..weights import load_model
+
+    loaded = load_model(weights_dir)
+    if loaded.config != module.model.cfg:
+        raise SystemExit(f"--init-weights config differs from this run's: {loaded.config} vs {module.model.cfg}")
+    module.model.load_state_dict(loaded.model.state_dict())
+    if module.encodes_identities:
+        g = torch.Generator().manual_seed(seed)
+        dim = module.model.cfg.id_dim
+        q, _ = torch.linalg.qr(torch.randn(dim, module.id_encoder.in_features, generator=g, dtype=torch.float64))
+        module.id_encoder.weight.copy_((loaded.extras["id_chol"].double() @ q).float())
+        module.id_encoder.bias.copy_(loaded.extras["id_mean"])
+
+
+class Prefetcher:
+    """Draws the batch of step s + 1 on a side thread (and CUDA stream) while step s trains. Batches are
+    seeded per (seed, rank, step) exactly as in the loop, so a run sees the same data with or without it."""
+
+    def __init__(self, draw, device: torch.device, first_step: int):
+        self.draw, self.device = draw, device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.out: queue.Queue = queue.Queue(maxsize=2)
+        self.next_step = first_step
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                if self.stream is not None:
+                    with torch.cuda.stream(self.stream):
+                        batch = self.draw(self.next_step)
+                        event = torch.cuda.Event()
+                        event.record(self.stream)
+                else:
+                    batch, event = self.draw(self.next_step), None
+                self.out.put((self.next_step, batch, event))
+                self.next_step += 1
+        except BaseException as exc:  # surfaced in get()
+            self.out.put((None, exc, None))
+
+    def get(self, step: int) -> dict[str, torch.Tensor]:
+        got, batch, event = self.out.get()
+        if got is None:
+            raise RuntimeError("batch prefetch failed") from batch
+        if got != step:
+            raise RuntimeError(f"prefetcher out of step: expected {step}, got {got}")
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            for v in batch.values():
+                v.record_stream(torch.cuda.current_stream(self.device))
+        return batch
+
+    def close(self) -> None:
+        self.stopped.set()
+        while self.thread.is_alive():
+            try:
+                self.out.get(timeout=0.1)
+            except queue.Empty:
+                pass
 
 
 def lr_factor(step: int, warmup: int, progress: float) -> float:
@@ -103,16 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     source, n_train, anchor_init, mirror_pairs = build_source(args, device)
     cfg = ImHeadConfig(mirror_pairs=mirror_pairs, **(TINY if args.tiny else {}))
-    module = TrainModule(ImHead(cfg, anchor_init=anchor_init), n_train).to(device)
+    module = make_module(args, cfg, anchor_init, n_train)
+    resuming = (args.ckpt / "state.safetensors").exists()
+    if args.init_weights is not None and not resuming:
+        warm_start(module, args.init_weights, args.seed)
+    module = module.to(device)
+    code_params = module.id_encoder.parameters() if module.encodes_identities else module.codes.parameters()
     opt = torch.optim.Adam(
         [
             {"params": list(module.model.parameters()), "lr": args.lr, "base_lr": args.lr},
-            {"params": list(module.codes.parameters()), "lr": args.code_lr, "base_lr": args.code_lr},
+            {"params": list(code_params), "lr": args.code_lr, "base_lr": args.code_lr},
         ],
         betas=(0.9, 0.99),
     )
     info = {"step": 0, "samples": 0, "elapsed_s": 0.0, "pieces": 0}
-    if (args.ckpt / "state.safetensors").exists():
+    if resuming:
         info = load_checkpoint(args.ckpt, module, opt)
         saved_cfg = ImHeadConfig.from_json(info["config"])
         if saved_cfg != cfg:
@@ -120,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"resumed from {args.ckpt} at step {info['step']}", flush=True)
     net = module
+    if args.compile:
+        net = torch.compile(module)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[local] if device.type == "cuda" else None)
     weights = LossWeights()
@@ -137,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         if rank == 0:
             out = dict(info, step=step, samples=samples, config=cfg.to_json(), args=vars(args) | {"ckpt": str(args.ckpt),
-                       "ict": str(args.ict), "atlas": str(args.atlas)}, weights=weights.to_dict(), world=world,
+                       "ict": str(args.ict), "atlas": str(args.atlas), "init_weights": str(args.init_weights)}, weights=weights.to_dict(), world=world,
                        elapsed_s=info["elapsed_s"] + time.time() - t_start, pieces=info.get("pieces", 0) + 1,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
             save_checkpoint(args.ckpt, module, opt, out)
@@ -151,10 +248,18 @@ def main(argv: list[str] | None = None) -> int:
             dist.broadcast(t, 0)
         return float(t)
 
+    fresh = args.identities == "encoder" and args.data == "ict"
+
+    def draw(at_step: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(hash((args.seed, rank, at_step)) % (2**63))
+        if fresh:
+            return source.batch(args.batch, args.ns, args.nq, gen, fresh_identities=True)
+        return source.batch(args.batch, args.ns, args.nq, gen)
+
+    prefetch = None if args.no_prefetch else Prefetcher(draw, device, step)
     progress = 0.0
     while step < stop_step and time.time() - t_start < args.minutes * 60:
-        gen = torch.Generator().manual_seed(hash((args.seed, rank, step)) % (2**63))
-        batch = source.batch(args.batch, args.ns, args.nq, gen)
+        batch = draw(step) if prefetch is None else prefetch.get(step)
         if step % args.log_every == 0 or step == int(info["step"]):
             progress = schedule_progress()
         f = lr_factor(step, args.warmup, progress)
@@ -192,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         if time.time() - t_save > args.save_every * 60:
             save()
             t_save = time.time()
+    if prefetch is not None:
+        prefetch.close()
     save()
     if world > 1:
         dist.barrier()

@@ -1,0 +1,162 @@
+"""Training-step benchmark: the original step against the fast one, in one run, on one GPU.
+
+    python -m backend.train.bench_step --batch 16 --ns 2048 --nq 2048 [--init-weights weights]
+
+Rows: the sampler's batch; the original step (double backward through autograd, eager); the analytic-gradient
+step eager and under torch.compile; and the training loop as `train.py` runs it (compiled step, batches
+prefetched on a side stream). Columns: step ms (median), samples/s, SDF queries/s, peak GPU memory, matmul
+FLOPs per step (torch's flop counter, forward + backward) and the fraction of the bf16 matmul rate measured
+on this GPU. Before the table, both steps' losses from the same weights on the same batches over --steps
+Adam steps ("equal loss per step").
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..model import ImHead, ImHeadConfig
+from .fast_step import FastTrainModule
+from .ict_source import IctSource
+from .losses import LossWeights, TrainModule
+from .train import ID_COEFFS, Prefetcher, warm_start
+
+
+def _median_ms(fn, warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+def bf16_matmul_rate(device: torch.device) -> float:
+    """Measured dense bf16 matmul FLOP/s (8192^3 products, median of 20)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = _median_ms(lambda: a @ b, 3, 20)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def make(cls: type[TrainModule], src: IctSource, init: Path | None, device: torch.device) -> TrainModule:
+    module = cls(ImHead(ImHeadConfig(mirror_pairs=src.mirror_pairs), src.anchor_init), src.n_train,
+                 id_coeff_dim=ID_COEFFS)
+    if init is not None:
+        warm_start(module, init, seed=0)
+    return module.to(device)
+
+
+def step_fn(module: TrainModule, opt: torch.optim.Optimizer, net, batch_of, w: LossWeights):
+    def step() -> float:
+        batch = batch_of()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = net(batch, w, None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.model.parameters(), 1.0)
+        opt.step()
+        return loss.detach()
+    return step
+
+
+def count_flops(module: TrainModule, batch: dict, w: LossWeights) -> float:
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = module(batch, w, None)
+        loss.backward()
+    module.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ict", type=Path, default=Path(".data/ict.safetensors"))
+    p.add_argument("--init-weights", type=Path, default=None, help="start both steps from these weights")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--ns", type=int, default=2048)
+    p.add_argument("--nq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=20, help="Adam steps of the equal-loss comparison")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=10)
+    args = p.parse_args(argv)
+    dev = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    src = IctSource(args.ict, None, dev)
+    w = LossWeights()
+    name = torch.cuda.get_device_name(dev)
+    rate = bf16_matmul_rate(dev)
+    print(f"{name}: measured bf16 matmul rate {rate / 1e12:.0f} TFLOP/s", flush=True)
+
+    def draw(at: int) -> dict[str, torch.Tensor]:
+        return src.batch(args.batch, args.ns, args.nq, torch.Generator().manual_seed(1000 + at), fresh_identities=True)
+
+    batches = [draw(i) for i in range(args.steps)]
+
+    # Equal loss per step: the same weights and batches through both steps.
+    curves = {}
+    for label, cls in (("autograd", TrainModule), ("analytic", FastTrainModule)):
+        torch.manual_seed(0)
+        module = make(cls, src, args.init_weights, dev)
+        opt = torch.optim.Adam(module.parameters(), 1e-4, betas=(0.9, 0.99))
+        it = iter(batches)
+        step = step_fn(module, opt, module, lambda: next(it), w)
+        curves[label] = [float(step()) for _ in batches]
+    print("step | loss autograd | loss analytic | relative difference")
+    for i, (a, b) in enumerate(zip(curves["autograd"], curves["analytic"])):
+        if i % max(1, args.steps // 5) == 0 or i == args.steps - 1:
+            print(f"{i:4d} | {a:.6g} | {b:.6g} | {abs(a - b) / abs(a):.2e}")
+
+    rows = []
+    fixed = batches[0]
+    rows.append(("sampler batch", _median_ms(lambda: draw(0), args.warmup, args.repeat), None, None))
+    for label, cls, compiled in (("original step (autograd double backward, eager)", TrainModule, False),
+                                 ("analytic-gradient step, eager", FastTrainModule, False),
+                                 ("analytic-gradient step, torch.compile", FastTrainModule, True)):
+        module = make(cls, src, args.init_weights, dev)
+        flops = count_flops(module, fixed, w)
+        opt = torch.optim.Adam(module.parameters(), 1e-4, betas=(0.9, 0.99))
+        net = torch.compile(module) if compiled else module
+        torch.cuda.reset_peak_memory_stats(dev)
+        ms = _median_ms(step_fn(module, opt, net, lambda: fixed, w), args.warmup + (3 if compiled else 0), args.repeat)
+        rows.append((label, ms, flops, torch.cuda.max_memory_allocated(dev)))
+        print(rows[-1], flush=True)
+        if compiled:
+            state = iter(range(10**9))
+            pre = Prefetcher(draw, dev, 0)
+            torch.cuda.reset_peak_memory_stats(dev)
+            loop_ms = _median_ms(step_fn(module, opt, net, lambda: pre.get(next(state)), w), args.warmup, args.repeat)
+            pre.close()
+            rows.append(("training loop: compiled step + prefetched batches", loop_ms, flops,
+                         torch.cuda.max_memory_allocated(dev)))
+        del module, opt, net
+        torch.cuda.empty_cache()
+
+    queries = args.batch * 2 * (args.ns + args.nq)
+    base = rows[1][1]
+    print(f"\n{name}, B = {args.batch}, Ns = Nq = {args.ns}/{args.nq} ({queries} SDF queries a step), "
+          f"median of {args.repeat}")
+    print("| what | step ms | samples/s | SDF queries/s | speed-up | peak GPU memory | matmul GFLOP/step "
+          "| of bf16 rate |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, ms, flops, peak in rows:
+        if flops is None:
+            print(f"| {label} | {ms:.1f} | {args.batch / ms * 1e3:.0f} | | | | | |")
+            continue
+        print(f"| {label} | {ms:.1f} | {args.batch / ms * 1e3:.0f} | {queries / ms * 1e3 / 1e6:.1f} M "
+              f"| {base / ms:.2f}x | {peak / 2**30:.1f} GiB | {flops / 1e9:.0f} | {flops / (ms * 1e-3) / rate:.1%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
