@@ -44,7 +44,7 @@ def test_demo_script_saves_blend_and_renders(built_zip, venv_python, tmp_path):
     assert channels
     sampler = doc["animations"][0]["samplers"][channels[0]["sampler"]]
     times = doc["accessors"][sampler["input"]]
-    assert times["count"] >= 48 and times["max"][0] == pytest.approx(47 / 24, abs=1e-3)  # 48 frames at 24 fps
+    assert times["count"] >= 48 and times["max"][0] == pytest.approx(48 / 24, abs=1e-3)  # frames 1-48, 24 fps
 
 
 def _glb_json(path: Path) -> dict:
