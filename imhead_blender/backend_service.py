@@ -54,6 +54,13 @@ class _State:
 
 
 _state = _State()
+# Called after every successful start (first start, Restart): resend what could not be sent while it was down.
+_ready_listeners: list[Callable[[], None]] = []
+
+
+def add_ready_listener(fn: Callable[[], None]) -> None:
+    if fn not in _ready_listeners:
+        _ready_listeners.append(fn)
 
 
 class BackendUnavailable(RuntimeError):
@@ -161,17 +168,20 @@ def _start() -> BackendClient:
     _state.client, _state.python = client, python
     _state.last_error, _state.handshake_checked, _state.died_at = "", False, None
     _ensure_timer()
+    for listener in _ready_listeners:
+        try:
+            listener()
+        except BackendUnavailable:
+            break
+        except Exception:  # one listener's bug must not stop the start
+            traceback.print_exc()
     return client
 
 
 def restart() -> BackendClient:
     shutdown()
     _state.crashes, _state.notice = [], ""
-    client = _start()
-    from . import live_deform  # here: live_deform imports this module
-
-    live_deform.reapply_stale()  # poses cut off by the old process's end, queued behind the handshake
-    return client
+    return _start()  # the ready listeners resend what the old process's end cut off
 
 
 def restart_if_running() -> None:

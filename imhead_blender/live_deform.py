@@ -3,7 +3,9 @@
 Property updates and the frame_change_post handler only submit. Per object at most one deform is in
 flight; changes arriving meanwhile are coalesced into one follow-up request with the latest weights.
 Results are cached per object by their (rounded) weight vector, so scrubbing a keyframed timeline a second
-time costs no requests.
+time costs no requests. A change the backend could not take (stopped, restarting) is remembered and sent when
+it is back (`resend_pending`). A render is the exception to never waiting: render_sync calls `pose_now` for
+each frame it draws. Heads driven by shape keys (ARKit keys or a bake) are not posed live.
 """
 
 from collections import OrderedDict
@@ -28,13 +30,15 @@ class _State:
         self.stats: dict[str, tuple[float, int]] = {}  # name -> (residual p99 in metres, non-converged)
         self.tokens: dict[str, tuple[int, int]] = {}  # name -> mesh identity the cache belongs to
         self.suspended = 0
-        self.stale: set[str] = set()  # objects whose last deform failed: posed again after a Restart
+        self.pending: set[str] = set()  # objects whose latest weights the backend could not take yet
+        self.rendering = False
 
 
 _state = _State()
 
 
 def weights_of(obj: bpy.types.Object) -> np.ndarray:
+    """The object's 53 weights (an evaluated copy gives the values animated in its depsgraph)."""
     values = obj.imhead.expressions
     return np.array([getattr(values, n) for n in expressions.EXPRESSION_NAMES], dtype=np.float32)
 
@@ -44,8 +48,9 @@ def weights_key(weights: np.ndarray) -> bytes:
 
 
 def is_baked(obj: bpy.types.Object) -> bool:
+    """Shape keys (a bake or the ARKit keys) pose this head, not live deform."""
     keys = getattr(obj.data, "shape_keys", None)
-    return keys is not None and any(k.name.startswith(BAKED_PREFIX) for k in keys.key_blocks)
+    return keys is not None and len(keys.key_blocks) > 1
 
 
 def request_for_object(obj: bpy.types.Object) -> None:
@@ -77,11 +82,13 @@ def request_for_object(obj: bpy.types.Object) -> None:
     from . import backend_service
 
     _state.in_flight[name] = key  # before submitting: a request refused at once fails synchronously
+    _state.pending.discard(name)
     try:
         _submit(obj, weights[None, :], partial(_apply_live, name, key), "Expression",
-                on_failure=lambda _exc: _deform_failed(name))
+                on_failure=partial(_live_failed, name))
     except backend_service.BackendUnavailable:
         _forget_in_flight(name)
+        _state.pending.add(name)
         raise
 
 
@@ -106,24 +113,25 @@ def _forget_in_flight(name: str) -> None:
     _state.dirty.discard(name)
 
 
-def _deform_failed(name: str) -> None:
-    """The mesh still shows the previous pose while the weights say otherwise: remember to pose it again."""
+def _live_failed(name: str, exc) -> None:
+    """Died, restarted (its open requests end "cancelled") or refused: the mesh does not show the weights,
+    so they are sent again when the backend is next started."""
     _forget_in_flight(name)
-    _state.stale.add(name)
+    _state.pending.add(name)
 
 
-def reapply_stale() -> None:
-    """After a Restart: request the current pose of every object whose deform was cut off."""
-    from . import backend_service
-
-    stale, _state.stale = _state.stale, set()
-    for name in stale:
+def resend_pending() -> None:
+    """The backend is (re)started: show every head's weights that could not be sent before."""
+    names, _state.pending = _state.pending, set()
+    for name in sorted(names):
         obj = bpy.data.objects.get(name)
-        try:
-            if obj is not None:
-                request_for_object(obj)
-        except backend_service.BackendUnavailable:
-            _state.stale.add(name)  # the panel shows why; the next Restart tries again
+        if obj is not None:
+            _state.shown.pop(name, None)
+            request_for_object(obj)
+
+
+def pending() -> set[str]:
+    return set(_state.pending)
 
 
 def _apply_live(name: str, key: bytes, params: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -136,10 +144,9 @@ def _apply_live(name: str, key: bytes, params: dict, arrays: dict[str, np.ndarra
     if _state.tokens.get(name) == _token(obj):
         positions = _positions_from_reply(obj, arrays, frames=1)[0]
         _record_stats(name, arrays)
-        cache = _state.cache.setdefault(name, OrderedDict())
-        cache[key] = positions
-        while len(cache) > CACHE_ENTRIES:
-            cache.popitem(last=False)
+        _store(name, key, positions)
+        if _state.rendering:
+            return  # the render sets each frame's mesh itself (pose_now); the viewport catches up after it
         if weights_key(weights_of(obj)) == key:
             mesh_build.set_positions(obj.data, positions)
             _state.shown[name] = key
@@ -147,6 +154,13 @@ def _apply_live(name: str, key: bytes, params: dict, arrays: dict[str, np.ndarra
     # The weights moved on (or the mesh changed) while this request ran: show the current ones.
     if dirty or _state.shown.get(name) != weights_key(weights_of(obj)):
         request_for_object(obj)
+
+
+def _store(name: str, key: bytes, positions: np.ndarray) -> None:
+    cache = _state.cache.setdefault(name, OrderedDict())
+    cache[key] = positions
+    while len(cache) > CACHE_ENTRIES:
+        cache.popitem(last=False)
 
 
 def _positions_from_reply(obj: bpy.types.Object, arrays: dict[str, np.ndarray], frames: int) -> np.ndarray:
@@ -190,6 +204,12 @@ def reset() -> None:
     _state = _State()
 
 
+def set_rendering(on: bool) -> None:
+    _state.rendering = on
+    if not on:
+        _state.shown.clear()  # the render left its last frame's pose on the meshes
+
+
 class suspended:
     """Context manager: no live requests (while the bake operator steps through frames)."""
 
@@ -208,7 +228,7 @@ def on_undo_redo(scene: bpy.types.Scene, *_args) -> None:
 
     _state.shown.clear()
     for obj in scene.objects:
-        if obj.type == "MESH" and obj.imhead.is_head:
+        if getattr(obj, "type", None) == "MESH" and obj.imhead.is_head:
             try:
                 request_for_object(obj)
             except backend_service.BackendUnavailable:
@@ -217,9 +237,12 @@ def on_undo_redo(scene: bpy.types.Scene, *_args) -> None:
 
 @bpy.app.handlers.persistent
 def on_frame_change(scene: bpy.types.Scene, depsgraph=None) -> None:
-    """frame_change_post: animated weights are evaluated by now; submit only, never wait."""
+    """frame_change_post: animated weights are evaluated by now; submit only, never wait (a render's frame
+    changes are render_sync's)."""
     from . import backend_service
 
+    if _state.rendering or (depsgraph is not None and depsgraph.mode == "RENDER"):
+        return
     for obj in scene.objects:
         if obj.type == "MESH" and obj.imhead.is_head:
             try:
@@ -228,7 +251,7 @@ def on_frame_change(scene: bpy.types.Scene, depsgraph=None) -> None:
                 return  # the panel shows why; do not raise inside a handler on every frame
 
 
-# --- bake ----------------------------------------------------------------------------------------------
+# --- frame weights --------------------------------------------------------------------------------------
 
 def frame_weights(scene: bpy.types.Scene, obj: bpy.types.Object, frames: list[int]) -> np.ndarray:
     """(T,53) weights of `obj` at each frame, evaluated by stepping the scene (restores the frame)."""
@@ -244,47 +267,34 @@ def frame_weights(scene: bpy.types.Scene, obj: bpy.types.Object, frames: list[in
     return out
 
 
-def submit_bake(obj: bpy.types.Object, frames: list[int], weights: np.ndarray) -> None:
-    """One batched deform for all distinct weight vectors; the reply becomes per-frame shape keys."""
-    unique, inverse = np.unique(np.round(weights, KEY_DECIMALS), axis=0, return_inverse=True)
-    inverse = np.asarray(inverse).reshape(-1)
-    _submit(obj, unique.astype(np.float32),
-            partial(_apply_bake, obj.name, list(frames), inverse, len(unique)),
-            label=f"Bake {len(frames)} frames")
+# --- render ---------------------------------------------------------------------------------------------
 
+def pose_now(obj: bpy.types.Object, weights: np.ndarray, timeout: float) -> None:
+    """Put `weights` on the mesh before returning (a render is about to draw it): from the cache, the
+    canonical surface, or one deform waited for. Raises BackendUnavailable, TimeoutError, BackendFailure."""
+    from . import backend_service
 
-def _apply_bake(name: str, frames: list[int], inverse: np.ndarray, n_unique: int,
-                params: dict, arrays: dict[str, np.ndarray]) -> None:
-    obj = bpy.data.objects.get(name)
-    if obj is None or obj.type != "MESH":
-        return
-    positions = _positions_from_reply(obj, arrays, frames=n_unique)
-    _record_stats(name, arrays)
-    bake_shape_keys(obj, frames, inverse, positions)
+    name, key = obj.name, weights_key(weights)
+    if _state.tokens.get(name) != _token(obj):
+        forget(name)
+        _state.tokens[name] = _token(obj)
+    positions = _state.cache.get(name, {}).get(key)
+    if positions is None and not weights.any():
+        positions = mesh_build.read_point_vector(obj.data, mesh_build.CANONICAL)
+    if positions is None:
+        reply: dict = {}
 
+        def keep(params: dict, arrays: dict[str, np.ndarray]) -> None:
+            reply["arrays"] = arrays
 
-def bake_shape_keys(obj: bpy.types.Object, frames: list[int], inverse: np.ndarray, positions: np.ndarray) -> None:
-    """A shape key per distinct pose, keyed to 1 on the frames that use it and 0 on their neighbours."""
-    mesh = obj.data
-    canonical = mesh_build.read_point_vector(mesh, mesh_build.CANONICAL)
-    if mesh.shape_keys is None:
-        mesh_build.set_positions(mesh, canonical)
-        obj.shape_key_add(name="Basis", from_mix=False)
-    for block in [k for k in mesh.shape_keys.key_blocks if k.name.startswith(BAKED_PREFIX)]:
-        obj.shape_key_remove(block)
-    edit_prefs = bpy.context.preferences.edit
-    old_interp = edit_prefs.keyframe_new_interpolation_type
-    edit_prefs.keyframe_new_interpolation_type = "LINEAR"  # exact at frames, linear blend between them
-    try:
-        for u in range(len(positions)):
-            used = [f for f, idx in zip(frames, inverse) if idx == u]
-            block = obj.shape_key_add(name=f"{BAKED_PREFIX}{used[0]:04d}", from_mix=False)
-            block.data.foreach_set("co", np.ascontiguousarray(positions[u], dtype=np.float32).ravel())
-            used_set = set(used)
-            for f in sorted(used_set | {f - 1 for f in used} | {f + 1 for f in used}):
-                block.value = 1.0 if f in used_set else 0.0
-                block.keyframe_insert("value", frame=f)
-    finally:
-        edit_prefs.keyframe_new_interpolation_type = old_interp
-    mesh.update()
-    forget(obj.name)
+        def failed(exc) -> None:
+            reply["error"] = exc
+
+        _submit(obj, weights[None, :], keep, "Render frame", on_failure=failed)
+        backend_service.drain(timeout, until=lambda: bool(reply))
+        if "error" in reply:
+            raise reply["error"]
+        positions = _positions_from_reply(obj, reply["arrays"], frames=1)[0]
+        _store(name, key, positions)
+    mesh_build.set_positions(obj.data, positions)
+    _state.shown[name] = key

@@ -4,7 +4,7 @@ import time
 
 import bpy
 
-from . import backend_service, expressions, identity, live_deform, preferences, region_edit
+from . import backend_service, deform_jobs, expressions, identity, live_deform, preferences, region_edit, shape_keys
 from .operators import fit as fit_ops
 from .operators.common import active_head
 
@@ -163,7 +163,19 @@ class IMHEAD_PT_expressions(_HeadSubPanel, bpy.types.Panel):
         row = layout.row(align=True)
         row.operator("imhead.reset_expressions", icon="LOOP_BACK")
         row.operator("imhead.bake_expressions", text="Bake", icon="SHAPEKEY_DATA")
-        if live_deform.is_baked(obj):
+        row = layout.row(align=True)
+        row.operator("imhead.arkit_shape_keys", text="ARKit Keys", icon="SHAPEKEY_DATA")
+        row.operator("imhead.import_capture", text="Import CSV", icon="IMPORT")
+        row.operator("imhead.export_capture", text="Export CSV", icon="EXPORT")
+        for chain in deform_jobs.running(obj.name):
+            row = layout.row(align=True)
+            row.progress(factor=chain.done / chain.total, type="BAR",
+                         text=f"{chain.label}: {chain.done}/{chain.total} frames")
+            row.operator("imhead.cancel_bake", text="", icon="CANCEL")
+        if shape_keys.has_arkit_keys(obj):
+            layout.label(text="ARKit shape keys follow the controls", icon="INFO")
+            layout.operator("imhead.keyframe_shape_keys", icon="KEY_HLT")
+        elif live_deform.is_baked(obj):
             layout.label(text="Baked to shape keys: delete them for live editing", icon="INFO")
         stats = live_deform.stats(obj.name)
         if stats is not None and stats[0] >= 0.0:

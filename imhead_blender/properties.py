@@ -132,6 +132,9 @@ class ImHeadObjectProperties(bpy.types.PropertyGroup):
     iris_hue: bpy.props.FloatProperty(
         name="Iris Hue", min=0.0, max=1.0, default=0.5, options=ANIMATABLE,
         description="Hue shift of the iris colour (0.5: the material's own blue-grey)", update=_redraw_material)
+    blend_json: bpy.props.StringProperty(
+        options=set(), description="The last Blend's base head, regions and other head (JSON): a keyframed "
+        "Amount re-blends from it on frame change")
 
 
 class ImHeadSceneSettings(bpy.types.PropertyGroup):

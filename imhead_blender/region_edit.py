@@ -11,8 +11,10 @@ from functools import partial
 import bpy
 import numpy as np
 
-from . import backend_service, head_objects
+from . import backend_service, head_objects, undo
 from .properties import SLIDER_RANGE as SLIDER_LIMIT
+
+LOST_WITH_THE_PROCESS = ("backend_died", "cancelled")  # failure codes after which an edit is sent again
 
 
 class _State:
@@ -23,6 +25,8 @@ class _State:
         # (backend crash, cancel, refusal) puts the sliders back to these
         self.confirmed: dict[str, dict[str, list[float]]] = {}
         self.applying = 0  # >0 while sliders are written from a reply (no requests then)
+        self.pending: dict[str, set[str]] = {}  # object -> regions the backend could not take (restarting)
+        self.sent: dict[str, dict[str, tuple[float, ...]]] = {}  # object -> region -> slider values sent/shown
 
 
 _state = _State()
@@ -37,32 +41,95 @@ def busy(name: str) -> bool:
     return name in _state.in_flight
 
 
-def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str) -> None:
-    """Send `ops` for this head; raises BackendUnavailable (the caller reports it)."""
+def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str, head: dict | None = None,
+                retry_regions: set[str] = frozenset(), undo_step: bool = True) -> backend_service.Job:
+    """Send `ops` for this head (or for `head`, e.g. a blend's base); raises BackendUnavailable (the caller
+    reports it). `retry_regions`: slider regions sent again when the backend is back, should this edit be
+    lost with the process. `undo_step`: push one when the reply is applied (not for slider moves: their
+    property change is the undo step)."""
     name = obj.name
-    params = {"head": head_objects.head_spec(obj), "ops": ops, "resolution": obj.imhead.resolution}
+    params = {"head": head if head is not None else head_objects.head_spec(obj), "ops": ops,
+              "resolution": obj.imhead.resolution}
     _state.in_flight.add(name)  # before submitting: a request refused at once fails synchronously
     try:
-        backend_service.submit("edit", params, None, label=f"{label} ({name})", object_name=name,
-                               on_success=partial(_apply, name), on_failure=lambda _exc: _failed(name))
+        return backend_service.submit("edit", params, None, label=f"{label} ({name})", object_name=name,
+                                      on_success=partial(_apply, name, undo_step),
+                                      on_failure=partial(_failed, name, set(retry_regions)))
     except backend_service.BackendUnavailable:
-        _failed(name)
+        _done(name)
         raise
 
 
 def request_sliders(obj: bpy.types.Object, region: str) -> None:
-    """A slider of `region` moved: edit now, or after the edit in flight."""
-    if _state.applying or not obj.imhead.is_head or not obj.imhead.sliders_known:
+    """A slider of `region` moved: edit now, or after the edit in flight (with Symmetric, its mirror too)."""
+    request_regions(obj, {region, *mirror_partner_change(obj, region)})
+
+
+def request_regions(obj: bpy.types.Object, regions: set[str]) -> None:
+    """Sliders of `regions` moved (by hand or by their animation): one edit now, or after the edit in
+    flight; kept for later when the backend cannot take it."""
+    if _state.applying or not obj.imhead.is_head or not obj.imhead.sliders_known or not regions:
         return
     name = obj.name
     if name in _state.in_flight:
-        _state.dirty.setdefault(name, set()).update([region, *mirror_partner_change(obj, region)])
+        _state.dirty.setdefault(name, set()).update(regions)
         return
-    regions = [region, *mirror_partner_change(obj, region)]
+    regions = set(regions) | _state.pending.pop(name, set())
+    for r in regions:
+        _state.sent.setdefault(name, {})[r] = slider_values(obj, r)
     try:
-        submit_edit(obj, [_pca_op(obj, r) for r in regions], "Region sliders")
+        submit_edit(obj, [_pca_op(obj, r) for r in sorted(regions)], "Region sliders", retry_regions=regions,
+                    undo_step=False)
     except backend_service.BackendUnavailable:
-        pass  # shown in the panel's status box; a property update cannot report
+        _state.pending.setdefault(name, set()).update(regions)  # the panel's status box says why
+
+
+def copy_sliders(source: bpy.types.Object, target: bpy.types.Object, regions: set[str]) -> None:
+    """Write `source`'s slider values (e.g. a render's evaluated copy) onto `target` without edits."""
+    _state.applying += 1
+    try:
+        for r in regions:
+            target.imhead.regions[r].sliders = list(source.imhead.regions[r].sliders)
+    finally:
+        _state.applying -= 1
+
+
+def resend_pending() -> None:
+    """The backend is (re)started: send the slider moves it could not take."""
+    waiting, _state.pending = _state.pending, {}
+    for name, regions in sorted(waiting.items()):
+        obj = bpy.data.objects.get(name)
+        if obj is not None:
+            request_regions(obj, regions)
+
+
+def pending() -> dict[str, set[str]]:
+    return {k: set(v) for k, v in _state.pending.items()}
+
+
+def _done(name: str) -> None:
+    _state.in_flight.discard(name)
+    _state.dirty.pop(name, None)
+
+
+def _failed(name: str, regions: set[str], exc) -> None:
+    """Lost with the process (died or restarted: open requests end "cancelled"): slider moves are sent again
+    when it is back. Refused: the sliders go back to where the mesh is."""
+    dirty = _state.dirty.get(name, set())
+    if getattr(exc, "code", None) in LOST_WITH_THE_PROCESS and (regions or dirty):
+        _done(name)
+        _state.pending.setdefault(name, set()).update(regions | dirty)
+    else:
+        _roll_back(name)
+
+
+def slider_values(obj: bpy.types.Object, region: str) -> tuple[float, ...]:
+    return tuple(round(float(v), 6) for v in obj.imhead.regions[region].sliders)
+
+
+def sent_sliders(name: str) -> dict[str, tuple[float, ...]]:
+    """The slider values last sent for (or received with) each region of the object."""
+    return _state.sent.get(name, {})
 
 
 def mirror_partner_change(obj: bpy.types.Object, region: str) -> list[str]:
@@ -103,11 +170,10 @@ def selected_regions(obj: bpy.types.Object) -> list[str]:
     return chosen
 
 
-def _failed(name: str) -> None:
+def _roll_back(name: str) -> None:
     """The edit did not reach the mesh: put the sliders back where the mesh is, or, without a confirmed state
     (the file was reloaded since), mark them unknown so the panel offers to load them again."""
-    _state.in_flight.discard(name)
-    _state.dirty.pop(name, None)
+    _done(name)
     obj = bpy.data.objects.get(name)
     if obj is None:
         return
@@ -124,7 +190,7 @@ def _failed(name: str) -> None:
         _state.applying -= 1
 
 
-def _apply(name: str, params: dict, arrays: dict) -> None:
+def _apply(name: str, undo_step: bool, params: dict, arrays: dict) -> None:
     _state.in_flight.discard(name)
     dirty = _state.dirty.pop(name, set())
     obj = bpy.data.objects.get(name)
@@ -132,11 +198,10 @@ def _apply(name: str, params: dict, arrays: dict) -> None:
         return
     head_objects.replace_head_mesh(obj, params["head"], arrays)
     store_sliders(obj, params.get("sliders"), skip=dirty)
+    if undo_step:
+        undo.push("imHead region edit")
     if dirty:
-        try:
-            submit_edit(obj, [_pca_op(obj, r) for r in sorted(dirty)], "Region sliders")
-        except backend_service.BackendUnavailable:
-            pass
+        request_regions(obj, dirty)
 
 
 def store_sliders(obj: bpy.types.Object, sliders: dict | None, skip: set[str] = frozenset()) -> None:
@@ -153,6 +218,7 @@ def store_sliders(obj: bpy.types.Object, sliders: dict | None, skip: set[str] = 
                 confirmed[item.name] = [float(v) for v in values[:n]] + [0.0] * max(0, n - len(values))
                 if item.name not in skip:
                     item.sliders = confirmed[item.name]
+                    _state.sent.setdefault(obj.name, {})[item.name] = slider_values(obj, item.name)
                 item.applied = confirmed[item.name]
         obj.imhead.sliders_known = True
     finally:

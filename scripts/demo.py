@@ -1,6 +1,7 @@
 """Headless demo: install the built extension into Blender (the bpy module) with an isolated user config,
 press the sidebar's Generate operator (a head with eyes, teeth and materials), then light, save and render it
-with Cycles (or EEVEE).
+with Cycles; then make its 52 ARKit shape keys, import a short face capture (Live Link Face CSV), export
+out/demo.glb (morph targets + animation) and render a contact sheet of the animation, out/demo_anim.png.
 
 Run with the venv's python (it has bpy and is also the backend's python):
     .venv/bin/python scripts/demo.py [--zip dist/imhead-X.zip] [--seed 7] [--resolution 192]
@@ -14,6 +15,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 USER_DIRS = ("CONFIG", "SCRIPTS", "EXTENSIONS", "DATAFILES")
@@ -30,7 +33,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--engine", choices=("CYCLES", "BLENDER_EEVEE"), default="CYCLES")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the backend")
-    p.add_argument("--update-docs", action="store_true", help="also copy the picture to docs/demo.png")
+    p.add_argument("--capture", type=Path, default=ROOT / "scripts" / "demo_capture.csv",
+                   help="face capture CSV (Live Link Face layout) to animate the head with")
+    p.add_argument("--sheet-frames", type=int, default=8, help="animation frames on the contact sheet (>= 6)")
+    p.add_argument("--sheet-size", type=int, default=256, help="square size of each contact-sheet frame")
+    p.add_argument("--sheet-samples", type=int, default=16)
+    p.add_argument("--update-docs", action="store_true", help="also copy the pictures to docs/")
     return p.parse_args()
 
 
@@ -165,11 +173,89 @@ def main() -> int:
     t0 = time.monotonic()
     bpy.ops.render.render(write_still=True)
     print(f"saved {blend}; rendered {png} in {time.monotonic() - t0:.1f} s")
+
+    animate(bpy, sys.modules[f"{module}.deform_jobs"], service, scene, head, args, out)
     service.shutdown()
     if args.update_docs:
-        shutil.copyfile(png, ROOT / "docs" / "demo.png")
-        print(f"copied to {ROOT / 'docs' / 'demo.png'}")
+        for name in ("demo.png", "demo_anim.png"):
+            shutil.copyfile(out / name, ROOT / "docs" / name)
+            print(f"copied to {ROOT / 'docs' / name}")
     return 0
+
+
+def animate(bpy, deform_jobs, service, scene, head, args, out: Path) -> None:
+    """ARKit shape keys (the panel's button), the capture through File > Import's operator, glTF export, and a
+    contact sheet of the animation rendered from the shape keys (no backend needed for the last two)."""
+    t0 = time.monotonic()
+    if bpy.ops.imhead.arkit_shape_keys() != {"FINISHED"}:
+        sys.exit("the ARKit shape keys operator did not start")
+    shown = None
+
+    def report() -> bool:
+        nonlocal shown
+        chains = deform_jobs.running(head.name)
+        if chains and (chains[0].done, chains[0].total) != shown:
+            shown = (chains[0].done, chains[0].total)
+            print(f"ARKit shape keys: {shown[0]}/{shown[1]} frames", flush=True)
+        return not chains and not service.jobs()
+
+    service.drain(args.timeout, until=report)
+    keys = head.data.shape_keys
+    if keys is None or len(keys.key_blocks) != 53:
+        sys.exit(f"expected Basis + 52 ARKit shape keys: {service.status()}")
+    print(f"made 52 ARKit shape keys in {time.monotonic() - t0:.1f} s")
+
+    scene.frame_start = scene.frame_end = 1  # the import grows the range to the capture's
+    if bpy.ops.imhead.import_capture(filepath=str(args.capture.resolve())) != {"FINISHED"}:
+        sys.exit(f"importing {args.capture} failed")
+    if bpy.ops.imhead.keyframe_shape_keys() != {"FINISHED"}:
+        sys.exit("keyframing the shape keys failed")
+    print(f"imported {args.capture.name}: frames {scene.frame_start}-{scene.frame_end} at {scene.render.fps} fps")
+    for obj in scene.objects:
+        obj.select_set(obj == head)
+    glb = out / "demo.glb"
+    bpy.ops.export_scene.gltf(filepath=str(glb), export_format="GLB", use_selection=True, export_morph=True,
+                              export_animations=True)
+    print(f"wrote {glb} ({glb.stat().st_size / 1e6:.1f} MB)")
+
+    t0 = time.monotonic()
+    count = max(6, args.sheet_frames)
+    span = scene.frame_end - scene.frame_start
+    frames = sorted({scene.frame_start + round(i * span / (count - 1)) for i in range(count)})
+    scene.render.resolution_x = scene.render.resolution_y = args.sheet_size
+    scene.cycles.samples = args.sheet_samples
+    tiles = []
+    for frame in frames:
+        scene.frame_set(frame)
+        scene.render.filepath = str(out / f"demo_anim_{frame:04d}.png")
+        bpy.ops.render.render(write_still=True)
+        image = bpy.data.images.load(scene.render.filepath)
+        tiles.append(np.array(image.pixels[:], dtype=np.float32).reshape(args.sheet_size, args.sheet_size, 4))
+        bpy.data.images.remove(image)
+        Path(scene.render.filepath).unlink()
+    sheet = contact_sheet(tiles, columns=4)
+    image = bpy.data.images.new("demo_anim", sheet.shape[1], sheet.shape[0], alpha=True)
+    image.pixels.foreach_set(sheet.ravel())
+    image.filepath_raw = str(out / "demo_anim.png")
+    image.file_format = "PNG"
+    image.save()
+    print(f"rendered frames {frames} into {out / 'demo_anim.png'} in {time.monotonic() - t0:.1f} s")
+
+
+def contact_sheet(tiles: list, columns: int):
+    """Tiles (H,W,4, bottom row first as Blender stores pixels) in rows of `columns`, left to right and top to
+    bottom, with a 4-pixel gutter."""
+    h, w = tiles[0].shape[:2]
+    rows = -(-len(tiles) // columns)
+    gap = 4
+    sheet = np.zeros((rows * h + (rows + 1) * gap, columns * w + (columns + 1) * gap, 4), dtype=np.float32)
+    sheet[..., 3] = 1.0
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        top = sheet.shape[0] - (r + 1) * (h + gap)  # Blender's rows run bottom to top
+        left = gap + c * (w + gap)
+        sheet[top : top + h, left : left + w] = tile
+    return sheet
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=8, help="expression frames for the GPU deform row")
     parser.add_argument("--cpu-frames", type=int, default=2, help="expression frames for the CPU deform row")
     parser.add_argument("--no-fit", action="store_true", help="skip the fit rows")
+    parser.add_argument("--bake-frames", type=int, default=250,
+                        help="frames of the 128^3 bake row (the add-on's chunked Bake; 0 skips it)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start rows")
     parser.add_argument("--no-head", action="store_true",
                         help="skip the complete-head row (real Blender: the bpy module and scripts/bench_head.py)")
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         session = Session(weights_dir=args.weights, device=dev)
         trained = session.loaded.trained
         cfg = BenchConfig(sizes=cpu_sizes if dev == "cpu" else sizes, fit=not args.no_fit,
-                          frames=args.cpu_frames if dev == "cpu" else args.frames,
+                          frames=args.cpu_frames if dev == "cpu" else args.frames, bake_frames=args.bake_frames,
                           dense_max_points=args.dense_max_points or (3_000_000 if dev == "cuda" else 300_000))
         rows += bench_device(session, cfg, log)
         if not args.no_head:

@@ -111,6 +111,7 @@ class BenchConfig:
     cold: bool = True
     repeats: int = 7
     seed: int = 0
+    bake_frames: int = 250  # the add-on's Bake of a 128^3 head (bench_bake.py); 0 skips it
 
 
 def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
@@ -179,6 +180,11 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
 
         log(f"photo/video fit on {dev}")
         rows += bench_capture(session, dev)
+    if cfg.bake_frames:
+        from .bench_bake import bench_bake
+
+        log(f"bake of {cfg.bake_frames} frames on {dev}")
+        rows.append(bench_bake(session, cfg.bake_frames, seed=cfg.seed))
     return rows
 
 

@@ -6,7 +6,7 @@ import bpy
 import numpy as np
 from mathutils import Matrix
 
-from .. import axes, backend_service, head_objects, live_deform, mesh_build, region_edit
+from .. import axes, backend_service, head_objects, live_deform, mesh_build, region_edit, undo
 
 MAX_POINTS = 5_000_000  # the backend refuses more; say so before sending hundreds of MB
 # Vertex groups named LANDMARK_PREFIX + a region name ("imhead:nose tip", "imhead:chin", "imhead:left ear", ...)
@@ -132,6 +132,7 @@ def _add_fitted(scene_name: str, source_name: str, resolution: int, params: dict
     obj.imhead.fit_error_mm = fit_error_mm(params)
     region_edit.store_sliders(obj, params.get("sliders"))
     live_deform.mark_shown(obj)
+    undo.push("imHead fit")
 
 
 CLASSES = (IMHEAD_OT_fit_selected,)

@@ -5,7 +5,7 @@ from functools import partial
 
 import bpy
 
-from .. import backend_service, head_objects, region_edit
+from .. import backend_service, head_objects, region_edit, undo
 from .common import active_head
 
 
@@ -39,6 +39,7 @@ def _add_head(scene_name: str, seed: int, resolution: int, location, params: dic
                                           seed=seed, resolution=resolution, location=location)
     head_objects.move_beside_others(scene, obj)
     region_edit.store_sliders(obj, params.get("sliders"))
+    undo.push("imHead generate")
 
 
 class IMHEAD_OT_regenerate(bpy.types.Operator):
@@ -68,6 +69,7 @@ def _replace(name: str, params: dict, arrays: dict) -> None:
     obj = bpy.data.objects.get(name)
     if obj is not None:
         head_objects.replace_head_mesh(obj, params["head"], arrays)
+        undo.push("imHead rebuild")
 
 
 CLASSES = (IMHEAD_OT_generate, IMHEAD_OT_regenerate)

@@ -5,7 +5,7 @@ import random
 
 import bpy
 
-from .. import backend_service, head_objects, region_edit
+from .. import backend_service, head_objects, region_animation, region_edit
 from .common import active_head
 
 ACTIONS = [
@@ -58,11 +58,16 @@ class IMHEAD_OT_region_edit(bpy.types.Operator):
             ops = [op]
         else:
             ops = [_noop(obj)]
+        base = head_objects.head_spec(obj)
         try:
             region_edit.submit_edit(obj, ops, self.action.replace("_", " ").title())
         except backend_service.BackendUnavailable as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
+        if self.action == "BLEND":  # a keyframed Amount re-blends from this base on frame change
+            region_animation.record_blend(obj, base, regions, ops[0]["other"], props.blend_amount)
+        elif self.action != "LOAD_SLIDERS":
+            region_animation.clear_blend(obj)
         return {"FINISHED"}
 
 
