@@ -62,6 +62,8 @@ def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str, head: dict |
 
 def request_sliders(obj: bpy.types.Object, region: str) -> None:
     """A slider of `region` moved: edit now, or after the edit in flight (with Symmetric, its mirror too)."""
+    if _state.applying or not obj.imhead.is_head or not obj.imhead.sliders_known:
+        return  # a reply's (or the mirror's own) write, not the user's
     request_regions(obj, {region, *mirror_partner_change(obj, region)})
 
 
