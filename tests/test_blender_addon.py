@@ -114,7 +114,7 @@ def test_backend_death_gives_clear_error_then_restart_works(lifecycle):
 
 def test_panels_draw_in_every_state(lifecycle):
     # Checked call by call against Blender's RNA (a headless Blender has no window to draw in).
-    assert set(lifecycle["panels_before"]) == {"IMHEAD_PT_main", "IMHEAD_PT_fit"}
+    assert set(lifecycle["panels_before"]) == {"IMHEAD_PT_main", "IMHEAD_PT_fit", "IMHEAD_PT_footage"}
     assert {"IMHEAD_PT_main", "IMHEAD_PT_head", "IMHEAD_PT_expressions"} <= set(lifecycle["panels_with_head"])
     assert lifecycle["panels_with_head"]["IMHEAD_PT_expressions"] > 53  # every expression slider
     assert "IMHEAD_PT_main" in lifecycle["panels_after_death"]

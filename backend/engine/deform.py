@@ -229,22 +229,39 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
     return x, f, r, it
 
 
-def solve_continued(make_warp: Callable[[float], WarpFn], x_c: torch.Tensor, n_frames: int, steps: int,
-                    **kwargs) -> DeformResult:
+def solve_continued(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch.Tensor, n_frames: int,
+                    steps: int | torch.Tensor, **kwargs) -> DeformResult:
     """solve() along the path t = 1/steps, 2/steps, ..., 1 of expressions t x e, each solve starting from the
     last one's positions (make_warp(t): the warp of the expressions scaled by t). Where surfaces that touch in
     the canonical head part (lips under jawOpen), the backward warp has several roots near a contact point, and
     a start from x_c can land on the other side's; following the path keeps each point on its own side.
+    `steps` per frame ((T,) tensor): frame i follows its own path, t_i = min(1, k / steps_i) as a (T, 1)
+    tensor, so a frame's pose does not depend on the other frames of its request (a bake equals live poses).
     Iterations and stats are summed over the steps."""
+    per_frame = isinstance(steps, torch.Tensor)
+    total_steps = int(steps.max()) if per_frame else steps
     result, start, total, iters = None, None, {}, 0
-    for k in range(1, steps + 1):
-        result = solve(make_warp(k / steps), x_c, n_frames, start=start, **kwargs)
+    for k in range(1, total_steps + 1):
+        if per_frame:
+            t = (k / steps.to(device=x_c.device, dtype=torch.float32)).clamp(max=1.0)[:, None]
+            result = solve(make_warp(t), x_c, n_frames, start=start, **kwargs)
+        else:
+            result = solve(make_warp(k / total_steps), x_c, n_frames, start=start, **kwargs)
         start = result.vertices
         iters += result.iterations
         for key, value in (result.stats or {}).items():
             total[key] = total.get(key, 0) + value
+    assert result is not None
     result.iterations, result.stats = iters, total
     return result
+
+
+def frame_continuation_steps(expressions: torch.Tensor) -> torch.Tensor:
+    """continuation_steps of each frame of expressions (T,53) on its own: (T,) long."""
+    if expressions.numel() == 0:
+        return torch.ones(expressions.shape[0], dtype=torch.long)
+    top = expressions.abs().amax(1).double().cpu()
+    return torch.clamp(torch.ceil(top / CONTINUATION_STEP - 1e-9), min=1).long()
 
 
 def continuation_steps(expressions: torch.Tensor) -> int:

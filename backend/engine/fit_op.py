@@ -70,8 +70,9 @@ def fit_head(session: Session, params: dict, arrays: dict, progress: Progress) -
     head = HeadSpec(identity=result.z_id[0].cpu().numpy().astype(np.float32),
                     expression={n: float(w) for n, w in zip(session.expression_names, weights) if w >= FIT_MIN_WEIGHT})
     check_cancel(progress)
-    # the fitted mesh as extracted (not opened, engine/open_surface.py): the fit error compares it with the
-    # whole input inside the box, which the neck cut would leave partly uncovered
+    # the fit error compares the mesh as extracted (not opened, engine/open_surface.py) with the whole input
+    # inside the box, which the neck cut would leave partly uncovered; the head returned is opened like a
+    # generated one (its mouth opens), at the cost of a second extraction
     opened, session.open_surfaces = session.open_surfaces, False
     try:
         out, mesh = session.head_mesh(head, req.resolution, OffsetProgress(progress, *PROGRESS_FIT_MESH))
@@ -80,6 +81,9 @@ def fit_head(session: Session, params: dict, arrays: dict, progress: Progress) -
     # measured on the input inside the model's box (a figure's body is not what the head model describes)
     err = fit.fit_error(x_model[in_box], mesh["vertices"], mesh["faces"], sim.scale)
     fit.check_fit_error(err.trimmed_mm)
+    if opened:
+        check_cancel(progress)
+        out, mesh = session.head_mesh(head, req.resolution, OffsetProgress(progress, *PROGRESS_FIT_MESH))
     mesh["vertices"] = sim.inverse(mesh["vertices"].astype(np.float64)).astype(np.float32)
     mesh["normals"] = (mesh["normals"] @ sim.rotation).astype(np.float32)
     out.update({

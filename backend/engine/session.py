@@ -293,7 +293,7 @@ class Session:
         e = torch.as_tensor(expressions, device=self.device, dtype=torch.float32)
         # along the path 0 -> e (deform.solve_continued): where lips touch, a start at x_c finds the other lip's root
         result = deform.solve_continued(lambda t: self.warp_fn(z_id, e * t), x_c, e.shape[0],
-                                        deform.continuation_steps(e), zero_frames=(e == 0).all(1))
+                                        deform.frame_continuation_steps(e), zero_frames=(e == 0).all(1))
         T, N = e.shape[0], x_c.shape[0]
         with torch.no_grad():
             if exact_residual:  # the canonical point x + warp(x) is x_c + F
