@@ -115,7 +115,10 @@ def test_materials_are_assigned(artist):
     assert {"imhead.skin_tone", "imhead_lips", "imhead_template"} <= set(m["skin_attributes"])
     assert m["eye_hue_follows_head"] == pytest.approx(0.1)
     assert m["lips_weight_max"] == pytest.approx(1.0) and m["lips_fraction"] < 0.05
-    assert m["hidden_faces"] > 0 and m["hidden_material"] == "imHead Hidden"
+    # the head's own eyeball faces (fused to the lids where the mesh keeps them) are all hidden behind the eye
+    # objects, and nothing else is
+    assert len(m["eyeball_region_ids"]) == 2 and m["hidden_material"] == "imHead Hidden"
+    assert m["visible_eyeball_faces"] == 0 and m["hidden_faces"] == m["eyeball_faces"]
 
 
 @pytest.mark.parametrize("engine", ["CYCLES", "BLENDER_EEVEE"])
@@ -335,7 +338,15 @@ def scenario_artist(zip_path: str, out_dir: str) -> dict:
     a.data.attributes["imhead_lips"].data.foreach_get("value", lips)
     a.imhead.iris_hue = 0.1
     bpy.context.view_layer.update()
-    facts["materials"].update(hidden_faces=int(index.sum()), lips_weight_max=float(lips.max()),
+    region = np.empty(len(a.data.vertices), np.int32)
+    a.data.attributes["imhead_region"].data.foreach_get("value", region)
+    tris = np.empty(len(a.data.polygons) * 3, np.int32)
+    a.data.polygons.foreach_get("vertices", tris)
+    eyeball_ids = [int(r.region_id) for r in a.imhead.regions if r.name in ("left eyeball", "right eyeball")]
+    on_eyeball = np.isin(region, eyeball_ids)[tris.reshape(-1, 3)].all(1)
+    facts["materials"].update(hidden_faces=int(index.sum()), eyeball_faces=int(on_eyeball.sum()),
+                              visible_eyeball_faces=int((on_eyeball & (index == 0)).sum()),
+                              eyeball_region_ids=eyeball_ids, lips_weight_max=float(lips.max()),
                               lips_fraction=float((lips > 0.5).mean()),
                               eye_hue_follows_head=float(parts["Eye.L"].imhead.iris_hue))
     a.imhead.iris_hue = 0.5

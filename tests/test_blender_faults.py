@@ -40,13 +40,17 @@ def faults(built_zip, venv_python, tmp_path_factory) -> dict:
     return json.loads(facts.read_text())
 
 
-def test_kill_9_during_a_slider_edit_rolls_the_sliders_back(faults):
+def test_kill_9_during_a_slider_edit_applies_it_after_restart(faults):
     k = faults["kill"]
     assert k["status"][0] == "ERROR" and "killed by signal 9" in k["status"][1]
     assert "Restart" in k["next_request_error"]
-    assert k["slider_after"] == pytest.approx(k["slider_before"]) and k["slider_after"] != pytest.approx(1.5)
-    assert k["sliders_known"] and k["head_json_unchanged"] and k["mesh_unchanged"]
+    # cut off: the mesh and head are as before, the moved slider is kept and its region waits to be sent again
+    assert k["slider_after_crash"] == pytest.approx(1.5) and k["pending_after_crash"] == [k["region"]]
+    assert k["head_json_unchanged"] and k["mesh_unchanged"]
     assert k["restart_s"] < UI_BUDGET_S and k["status_after_restart"] == "READY"
+    # back: the edit is applied, so sliders, head and mesh agree again
+    assert k["pending_after_restart"] == [] and k["slider_after_restart"] == pytest.approx(1.5)
+    assert k["sliders_known"] and k["head_json_changed"] and k["mesh_changed"]
 
 
 def test_a_pose_cut_off_by_a_crash_is_requested_again_after_restart(faults):
@@ -160,14 +164,21 @@ def scenario(zip_path: str, tmp: Path) -> dict:
     except RuntimeError as exc:
         next_error = str(exc)
     draw_panels(bpy, module)
+    edits = sys.modules[f"{module}.region_edit"]
+    facts["kill"] = {"status": list(status), "next_request_error": next_error, "region": region.name,
+                     "slider_after_crash": region.sliders[0],
+                     "pending_after_crash": sorted(edits.pending().get(head.name, set())),
+                     "head_json_unchanged": head.imhead.head_json == before["head_json"],
+                     "mesh_unchanged": vertices(head) == before["vertices"]}
     restart_s = timed_op(bpy.ops.imhead.restart_backend)
     pump_until(lambda: service.status()[0] != "STARTING", 120)
-    facts["kill"] = {"status": list(status), "next_request_error": next_error,
-                     "slider_before": before["slider"], "slider_after": region.sliders[0],
-                     "sliders_known": head.imhead.sliders_known,
-                     "head_json_unchanged": head.imhead.head_json == before["head_json"],
-                     "mesh_unchanged": vertices(head) == before["vertices"],
-                     "restart_s": restart_s, "status_after_restart": service.status()[0]}
+    status_after_restart = service.status()[0]
+    service.drain(300)
+    facts["kill"].update(restart_s=restart_s, status_after_restart=status_after_restart,
+                         pending_after_restart=sorted(edits.pending().get(head.name, set())),
+                         slider_after_restart=region.sliders[0], sliders_known=head.imhead.sliders_known,
+                         head_json_changed=head.imhead.head_json != before["head_json"],
+                         mesh_changed=vertices(head) != before["vertices"])
 
     # --- kill -9 while an expression deform is in flight: after Restart the pose is requested again.
     live = sys.modules[f"{module}.live_deform"]

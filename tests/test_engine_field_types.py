@@ -13,6 +13,9 @@ from backend import errors
 from backend.engine.session import Session
 
 ODD = ([], {}, "x", None, -1, 1.5, True, [[]], {"a": 1}, 2**70)
+# a well-typed value that makes a valid request about something else: fit "units": 1.5 is a scale, and the
+# atlas at 1.5x is refused as not a head (the fit's own check), which is the right answer, not a type error
+VALID_REFUSALS = {"not_a_head"}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +80,8 @@ def test_wrong_typed_fields_give_invalid_input_naming_the_field(session, op):
             try:
                 getattr(session, op)(replaced(params, path, value), arrays, Quiet())
             except errors.BackendError as exc:
+                if exc.code in VALID_REFUSALS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    continue
                 key = next((k for k in reversed(path) if isinstance(k, str)), "")
                 names = {key, key.rstrip("s"), key.split("_")[0]}  # "values" -> "pca value 0", ...
                 if isinstance(path[-1], int):  # a list entry: naming the list or the bad entry will do

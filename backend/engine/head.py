@@ -37,6 +37,16 @@ def _weight(value: object, what: str) -> float:
     return float(value)
 
 
+def _expression_weight(value: object, what: str) -> float:
+    """A finite weight within tuning.EXPRESSION_RANGE, the range deform requests accept."""
+    from .tuning import EXPRESSION_RANGE
+
+    w = _weight(value, what)
+    if not EXPRESSION_RANGE[0] <= w <= EXPRESSION_RANGE[1]:
+        raise errors.InvalidInput(f"{what} must lie in {list(EXPRESSION_RANGE)}, got {value!r}")
+    return w
+
+
 def check_names(names: Sequence[str], known: Sequence[str], what: str) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -76,7 +86,7 @@ class HeadSpec:
         return cls(
             identity=identity,
             region_overrides={k: vector(v, constants.REGION_DIM, f"region code {k!r}") for k, v in overrides.items()},
-            expression={k: _weight(v, f"expression weight {k!r}") for k, v in expression.items()},
+            expression={k: _expression_weight(v, f"expression weight {k!r}") for k, v in expression.items()},
         )
 
     def expression_vector(self, expression_names: Sequence[str]) -> np.ndarray:
