@@ -85,10 +85,15 @@ def test_missing_weights_directory(tmp_path, capsys, no_model):
     assert not out.exists()
 
 
-def test_unwritable_output_is_refused_before_any_work(capsys, no_model):
+def test_unwritable_output_is_refused_before_any_work(tmp_path, capsys, no_model):
     err = fail(["generate", "-o", "/nonexistent/x.ply"], capsys)
     assert "-o /nonexistent/x.ply: folder /nonexistent does not exist" in err
-    assert fail(["fit", str(ROOT / "README.md"), "-o", "/nonexistent/x.obj"], capsys)
+    scan = tmp_path / "scan.obj"
+    scan.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    err = fail(["fit", str(scan), "-o", "/nonexistent/x.obj"], capsys)
+    assert "-o /nonexistent/x.obj: folder /nonexistent does not exist" in err
+    err = fail(["fit", str(scan), "-o", str(tmp_path / "fit.ply"), "--head", str(tmp_path)], capsys)
+    assert "is a directory" in err
 
 
 @pytest.mark.parametrize("argv", [["generate", "-o", "{tmp}/head.xyz"], ["generate", "-o", "{tmp}/head"],
