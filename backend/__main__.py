@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Iterable
 
 from . import cpu
@@ -52,13 +53,14 @@ def program_name() -> str:
     return "imhead" if Path(sys.argv[0]).name == "imhead" else "python -m backend"
 
 
-def build_parser(load: Iterable[str] = (), prog: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
+def build_parser(load: Iterable[str] = (),
+                 prog: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
     """The parser with the subcommands of `load` fully defined (their modules imported); the others only named.
     Returns it and the imported modules by command name."""
     parser = argparse.ArgumentParser(prog=prog or program_name(), formatter_class=HelpFormatter,
                                      description="imhead: implicit morphable heads (the Blender add-on's backend)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
+    modules: dict[str, ModuleType] = {}
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name in load:
