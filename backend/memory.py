@@ -74,8 +74,8 @@ class MemoryGuard:
 
     def __init__(self) -> None:
         # glibc raises its mmap threshold each time a big block is freed, so later grids and meshes come from the
-        # heap and stay resident after the request (110 MB more after the second 128 mesh of another seed, see
-        # docs/reliability.md); a fixed threshold keeps big buffers in their own mappings, returned on free.
+        # heap and stay resident after the request (docs/reliability.md has the measurement); a fixed threshold
+        # keeps big buffers in their own mappings, returned on free.
         if sys.platform.startswith("linux"):
             try:
                 ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)

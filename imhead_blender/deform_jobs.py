@@ -18,8 +18,8 @@ import numpy as np
 
 from . import axes, backend_service, mesh_build
 
-# Points (frames x vertices) per request: ~3 s on 2 CPU cores for a 128^3 head's 31k vertices x 8 frames,
-# a small fraction of the backend's 20M limit (docs/benchmarks.md has the bake rates).
+# Points (frames x vertices) per request: a few seconds on 2 CPU cores (docs/benchmarks.md, "Engine tuning", has
+# the measurement and the bake rates), a small fraction of the backend's 20M limit.
 CHUNK_POINTS = 262_144
 
 OnComplete = Callable[[bpy.types.Object, np.ndarray], None]

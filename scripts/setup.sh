@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv in the repository root with Python 3.11 and install the pinned dependencies from
-# pyproject.toml (runtime + test extras). Idempotent: an existing .venv is reused and pip runs only when a
-# requirement is missing or at the wrong version.
+# Create .venv in the repository root with Python 3.11, install the pinned dependencies from pyproject.toml
+# (runtime + test extras + the build system) and install this checkout in editable mode, which puts the `imhead`
+# command in .venv/bin and lets `.venv/bin/python -m backend` run from any directory. Idempotent: an existing
+# .venv is reused and pip runs only when a requirement is missing or at the wrong version, or when the editable
+# install is missing or points at another checkout.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -27,11 +29,13 @@ if ! is_311 .venv/bin/python; then
     exit 1
 fi
 
-# Pinned requirements, straight from pyproject.toml (dependencies + the "test" extra).
+# Pinned requirements, straight from pyproject.toml (dependencies + the "test" extra + build-system.requires).
 .venv/bin/python - > .venv/imhead-requirements.txt <<'PY'
 import tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))
+pyproject = tomllib.load(open("pyproject.toml", "rb"))
+project = pyproject["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]
+                + pyproject["build-system"]["requires"]))
 PY
 
 # Which of them are not installed at a matching version? (pip vendors `packaging`; nothing else is needed.)
@@ -53,5 +57,21 @@ if [ -n "$missing" ]; then
     .venv/bin/python -m pip install -r .venv/imhead-requirements.txt
 else
     echo "setup: dependencies already satisfied"
+fi
+
+# This checkout, editable (no copy: the weights/ folder next to backend/ is found as before), unless it already is.
+installed=$(.venv/bin/python - <<'PY'
+import importlib.metadata as md
+import json
+try:
+    url = json.loads(md.distribution("imhead").read_text("direct_url.json") or "{}")
+    print(url.get("url", "") if url.get("dir_info", {}).get("editable") else "")
+except md.PackageNotFoundError:
+    print("")
+PY
+)
+if [ "$installed" != "file://$(pwd)" ] || [ ! -x .venv/bin/imhead ]; then
+    echo "setup: installing this checkout (editable) for the imhead command"
+    .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 fi
 echo "setup: ready: $(pwd)/.venv/bin/python"

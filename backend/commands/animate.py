@@ -1,4 +1,4 @@
-"""`python -m backend animate head.json frames.json -o outdir [--resolution R]`: extract the head's canonical
+"""`imhead animate head.json frames.json -o outdir [--resolution R]`: extract the head's canonical
 mesh once, deform it through every frame (root finding through the backward warp, one fixed topology) and
 write outdir/frame_0000.ply, ... (binary PLY; vertex i is the same point in every frame, with `canonical`,
 `residual` (|posed-space SDF| at the vertex, m) and `converged` columns).
@@ -16,17 +16,29 @@ import numpy as np
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..engine.cli import add_session_arguments
+    from ..engine.cli import add_session_arguments, resolution
 
-    parser.add_argument("head", type=Path, help="HeadSpec JSON")
+    parser.add_argument("head", type=Path, help="HeadSpec JSON (imhead generate --head)")
     parser.add_argument("frames", type=Path, help="JSON list of {expression name: weight} per frame")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="output folder for frame_0000.ply, ... (made if missing)")
+    parser.add_argument("--resolution", type=resolution, default=256, help="resolution of the canonical mesh")
     add_session_arguments(parser)
 
 
+def check(args: argparse.Namespace) -> None:
+    from ..engine import cli
+
+    cli.check_weights(args)
+    names = cli.load_names(args)
+    cli.check_head_json(args.head, names, "head")
+    cli.check_input(args.frames, "frames")
+    read_frames(args.frames, names[1])
+    cli.check_output_dir(args.output, "-o")
+
+
 def read_frames(path: Path, names: list[str]) -> np.ndarray:
-    from ..engine.head import check_names
+    from ..engine.head import _expression_weight, check_names
     from ..errors import InvalidInput
 
     try:
@@ -39,9 +51,7 @@ def read_frames(path: Path, names: list[str]) -> np.ndarray:
     for t, frame in enumerate(frames):
         check_names(list(frame), names, "expression names")
         for name, w in frame.items():
-            if isinstance(w, bool) or not isinstance(w, (int, float)):
-                raise InvalidInput(f"{path}: frame {t}: weight of {name!r} is not a number")
-            out[t, names.index(name)] = w
+            out[t, names.index(name)] = _expression_weight(w, f"{path}: frame {t}: weight of {name!r}")
     return out
 
 

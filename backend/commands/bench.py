@@ -1,4 +1,4 @@
-"""`python -m backend bench [--cpu-only] [--sizes 64,128,256,512] [--no-fit] [--no-cold]`: print one markdown
+"""`imhead bench [--cpu-only] [--sizes 64,128,256,512] [--no-fit] [--no-cold]`: print one markdown
 table of extraction (ours vs the NPHM-style dense baseline, same run), deform, fit, cold start, peak memory and a
 complete head in Blender (skin, eyes, teeth, materials; 128^3 on CPU, 256^3 on GPU) on the CPU and, when
 available, the GPU (see backend/engine/bench.py)."""
@@ -15,8 +15,10 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU even when one is available")
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU rows")
-    parser.add_argument("--sizes", default="64,128,256,512", help="extraction resolutions (comma-separated)")
-    parser.add_argument("--cpu-sizes", default=None, help="resolutions for the CPU rows (default: --sizes)")
+    parser.add_argument("--sizes", type=_sizes, default="64,128,256,512",
+                        help="extraction resolutions (comma-separated)")
+    parser.add_argument("--cpu-sizes", type=_sizes, default=None,
+                        help="resolutions for the CPU rows (default: --sizes)")
     parser.add_argument("--dense-max-points", type=int, default=None,
                         help="largest lattice evaluated densely for the baseline (default 3M on GPU, 300k on CPU); "
                              "beyond it the baseline is extrapolated from a 1M-point slice")
@@ -29,7 +31,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-head", action="store_true",
                         help="skip the complete-head row (real Blender: the bpy module and scripts/bench_head.py)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--weights", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--weights", type=Path, default=None, metavar="DIR",
+                        help="folder with imhead.safetensors and atlas.safetensors (default: the repository's "
+                             "weights/)")
+
+
+def _sizes(text: str) -> list[int]:
+    from ..engine.cli import resolution
+
+    sizes = [resolution(s.strip()) for s in text.split(",") if s.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected comma-separated resolutions, got {text!r}")
+    return sizes
+
+
+def check(args: argparse.Namespace) -> None:
+    from ..engine.cli import check_weights
+    from ..errors import InvalidInput
+
+    check_weights(args)
+    for name in ("frames", "cpu_frames", "bake_frames", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must not be negative, got {value}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    cpu_sizes = [int(s) for s in args.cpu_sizes.split(",")] if args.cpu_sizes else sizes
+    sizes = args.sizes
+    cpu_sizes = args.cpu_sizes or sizes
     devices = [] if args.gpu_only else ["cpu"]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append("cuda")

@@ -1,4 +1,4 @@
-"""`python -m backend eval`: the shipped weights on the held-out split (backend/data/splits.py).
+"""`imhead eval`: the shipped weights on the held-out split (backend/data/splits.py).
 
 For each held-out identity: sample --points surface points (area-uniform, exposed ICT triangles) of its
 neutral mesh, fit z_id to them (backend.model.inversion), extract the surface (backend.engine.extract) and
@@ -22,30 +22,48 @@ import numpy as np
 import torch
 
 from .. import errors
+from ..weights import default_weights_dir
 
 TARGETS = {"cd_l1_mm": 0.30, "nc": 0.99, "f1mm": 0.95, "exp_cd_l1_mm": 0.40, "corr_mm": 1.5, "locality_p95_mm": 0.1}
 CARD_BEGIN, CARD_END = "<!-- eval:begin -->", "<!-- eval:end -->"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ict", type=Path, default=Path(".data/ict.safetensors"), help="converted ICT-FaceKit file")
+    p.add_argument("--ict", type=Path, default=default_weights_dir().parent / ".data" / "ict.safetensors",
+                   help="converted ICT-FaceKit file")
     p.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped weights/)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--identities", type=int, default=2)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="torch device")
+    p.add_argument("--identities", type=int, default=2, help="held-out identities to fit")
     p.add_argument("--expressions", type=int, default=1, help="held-out expressions per identity")
     p.add_argument("--points", type=int, default=10_000, help="surface points each fit sees")
     p.add_argument("--steps", type=int, default=60, help="fitting steps")
     p.add_argument("--batch-points", type=int, default=1024, help="points per fitting step")
-    p.add_argument("--resolution", type=int, default=96)
+    p.add_argument("--resolution", type=int, default=96, help="resolution of the extracted surfaces")
     p.add_argument("--samples", type=int, default=100_000, help="metric samples per mesh")
     p.add_argument("--topk", type=int, default=0,
                    help="regions evaluated per point (0: all 39, exact; the model is trained dense)")
-    p.add_argument("--locality-regions", type=int, default=3)
-    p.add_argument("--full", action="store_true", help="GPU size: 20 identities x 3 expressions, 300 steps, 2048 points a step, resolution 256")
+    p.add_argument("--locality-regions", type=int, default=3, help="regions whose swap is scored for locality")
+    p.add_argument("--full", action="store_true",
+                   help="GPU size: 20 identities x 3 expressions, 300 steps, 2048 points a step, resolution 256")
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="start no new identity after this many minutes (locality and the summary still run)")
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--write-card", type=Path, default=None, help="replace the eval block of this model card")
+                   help="start no new identity after this many minutes (locality and the summary still run; "
+                        "default: no limit)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here (default: not written)")
+    p.add_argument("--write-card", type=Path, default=None,
+                   help="replace the eval block of this model card (default: no card is changed)")
+
+
+def check(args: argparse.Namespace) -> None:
+    from ..engine.cli import check_input, check_output, check_weights
+
+    check_weights(args)
+    if not args.ict.exists():
+        raise errors.InvalidInput(f"{args.ict} not found: convert ICT-FaceKit first (python -m backend.data.ict)")
+    if args.json is not None:
+        check_output(args.json, "--json")
+    if args.write_card is not None:
+        check_input(args.write_card, "--write-card")
+        check_output(args.write_card, "--write-card")
 
 
 def run(args: argparse.Namespace) -> int:

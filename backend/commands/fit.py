@@ -1,6 +1,7 @@
-"""`python -m backend fit scan.obj -o fitted.ply --head fitted.json [--units auto|m|cm|mm|in]`: fit the model
-to a mesh or point cloud (OBJ or PLY, any frame and units). The fitted head mesh is written in the input's
-own frame and units (it overlays the scan); the fit error (trimmed one-sided Chamfer distance) is printed."""
+"""`imhead fit scan.obj -o fitted.ply --head fitted.json [--units auto|m|cm|mm|in]`: fit the model to a mesh
+or point cloud (OBJ or PLY, any frame and units). The fitted head mesh is written in the input's own frame and
+units (it overlays the scan), as .ply, .obj or .glb by the extension; the fit error (trimmed one-sided Chamfer
+distance) is printed."""
 
 from __future__ import annotations
 
@@ -10,17 +11,35 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..engine.cli import add_session_arguments
+    from ..engine.cli import MESH_HELP, add_session_arguments, resolution
 
     parser.add_argument("scan", type=Path, help="input mesh or point cloud (.obj or .ply)")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="fitted mesh PLY (input frame)")
-    parser.add_argument("--head", type=Path, default=None, help="write the fitted HeadSpec JSON here")
-    parser.add_argument("--units", default="auto", help="input units: auto (estimate scale), m, cm, mm, in")
-    parser.add_argument("--resolution", type=int, default=128, help="resolution of the fitted mesh")
-    parser.add_argument("--steps", type=int, default=None, help="latent optimisation steps (default per device)")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help=f"fitted mesh in the input's frame and units; {MESH_HELP}")
+    parser.add_argument("--head", type=Path, default=None,
+                        help="write the fitted HeadSpec JSON here (default: not written)")
+    parser.add_argument("--units", choices=("auto", "m", "cm", "mm", "in"), default="auto",
+                        help="input units; auto estimates the scale")
+    parser.add_argument("--resolution", type=resolution, default=128, help="resolution of the fitted mesh")
+    parser.add_argument("--steps", type=int, default=None, help="latent optimisation steps (default: per device)")
     parser.add_argument("--no-expression", action="store_true", help="fit the identity only (neutral)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the fit")
     add_session_arguments(parser)
+
+
+def check(args: argparse.Namespace) -> None:
+    from ..engine import cli
+    from ..errors import InvalidInput
+
+    cli.check_weights(args)
+    cli.check_input(args.scan, "scan")
+    if args.scan.suffix.lower() not in (".obj", ".ply"):
+        raise InvalidInput(f"scan {args.scan}: expected a mesh or point cloud (.obj or .ply)")
+    cli.check_mesh_output(args.output, "-o")
+    if args.head is not None:
+        cli.check_output(args.head, "--head")
+    if args.steps is not None and args.steps < 1:
+        raise InvalidInput(f"--steps must be at least 1, got {args.steps}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`python -m backend regions [--json] [--atlas PATH]`: the 39-region atlas (id, name, mirror, anchor in
+"""`imhead regions [--json] [--atlas PATH]`: the 39-region atlas (id, name, mirror, anchor in
 metres on the mean head). Reads weights/atlas.safetensors by default."""
 
 from __future__ import annotations
@@ -10,7 +10,15 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON list of {id, name, mirror, anchor}")
-    parser.add_argument("--atlas", type=Path, default=None, help="atlas file (default: weights/atlas.safetensors)")
+    parser.add_argument("--atlas", type=Path, default=None,
+                        help="atlas file (default: the repository's weights/atlas.safetensors)")
+
+
+def check(args: argparse.Namespace) -> None:
+    from ..engine.cli import check_input
+
+    if args.atlas is not None:
+        check_input(args.atlas, "--atlas")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`python -m backend surface --seeds 0-19 --resolutions 128 256 [--raw] [--json out.json]`: the surface
+"""`imhead surface --seeds 0-19 --resolutions 128 256 [--raw] [--json out.json]`: the surface
 quality table of generated heads (docs/surface.md): vertices, genus and boundary loops of the main piece,
 the second piece's share of the vertices, the neck loop's planarity and smoothness, and for jawOpen,
 eyeBlink_L and eyeBlink_R at weight 1 (the deform op) the unsolved vertices, edges stretched beyond 3x
@@ -27,13 +27,23 @@ def _seeds(text: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..engine.cli import add_session_arguments
+    from ..engine.cli import add_session_arguments, resolution
 
-    parser.add_argument("--seeds", type=_seeds, default=_seeds("0-19"), help="identity samples, e.g. 0-19 or 1,4")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[128], help="cells along the longest side")
+    parser.add_argument("--seeds", type=_seeds, default=_seeds("0-19"),
+                        help="identity samples, e.g. 0-19 or 1,4 (default: 0-19)")
+    parser.add_argument("--resolutions", type=resolution, nargs="+", default=[128],
+                        help="cells along the longest side")
     parser.add_argument("--raw", action="store_true", help="also measure the meshes as extracted")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here (default: not written)")
     add_session_arguments(parser)
+
+
+def check(args: argparse.Namespace) -> None:
+    from ..engine import cli
+
+    cli.check_weights(args)
+    if args.json is not None:
+        cli.check_output(args.json, "--json")
 
 
 def measure(session, seed: int, resolution: int) -> dict:

@@ -137,7 +137,7 @@ def _umeyama_batch(src: np.ndarray, dst: np.ndarray, w: np.ndarray, scale: float
     w = w / w.sum(1, keepdims=True)
     mu_s, mu_d = np.einsum("hp,hpi->hi", w, src), np.einsum("hp,hpi->hi", w, dst)
     a, b = src - mu_s[:, None], dst - mu_d[:, None]
-    cov = np.matmul((w[:, :, None] * b).transpose(0, 2, 1), a)  # (H,3,3); 3x faster than a 3-operand einsum
+    cov = np.matmul((w[:, :, None] * b).transpose(0, 2, 1), a)  # (H,3,3); faster than a 3-operand einsum
     u, sig, vt = np.linalg.svd(cov)
     d = np.ones((len(w), 3))
     sign = np.sign(np.linalg.det(u @ vt))
@@ -166,20 +166,17 @@ COARSE_POINTS = 2000  # template points of the first two alignment stages
 # than this (metres): Gauss-Newton then sits on a fixed point of its pairs (later moves measured 0).
 PLANE_TOL = 1e-9
 # Input -> template pairs kept: at most the `keep` fraction, and none costing more than INLIER_SPREAD times the
-# INLIER_QUANTILE cost (a head pair while the head is over 30% of the input). A head with a torso is ~57% head:
-# with the 60% alone the closest torso points (up to ~35 mm off at the true pose) were kept, which moved the
-# converged pose ~2 mm and slowed the right hypotheses so much in the coarse stages that poses squeezing head
-# and torso into the template (scale ~0.5) outscored them. On clean heads and face crops 3x the 30% cost lies
-# above the 60% one at the solution: their alignments came out the same.
+# INLIER_QUANTILE cost (a head pair while the head is over 30% of the input): with the `keep` fraction alone a
+# head with a torso kept torso pairs that pulled the pose off and let wrong poses win; on clean heads and face
+# crops the spread changes nothing (docs/benchmarks.md, "Engine tuning").
 INLIER_QUANTILE, INLIER_SPREAD = 0.3, 3.0
 # (input points, iterations, survivors (None: all), coarse template) of the stages before the fine ones
 COARSE_STAGES = [(250, 3, None, True), (500, 8, 24, True)]
 CROP_STAGES = [(250, 3, None, True), (500, 8, 8, True)]
 # Coverage (Aligner.coverage) is a median: face crops and holes leave up to half the face uncovered.
 COVER_QUANTILE, COVER_NEIGHBOURS = 0.5, 6
-# The crop search (~1.5-2 s on CPU) runs only when the whole-input result covers the face worse than this
-# (model metres). The mean head's own samples cover it to 0.1-0.3 mm, heads of random identities from the
-# model to 0.8-1.9 mm; the wrong poses of heads that were 12-45% of a figure or bust measured 3.9-29 mm.
+# The crop search (seconds on a CPU) runs only when the whole-input result covers the face worse than this
+# (model metres): between the coverage of right poses and of wrong ones (docs/benchmarks.md, "Engine tuning").
 # A real head above it only costs the crop search: the whole-input result still competes.
 COVER_OK = 0.0025
 # Crops: these fractions of the input's extent along its longest axis, at both ends. A head is ~0.33 m of a

@@ -220,8 +220,8 @@ def _bench_generate(session, head, cfg: BenchConfig, dev: torch.device) -> Row:
 
 def _bench_deform(session, head, cfg: BenchConfig, dev: torch.device) -> Row:
     # The first 50k vertices of the same 256^3 head on every device. The residual includes each canonical
-    # vertex's own |sdf| (marching cubes' chord error: p99 0.14 mm at 128^3, ~4x less at 256^3), so the row
-    # also reports that floor.
+    # vertex's own |sdf| (marching cubes' chord error, docs/benchmarks.md "Engine tuning"), so the row also
+    # reports that floor.
     _, mesh = session.generate({"head": head.to_dict(), "resolution": 256}, {})
     canonical = mesh["canonical"]
     reps = math.ceil(cfg.deform_vertices / len(canonical))

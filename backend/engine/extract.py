@@ -322,7 +322,7 @@ def _final_level(sdf_fn: SdfFn, grid: Grid, cells: torch.Tensor, corner_values: 
     keys, inverse = torch.unique(_keys(cells[:, None, :] * 2 + off, shape), return_inverse=True)
     n = keys.shape[0]
     # votes by scatter, not boolean-mask indexing (each mask index is a host sync); scatter_add_, not index_put_
-    # with accumulate, which sorts the indices on CUDA (0.9 ms of a 256^3 extraction's 14 ms of kernels)
+    # with accumulate, which sorts the indices on CUDA (its cost: docs/benchmarks.md, "Engine tuning")
     flat = inverse.reshape(-1)
     neg_votes = torch.zeros(n, dtype=torch.int32, device=dev).scatter_add_(
         0, flat, (cert & cert_neg).reshape(-1).int()) > 0

@@ -49,7 +49,7 @@ except ImportError:  # CPU-only installs: the torch path is used
 SKIP_WEIGHT = {False: 1e-5, True: 1e-9}  # by `precise` (see the module docstring)
 BLOCK = 64
 NUM_WARPS = 4
-FUSION_BLOCK = 32  # fusion kernel: 0.61 ms on 487k points (H100; 16: 0.84, 64: 1.16, torch: 1.09)
+FUSION_BLOCK = 32  # the fusion kernel's fastest block (docs/benchmarks.md, "Engine tuning")
 ENC_PAD = 64
 BRICK = 0.002  # Morton-order cell (m): consecutive points, hence a kernel block's, lie within a few mm
 HIDDEN_PAD = 128

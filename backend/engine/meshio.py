@@ -1,5 +1,9 @@
-"""Mesh files: OBJ and PLY readers (ASCII and binary PLY), binary little-endian PLY writer with named
-per-vertex attribute columns.
+"""Mesh files: OBJ and PLY readers (ASCII and binary PLY); writers for binary little-endian PLY with named
+per-vertex attribute columns, Wavefront OBJ and binary glTF 2.0 (.glb). `write_mesh` picks the writer from the
+file's extension (MESH_FORMATS).
+
+OBJ and glTF carry what those formats define: positions, normals, UVs (`uv`) and triangles; the other
+attribute columns (canonical, template, region, ...) exist only in the PLY.
 
 The writer stores each attribute array as scalar vertex properties: an (N,) array `region` becomes
 `property int region`; an (N,k) array `canonical` becomes `canonical_x canonical_y canonical_z` (k = 3) or
@@ -9,7 +13,9 @@ Faces are `property list uchar int vertex_indices`. `read_ply` returns those col
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,7 @@ _PLY_TYPES = {
 _NP_TO_PLY = {"f4": "float", "f8": "double", "i4": "int", "u4": "uint", "u1": "uchar", "i1": "char", "i2": "short",
               "u2": "ushort"}
 _SUFFIXES = {2: ["u", "v"], 3: ["x", "y", "z"]}
+MESH_FORMATS = (".ply", ".obj", ".glb")
 
 
 @dataclass
@@ -239,3 +246,107 @@ def write_ply(path: str | Path, vertices: np.ndarray, faces: np.ndarray, attribu
         f.write(header.encode("ascii"))
         f.write(rows.tobytes())
         f.write(face_rows.tobytes())
+
+
+def write_mesh(path: str | Path, vertices: np.ndarray, faces: np.ndarray, attributes: dict[str, np.ndarray]) -> None:
+    """Write by extension: .ply (every attribute column), .obj or .glb (normals and uv only)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".ply":
+        write_ply(path, vertices, faces, attributes)
+    elif suffix == ".obj":
+        write_obj(path, vertices, faces, attributes.get("normals"), attributes.get("uv"))
+    elif suffix == ".glb":
+        write_glb(path, vertices, faces, attributes.get("normals"), attributes.get("uv"))
+    else:
+        raise errors.InvalidInput(f"{path}: unsupported mesh format {suffix or '(none)'!r}; use "
+                                  f"{', '.join(MESH_FORMATS)}")
+
+
+def write_obj(path: str | Path, vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray | None = None,
+              uv: np.ndarray | None = None) -> None:
+    """Wavefront OBJ: `v`, then `vt` and `vn` when given (one per vertex), then 1-based triangles `f`."""
+    vertices = np.asarray(vertices, np.float64).reshape(-1, 3)
+    tris = np.asarray(faces, np.int64).reshape(-1, 3) + 1
+    with open(path, "w") as f:
+        f.write(f"# imhead: {len(vertices)} vertices, {len(tris)} triangles\n")
+        np.savetxt(f, vertices, fmt="v %.7g %.7g %.7g")
+        if uv is not None:
+            np.savetxt(f, np.asarray(uv, np.float64).reshape(-1, 2), fmt="vt %.7g %.7g")
+        if normals is not None:
+            np.savetxt(f, np.asarray(normals, np.float64).reshape(-1, 3), fmt="vn %.6g %.6g %.6g")
+        if uv is not None and normals is not None:
+            np.savetxt(f, np.repeat(tris, 3, axis=1), fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")
+        elif uv is not None:
+            np.savetxt(f, np.repeat(tris, 2, axis=1), fmt="f %d/%d %d/%d %d/%d")
+        elif normals is not None:
+            np.savetxt(f, np.repeat(tris, 2, axis=1), fmt="f %d//%d %d//%d %d//%d")
+        else:
+            np.savetxt(f, tris, fmt="f %d %d %d")
+
+
+_GLB_MAGIC, _GLB_JSON, _GLB_BIN = 0x46546C67, 0x4E4F534A, 0x004E4942  # "glTF", "JSON", "BIN\0"
+_ARRAY_BUFFER, _ELEMENT_ARRAY_BUFFER = 34962, 34963
+_FLOAT, _UNSIGNED_INT = 5126, 5125
+
+
+def write_glb(path: str | Path, vertices: np.ndarray, faces: np.ndarray, normals: np.ndarray | None = None,
+              uv: np.ndarray | None = None) -> None:
+    """Binary glTF 2.0: one mesh of one indexed triangle primitive (POSITION, NORMAL and TEXCOORD_0 when
+    given, uint32 indices) in one node. glTF's frame is ours (metres, +Y up, facing +Z); its UV origin is the
+    top left, so v is flipped."""
+    attributes = {"POSITION": np.asarray(vertices, np.float32).reshape(-1, 3)}
+    if normals is not None:
+        n = np.asarray(normals, np.float64).reshape(-1, 3)
+        length = np.linalg.norm(n, axis=1, keepdims=True)
+        attributes["NORMAL"] = np.where(length > 0, n / np.where(length > 0, length, 1), [0.0, 0.0, 1.0]).astype(
+            np.float32)
+    if uv is not None:
+        t = np.asarray(uv, np.float32).reshape(-1, 2).copy()
+        t[:, 1] = 1.0 - t[:, 1]
+        attributes["TEXCOORD_0"] = t
+    indices = np.asarray(faces, np.uint32).reshape(-1)
+    blobs: list[bytes] = []
+    views: list[dict] = []
+    accessors: list[dict] = []
+    offset = 0
+
+    def add(arr: np.ndarray, kind: str, component: int, target: int, bounds: bool = False) -> int:
+        nonlocal offset
+        data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        views.append({"buffer": 0, "byteOffset": offset, "byteLength": len(data), "target": target})
+        accessor = {"bufferView": len(views) - 1, "componentType": component, "count": int(arr.shape[0]),
+                    "type": kind}
+        if bounds and arr.shape[0]:
+            accessor["min"] = [float(v) for v in arr.min(axis=0)]
+            accessor["max"] = [float(v) for v in arr.max(axis=0)]
+        accessors.append(accessor)
+        pad = -len(data) % 4
+        blobs.append(data + b"\0" * pad)
+        offset += len(data) + pad
+        return len(accessors) - 1
+
+    kinds = {"POSITION": "VEC3", "NORMAL": "VEC3", "TEXCOORD_0": "VEC2"}
+    primitive_attributes = {name: add(arr, kinds[name], _FLOAT, _ARRAY_BUFFER, bounds=name == "POSITION")
+                            for name, arr in attributes.items()}
+    index_accessor = add(indices, "SCALAR", _UNSIGNED_INT, _ELEMENT_ARRAY_BUFFER)
+    gltf = {
+        "asset": {"version": "2.0", "generator": "imhead"},
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0, "name": "imhead"}],
+        "meshes": [{"name": "imhead", "primitives": [{"attributes": primitive_attributes, "indices": index_accessor,
+                                                      "mode": 4}]}],
+        "accessors": accessors,
+        "bufferViews": views,
+        "buffers": [{"byteLength": offset}],
+    }
+    text = json.dumps(gltf, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 4)  # chunks are 4-byte aligned; JSON pads with spaces
+    body = b"".join(blobs)
+    total = 12 + 8 + len(text) + 8 + len(body)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<III", _GLB_MAGIC, 2, total))
+        f.write(struct.pack("<II", len(text), _GLB_JSON))
+        f.write(text)
+        f.write(struct.pack("<II", len(body), _GLB_BIN))
+        f.write(body)

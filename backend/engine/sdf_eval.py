@@ -176,7 +176,7 @@ class HeadSdf:
         # dense mode with float16 hidden layers on CUDA: the fused Triton kernel (engine/fused_sdf.py, float16
         # operands throughout) instead of the per-layer products
         self.fused = None
-        if fused and hidden_dtype != torch.float32:  # triton loads only here (~0.14 s of a CPU cold start)
+        if fused and hidden_dtype != torch.float32:  # triton loads only here (it costs a CPU cold start time)
             from . import fused_sdf
 
             if fused_sdf.supported(model, k.device):

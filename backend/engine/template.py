@@ -58,9 +58,9 @@ def closest_point_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return torch.stack(bary, -1)
 
 
-GPU_CHUNK = 1 << 17  # points per MeshIndex pass on a GPU (bounds the candidate arrays: ~0.5 GB)
+GPU_CHUNK = 1 << 17  # points per MeshIndex pass on a GPU (bounds the candidate arrays)
 # points per TemplateIndex pass on a GPU: a 512^3 head's ~500k vertices at once (a pass launches some hundreds of
-# kernels; its arrays: +3.1 GB at 503k points on the H100, 0.77 GB at 126k)
+# kernels; the memory this takes: docs/benchmarks.md, "Engine tuning")
 TEMPLATE_GPU_CHUNK = 1 << 19
 
 
@@ -149,7 +149,7 @@ class MeshIndex:
                 d[pick].double().cpu().numpy())
 
 
-LEAF = 4  # triangles per TriangleTree leaf (measured on a head's 31k template positions: 4 was fastest of 4/8/16)
+LEAF = 4  # triangles per TriangleTree leaf: the fastest of 4/8/16 (docs/benchmarks.md, "Engine tuning")
 
 
 class TriangleTree:
@@ -287,8 +287,7 @@ class TemplateIndex:
         last = self._last
         if last is None or last[0].shape != points.shape or not np.array_equal(last[0], points):
             # one chunk at a time (bounds the candidate arrays); on CPU each op on torch's threads: chunks on
-            # parallel threads (cpu.thread_map) measured no faster (0.15-0.27 s against 0.14-0.22 s for a 128^3
-            # head's 31k points on the 2-core machine)
+            # parallel threads (cpu.thread_map) were no faster (docs/benchmarks.md, "Engine tuning")
             step = chunk if self.device.type == "cpu" else TEMPLATE_GPU_CHUNK
             parts = [self._closest_chunk(points[s : s + step]) for s in range(0, len(points), step)]
             answer = tuple(np.concatenate(a) for a in zip(*parts)) if parts else \
@@ -312,7 +311,7 @@ class TemplateIndex:
         """ICT-layout UV (N,2) float32 of each point's closest template point, and that point's UV island."""
         face, bary, _ = self.closest(points)
         corner_uv = self.atlas.uv[face].astype(np.float64)  # (N, corner, 2)
-        # corner by corner: numpy's sum over a length-3 axis took 40 ms for 126k points on the H100 host
+        # corner by corner: numpy's sum over a length-3 axis is slower (docs/benchmarks.md, "Engine tuning")
         uv = bary[:, 0:1] * corner_uv[:, 0] + bary[:, 1:2] * corner_uv[:, 1] + bary[:, 2:3] * corner_uv[:, 2]
         return uv.astype(np.float32), self.face_island[face]
 

@@ -166,7 +166,7 @@ def fit_latents(
     selection = minibatches(point_ids.numpy(), total_steps, n_batch, seed).to(dev)  # one host -> device copy
 
     # Flush denormals on the CPU: fits of some heads (an ICT held-out identity) reach denormal activations or
-    # gradients, which made steps 60x slower (8 s instead of 0.13 s at 1024 points on 2 cores).
+    # gradients, which made steps many times slower (docs/benchmarks.md, "Engine tuning").
     flush = dev.type == "cpu" and torch.set_flush_denormal(True)
     was_training = model.training
     model.eval()

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Steps of one GPU session on the lent device machine (see docs/gpu_notes.md). The machine re-syncs the
-# repository tree at every call and deletes ignored folders that are not carried, so a background run keeps
-# its checkpoint outside the tree (/tmp/imhead) and every call copies it to $OUT.
-#   bash tools/device_session.sh start CKPT MINUTES SCHEDULE_MINUTES   # resume CKPT (carried) in the background
-#   bash tools/device_session.sh wait SECONDS                           # until the run ends or SECONDS pass
-#   bash tools/device_session.sh export                                 # final checkpoint -> weights/ and $OUT
+# Steps of one GPU session on the lent device machine (see docs/dev/gpu_notes.md and docs/dev/lent_machines.md).
+# The machine re-syncs the repository tree at every call and deletes ignored folders that are not carried, so a
+# background run keeps its checkpoint outside the tree (/tmp/imhead) and every call copies it to $OUT.
+#   bash docs/dev/device_session.sh start CKPT MINUTES SCHEDULE_MINUTES  # resume CKPT (carried) in the background
+#   bash docs/dev/device_session.sh wait SECONDS                          # until the run ends or SECONDS pass
+#   bash docs/dev/device_session.sh export                                # final checkpoint -> weights/ and $OUT
 set -u
 WORK=/tmp/imhead
 case "$1" in
