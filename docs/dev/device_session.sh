@@ -1,37 +1,47 @@
 #!/usr/bin/env bash
-# Steps of one GPU session on the lent device machine (see docs/dev/gpu_notes.md and docs/dev/lent_machines.md).
-# The machine re-syncs the repository tree at every call and deletes ignored folders that are not carried, so a
-# background run keeps its checkpoint outside the tree (/tmp/imhead) and every call copies it to $OUT.
-#   bash docs/dev/device_session.sh start CKPT MINUTES SCHEDULE_MINUTES  # resume CKPT (carried) in the background
-#   bash docs/dev/device_session.sh wait SECONDS                          # until the run ends or SECONDS pass
-#   bash docs/dev/device_session.sh export                                # final checkpoint -> weights/ and $OUT
+# Steps of one GPU piece on the lent device machine (docs/dev/gpu_notes.md). The committed training state
+# (training_state/run, resumed and replaced by every piece) travels with the tree; the machine re-syncs the
+# tree at every call, so the background run keeps its checkpoint in /tmp/imhead and each call copies it to $OUT.
+#   bash docs/dev/device_session.sh start MINUTES SCHEDULE_MINUTES  # resume training_state/run in the background
+#   bash docs/dev/device_session.sh wait SECONDS                     # until the run ends or SECONDS pass
+#   bash docs/dev/device_session.sh eval IDENTITIES                  # export the checkpoint, eval it and the shipped weights
 set -u
 WORK=/tmp/imhead
+export PYTHONPATH=$PWD
 case "$1" in
 start)
     mkdir -p "$WORK"
     rm -rf "$WORK/run"
-    cp -r "$2" "$WORK/run"
-    cp "$2.log.jsonl" "$WORK/run.log.jsonl" 2>/dev/null || true
-    setsid nohup python -m backend.train.train --data ict --ckpt "$WORK/run" --minutes "$3" --save-every 2 \
-        --schedule-minutes "$4" --batch 16 --lr 5e-4 --code-lr 5e-3 --topk 0 >"$WORK/train.out" 2>&1 </dev/null &
+    cp -r training_state/run "$WORK/run"
+    cp training_state/run.log.jsonl "$WORK/run.log.jsonl"
+    setsid nohup python -m backend.train.train --data ict --ict .data/ict.safetensors --ckpt "$WORK/run" \
+        --minutes "$2" --save-every 3 --schedule-minutes "$3" --batch 16 --lr 3e-4 --code-lr 5e-3 --topk 0 \
+        --step analytic --identities encoder --compile >"$WORK/train.out" 2>&1 </dev/null &
     echo $! >"$WORK/train.pid"
-    sleep 60
-    tail -n 2 "$WORK/train.out"
+    sleep 90
+    tail -n 3 "$WORK/train.out"
+    nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv
     ;;
 wait)
     end=$((SECONDS + $2))
     while kill -0 "$(cat "$WORK/train.pid")" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
     kill -0 "$(cat "$WORK/train.pid")" 2>/dev/null && echo "training still running" || echo "training ended"
-    tail -n 1 "$WORK/train.out"
+    tail -n 2 "$WORK/train.out"
     mkdir -p "$OUT/run"
     cp "$WORK"/run/*.safetensors "$OUT/run/" || { sleep 5; cp "$WORK"/run/*.safetensors "$OUT/run/"; }
     cp "$WORK/run.log.jsonl" "$OUT/"
     ;;
-export)
-    python -m backend.train.export --ckpt "$WORK/run" --out weights/imhead.safetensors
-    mkdir -p "$OUT/weights"
-    cp weights/imhead.safetensors weights/imhead.safetensors.sha256 "$OUT/weights/"
+eval)
+    mkdir -p "$WORK/new" "$OUT/weights"
+    cp weights/*.safetensors weights/*.sha256 weights/MODEL_CARD.md "$WORK/new/"
+    python -m backend.train.export --ckpt "$WORK/run" --out "$WORK/new/imhead.safetensors"
+    cp "$WORK/new/imhead.safetensors" "$WORK/new/imhead.safetensors.sha256" "$OUT/weights/"
+    for w in new old; do
+        dir="$WORK/new"; [ "$w" = old ] && dir=weights
+        python -m backend eval --ict .data/ict.safetensors --weights "$dir" --identities "$2" --expressions 1 \
+            --steps 300 --resolution 256 --batch-points 2048 --samples 200000 --locality-regions 3 \
+            --json "$OUT/eval_$w.json" | tail -n 12
+    done
     ;;
 *)
     echo "unknown step $1" >&2
