@@ -71,8 +71,8 @@ def test_deform_caches_vertex_sdf_per_mesh(session, generated, monkeypatch):
     canon = arrays["canonical"][:400]
     expr = _expressions(session)
     calls = []
-    real = session.vertex_sdf
-    monkeypatch.setattr(session, "vertex_sdf", lambda *a: calls.append(1) or real(*a))
+    real = session.vertex_sdf_path
+    monkeypatch.setattr(session, "vertex_sdf_path", lambda *a: calls.append(1) or real(*a))
     out1, res1 = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr})
     out2, res2 = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr[1:]})
     assert len(calls) == 1
@@ -88,8 +88,8 @@ def test_posed_generate_leaves_its_vertex_sdf_for_deform(session, monkeypatch):
     assert params["stats"]["deform"]["non_converged"] == 0
     canon, expr = arrays["canonical"], _expressions(session)
     calls = []
-    real = session.vertex_sdf
-    monkeypatch.setattr(session, "vertex_sdf", lambda *a: calls.append(1) or real(*a))
+    real = session.vertex_sdf_path
+    monkeypatch.setattr(session, "vertex_sdf_path", lambda *a: calls.append(1) or real(*a))
     _, res = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr})
     assert not calls  # posing the generated mesh left the SDF at its vertices
     session._vertex_sdf_cache.clear()

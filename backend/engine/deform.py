@@ -230,19 +230,70 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
 
 
 def solve_continued(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch.Tensor, n_frames: int,
-                    steps: int | torch.Tensor, **kwargs) -> DeformResult:
+                    steps: int | torch.Tensor, path_points: torch.Tensor | None = None, **kwargs) -> DeformResult:
     """solve() along the path t = 1/steps, 2/steps, ..., 1 of expressions t x e, each solve starting from the
     last one's positions (make_warp(t): the warp of the expressions scaled by t). Where surfaces that touch in
     the canonical head part (lips under jawOpen), the backward warp has several roots near a contact point, and
     a start from x_c can land on the other side's; following the path keeps each point on its own side.
     `steps` per frame ((T,) tensor): frame i follows its own path, t_i = min(1, k / steps_i) as a (T, 1)
     tensor, so a frame's pose does not depend on the other frames of its request (a bake equals live poses).
-    Iterations and stats are summed over the steps."""
-    per_frame = isinstance(steps, torch.Tensor)
-    total_steps = int(steps.max()) if per_frame else steps
-    result, start, total, iters = None, None, {}, 0
+    Iterations and stats are summed over the steps.
+
+    path_points: optional (N,) bool, the points that follow the path (those near a contact); every other point
+    is solved once at the full weights, and any of them not converged in some frame follows the path after all
+    (each point's solve is its own, so the path points get what the whole set would; docs/surface.md measures
+    that the others land on the same roots). Iterations: the larger of the two parts'."""
+    if path_points is not None:
+        path = path_points.to(device=x_c.device, dtype=torch.bool)
+        if path.shape != (x_c.shape[0],):
+            raise ValueError(f"path_points: shape {tuple(path.shape)} for {x_c.shape[0]} points")
+        if (int(steps.max()) if isinstance(steps, torch.Tensor) and steps.numel() else steps) > 1 \
+                and not bool(path.all()):
+            return _solve_split(make_warp, x_c, n_frames, steps, path, kwargs)
+    return _solve_path(make_warp, x_c, n_frames, steps, **kwargs)
+
+
+def _solve_split(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch.Tensor, n_frames: int,
+                 steps: int | torch.Tensor, path: torch.Tensor, kwargs: dict) -> DeformResult:
+    """solve_continued with path_points: one solve at the full weights for the other points, the path for the
+    path points and for those of the others not converged in some frame."""
+    if isinstance(steps, torch.Tensor):
+        full: float | torch.Tensor = (steps / steps).to(device=x_c.device, dtype=torch.float32).clamp(max=1.0)[:, None]
+    else:
+        full = 1.0  # the path's last t, exactly
+    rest = torch.nonzero(~path).squeeze(1)
+    direct = solve(make_warp(full), x_c[rest], n_frames, **kwargs)
+    redo = ~direct.converged.all(0)
+    keep, follow = rest[~redo], torch.sort(torch.cat([torch.nonzero(path).squeeze(1), rest[redo]])).values
+    cont = _solve_path(make_warp, x_c[follow], n_frames, steps, **kwargs) if follow.numel() else None
+    n = x_c.shape[0]
+    vertices = x_c.new_empty((n_frames, n, 3))
+    residual = x_c.new_empty((n_frames, n))
+    converged = torch.empty((n_frames, n), dtype=torch.bool, device=x_c.device)
+    root = x_c.new_empty((n_frames, n, 3))
+    parts = [(keep, direct, torch.nonzero(~redo).squeeze(1))]
+    if cont is not None:
+        parts.append((follow, cont, torch.arange(follow.numel(), device=x_c.device)))
+    for idx, res, sel in parts:  # points idx of the whole set are points sel of that part
+        assert res.root_vector is not None
+        vertices[:, idx], residual[:, idx] = res.vertices[:, sel], res.root_residual[:, sel]
+        converged[:, idx], root[:, idx] = res.converged[:, sel], res.root_vector[:, sel]
+    stats = dict(direct.stats or {})
+    for key, value in ((cont.stats or {}) if cont is not None else {}).items():
+        stats[key] = stats.get(key, 0) + value
+    stats["path_points"] = int(follow.numel())
+    iters = max(direct.iterations, cont.iterations if cont is not None else 0)
+    return DeformResult(vertices, residual, converged, iters, root, stats)
+
+
+def _solve_path(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch.Tensor, n_frames: int,
+                steps: int | torch.Tensor, **kwargs) -> DeformResult:
+    """solve_continued for every point."""
+    total_steps = int(steps.max()) if isinstance(steps, torch.Tensor) else steps
+    result, start, iters = None, None, 0
+    total: dict[str, int] = {}
     for k in range(1, total_steps + 1):
-        if per_frame:
+        if isinstance(steps, torch.Tensor):
             t = (k / steps.to(device=x_c.device, dtype=torch.float32)).clamp(max=1.0)[:, None]
             result = solve(make_warp(t), x_c, n_frames, start=start, **kwargs)
         else:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from .surface_metrics import unique_edges, vertex_components
+from .surface_metrics import edge_keys, unique_edges, vertex_components
 
 NEW = "_new"  # optional per-vertex bool array: True for every vertex a cut adds
 POSITIONS = ("vertices", "canonical")  # per-vertex arrays that are positions (a slit pulls their copies apart)
@@ -41,9 +41,10 @@ def _append(arrays: dict[str, np.ndarray], keys: list[str], a: np.ndarray, b: np
 
 def _edge_ids(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique edges (E,2) and each face's edge ids (F,3): edge j of a face joins corners j and j+1."""
-    pairs = np.sort(np.stack([faces, np.roll(faces, -1, axis=1)], axis=2), axis=2).reshape(-1, 2)
-    edges, inverse = np.unique(pairs, axis=0, return_inverse=True)
-    return edges, inverse.reshape(-1, 3)
+    faces = np.asarray(faces, np.int64)
+    n = int(faces.max()) + 1 if faces.size else 1
+    keys, inverse = np.unique(edge_keys(faces, np.roll(faces, -1, axis=1), n).ravel(), return_inverse=True)
+    return np.stack([keys // n, keys % n], axis=1), inverse.reshape(-1, 3)
 
 
 def cut_plane(arrays: dict[str, np.ndarray], point: np.ndarray, normal: np.ndarray,

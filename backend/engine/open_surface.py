@@ -28,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from .. import errors
 from ..data.atlas import Atlas
@@ -49,6 +50,9 @@ MOTION_CUTS = (
 STRETCH_CUT = 2.5  # an edge the expression would stretch beyond this factor is a bridge
 JUMP_SAMPLES = 16  # motion samples along a bridge edge (where its copies go: _motion_jump)
 MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut (the expression does not part them)
+# Vertices whose template point is within this of the MOTION_CUTS zones' template vertices follow the expression
+# path in the deform op (deform.solve_continued's path_points; docs/surface.md measures the margin)
+PATH_MARGIN = 0.005
 
 
 Motion = Callable[[np.ndarray, str], np.ndarray]  # (canonical points (P,3), expression) -> displacement (P,3)
@@ -86,6 +90,21 @@ class SurfaceOpener:
         if normal[1] < 0:
             normal = -normal
         return centre + NECK_MARGIN * normal, normal
+
+    @cached_property
+    def _path_tree(self) -> cKDTree:
+        names = list(self.atlas.names)
+        ids = sorted({names.index(r) for _, zone, _, _ in MOTION_CUTS for r in zone})
+        return cKDTree(np.asarray(self.atlas.vertices, np.float64)[np.isin(self.atlas.region, ids)])
+
+    def path_points(self, template: np.ndarray) -> np.ndarray:
+        """(N,) bool: the vertices with template positions (N,3) that the deform op solves along the expression
+        path (deform.solve_continued's path_points): within PATH_MARGIN of the template's vertices of the zones
+        that MOTION_CUTS opens (lips, mouth, lids, eyeballs), where the backward warp has several roots."""
+        if not len(template):
+            return np.zeros(0, bool)
+        dist, _ = self._path_tree.query(np.asarray(template, np.float64), distance_upper_bound=PATH_MARGIN)
+        return np.isfinite(dist)
 
     def apply(self, arrays: dict[str, np.ndarray], closest_face: np.ndarray, closest_bary: np.ndarray,
               motion: Motion) -> tuple[dict[str, np.ndarray], OpenStats]:

@@ -29,7 +29,7 @@ from .sdf_reverse import ReverseWeights
 from .template import TemplateIndex, seam_faces
 from .tuning import (ALIGN_TEMPLATE_SAMPLES, CHUNKS, EXTRACT_CHUNKS, EXTRACT_COARSE_ERROR, EXTRACT_DROP_TOL,
                      EXTRACT_EXACT_BELOW, EXTRACT_HALF, EXTRACT_HALF_EXACT_BELOW, EXTRACT_LIPSCHITZ, EXTRACT_MODE,
-                     GRAD_CHUNKS, LIPSCHITZ, POINT_DROP_TOL, QUANTILE_MAX_VALUES, RESIDUAL_DROP_TOL, TOPK,
+                     GRAD_CHUNKS, LIPSCHITZ, PATH_POINTS, POINT_DROP_TOL, QUANTILE_MAX_VALUES, RESIDUAL_DROP_TOL, TOPK,
                      VERTEX_SDF_CACHE_SIZE, WARM_UP_POSE_VERTICES, WARM_UP_RESOLUTION, WARP_CHUNKS, for_device)
 
 if TYPE_CHECKING:  # fit and align load scipy: imported where fitting needs them, not by the handshake
@@ -67,6 +67,7 @@ class Session:
         self.extract_half = for_device(EXTRACT_HALF, kind)
         # the attribute pass through every region (no tolerance) as batched products over the region axis
         self.dense_attributes = kind == "cuda"
+        self.path_points_only = for_device(PATH_POINTS, kind)  # deform: the path for the lips' and lids' vertices only
         self.loaded = load_model(weights_dir, str(self.device), allow_untrained)
         self.model = self.loaded.model.eval().requires_grad_(False)
         self._slots: list[int] = self.model.slot.tolist()  # region -> local network (no device sync per use)
@@ -75,7 +76,7 @@ class Session:
         self.atlas = load_atlas(atlas_path if atlas_path is not None and atlas_path.exists() else None)
         self._template_index: TemplateIndex | None = None
         self._aligner: Aligner | None = None
-        self._vertex_sdf_cache: dict[tuple, torch.Tensor] = {}  # see cached_vertex_sdf
+        self._vertex_sdf_cache: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}  # see cached_vertex_sdf
         self.open_surfaces = True  # False: meshes as extracted (closed lips, the model's own neck bottom)
 
     # ------------------------------------------------------------------ names
@@ -268,9 +269,24 @@ class Session:
         with torch.no_grad():
             return torch.cat([sdf(x_c[s : s + self.chunk]) for s in range(0, len(x_c), self.chunk)])
 
-    def cached_vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """vertex_sdf, remembered for the last few (mesh, head) pairs: the add-on sends one deform request per
-        frame change of the same mesh, and at one frame per request the SDF would cost more than the solve."""
+    def vertex_sdf_path(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor
+                        ) -> tuple[torch.Tensor, np.ndarray]:
+        """vertex_sdf and, from the same features, which vertices follow the expression path in pose (their
+        template positions near the lips and lids: SurfaceOpener.path_points)."""
+        x_c = torch.as_tensor(canonical, device=self.device, dtype=torch.float32)
+        field = self.point_field(zr, k, self.residual_drop_tol)
+        sdf, tmpl = [], []
+        with torch.no_grad():
+            for s in range(0, len(x_c), self.chunk):
+                xs = x_c[s : s + self.chunk]
+                value, feat, _ = field.field(xs)
+                sdf.append(value)
+                tmpl.append(self.model.template_from_features(xs, feat).cpu())
+        template = torch.cat(tmpl).numpy() if tmpl else np.zeros((0, 3), np.float32)
+        return torch.cat(sdf) if sdf else x_c.new_zeros(0), self.surface_opener.path_points(template)
+
+    def _cached_sdf_path(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor
+                         ) -> tuple[torch.Tensor, np.ndarray]:
         key = (hashlib.sha1(np.ascontiguousarray(canonical, np.float32).tobytes()).hexdigest(),
                hashlib.sha1(zr.detach().cpu().numpy().tobytes() + k.detach().cpu().numpy().tobytes()).hexdigest(),
                self.topk)
@@ -278,8 +294,17 @@ class Session:
         if key not in cache:
             while len(cache) >= VERTEX_SDF_CACHE_SIZE:
                 cache.pop(next(iter(cache)))
-            cache[key] = self.vertex_sdf(canonical, zr, k)
+            cache[key] = self.vertex_sdf_path(canonical, zr, k)
         return cache[key]
+
+    def cached_vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """vertex_sdf, remembered for the last few (mesh, head) pairs: the add-on sends one deform request per
+        frame change of the same mesh, and at one frame per request the SDF would cost more than the solve."""
+        return self._cached_sdf_path(canonical, zr, k)[0]
+
+    def cached_path_points(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> np.ndarray:
+        """vertex_sdf_path's path points, remembered with cached_vertex_sdf."""
+        return self._cached_sdf_path(canonical, zr, k)[1]
 
     def pose(self, canonical: np.ndarray, z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor,
              expressions: np.ndarray, exact_residual: bool, canonical_sdf: torch.Tensor | None = None) -> dict:
@@ -291,9 +316,18 @@ class Session:
         Frames with an all-zero expression vector are not solved (their warp is exactly zero: x = x_c)."""
         x_c = torch.as_tensor(canonical, device=self.device, dtype=torch.float32)
         e = torch.as_tensor(expressions, device=self.device, dtype=torch.float32)
+        steps = deform.frame_continuation_steps(e)
+        path = None
+        # only the lips' and lids' vertices follow the path (see deform.solve_continued's path_points)
+        if self.path_points_only and steps.numel() and int(steps.max()) > 1:
+            if canonical_sdf is None and not exact_residual:
+                canonical_sdf, path_np = self.vertex_sdf_path(canonical, zr, k)
+            else:
+                path_np = self.cached_path_points(canonical, zr, k)
+            path = torch.as_tensor(path_np, device=self.device)
         # along the path 0 -> e (deform.solve_continued): where lips touch, a start at x_c finds the other lip's root
-        result = deform.solve_continued(lambda t: self.warp_fn(z_id, e * t), x_c, e.shape[0],
-                                        deform.frame_continuation_steps(e), zero_frames=(e == 0).all(1))
+        result = deform.solve_continued(lambda t: self.warp_fn(z_id, e * t), x_c, e.shape[0], steps,
+                                        path_points=path, zero_frames=(e == 0).all(1))
         T, N = e.shape[0], x_c.shape[0]
         with torch.no_grad():
             if exact_residual:  # the canonical point x + warp(x) is x_c + F

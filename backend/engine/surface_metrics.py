@@ -11,10 +11,20 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 
+def edge_keys(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """One int64 key per undirected edge (a, b) of vertices below n: min * n + max (sorting the keys sorts the
+    (min, max) pairs row by row; much faster than np.unique(axis=0) on rows)."""
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    return np.minimum(a, b) * n + np.maximum(a, b)
+
+
 def unique_edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Undirected edges (E,2) (sorted pairs) and how many faces use each (E,)."""
-    e = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
-    return np.unique(e, axis=0, return_counts=True)
+    """Undirected edges (E,2) (sorted pairs, in row order) and how many faces use each (E,)."""
+    faces = np.asarray(faces)
+    f = faces.astype(np.int64, copy=False)
+    n = int(f.max()) + 1 if f.size else 1
+    keys, counts = np.unique(edge_keys(f.ravel(), f[:, [1, 2, 0]].ravel(), n), return_counts=True)
+    return np.stack([keys // n, keys % n], axis=1).astype(faces.dtype, copy=False), counts
 
 
 def vertex_components(n: int, edges: np.ndarray) -> np.ndarray:

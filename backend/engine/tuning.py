@@ -24,6 +24,9 @@ CHUNKS = {"cpu": 1 << 13, "cuda": 1 << 18}  # points per network call: bounds (p
 GRAD_CHUNKS = {"cpu": 1 << 13, "cuda": 1 << 15}
 # Points per warp-network call in deform: on CPU small enough that the (points x 256) activations stay in cache
 WARP_CHUNKS = {"cpu": 1 << 12, "cuda": 1 << 18}
+# Deform: only the vertices near the lips and lids follow the expression path (deform.solve_continued's
+# path_points), the others are solved once at the full weights (docs/surface.md); CUDA: not measured, all follow it
+PATH_POINTS = {"cpu": True, "cuda": False}
 LIPSCHITZ = 2.5  # assumed |grad sdf| bound of the trained SDF (above the observed one; docs/benchmarks.md)
 # Extraction: floor of the per-cell Lipschitz bound (each cell uses max(floor, 1.25 x its own finite-difference
 # gradient norm), extract.py); it gives the same meshes as LIPSCHITZ on the trained heads with fewer points.
