@@ -23,13 +23,13 @@ from typing import Any, BinaryIO, Callable, Iterable, Protocol, TextIO
 import numpy as np
 
 from . import __version__, wire
-from .errors import BackendError, Cancelled
+from .errors import BackendError, Cancelled, InvalidInput
+from .payloads import CancelRequest, HandshakeRequest
+from .replies import CancelReply, HandshakeReply
 
 SESSION_OPS = ("generate", "deform", "edit", "fit", "fit_capture")
 # Handled by the server itself; "echo" returns its input unchanged (connection checks, transfer timing).
 CONTROL_OPS = ("handshake", "cancel", "shutdown", "echo")
-HANDSHAKE_FIELDS = {"backend_version": str, "torch_device": str, "model_name": str, "trained": bool,
-                    "regions": list, "expressions": list}
 EXIT_OK = 0
 EXIT_BROKEN_STREAM = 3
 PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress frames per second per request, unless the message changes
@@ -180,7 +180,7 @@ class Server:
         return None
 
     def _handshake(self, rid: int, params: dict[str, Any]) -> None:
-        theirs = params.get("protocol")
+        theirs = HandshakeRequest.from_dict(params).protocol
         if theirs != wire.PROTOCOL_VERSION:
             self._handshake_ok = False
             self._handshake_refusal = (f"the client speaks imhead protocol {theirs!r} but this backend "
@@ -192,9 +192,10 @@ class Server:
         self._enqueue(_Job(rid, "handshake", params, {}))
 
     def _cancel(self, rid: int, params: dict[str, Any]) -> None:
-        target = params.get("target")
-        if not wire.is_int(target):
-            self.send(wire.reply_error(rid, "invalid_input", "cancel needs params {\"target\": <request id>}"))
+        try:
+            target = CancelRequest.from_dict(params).target
+        except InvalidInput as exc:
+            self.send(wire.reply_error(rid, exc.code, str(exc)))
             return
         with self._cv:
             job = self._jobs.get(target)
@@ -207,7 +208,7 @@ class Server:
         if queued:
             self.send(wire.reply_error(target, Cancelled.code, "cancelled before it started"))
         state = "queued" if queued else "running" if job is not None else "unknown"
-        self.send(wire.reply_ok(rid, {"target": target, "state": state}))
+        self.send(wire.reply_ok(rid, CancelReply(target, state).to_dict()))
 
     def _enqueue(self, job: _Job) -> None:
         with self._cv:
@@ -309,11 +310,11 @@ class Server:
             return self._internal_error(job, exc), {}
 
     def _handshake_info(self) -> dict[str, Any]:
-        info = self._backend.info()
-        for key, typ in HANDSHAKE_FIELDS.items():
-            if not isinstance(info.get(key), typ):
-                raise TypeError(f"Session.info() field {key!r} must be {typ.__name__}, got {info.get(key)!r}")
-        return {**info, "protocol": wire.PROTOCOL_VERSION}
+        try:
+            reply = HandshakeReply.from_dict({**self._backend.info(), "protocol": wire.PROTOCOL_VERSION})
+        except InvalidInput as exc:  # the backend's fault, not the client's: an internal_error
+            raise TypeError(f"Session.info(): {exc}") from None
+        return reply.to_dict()
 
     def _send_reply(self, job: _Job, header: dict[str, Any], arrays: dict[str, Any]) -> None:
         try:

@@ -161,13 +161,6 @@ def encode_bytes(header: dict[str, Any], arrays: dict[str, Any] | None = None) -
     return b"".join(encode(header, arrays))
 
 
-def write_frame(stream: BinaryIO, header: dict[str, Any], arrays: dict[str, Any] | None = None) -> None:
-    """Encode completely before writing anything, so a bad message never leaves half a frame behind."""
-    for chunk in encode(header, arrays):
-        stream.write(chunk)
-    stream.flush()
-
-
 # ----------------------------------------------------------------------------------------------- decoding
 
 

@@ -15,7 +15,7 @@ import bpy
 import numpy as np
 
 from . import expressions, preferences
-from .client import BackendClient, BackendFailure, Future
+from .client import BackendClient, BackendFailure, Future, payloads
 
 OnSuccess = Callable[[dict, dict[str, np.ndarray]], None]
 OnFailure = Callable[[BackendFailure], None]
@@ -211,11 +211,12 @@ def client() -> BackendClient | None:
 
 # --- requests --------------------------------------------------------------------------------------------
 
-def submit(op: str, params: dict, arrays: dict[str, np.ndarray] | None, *, label: str,
-           on_success: OnSuccess, on_failure: OnFailure | None = None, object_name: str | None = None) -> Job:
-    """Send a request; never blocks. Callbacks run later on the main thread inside pump_backend()."""
+def submit(request: payloads.Payload, *, label: str, on_success: OnSuccess, on_failure: OnFailure | None = None,
+           object_name: str | None = None) -> Job:
+    """Send a typed request (backend/payloads.py); never blocks. Callbacks run later on the main thread inside
+    pump_backend()."""
     client = ensure_started()
-    future = client.submit(op, params, arrays)
+    future = client.submit_request(request)
     job = Job(future, label, object_name, on_success, on_failure)
     _state.jobs.append(job)
     future.add_done_callback(lambda _f, job=job: _finish(job))
@@ -343,6 +344,7 @@ def notice() -> str:
 
 
 def clear_error() -> None:
+    """Forget the last error (tests start a scenario with a clean panel)."""
     _state.last_error = ""
 
 

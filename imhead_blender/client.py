@@ -16,16 +16,16 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+# The codec (wire.py) and the ops' typed params (payloads.py, replies.py) are the backend's own, numpy-only modules
 if (Path(__file__).resolve().parent / "backend" / "wire.py").is_file():
-    from .backend import wire  # inside the built extension, backend/ is part of the add-on package
+    from .backend import errors, payloads, replies, wire  # in the built extension, backend/ is in the add-on
 else:
-    from backend import wire  # source checkout: backend/ sits beside imhead_blender/
+    from backend import errors, payloads, replies, wire  # source checkout: backend/ sits beside imhead_blender/
 
 STDERR_TAIL_LINES = 12
 KILL_GRACE_S = 2.0  # a backend told to stop gets this long before SIGKILL (a hung one gets none)
@@ -48,14 +48,7 @@ class BackendFailure(Exception):
         return f"BackendFailure({self.code!r}, {self.message!r})"
 
 
-@dataclass
-class Handshake:
-    protocol: int
-    backend_version: str
-    torch_device: str
-    model_name: str
-    trained: bool
-    info: dict
+Handshake = replies.HandshakeReply  # the handshake reply's fields; `info` holds every key sent
 
 
 class Future:
@@ -169,8 +162,8 @@ class BackendClient:
         ]
         for t in self._threads:
             t.start()
-        self._handshake_id = self._send("handshake", {"protocol": wire.PROTOCOL_VERSION}, None,
-                                        self.startup_timeout).request_id
+        self._handshake_id = self._send_payload(payloads.HandshakeRequest(wire.PROTOCOL_VERSION),
+                                                self.startup_timeout).request_id
 
     def alive(self) -> bool:
         return self._stopped is None and self._proc is not None and self._proc.poll() is None
@@ -200,7 +193,7 @@ class BackendClient:
             return
         hung = self.hung()
         if self.alive() and not hung:
-            self._send("shutdown", {}, None, timeout)
+            self._send_payload(payloads.ShutdownRequest(), timeout)
             self._outbox.put(None)  # the writer closes stdin after the shutdown frame
         self._stop(BackendFailure("not_running", "the backend was shut down; start() it again"),
                    BackendFailure("cancelled", "the backend was shut down"), 0.0 if hung else timeout)
@@ -209,8 +202,13 @@ class BackendClient:
     # ------------------------------------------------------------------------------------------- requests
 
     def submit(self, op: str, params: dict, arrays: dict[str, np.ndarray] | None = None) -> Future:
-        """Send a request; never blocks. A request that cannot be sent comes back as an already-failed future."""
+        """Send a request; never blocks. A request that cannot be sent comes back as an already-failed future.
+        The add-on's ops go through submit_request (typed); this raw form is for echo and tests."""
         return self._send(op, params, arrays, self.request_timeout)
+
+    def submit_request(self, request: payloads.Payload) -> Future:
+        """submit() for a typed request (backend/payloads.py): its op, params and arrays."""
+        return self._send_payload(request, self.request_timeout)
 
     def cancel(self, future: Future) -> None:
         """Abandon `future` now: it fails with "cancelled" at once (its callbacks run here) and the backend is
@@ -219,7 +217,7 @@ class BackendClient:
             return
         self._pending.pop(future.request_id, None)
         if self.alive():
-            self._send("cancel", {"target": future.request_id}, None, self.request_timeout)
+            self._send_payload(payloads.CancelRequest(future.request_id), self.request_timeout)
         self._ready += future._settle(failure=BackendFailure("cancelled", f"{future.op} was cancelled"))
         self._run_ready()
 
@@ -253,6 +251,9 @@ class BackendClient:
         return future.result()
 
     # ------------------------------------------------------------------------------------------- internals
+
+    def _send_payload(self, request: payloads.Payload, timeout: float) -> Future:
+        return self._send(request.OP, request.to_dict(), request.to_arrays() or None, timeout)
 
     def _send(self, op: str, params: dict, arrays: dict | None, timeout: float) -> Future:
         future = Future(next(self._ids), op, time.monotonic() + timeout)
@@ -310,6 +311,8 @@ class BackendClient:
         if future.request_id == self._handshake_id:
             self._apply_handshake(future, h.get("params"), failure)
             return
+        if failure is None:
+            failure = _check_reply(future.op, h["params"], msg.arrays)
         self._ready += future._settle(outcome=(h["params"], msg.arrays) if failure is None else None,
                                       failure=failure)
 
@@ -337,7 +340,7 @@ class BackendClient:
             self._ready += future._settle(failure=BackendFailure(
                 "timeout", f"{future.op} did not finish within {self.request_timeout:g} s"))
             if future.op not in ("cancel", "shutdown") and self.alive():
-                self._send("cancel", {"target": future.request_id}, None, self.request_timeout)
+                self._send_payload(payloads.CancelRequest(future.request_id), self.request_timeout)
         return len(late)
 
     def _report_death(self, now: float, now_or_never: bool = False) -> None:
@@ -452,12 +455,22 @@ def _last_error_line(lines, failed: bool) -> str:
     return last if failed else ""
 
 
+def _check_reply(op: str, params: dict, arrays: dict[str, np.ndarray]) -> BackendFailure | None:
+    """A reply without the fields its op promises (backend/replies.py) fails its request, not the callback."""
+    kind = replies.REPLIES.get(op)
+    try:
+        if kind is not None:
+            kind.from_dict(params, arrays)
+    except errors.InvalidInput as exc:
+        return BackendFailure("protocol_error", f"the backend's {op} reply is malformed: {exc}")
+    return None
+
+
 def _parse_handshake(p: dict) -> Handshake:
     if p.get("protocol") != wire.PROTOCOL_VERSION:
         raise BackendFailure("protocol_mismatch", f"the backend speaks protocol {p.get('protocol')!r}, this add-on "
                                                   f"speaks {wire.PROTOCOL_VERSION}")
-    fields = {"backend_version": str, "torch_device": str, "model_name": str, "trained": bool}
-    for key, typ in fields.items():
-        if not isinstance(p.get(key), typ):
-            raise BackendFailure("protocol_error", f"handshake field {key!r} must be {typ.__name__}")
-    return Handshake(p["protocol"], p["backend_version"], p["torch_device"], p["model_name"], p["trained"], p)
+    try:
+        return replies.HandshakeReply.from_dict(p)
+    except errors.InvalidInput as exc:
+        raise BackendFailure("protocol_error", str(exc)) from None

@@ -17,6 +17,7 @@ import bpy
 import numpy as np
 
 from . import axes, backend_service, mesh_build
+from .client import payloads
 
 # Points (frames x vertices) per request: a few seconds on 2 CPU cores (docs/benchmarks.md, "Engine tuning", has
 # the measurement and the bake rates), a small fraction of the backend's 20M limit.
@@ -82,7 +83,7 @@ def start(obj: bpy.types.Object, weights: np.ndarray, label: str, on_complete: O
 def _submit_next(chain: Chain) -> None:
     part = chain.weights[chain.done : chain.done + chain.chunk]
     chain.job = backend_service.submit(
-        "deform", {"head": chain.head}, {"canonical": chain.canonical, "expressions": part},
+        payloads.DeformRequest(chain.head, chain.canonical, part),
         label=f"{chain.label} ({chain.name}): {chain.done}/{chain.total} frames", object_name=chain.name,
         on_success=lambda params, arrays, c=chain: _chunk_done(c, arrays),
         on_failure=lambda exc, c=chain: _failed(c, exc))

@@ -18,6 +18,7 @@ import bpy
 import numpy as np
 
 from . import backend_service, head_objects, preferences, safetensors_read
+from .client import payloads
 
 COUNT = 12  # sliders (the first 12 directions hold 74% of the shipped identity variance)
 NAMES_FILE = "identity_directions.json"
@@ -152,7 +153,7 @@ def submit(obj: bpy.types.Object, spec: dict, label: str) -> None:
     name = obj.name
     _state.in_flight.add(name)
     try:
-        backend_service.submit("generate", {"head": spec, "resolution": obj.imhead.resolution}, None,
+        backend_service.submit(payloads.GenerateRequest(head=spec, resolution=obj.imhead.resolution),
                                label=f"{label} ({name})", object_name=name, on_success=partial(_apply, name),
                                on_failure=lambda _exc: _done(name))
     except backend_service.BackendUnavailable:

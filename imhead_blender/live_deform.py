@@ -15,6 +15,7 @@ import bpy
 import numpy as np
 
 from . import axes, expressions, mesh_build
+from .client import payloads
 
 CACHE_ENTRIES = 256
 KEY_DECIMALS = 4  # weights equal to 1e-4 give the same surface for all practical purposes
@@ -99,8 +100,7 @@ def _submit(obj: bpy.types.Object, weights: np.ndarray, on_success, label: str, 
     canonical = axes.blender_to_backend(mesh_build.read_point_vector(obj.data, mesh_build.CANONICAL))
     name = obj.name
     backend_service.submit(
-        "deform", {"head": head_objects.head_spec(obj)},
-        {"canonical": canonical, "expressions": np.ascontiguousarray(weights, dtype=np.float32)},
+        payloads.DeformRequest(head_objects.head_spec(obj), canonical, np.ascontiguousarray(weights, np.float32)),
         label=f"{label} ({name})", object_name=name, on_success=on_success, on_failure=on_failure)
 
 

@@ -12,6 +12,7 @@ import bpy
 import numpy as np
 
 from . import backend_service, head_objects, undo
+from .client import payloads
 from .properties import SLIDER_RANGE as SLIDER_LIMIT
 
 LOST_WITH_THE_PROCESS = ("backend_died", "cancelled")  # failure codes after which an edit is sent again
@@ -48,11 +49,11 @@ def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str, head: dict |
     lost with the process. `undo_step`: push one when the reply is applied (not for slider moves: their
     property change is the undo step)."""
     name = obj.name
-    params = {"head": head if head is not None else head_objects.head_spec(obj), "ops": ops,
-              "resolution": obj.imhead.resolution}
+    request = payloads.EditRequest(head if head is not None else head_objects.head_spec(obj), ops,
+                                   obj.imhead.resolution)
     _state.in_flight.add(name)  # before submitting: a request refused at once fails synchronously
     try:
-        return backend_service.submit("edit", params, None, label=f"{label} ({name})", object_name=name,
+        return backend_service.submit(request, label=f"{label} ({name})", object_name=name,
                                       on_success=partial(_apply, name, undo_step),
                                       on_failure=partial(_failed, name, set(retry_regions)))
     except backend_service.BackendUnavailable:

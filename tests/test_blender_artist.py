@@ -483,10 +483,10 @@ def scenario_artist(zip_path: str, out_dir: str) -> dict:
     sent = []
     real_submit = service.submit
 
-    def spy(op, params, arrays, **kw):
-        if op == "edit":
-            sent.append([o["region"] for o in params["ops"] if o["op"] == "pca"])
-        return real_submit(op, params, arrays, **kw)
+    def spy(request, **kw):
+        if request.OP == "edit":
+            sent.append([o["region"] for o in request.ops if o["op"] == "pca"])
+        return real_submit(request, **kw)
 
     service.submit = spy
     try:

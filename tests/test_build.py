@@ -52,7 +52,8 @@ def test_zip_layout(built_zip, repo_root, venv_python):
         info = json.loads(zf.read("build_info.json"))
     assert built_zip.name == "imhead-0.1.0.zip"
     for required in ("blender_manifest.toml", "__init__.py", "client.py", "build_info.json", "backend/__init__.py",
-                     "backend/__main__.py", "backend/wire.py", "backend/server.py", "backend/commands/serve.py"):
+                     "backend/__main__.py", "backend/wire.py", "backend/payloads.py", "backend/replies.py",
+                     "backend/server.py", "backend/commands/serve.py"):
         assert required in names, required
     assert not any(n.startswith(("imhead_blender/", "backend/train/")) or "/train/" in n for n in names)
     assert not any("__pycache__" in n or n.endswith((".pyc", ".pyo")) for n in names)
@@ -93,7 +94,8 @@ def test_build_is_reproducible(built_zip, repo_root, venv_python, tmp_path):
 
 def test_packaged_client_talks_to_the_packaged_backend(built_zip, venv_python, tmp_path):
     """Unzip as Blender would (a package folder), import the add-on's client from it — which must use the
-    bundled backend/wire.py — and run the bundled `python -m backend serve` with the bundled weights."""
+    bundled backend/wire.py and backend/payloads.py, without torch — and run the bundled `python -m backend
+    serve` with the bundled weights."""
     pkg = tmp_path / "imhead"
     with zipfile.ZipFile(built_zip) as zf:
         zf.extractall(pkg)
@@ -102,6 +104,8 @@ def test_packaged_client_talks_to_the_packaged_backend(built_zip, venv_python, t
         sys.path.insert(0, {str(tmp_path)!r})
         from imhead import client
         assert client.wire.__name__ == "imhead.backend.wire", client.wire.__name__
+        assert client.payloads.__name__ == "imhead.backend.payloads", client.payloads.__name__
+        assert "torch" not in sys.modules  # the shared payload modules are numpy-only
         c = client.BackendClient({venv_python!r}, {str(pkg)!r}, startup_timeout=120)
         c.start()
         params, arrays = c.wait(c.submit("echo", {{"x": 1}}, {{"a": client.np.arange(3)}}), 120)

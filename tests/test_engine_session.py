@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
-from backend import errors
+from backend import errors, replies
 from backend.engine.extract import extract_dense, extract_mesh
 from backend.engine.session import Session
 from backend.engine.tuning import EXTRACT_DROP_TOL, LIPSCHITZ, POINT_DROP_TOL
@@ -37,6 +37,7 @@ def generated(session):
 
 def test_generate_attributes(session, generated):
     params, arrays = generated
+    replies.HeadReply.from_dict(params, arrays)  # the typed reply the add-on checks
     n = len(arrays["vertices"])
     shapes = {"vertices": (n, 3), "canonical": (n, 3), "template": (n, 3), "normals": (n, 3), "uv": (n, 2),
               "region": (n,)}
@@ -151,6 +152,7 @@ def test_deform_identity_for_neutral_and_validation(session, generated):
     canon = arrays["canonical"][:500]
     expr = np.zeros((3, 53), np.float32)
     out, res = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr})
+    replies.DeformReply.from_dict(out, res)
     assert res["vertices"].shape == (3, 500, 3) and res["residual"].shape == (3, 500)
     assert res["converged"].dtype == np.uint8 and res["converged"].all()
     np.testing.assert_allclose(res["vertices"][1], canon, atol=1e-6)

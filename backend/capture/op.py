@@ -7,13 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import errors
-from ..engine import validate
-from ..engine.extract import check_resolution
 from ..engine.head import HeadSpec
+from ..payloads import FitCaptureRequest
 from .correspondence import template_vertices
 
-PARAMS = {"path", "resolution", "steps", "silhouette", "max_frames", "seed", "focal_px"}
 BACKGROUND_SPREAD = 12.0  # RGB levels: a border mostly this uniform (median) counts as a plain background
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background colour that counts as foreground
 
@@ -37,26 +34,17 @@ def run(session, params: dict, progress) -> tuple[dict, dict]:
     from . import landmarks, media
     from .fit import FitSettings, fit_capture
 
-    validate.keys(params, PARAMS, "fit_capture")
-    path = params.get("path")
-    if not isinstance(path, str) or not path:
-        raise errors.InvalidInput("fit_capture: 'path' must be the footage's file path")
-    resolution = check_resolution(params.get("resolution", 128))
-    settings = FitSettings(seed=validate.seed(params.get("seed", 0)))
-    if "steps" in params:
-        steps = params["steps"]
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= 5000:
-            raise errors.InvalidInput("fit_capture: 'steps' must be an integer in 0..5000")
-        settings.steps = steps
-    if "silhouette" in params:
-        if not isinstance(params["silhouette"], bool):
-            raise errors.InvalidInput("fit_capture: 'silhouette' must be true or false")
-        settings.silhouette = params["silhouette"]
-    if params.get("focal_px") is not None:  # known from the clip's camera; else estimated (fit.py)
-        settings.focal_px = validate.number(params["focal_px"], "focal_px", 1.0, 1e6)
-    max_frames = params.get("max_frames", media.MAX_FRAMES)
-    if not isinstance(max_frames, int) or isinstance(max_frames, bool) or not 1 <= max_frames <= media.MAX_FRAMES:
-        raise errors.InvalidInput(f"fit_capture: 'max_frames' must be an integer in 1..{media.MAX_FRAMES}")
+    request = FitCaptureRequest.from_dict(params)
+    path, resolution = request.path, request.resolution
+    assert resolution is not None and request.seed is not None and request.max_frames is not None  # defaults
+    settings = FitSettings(seed=request.seed)
+    if request.steps is not None:
+        settings.steps = request.steps
+    if request.silhouette is not None:
+        settings.silhouette = request.silhouette
+    if request.focal_px is not None:  # known from the clip's camera; else estimated (fit.py)
+        settings.focal_px = request.focal_px
+    max_frames = request.max_frames
 
     progress.report(0.0, f"reading {Path(path).name}")
     footage = media.load_footage(path, max_frames=max_frames)

@@ -46,6 +46,7 @@ import torch
 
 from .. import constants, errors
 from ..cpu import thread_map, thread_slices
+from ..payloads import check_resolution
 from .components import drop_small_pieces
 from .mc import CORNERS, EDGES, marching_cubes_cells, on_device
 
@@ -56,16 +57,6 @@ MIN_COMPONENT = 0.01  # pieces with fewer faces than this x the largest piece's 
 TOUCH_VOXELS = 2.0  # ... unless within this many voxels of a large piece (split off by an ambiguous cell)
 SLOPE_MARGIN = 1.25  # per-cell L is at least this x the steepest slope seen along the cell's own edges
 CHECK_DIVISIONS = 4  # cells up to this stride are tested at every fine lattice point inside them
-
-
-def check_resolution(resolution: object) -> int:
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
-        raise errors.InvalidInput(f"resolution must be an integer, got {resolution!r}")
-    if not 16 <= int(resolution) <= constants.MAX_RESOLUTION:
-        raise errors.InvalidInput(
-            f"resolution must be between 16 and {constants.MAX_RESOLUTION}, got {int(resolution)}"
-        )
-    return int(resolution)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from .template import MeshIndex
 ERROR_KEEP = 0.9
 NOT_A_HEAD_COVERAGE_M = 0.004
 NOT_A_HEAD_ERROR_MM = 5.0
-UNITS = {"m": 1.0, "cm": 0.01, "mm": 0.001, "in": 0.0254}
 OUTER_EXCLUDED = ("mouth interior", "left eyeball", "right eyeball")  # not on a scan's outer surface
 # Often hidden or reshaped in scans (hair, caps, collars, cut-off necks): not used as template -> input pairs.
 UNRELIABLE = ("crown", "occiput", "nape", "throat", "left parietal scalp", "right parietal scalp",
@@ -86,17 +85,6 @@ def input_samples(vertices: np.ndarray, faces: np.ndarray | None, normals: np.nd
         return sample_mesh(vertices, faces, n, rng)
     idx = rng.choice(len(vertices), min(n, len(vertices)), replace=False)
     return vertices[idx], None if normals is None else normals[idx]
-
-
-def units_scale(units: object) -> float | None:
-    """Metres per input unit, or None for "auto" (scale estimated by the alignment)."""
-    if units is None or units == "auto":
-        return None
-    if isinstance(units, str) and units in UNITS:
-        return UNITS[units]
-    if isinstance(units, (int, float)) and not isinstance(units, bool) and 1e-6 <= units <= 1e3:
-        return float(units)
-    raise errors.InvalidInput(f"units must be 'auto', one of {sorted(UNITS)} or metres per unit, got {units!r}")
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The engine operations' requests, validated: each `*Request.parse` checks an op's params and arrays (every
-failure an errors.InvalidInput naming what is wrong) and returns what the operation needs, typed."""
+"""The engine operations' requests, typed for the engine: each `*Request.parse` reads an op's params and arrays
+through backend/payloads.py (types, ranges, shapes) and then checks what needs the model (head, region and
+expression names, template vertex ids); every failure is an errors.InvalidInput naming what is wrong."""
 
 from __future__ import annotations
 
@@ -8,18 +9,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .. import constants, errors
+from .. import errors, payloads
 from . import validate
-from .extract import check_resolution
 from .head import HeadSpec, check_names
-from .tuning import (DEFAULT_RESOLUTION, EXPRESSION_RANGE, FIT_BUDGET, FIT_RESOLUTION, FIT_SAMPLES,
-                     MAX_DEFORM_POINTS, for_device)
+from .tuning import FIT_BUDGET, for_device
 
 HeadParser = Callable[[object], HeadSpec]  # Session.parse_head: a head dict, checked against the model's names
-MAX_FIT_STEPS = 5000
-FIT_BATCH_POINTS = (64, 65536)
-FIT_SAMPLES_RANGE = (100, 200_000)
-MIN_LANDMARKS = 3
 
 
 @dataclass(frozen=True)
@@ -30,24 +25,22 @@ class GenerateRequest:
 
     @classmethod
     def parse(cls, params: object, parse_head: HeadParser) -> GenerateRequest:
-        params = validate.keys(params, {"head", "seed", "resolution"}, "generate")
-        resolution = check_resolution(params.get("resolution", DEFAULT_RESOLUTION))
-        if params.get("head") is not None:
-            return cls(parse_head(params["head"]), None, resolution)
-        return cls(None, validate.seed(params.get("seed", 0)), resolution)
+        p = payloads.GenerateRequest.from_dict(params)
+        assert p.resolution is not None  # from_dict fills the default
+        return cls(None if p.head is None else parse_head(p.head), p.seed, p.resolution)
 
 
 @dataclass(frozen=True)
 class EditRequest:
     head: HeadSpec
-    ops: object  # checked op by op as edit.apply_ops applies them
+    ops: list[dict]  # checked op by op as edit.apply_ops applies them
     resolution: int
 
     @classmethod
     def parse(cls, params: object, parse_head: HeadParser) -> EditRequest:
-        params = validate.keys(params, {"head", "ops", "resolution"}, "edit")
-        resolution = check_resolution(params.get("resolution", DEFAULT_RESOLUTION))
-        return cls(parse_head(params.get("head")), params.get("ops"), resolution)
+        p = payloads.EditRequest.from_dict(params)
+        assert p.resolution is not None  # from_dict fills the default
+        return cls(parse_head(p.head), p.ops, p.resolution)
 
 
 @dataclass(frozen=True)
@@ -59,19 +52,8 @@ class DeformRequest:
 
     @classmethod
     def parse(cls, params: object, arrays: dict, parse_head: HeadParser) -> DeformRequest:
-        params = validate.keys(params, {"head", "exact_residual"}, "deform")
-        head = parse_head(params.get("head"))
-        exact = params.get("exact_residual", False)
-        if not isinstance(exact, bool):
-            raise errors.InvalidInput("exact_residual must be true or false")
-        canonical = validate.float_array(arrays, "canonical", (None, 3))
-        expr = validate.float_array(arrays, "expressions", (None, constants.N_EXPRESSIONS))
-        if expr.min() < EXPRESSION_RANGE[0] or expr.max() > EXPRESSION_RANGE[1]:
-            raise errors.InvalidInput(f"expression weights must lie in {list(EXPRESSION_RANGE)}")
-        if len(canonical) * len(expr) > MAX_DEFORM_POINTS:
-            raise errors.InvalidInput(f"{len(expr)} frames x {len(canonical)} vertices is more than "
-                                      f"{MAX_DEFORM_POINTS} points per request; send fewer frames at a time")
-        return cls(head, exact, canonical, expr)
+        p = payloads.DeformRequest.from_dict(params, arrays)
+        return cls(parse_head(p.head), bool(p.exact_residual), p.canonical, p.expressions)
 
 
 @dataclass(frozen=True)
@@ -92,53 +74,33 @@ class FitRequest:
     @classmethod
     def parse(cls, params: object, arrays: dict, device_type: str, region_names: Sequence[str],
               region_anchors: np.ndarray, template_vertices: np.ndarray) -> FitRequest:
-        from .fit import units_scale  # fit loads scipy: imported where fitting needs it, not by the handshake
-
-        params = validate.keys(params, {"units", "resolution", "steps", "batch_points", "use_normals",
-                                        "fit_expression", "landmark_vertices", "landmark_regions", "seed",
-                                        "samples"}, "fit")
-        resolution = check_resolution(params.get("resolution", FIT_RESOLUTION))
+        p = payloads.FitRequest.from_dict(params, arrays)
         default_steps, default_batch, default_normals = for_device(FIT_BUDGET, device_type)
-        steps = validate.integer(params.get("steps", default_steps), "steps", 0, MAX_FIT_STEPS)
-        batch_points = validate.integer(params.get("batch_points", default_batch), "batch_points", *FIT_BATCH_POINTS)
-        use_normals = params.get("use_normals", default_normals)
-        samples = validate.integer(params.get("samples", FIT_SAMPLES), "samples", *FIT_SAMPLES_RANGE)
-        seed = validate.seed(params.get("seed", 0))
-        fit_expression = params.get("fit_expression", True)
-        if not isinstance(fit_expression, bool) or not isinstance(use_normals, bool):
-            raise errors.InvalidInput("fit_expression and use_normals must be true or false")
-        fixed_scale = units_scale(params.get("units", "auto"))
-        points = validate.float_array(arrays, "points", (None, 3))
-        faces = validate.index_array(arrays, "faces", len(points))
-        normals = validate.float_array(arrays, "normals", (len(points), 3), required=False)
-        landmarks = parse_landmarks(params, arrays, region_names, region_anchors, template_vertices)
-        return cls(resolution, steps, batch_points, use_normals, samples, seed, fit_expression, fixed_scale, points,
-                   faces, normals, landmarks)
+        landmarks = None
+        if p.landmarks is not None:
+            landmarks = model_landmarks(p.landmarks, p.landmark_vertices, p.landmark_regions, region_names,
+                                        region_anchors, template_vertices)
+        assert p.resolution is not None and p.samples is not None and p.seed is not None  # filled by from_dict
+        return cls(p.resolution, default_steps if p.steps is None else p.steps,
+                   default_batch if p.batch_points is None else p.batch_points,
+                   default_normals if p.use_normals is None else p.use_normals, p.samples, p.seed,
+                   bool(p.fit_expression), p.fixed_scale, p.points, p.faces, p.normals, landmarks)
 
 
-def parse_landmarks(params: dict, arrays: dict, region_names: Sequence[str], region_anchors: np.ndarray,
-                    template_vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """A fit's landmark pairs (input points, model points), both (L,3) float64, or None when none are given."""
-    ids, names = params.get("landmark_vertices"), params.get("landmark_regions")
-    given = validate.float_array(arrays, "landmarks", (None, 3), required=False)
-    if ids is None and names is None and given is None:
-        return None
-    if (ids is None) == (names is None) or given is None:
-        raise errors.InvalidInput("landmarks need the 'landmarks' array and exactly one of "
-                                  "'landmark_vertices' (template vertex ids) or 'landmark_regions' (names)")
+def model_landmarks(given: np.ndarray, ids: list[int] | None, names: list[str] | None, region_names: Sequence[str],
+                    region_anchors: np.ndarray, template_vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A fit's landmark pairs (input points, model points), both (L,3) float64; payloads.FitRequest has checked
+    that exactly one of `ids` and `names` is a list."""
     if names is not None:
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise errors.InvalidInput("landmark_regions must be a list of region names")
         check_names(names, region_names, "region names")
         target = region_anchors[[list(region_names).index(n) for n in names]]
     else:
-        if not isinstance(ids, list):
-            raise errors.InvalidInput("landmark_vertices must be a list of template vertex ids")
+        assert ids is not None
         ids = [validate.integer(i, "landmark vertex id", 0, len(template_vertices) - 1) for i in ids]
         target = template_vertices[ids]
-    if len(target) != len(given) or len(given) < MIN_LANDMARKS:
-        raise errors.InvalidInput(f"need at least {MIN_LANDMARKS} landmarks and as many ids as points "
-                                  f"({len(target)} ids, {len(given)} points)")
+    if len(target) != len(given) or len(given) < payloads.FitRequest.MIN_LANDMARKS:
+        raise errors.InvalidInput(f"need at least {payloads.FitRequest.MIN_LANDMARKS} landmarks and as many ids as "
+                                  f"points ({len(target)} ids, {len(given)} points)")
     if np.linalg.matrix_rank(given - given.mean(0), tol=1e-9 * np.abs(given).max()) < 2:
         raise errors.InvalidInput("the landmarks are collinear")
     return given.astype(np.float64), target.astype(np.float64)

@@ -303,10 +303,6 @@ class ImHead(nn.Module):
         basis = self.warp_net(torch.cat([enc, cond.to(enc.dtype)], -1)).view(B, N, self.cfg.n_expressions, 3)
         return self.cfg.warp_scale * torch.einsum("bnec,be->bnc", basis, z_exp.to(basis.dtype)).to(x.dtype)
 
-    def posed_sdf(self, x: Tensor, z_exp: Tensor, z_id: Tensor, topk: int | None = None) -> Tensor:
-        zr, k = self.decode(z_id)
-        return self.sdf(x + self.warp(x, z_exp, z_id), zr, k, topk)
-
     def _check(self, x: Tensor, zr: Tensor, k: Tensor) -> None:
         R, Z = self.cfg.n_regions, self.cfg.region_dim
         B = x.shape[0]

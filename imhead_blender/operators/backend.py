@@ -3,20 +3,17 @@
 import bpy
 
 from .. import backend_service
+from .common import BackendOperator
 
 
-class IMHEAD_OT_restart_backend(bpy.types.Operator):
+class IMHEAD_OT_restart_backend(BackendOperator, bpy.types.Operator):
     """Stop the backend process (cancelling its jobs) and start a new one"""
 
     bl_idname = "imhead.restart_backend"
     bl_label = "Restart Backend"
 
-    def execute(self, context):
-        try:
-            backend_service.restart()
-        except backend_service.BackendUnavailable as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
+    def submit_job(self, context):
+        backend_service.restart()
         return {"FINISHED"}
 
 

@@ -4,10 +4,10 @@ keyframe the shape keys for export."""
 import bpy
 
 from .. import backend_service, deform_jobs, expressions, live_deform, shape_keys, undo
-from .common import active_head
+from .common import BackendOperator, active_head
 
 
-class IMHEAD_OT_reset_expressions(bpy.types.Operator):
+class IMHEAD_OT_reset_expressions(BackendOperator, bpy.types.Operator):
     """Set all 53 expression weights of the active head to zero (neutral)"""
 
     bl_idname = "imhead.reset_expressions"
@@ -18,20 +18,23 @@ class IMHEAD_OT_reset_expressions(bpy.types.Operator):
     def poll(cls, context):
         return active_head(context) is not None
 
-    def execute(self, context):
+    def submit_job(self, context):
         obj = active_head(context)
         with live_deform.suspended():
             for name in expressions.EXPRESSION_NAMES:
                 setattr(obj.imhead.expressions, name, 0.0)
-        try:
-            live_deform.request_for_object(obj)
-        except backend_service.BackendUnavailable as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
+        live_deform.request_for_object(obj)
         return {"FINISHED"}
 
 
-class IMHEAD_OT_bake_expressions(bpy.types.Operator):
+class _ChainOperator(BackendOperator):
+    """A chain of deform requests (deform_jobs): refused with a RuntimeError while one already runs for the
+    head, with a ValueError for a head it cannot pose."""
+
+    REPORTED = (backend_service.BackendUnavailable, RuntimeError, ValueError)
+
+
+class IMHEAD_OT_bake_expressions(_ChainOperator, bpy.types.Operator):
     """Deform the head through the model for every frame of the scene range (in chunks, with progress and
     Cancel) and store the poses as shape keys keyed per frame: playback, render and export then need no
     backend. With ARKit shape keys the bake keys hold what their mix misses (correctives)"""
@@ -45,13 +48,13 @@ class IMHEAD_OT_bake_expressions(bpy.types.Operator):
         obj = active_head(context)
         return obj is not None and not deform_jobs.running(obj.name)
 
-    def execute(self, context):
+    def submit_job(self, context):
         obj, scene = active_head(context), context.scene
-        frames = list(range(scene.frame_start, scene.frame_end + 1))
-        return _start(self, lambda: shape_keys.start_bake(obj, scene, frames))
+        shape_keys.start_bake(obj, scene, list(range(scene.frame_start, scene.frame_end + 1)))
+        return {"FINISHED"}
 
 
-class IMHEAD_OT_arkit_shape_keys(bpy.types.Operator):
+class IMHEAD_OT_arkit_shape_keys(_ChainOperator, bpy.types.Operator):
     """Add the 52 ARKit shape keys (eyeBlinkLeft, jawOpen, ...; each the model's own deform at weight 1)
     driven by the expression controls: a standard face rig for playback, render and FBX/glTF export with no
     backend"""
@@ -65,18 +68,9 @@ class IMHEAD_OT_arkit_shape_keys(bpy.types.Operator):
         obj = active_head(context)
         return obj is not None and not deform_jobs.running(obj.name)
 
-    def execute(self, context):
-        obj = active_head(context)
-        return _start(self, lambda: shape_keys.start_arkit_keys(obj))
-
-
-def _start(op: bpy.types.Operator, begin) -> set[str]:
-    try:
-        begin()
-    except (backend_service.BackendUnavailable, RuntimeError, ValueError) as exc:
-        op.report({"ERROR"}, str(exc))
-        return {"CANCELLED"}
-    return {"FINISHED"}
+    def submit_job(self, context):
+        shape_keys.start_arkit_keys(active_head(context))
+        return {"FINISHED"}
 
 
 class IMHEAD_OT_cancel_bake(bpy.types.Operator):

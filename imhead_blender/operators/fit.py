@@ -7,6 +7,8 @@ import numpy as np
 from mathutils import Matrix
 
 from .. import axes, backend_service, head_objects, live_deform, mesh_build, region_edit, undo
+from ..client import payloads
+from .common import BackendOperator
 
 MAX_POINTS = 5_000_000  # the backend refuses more; say so before sending hundreds of MB
 # Vertex groups named LANDMARK_PREFIX + a region name ("imhead:nose tip", "imhead:chin", "imhead:left ear", ...)
@@ -15,7 +17,7 @@ MAX_POINTS = 5_000_000  # the backend refuses more; say so before sending hundre
 LANDMARK_PREFIX = "imhead:"
 
 
-class IMHEAD_OT_fit_selected(bpy.types.Operator):
+class IMHEAD_OT_fit_selected(BackendOperator, bpy.types.Operator):
     """Fit the model to the active mesh object; the fitted head is added as a new imHead object that
     overlays it (same transform), editable and swappable like a generated one"""
 
@@ -42,7 +44,7 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
     def invoke(self, context, event):
         return context.window_manager.invoke_props_dialog(self)
 
-    def execute(self, context):
+    def submit_job(self, context):
         obj = context.active_object
         points, normals, triangles = mesh_build.evaluated_points(obj, context.evaluated_depsgraph_get())
         if len(points) < 3 or len(triangles) == 0:
@@ -57,27 +59,21 @@ class IMHEAD_OT_fit_selected(bpy.types.Operator):
             return {"CANCELLED"}
         # The object's own frame, turned into the backend's axes (a pure rotation, undone on the way back),
         # so a character modelled Z-up facing -Y starts out roughly upright for the robust alignment.
-        arrays = {"points": axes.blender_to_backend(points), "normals": axes.blender_to_backend(normals),
-                  "faces": triangles}
-        scene = context.scene
-        params = {"resolution": scene.imhead.resolution, "fit_expression": self.fit_expression}
+        names, centres = [], None
         if self.use_landmarks:
             names, centres = landmark_groups(obj, points)
             if 0 < len(names) < 3:
                 self.report({"ERROR"}, f"'{obj.name}' has {len(names)} landmark vertex group(s) "
                                        f"('{LANDMARK_PREFIX}<region>'); the alignment needs at least 3, or none")
                 return {"CANCELLED"}
-            if names:
-                params["landmark_regions"] = names
-                arrays["landmarks"] = axes.blender_to_backend(centres).astype(np.float32)
-        if self.steps:
-            params["steps"] = self.steps
-        try:
-            backend_service.submit("fit", params, arrays, label=f"Fit {obj.name}", object_name=obj.name,
-                                   on_success=partial(_add_fitted, scene.name, obj.name, scene.imhead.resolution))
-        except backend_service.BackendUnavailable as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
+        scene = context.scene
+        request = payloads.FitRequest(
+            axes.blender_to_backend(points), faces=triangles, normals=axes.blender_to_backend(normals),
+            landmarks=axes.blender_to_backend(centres).astype(np.float32) if names else None,
+            landmark_regions=names or None, resolution=scene.imhead.resolution, steps=self.steps or None,
+            fit_expression=self.fit_expression)
+        backend_service.submit(request, label=f"Fit {obj.name}", object_name=obj.name,
+                               on_success=partial(_add_fitted, scene.name, obj.name, scene.imhead.resolution))
         return {"FINISHED"}
 
 

@@ -10,12 +10,14 @@ import numpy as np
 from mathutils import Matrix
 
 from .. import backend_service, expressions, footage_pose, head_objects, live_deform
+from ..client import payloads
+from .common import BackendOperator
 
 KEY_THRESHOLD = 0.01  # expression channels that never reach this are left unkeyed (at 0)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-class IMHEAD_OT_head_from_footage(bpy.types.Operator):
+class IMHEAD_OT_head_from_footage(BackendOperator, bpy.types.Operator):
     """Fit a head to a photo or a short video of one face: identity, expressions and head turn per frame
     (keyframed), with the footage as the camera's background"""
 
@@ -35,22 +37,16 @@ class IMHEAD_OT_head_from_footage(bpy.types.Operator):
         context.window_manager.fileselect_add(self)
         return {"RUNNING_MODAL"}
 
-    def execute(self, context):
+    def submit_job(self, context):
         path = bpy.path.abspath(self.filepath)
         if not path or not os.path.isfile(path):
             self.report({"ERROR"}, f"no such file: {path or '(none chosen)'}")
             return {"CANCELLED"}
         scene = context.scene
-        params = {"path": path, "resolution": scene.imhead.resolution}
-        if self.steps:
-            params["steps"] = self.steps
+        request = payloads.FitCaptureRequest(path, resolution=scene.imhead.resolution, steps=self.steps or None)
         name = os.path.splitext(os.path.basename(path))[0]
-        try:
-            backend_service.submit("fit_capture", params, None, label=f"Head from {os.path.basename(path)}",
-                                   on_success=partial(apply_fit, scene.name, path, name, scene.imhead.resolution))
-        except backend_service.BackendUnavailable as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
+        backend_service.submit(request, label=f"Head from {os.path.basename(path)}",
+                               on_success=partial(apply_fit, scene.name, path, name, scene.imhead.resolution))
         return {"FINISHED"}
 
 

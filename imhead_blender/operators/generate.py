@@ -6,28 +6,25 @@ from functools import partial
 import bpy
 
 from .. import backend_service, head_objects, region_edit, undo
-from .common import active_head
+from ..client import payloads
+from .common import BackendOperator, active_head
 
 
-class IMHEAD_OT_generate(bpy.types.Operator):
+class IMHEAD_OT_generate(BackendOperator, bpy.types.Operator):
     """Generate a new head from the seed (a random identity code) and add it to the scene"""
 
     bl_idname = "imhead.generate"
     bl_label = "Generate Head"
     bl_options = {"REGISTER"}  # no undo step: the result arrives later, from pump_backend()
 
-    def execute(self, context):
+    def submit_job(self, context):
         settings = context.scene.imhead
         if settings.random_seed:
             settings.seed = random.randrange(0, 2**31 - 1)
         seed, resolution = settings.seed, settings.resolution
         on_success = partial(_add_head, context.scene.name, seed, resolution, tuple(context.scene.cursor.location))
-        try:
-            backend_service.submit("generate", {"seed": seed, "resolution": resolution}, None,
-                                   label=f"Generate seed {seed} at {resolution}", on_success=on_success)
-        except backend_service.BackendUnavailable as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
+        backend_service.submit(payloads.GenerateRequest(seed=seed, resolution=resolution),
+                               label=f"Generate seed {seed} at {resolution}", on_success=on_success)
         return {"FINISHED"}
 
 
@@ -42,7 +39,7 @@ def _add_head(scene_name: str, seed: int, resolution: int, location, params: dic
     undo.push("imHead generate")
 
 
-class IMHEAD_OT_regenerate(bpy.types.Operator):
+class IMHEAD_OT_regenerate(BackendOperator, bpy.types.Operator):
     """Rebuild the active head's mesh from its stored head at its resolution (transform and animation kept)"""
 
     bl_idname = "imhead.regenerate"
@@ -53,15 +50,11 @@ class IMHEAD_OT_regenerate(bpy.types.Operator):
     def poll(cls, context):
         return active_head(context) is not None
 
-    def execute(self, context):
+    def submit_job(self, context):
         obj = active_head(context)
-        params = {"head": head_objects.head_spec(obj), "resolution": obj.imhead.resolution}
-        try:
-            backend_service.submit("generate", params, None, label=f"Rebuild {obj.name}",
-                                   object_name=obj.name, on_success=partial(_replace, obj.name))
-        except backend_service.BackendUnavailable as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
+        request = payloads.GenerateRequest(head=head_objects.head_spec(obj), resolution=obj.imhead.resolution)
+        backend_service.submit(request, label=f"Rebuild {obj.name}", object_name=obj.name,
+                               on_success=partial(_replace, obj.name))
         return {"FINISHED"}
 
 

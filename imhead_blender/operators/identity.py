@@ -6,10 +6,10 @@ import bpy
 import numpy as np
 
 from .. import backend_service, head_objects, identity, live_deform
-from .common import active_head
+from .common import BackendOperator, active_head
 
 
-class IMHEAD_OT_randomise_identity(bpy.types.Operator):
+class IMHEAD_OT_randomise_identity(BackendOperator, bpy.types.Operator):
     """Give the active head a new random identity, Strength standard deviations from the average head
     (region edits are dropped; expressions, transform and materials stay)"""
 
@@ -22,17 +22,15 @@ class IMHEAD_OT_randomise_identity(bpy.types.Operator):
         obj = active_head(context)
         return obj is not None and not identity.busy(obj.name)
 
-    def execute(self, context):
+    REPORTED = (ValueError, backend_service.BackendUnavailable)
+
+    def submit_job(self, context):
         obj = active_head(context)
-        try:
-            spec = head_objects.head_spec(obj)
-            rng = np.random.default_rng(random.randrange(2**63))
-            spec["identity"] = identity.random_identity(obj.imhead.randomise_strength, rng).tolist()
-            spec["region_overrides"] = {}
-            identity.submit(obj, spec, "Randomise identity")
-        except (ValueError, backend_service.BackendUnavailable) as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
+        spec = head_objects.head_spec(obj)
+        rng = np.random.default_rng(random.randrange(2**63))
+        spec["identity"] = identity.random_identity(obj.imhead.randomise_strength, rng).tolist()
+        spec["region_overrides"] = {}
+        identity.submit(obj, spec, "Randomise identity")
         return {"FINISHED"}
 
 

@@ -5,8 +5,8 @@ import random
 
 import bpy
 
-from .. import backend_service, head_objects, region_animation, region_edit
-from .common import active_head
+from .. import head_objects, region_animation, region_edit
+from .common import BackendOperator, active_head
 
 ACTIONS = [
     ("RANDOMISE", "Randomise", "New random codes for the selected regions"),
@@ -17,7 +17,7 @@ ACTIONS = [
 ]
 
 
-class IMHEAD_OT_region_edit(bpy.types.Operator):
+class IMHEAD_OT_region_edit(BackendOperator, bpy.types.Operator):
     """Edit region codes of the active head"""
 
     bl_idname = "imhead.region_edit"
@@ -35,7 +35,7 @@ class IMHEAD_OT_region_edit(bpy.types.Operator):
     def description(cls, context, properties):
         return next(d for key, _n, d in ACTIONS if key == properties.action)
 
-    def execute(self, context):
+    def submit_job(self, context):
         obj = active_head(context)
         props = obj.imhead
         regions = region_edit.selected_regions(obj)
@@ -59,11 +59,7 @@ class IMHEAD_OT_region_edit(bpy.types.Operator):
         else:
             ops = [_noop(obj)]
         base = head_objects.head_spec(obj)
-        try:
-            region_edit.submit_edit(obj, ops, self.action.replace("_", " ").title())
-        except backend_service.BackendUnavailable as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
+        region_edit.submit_edit(obj, ops, self.action.replace("_", " ").title())
         if self.action == "BLEND":  # a keyframed Amount re-blends from this base on frame change
             region_animation.record_blend(obj, base, regions, ops[0]["other"], props.blend_amount)
         elif self.action != "LOAD_SLIDERS":
