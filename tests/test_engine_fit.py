@@ -163,7 +163,9 @@ def test_code_adam_steps_follow_the_gradient():
 
 def test_fit_is_invariant_to_the_input_frame(session):
     a = session.atlas
-    params = {"resolution": 24, "steps": 4, "samples": 4000, "fit_expression": False}
+    # Area-weighted sampling of float32 input coordinates puts a few samples on other triangles in another frame;
+    # after a handful of steps the code still depends on the minibatches that met them, so fit long enough to settle.
+    params = {"resolution": 24, "steps": 24, "samples": 4000, "fit_expression": False}
     outs = []
     for seed in (11, 12):
         sim = random_similarity(seed)
