@@ -218,7 +218,7 @@ def submit(op: str, params: dict, arrays: dict[str, np.ndarray] | None, *, label
     future = client.submit(op, params, arrays)
     job = Job(future, label, object_name, on_success, on_failure)
     _state.jobs.append(job)
-    future.add_done_callback(lambda _f, job=job: _finish(job))
+    future.add_done_callback(lambda _f: _finish(job))
     _ensure_timer()
     return job
 

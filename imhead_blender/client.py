@@ -17,13 +17,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 if (Path(__file__).resolve().parent / "backend" / "wire.py").is_file():
-    from .backend import wire  # inside the built extension, backend/ is part of the add-on package
+    # inside the built extension, backend/ is part of the add-on package (build.py copies it in; not in the tree)
+    from .backend import wire  # type: ignore[import-not-found]
 else:
     from backend import wire  # source checkout: backend/ sits beside imhead_blender/
 
@@ -98,7 +100,7 @@ class Future:
         if outcome is not None:
             self.progress = 1.0
         callbacks, self._callbacks = self._callbacks, []
-        return [lambda fn=fn: fn(self) for fn in callbacks]
+        return [partial(fn, self) for fn in callbacks]
 
 
 class BackendClient:

@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import sys
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ def build(source: Path) -> dict[str, np.ndarray]:
     jaw_cm, *_ = _parse_obj(src.read("jawOpen.obj"), False)
     assert fv is not None
     neutral, jaw = neutral_cm * CM_TO_M, jaw_cm * CM_TO_M
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}  # arrays, and the jaw expressions' names
 
     vlo, vhi, plo, phi = TEETH
     tf = triangles(fv[plo:phi], vlo)

@@ -238,11 +238,11 @@ def solve_continued(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: to
     `steps` per frame ((T,) tensor): frame i follows its own path, t_i = min(1, k / steps_i) as a (T, 1)
     tensor, so a frame's pose does not depend on the other frames of its request (a bake equals live poses).
     Iterations and stats are summed over the steps."""
-    per_frame = isinstance(steps, torch.Tensor)
-    total_steps = int(steps.max()) if per_frame else steps
-    result, start, total, iters = None, None, {}, 0
+    total_steps = int(steps.max()) if isinstance(steps, torch.Tensor) else steps
+    result, start, iters = None, None, 0
+    total: dict[str, float] = {}
     for k in range(1, total_steps + 1):
-        if per_frame:
+        if isinstance(steps, torch.Tensor):  # per frame
             t = (k / steps.to(device=x_c.device, dtype=torch.float32)).clamp(max=1.0)[:, None]
             result = solve(make_warp(t), x_c, n_frames, start=start, **kwargs)
         else:
