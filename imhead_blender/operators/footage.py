@@ -12,7 +12,6 @@ from mathutils import Matrix
 from .. import backend_service, expressions, footage_pose, head_objects, live_deform
 
 KEY_THRESHOLD = 0.01  # expression channels that never reach this are left unkeyed (at 0)
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class IMHEAD_OT_head_from_footage(bpy.types.Operator):
