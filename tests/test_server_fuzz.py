@@ -55,14 +55,14 @@ class Server:
         self.proc = subprocess.Popen([python, "-m", "backend", "serve", *args], cwd=root, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, "PYTHONPATH": str(root), **env})
+        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
+        self.stdin, self.stdout, stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self.replies: list[wire.Message | None] = []  # None: the server's output ended
         self.progress_of: int | None = None  # the request whose progress frames are timed
         self.progress_times: list[float] = []
         self.arrived = threading.Condition()
         self.stderr: list[bytes] = []
         threading.Thread(target=self._read, daemon=True).start()
-        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
-        self.stdin, self.stdout, stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         threading.Thread(target=lambda: self.stderr.extend(stderr), daemon=True).start()
 
     def _read(self) -> None:

@@ -24,11 +24,11 @@ class RawConn:
     def __init__(self, cmd: list[str], env: dict | None = None, cwd=None):
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, **(env or {})}, cwd=cwd)
+        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
+        self.stdin, self.stdout, stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self._frames: queue.Queue = queue.Queue()
         self._stderr: list[bytes] = []
         threading.Thread(target=self._read, daemon=True).start()
-        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
-        self.stdin, self.stdout, stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self._err_thread = threading.Thread(target=lambda: self._stderr.extend(stderr), daemon=True)
         self._err_thread.start()
 
