@@ -75,7 +75,8 @@ class _Progress:
 
     def __init__(self, server: Server, job: _Job):
         self._server, self._job = server, job
-        self._last_sent, self._last_message = -math.inf, None
+        self._last_sent = -math.inf
+        self._last_message: str | None = None
 
     def report(self, fraction: float, message: str) -> None:
         now = time.monotonic()
@@ -200,7 +201,7 @@ class Server:
         with self._cv:
             job = self._jobs.get(target)
             queued = job is not None and job in self._queue
-            if queued:
+            if queued and job is not None:
                 self._queue.remove(job)
                 del self._jobs[target]
             if job is not None:
@@ -237,11 +238,12 @@ class Server:
 
     def _work(self) -> None:
         while True:
+            job: _Job | None
             with self._cv:
                 while not self._queue and not self._stopping and self._warm_up_state != "pending":
                     self._cv.wait()
                 if self._queue:
-                    job: _Job | None = self._queue.popleft()
+                    job = self._queue.popleft()
                     if job.op != "handshake" and self._warm_up_state == "pending":
                         self._warm_up_state = "done"  # a request came first: it pays the one-off costs itself
                 elif self._stopping:

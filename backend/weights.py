@@ -124,7 +124,8 @@ def load_model(weights_dir: Path | None = None, device: str = "cpu", allow_untra
         cfg = ImHeadConfig.from_json(meta["config"])
     except (KeyError, ValueError, TypeError) as exc:
         raise WeightsError(f"{path}: bad model config in metadata: {exc}") from exc
-    if (cfg.n_regions, cfg.n_expressions, cfg.id_dim) != (constants.N_REGIONS, constants.N_EXPRESSIONS, constants.ID_DIM):
+    expected = (constants.N_REGIONS, constants.N_EXPRESSIONS, constants.ID_DIM)
+    if (cfg.n_regions, cfg.n_expressions, cfg.id_dim) != expected:
         raise WeightsError(f"{path}: model sizes do not match this backend's constants")
 
     state = {k[len("model."):]: _float32(v) for k, v in tensors.items() if k.startswith("model.")}

@@ -12,7 +12,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import IO, Any, TypeGuard
 
 import numpy as np
 
@@ -131,7 +131,8 @@ def encode(header: dict[str, Any], arrays: dict[str, Any] | None = None) -> list
     arrays = arrays or {}
     if len(arrays) > MAX_ARRAYS:
         raise ProtocolError(f"{len(arrays)} arrays in one frame, at most {MAX_ARRAYS} allowed")
-    specs, chunks, offset = [], [], 0
+    specs, offset = [], 0
+    chunks: list[bytes | memoryview] = []
     for name, value in arrays.items():
         dtype_name, arr = _wire_array(name, value)
         pad = -offset % ALIGN
@@ -141,7 +142,7 @@ def encode(header: dict[str, Any], arrays: dict[str, Any] | None = None) -> list
         specs.append({"name": name, "dtype": dtype_name, "shape": list(arr.shape), "offset": offset,
                       "nbytes": arr.nbytes})
         if arr.nbytes:
-            chunks.append(memoryview(arr).cast("B"))
+            chunks.append(arr.data.cast("B"))  # arr.data: memoryview(arr)
         offset += arr.nbytes
     full = dict(header, arrays=specs)
     _check_header(full)
@@ -164,7 +165,7 @@ def encode_bytes(header: dict[str, Any], arrays: dict[str, Any] | None = None) -
 # ----------------------------------------------------------------------------------------------- decoding
 
 
-def _read_exact(stream: BinaryIO, n: int, what: str) -> bytearray:
+def _read_exact(stream: IO[bytes], n: int, what: str) -> bytearray:
     """Read n bytes, growing the buffer with the bytes that actually arrived (at most twice as many), so a small
     frame that declares a huge length costs memory only for what it sends."""
     buf = bytearray(min(n, READ_CHUNK))
@@ -180,7 +181,7 @@ def _read_exact(stream: BinaryIO, n: int, what: str) -> bytearray:
     return buf
 
 
-def _skip(stream: BinaryIO, n: int, what: str) -> None:
+def _skip(stream: IO[bytes], n: int, what: str) -> None:
     """Consume n bytes without keeping them (the payload of a refused frame), to stay in sync."""
     scratch = bytearray(min(n, READ_CHUNK))
     left = n
@@ -193,7 +194,7 @@ def _skip(stream: BinaryIO, n: int, what: str) -> None:
             left -= k
 
 
-def read_prefix(stream: BinaryIO) -> tuple[int, int] | None:
+def read_prefix(stream: IO[bytes]) -> tuple[int, int] | None:
     """Header and payload lengths of the next frame; None at a clean end of stream (between frames)."""
     first = stream.read(1)
     if not first:
@@ -215,7 +216,7 @@ def check_prefix(raw: bytes) -> tuple[int, int]:
     return header_len, payload_len
 
 
-def read_frame(stream: BinaryIO) -> Message | None:
+def read_frame(stream: IO[bytes]) -> Message | None:
     """Read and validate one frame; None at a clean end of stream. Raises only ProtocolError (and the stream's
     own OSError): when not `fatal` the frame was consumed whole and the next frame can be read. The header is
     checked, array layout included, before any payload byte is stored."""
@@ -325,7 +326,7 @@ def _decode_arrays(header: dict[str, Any], payload: bytearray) -> dict[str, np.n
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def is_int(v: Any) -> bool:
+def is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 

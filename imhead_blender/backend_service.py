@@ -219,7 +219,7 @@ def submit(request: payloads.Payload, *, label: str, on_success: OnSuccess, on_f
     future = client.submit_request(request)
     job = Job(future, label, object_name, on_success, on_failure)
     _state.jobs.append(job)
-    future.add_done_callback(lambda _f, job=job: _finish(job))
+    future.add_done_callback(lambda _f: _finish(job))
     _ensure_timer()
     return job
 

@@ -15,6 +15,7 @@ Keys are linear, one per scene frame, replacing the controls' keys in the import
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import bpy
 import numpy as np
@@ -30,14 +31,15 @@ def scene_fps(scene: bpy.types.Scene) -> float:
     return scene.render.fps / scene.render.fps_base
 
 
-def _fcurve(id_data: bpy.types.ID, path: str, index: int = 0):
+def _fcurve(id_data: bpy.types.Object | bpy.types.Key, path: str, index: int = 0):
     anim = id_data.animation_data or id_data.animation_data_create()
     if anim.action is None:
         anim.action = bpy.data.actions.new(f"{id_data.name}Action")
     return anim.action.fcurve_ensure_for_datablock(id_data, path, index=index)
 
 
-def key_curve(id_data: bpy.types.ID, path: str, frames: np.ndarray, values: np.ndarray, index: int = 0) -> None:
+def key_curve(id_data: bpy.types.Object | bpy.types.Key, path: str, frames: np.ndarray, values: np.ndarray,
+              index: int = 0) -> None:
     """Linear keys (frames, values) on one channel, replacing its keys within the frames' range."""
     curve = _fcurve(id_data, path, index)
     lo, hi = float(frames[0]) - 0.5, float(frames[-1]) + 0.5
@@ -70,7 +72,7 @@ def _neck_bone(obj: bpy.types.Object):
 
 def eye_objects(obj: bpy.types.Object) -> dict[str, bpy.types.Object]:
     """{'left': obj, 'right': obj} among the head's children named like eyes."""
-    found = {}
+    found: dict[str, bpy.types.Object] = {}
     for child in obj.children:
         name = child.name
         if "eye" not in name.lower() or "lash" in name.lower() or "brow" in name.lower():
@@ -87,15 +89,17 @@ def apply_capture(obj: bpy.types.Object, scene: bpy.types.Scene, capture: captur
     """Key `capture` on the head from frame `start`; returns what was keyed (for the operator's report)."""
     offsets, data = capture_csv.resample(capture, scene_fps(scene))
     frames = (start + offsets).astype(np.float32)
-    ict = arkit.ict_from_arkit(data["weights"])
+    weights = data["weights"]
+    assert weights is not None  # resample() always has the weights; only head and eyes are optional
+    ict = arkit.ict_from_arkit(weights)
     with live_deform.suspended():
         for j, name in enumerate(expressions.EXPRESSION_NAMES):
             key_curve(obj, f"imhead.expressions.{name}", frames, ict[:, j])
-    report = {"frames": len(frames), "tongue": False, "head": "", "eyes": 0}
+    report: dict[str, Any] = {"frames": len(frames), "tongue": False, "head": "", "eyes": 0}
     keys = obj.data.shape_keys
     if keys is not None and "tongueOut" in keys.key_blocks:
         key_curve(keys, 'key_blocks["tongueOut"].value', frames,
-                  data["weights"][:, arkit.ARKIT_NAMES.index("tongueOut")])
+                  weights[:, arkit.ARKIT_NAMES.index("tongueOut")])
         report["tongue"] = True
     if data["head"] is not None:
         yaw, pitch, roll = data["head"].T
@@ -110,7 +114,7 @@ def apply_capture(obj: bpy.types.Object, scene: bpy.types.Scene, capture: captur
             base, target, path = obj.rotation_euler, obj, "rotation_euler"
             channels = (pitch, roll, yaw)
             report["head"] = "object"
-        base = tuple(base)
+        base = tuple(base[:])
         for axis in range(3):
             key_curve(target, path, frames, base[axis] + channels[axis], index=axis)
     eyes = eye_objects(obj)
@@ -119,7 +123,7 @@ def apply_capture(obj: bpy.types.Object, scene: bpy.types.Scene, capture: captur
             eye = eyes.get(side)
             if eye is None:
                 continue
-            base = tuple(eye.rotation_euler)
+            base = tuple(eye.rotation_euler[:])
             yaw, pitch = data["eyes"][:, columns[0]], data["eyes"][:, columns[1]]
             key_curve(eye, "rotation_euler", frames, base[0] + pitch, index=0)
             key_curve(eye, "rotation_euler", frames, base[2] + yaw, index=2)
@@ -144,7 +148,7 @@ def export_capture(obj: bpy.types.Object, scene: bpy.types.Scene, frames: list[i
             for i, frame in enumerate(frames):
                 scene.frame_set(frame)
                 ict[i] = live_deform.weights_of(obj)
-                rx, ry, rz = obj.rotation_euler
+                rx, ry, rz = obj.rotation_euler[:]
                 head[i] = (rz, rx, ry)  # yaw, pitch, roll
         finally:
             scene.frame_set(current)

@@ -16,14 +16,16 @@ import sys
 import threading
 import time
 from collections import deque
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeAlias
 
 import numpy as np
 
 # The codec (wire.py) and the ops' typed params (payloads.py, replies.py) are the backend's own, numpy-only modules
 if (Path(__file__).resolve().parent / "backend" / "wire.py").is_file():
-    from .backend import errors, payloads, replies, wire  # in the built extension, backend/ is in the add-on
+    # inside the built extension, backend/ is part of the add-on package (build.py copies it in; not in the tree)
+    from .backend import errors, payloads, replies, wire  # type: ignore[import-not-found]
 else:
     from backend import errors, payloads, replies, wire  # source checkout: backend/ sits beside imhead_blender/
 
@@ -48,7 +50,7 @@ class BackendFailure(Exception):
         return f"BackendFailure({self.code!r}, {self.message!r})"
 
 
-Handshake = replies.HandshakeReply  # the handshake reply's fields; `info` holds every key sent
+Handshake: TypeAlias = replies.HandshakeReply  # the handshake reply's fields; `info` holds every key sent
 
 
 class Future:
@@ -91,7 +93,7 @@ class Future:
         if outcome is not None:
             self.progress = 1.0
         callbacks, self._callbacks = self._callbacks, []
-        return [lambda fn=fn: fn(self) for fn in callbacks]
+        return [partial(fn, self) for fn in callbacks]
 
 
 class BackendClient:

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import axes, backend_service, mesh_build
 from .client import payloads
+from .properties import head_props
 
 # Points (frames x vertices) per request: a few seconds on 2 CPU cores (docs/benchmarks.md, "Engine tuning", has
 # the measurement and the bake rates), a small fraction of the backend's 20M limit.
@@ -50,7 +51,7 @@ _chains: dict[str, Chain] = {}
 
 
 def _token(obj: bpy.types.Object) -> tuple[int, str]:
-    return len(obj.data.vertices), obj.imhead.head_json
+    return len(obj.data.vertices), head_props(obj).head_json
 
 
 def chunk_frames(vertices: int) -> int:
@@ -67,7 +68,7 @@ def start(obj: bpy.types.Object, weights: np.ndarray, label: str, on_complete: O
     weights = np.ascontiguousarray(weights, dtype=np.float32)
     if weights.ndim != 2 or len(weights) == 0:
         raise ValueError(f"weights must be (T,53) with T > 0, got {weights.shape}")
-    canonical = axes.blender_to_backend(mesh_build.read_point_vector(obj.data, mesh_build.CANONICAL))
+    canonical = axes.blender_to_backend(mesh_build.read_point_vector(mesh_build.mesh_of(obj), mesh_build.CANONICAL))
     chain = Chain(obj.name, label, weights, canonical, head_objects.head_spec(obj), _token(obj), on_complete,
                   chunk_frames(len(canonical)))
     _chains[obj.name] = chain
@@ -85,8 +86,8 @@ def _submit_next(chain: Chain) -> None:
     chain.job = backend_service.submit(
         payloads.DeformRequest(chain.head, chain.canonical, part),
         label=f"{chain.label} ({chain.name}): {chain.done}/{chain.total} frames", object_name=chain.name,
-        on_success=lambda params, arrays, c=chain: _chunk_done(c, arrays),
-        on_failure=lambda exc, c=chain: _failed(c, exc))
+        on_success=lambda params, arrays: _chunk_done(chain, arrays),
+        on_failure=lambda exc: _failed(chain, exc))
 
 
 def _chunk_done(chain: Chain, arrays: dict[str, np.ndarray]) -> None:

@@ -33,7 +33,7 @@ def group_members(prefix: str) -> list[str]:
 
 def pretty(name: str) -> str:
     """'mouthSmile_L' -> 'Mouth Smile L' for labels."""
-    out = []
+    out: list[str] = []
     for ch in name.replace("_", " "):
         if ch.isupper() and out and out[-1] != " ":
             out.append(" ")

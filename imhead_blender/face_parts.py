@@ -95,12 +95,12 @@ def placement(template: np.ndarray, canonical: np.ndarray, centre: np.ndarray, r
 
 
 def parts_of(head: bpy.types.Object) -> list[bpy.types.Object]:
-    return [c for c in head.children if PART_KEY in c]
+    return [c for c in head.children if PART_KEY in c.keys()]
 
 
 def remove(head: bpy.types.Object) -> None:
     for child in parts_of(head):
-        mesh = child.data
+        mesh = mesh_build.mesh_of(child)
         bpy.data.objects.remove(child)
         if mesh is not None and mesh.users == 0:
             bpy.data.meshes.remove(mesh)
@@ -110,7 +110,7 @@ def attach(head: bpy.types.Object, eyeball_regions: list[int]) -> list[bpy.types
     """(Re)build the head's eyes, teeth, gums and tongue from its current mesh, and its skin masks (lips;
     its own eyeball faces hidden); returns the new parts."""
     arrays, jaw_names = asset()
-    mesh = head.data
+    mesh = mesh_build.mesh_of(head)
     template = axes.blender_to_backend(mesh_build.read_point_vector(mesh, mesh_build.TEMPLATE)).astype(np.float64)
     canonical = axes.blender_to_backend(mesh_build.read_point_vector(mesh, mesh_build.CANONICAL)).astype(np.float64)
     remove(head)

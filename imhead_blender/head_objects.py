@@ -10,13 +10,14 @@ import bpy
 import numpy as np
 
 from . import backend_service, face_parts, materials, live_deform, mesh_build
+from .properties import head_props
 
 HEAD_FORMAT = "imhead-head/1"
 
 
 def head_spec(obj: bpy.types.Object) -> dict:
     """The object's stored HeadSpec; raises ValueError when it is not an imHead object."""
-    props = obj.imhead
+    props = head_props(obj)
     if not props.is_head or not props.head_json:
         raise ValueError(f"'{obj.name}' is not an imHead head (no stored head)")
     spec = json.loads(props.head_json)
@@ -41,7 +42,7 @@ def create_head_object(scene: bpy.types.Scene, name: str, head: dict, arrays: di
 def replace_head_mesh(obj: bpy.types.Object, head: dict, arrays: dict[str, np.ndarray]) -> None:
     """New geometry for an existing head (region edit, regenerate): the object, its transform, material
     slots and animation stay; the old mesh datablock is dropped when nothing else uses it."""
-    old = obj.data
+    old = mesh_build.mesh_of(obj)
     name = old.name
     mesh = mesh_build.build_mesh(name, arrays)
     for material in old.materials:
@@ -50,7 +51,7 @@ def replace_head_mesh(obj: bpy.types.Object, head: dict, arrays: dict[str, np.nd
     if old.users == 0:
         bpy.data.meshes.remove(old)
         mesh.name = name
-    store_head(obj, head, seed=obj.imhead.seed, resolution=obj.imhead.resolution)
+    store_head(obj, head, seed=head_props(obj).seed, resolution=head_props(obj).resolution)
     add_parts(obj)
     live_deform.forget(obj.name)
     live_deform.request_for_object(obj)
@@ -62,7 +63,7 @@ def store_head(obj: bpy.types.Object, head: dict, *, seed: int, resolution: int)
     rebuilds return the neutral canonical mesh that live deform then poses."""
     if head.get("format") != HEAD_FORMAT:
         raise ValueError(f"backend returned an unknown head format {head.get('format')!r}")
-    props = obj.imhead
+    props = head_props(obj)
     weights = head.get("expression") or {}
     if weights:
         with live_deform.suspended():
@@ -105,7 +106,7 @@ def move_beside_others(scene: bpy.types.Scene, obj: bpy.types.Object) -> None:
     """Step a new head along +X until its bounds clear every other head's (with a gap), so heads added at the
     same cursor stand side by side instead of inside each other."""
     bpy.context.view_layer.update()
-    others = [_world_bounds(o) for o in scene.objects if o is not obj and o.type == "MESH" and o.imhead.is_head]
+    others = [_world_bounds(o) for o in scene.objects if o is not obj and o.type == "MESH" and head_props(o).is_head]
     lo, hi = _world_bounds(obj)
     step = float(hi[0] - lo[0]) + HEAD_GAP_M
     shift = 0.0

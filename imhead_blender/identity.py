@@ -19,6 +19,7 @@ import numpy as np
 
 from . import backend_service, head_objects, preferences, safetensors_read
 from .client import payloads
+from .properties import head_props
 
 COUNT = 12  # sliders (the first 12 directions hold 74% of the shipped identity variance)
 NAMES_FILE = "identity_directions.json"
@@ -127,18 +128,18 @@ def store(obj: bpy.types.Object) -> None:
         return
     _state.applying += 1
     try:
-        obj.imhead.identity = [float(c) for c in coords]
+        head_props(obj).identity = [float(c) for c in coords]
     finally:
         _state.applying -= 1
 
 
 def request(obj: bpy.types.Object) -> None:
     """The sliders moved (by hand or by animation): rebuild the head when they differ from its identity."""
-    if _state.applying or obj is None or not obj.imhead.is_head:
+    if _state.applying or obj is None or not head_props(obj).is_head:
         return
     name = obj.name
     spec = head_objects.head_spec(obj)
-    wanted = np.array(obj.imhead.identity, np.float64)
+    wanted = np.array(head_props(obj).identity, np.float64)
     if np.abs(wanted - coordinates(spec["identity"])).max() < 1e-4:
         return
     if name in _state.in_flight:
@@ -153,7 +154,7 @@ def submit(obj: bpy.types.Object, spec: dict, label: str) -> None:
     name = obj.name
     _state.in_flight.add(name)
     try:
-        backend_service.submit(payloads.GenerateRequest(head=spec, resolution=obj.imhead.resolution),
+        backend_service.submit(payloads.GenerateRequest(head=spec, resolution=head_props(obj).resolution),
                                label=f"{label} ({name})", object_name=name, on_success=partial(_apply, name),
                                on_failure=lambda _exc: _done(name))
     except backend_service.BackendUnavailable:
@@ -175,11 +176,11 @@ def _apply(name: str, params: dict, arrays: dict) -> None:
     obj = bpy.data.objects.get(name)
     if obj is None:
         return
-    wanted = list(obj.imhead.identity)
+    wanted = list(head_props(obj).identity)
     head_objects.replace_head_mesh(obj, params["head"], arrays)
     region_edit.store_sliders(obj, params.get("sliders"))
     if dirty:
-        obj.imhead.identity = wanted  # its update submits the follow-up
+        head_props(obj).identity = wanted  # its update submits the follow-up
     else:
         store(obj)
 
@@ -195,7 +196,7 @@ def on_update(self, context) -> None:
 def on_frame_change(scene: bpy.types.Scene, depsgraph=None) -> None:
     """Keyframed identity sliders: rebuild the heads whose animated values differ from their identity."""
     for obj in scene.objects:
-        if obj.type == "MESH" and obj.imhead.is_head and _animates_identity(obj):
+        if obj.type == "MESH" and head_props(obj).is_head and _animates_identity(obj):
             try:
                 request(obj)
             except (backend_service.BackendUnavailable, ValueError):

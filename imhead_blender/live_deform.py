@@ -16,6 +16,7 @@ import numpy as np
 
 from . import axes, expressions, mesh_build
 from .client import payloads
+from .properties import head_props
 
 CACHE_ENTRIES = 256
 KEY_DECIMALS = 4  # weights equal to 1e-4 give the same surface for all practical purposes
@@ -40,7 +41,7 @@ _state = _State()
 
 def weights_of(obj: bpy.types.Object) -> np.ndarray:
     """The object's 53 weights (an evaluated copy gives the values animated in its depsgraph)."""
-    values = obj.imhead.expressions
+    values = head_props(obj).expressions
     return np.array([getattr(values, n) for n in expressions.EXPRESSION_NAMES], dtype=np.float32)
 
 
@@ -56,7 +57,7 @@ def is_baked(obj: bpy.types.Object) -> bool:
 
 def request_for_object(obj: bpy.types.Object) -> None:
     """Show the object's current expression weights: from the cache, or by submitting one deform."""
-    if _state.suspended or obj is None or obj.type != "MESH" or not obj.imhead.is_head or is_baked(obj):
+    if _state.suspended or obj is None or obj.type != "MESH" or not head_props(obj).is_head or is_baked(obj):
         return
     if mesh_build.CANONICAL not in obj.data.attributes:
         return
@@ -69,12 +70,12 @@ def request_for_object(obj: bpy.types.Object) -> None:
         _state.tokens[name] = token
     if _state.shown.get(name) == key:
         return
-    cached = _state.cache.get(name, {}).get(key)
+    cached = _state.cache.get(name, OrderedDict()).get(key)
     if cached is None and not weights.any():
         # Neutral is the canonical surface itself: that is what generate/edit return and show.
-        cached = mesh_build.read_point_vector(obj.data, mesh_build.CANONICAL)
+        cached = mesh_build.read_point_vector(mesh_build.mesh_of(obj), mesh_build.CANONICAL)
     if cached is not None:
-        mesh_build.set_positions(obj.data, cached)
+        mesh_build.set_positions(mesh_build.mesh_of(obj), cached)
         _state.shown[name] = key
         return
     if name in _state.in_flight:
@@ -97,7 +98,7 @@ def _submit(obj: bpy.types.Object, weights: np.ndarray, on_success, label: str, 
     """One deform request for `obj`'s canonical vertices through `weights` (T,53)."""
     from . import backend_service, head_objects
 
-    canonical = axes.blender_to_backend(mesh_build.read_point_vector(obj.data, mesh_build.CANONICAL))
+    canonical = axes.blender_to_backend(mesh_build.read_point_vector(mesh_build.mesh_of(obj), mesh_build.CANONICAL))
     name = obj.name
     backend_service.submit(
         payloads.DeformRequest(head_objects.head_spec(obj), canonical, np.ascontiguousarray(weights, np.float32)),
@@ -105,7 +106,7 @@ def _submit(obj: bpy.types.Object, weights: np.ndarray, on_success, label: str, 
 
 
 def _token(obj: bpy.types.Object) -> tuple[int, int]:
-    return len(obj.data.vertices), hash(obj.imhead.head_json)
+    return len(obj.data.vertices), hash(head_props(obj).head_json)
 
 
 def _forget_in_flight(name: str) -> None:
@@ -148,7 +149,7 @@ def _apply_live(name: str, key: bytes, params: dict, arrays: dict[str, np.ndarra
         if _state.rendering:
             return  # the render sets each frame's mesh itself (pose_now); the viewport catches up after it
         if weights_key(weights_of(obj)) == key:
-            mesh_build.set_positions(obj.data, positions)
+            mesh_build.set_positions(mesh_build.mesh_of(obj), positions)
             _state.shown[name] = key
             return
     # The weights moved on (or the mesh changed) while this request ran: show the current ones.
@@ -228,7 +229,7 @@ def on_undo_redo(scene: bpy.types.Scene, *_args) -> None:
 
     _state.shown.clear()
     for obj in scene.objects:
-        if getattr(obj, "type", None) == "MESH" and obj.imhead.is_head:
+        if getattr(obj, "type", None) == "MESH" and head_props(obj).is_head:
             try:
                 request_for_object(obj)
             except backend_service.BackendUnavailable:
@@ -244,7 +245,7 @@ def on_frame_change(scene: bpy.types.Scene, depsgraph=None) -> None:
     if _state.rendering or (depsgraph is not None and depsgraph.mode == "RENDER"):
         return
     for obj in scene.objects:
-        if obj.type == "MESH" and obj.imhead.is_head:
+        if obj.type == "MESH" and head_props(obj).is_head:
             try:
                 request_for_object(obj)
             except backend_service.BackendUnavailable:
@@ -278,9 +279,9 @@ def pose_now(obj: bpy.types.Object, weights: np.ndarray, timeout: float) -> None
     if _state.tokens.get(name) != _token(obj):
         forget(name)
         _state.tokens[name] = _token(obj)
-    positions = _state.cache.get(name, {}).get(key)
+    positions = _state.cache.get(name, OrderedDict()).get(key)
     if positions is None and not weights.any():
-        positions = mesh_build.read_point_vector(obj.data, mesh_build.CANONICAL)
+        positions = mesh_build.read_point_vector(mesh_build.mesh_of(obj), mesh_build.CANONICAL)
     if positions is None:
         reply: dict = {}
 
@@ -296,5 +297,5 @@ def pose_now(obj: bpy.types.Object, weights: np.ndarray, timeout: float) -> None
             raise reply["error"]
         positions = _positions_from_reply(obj, reply["arrays"], frames=1)[0]
         _store(name, key, positions)
-    mesh_build.set_positions(obj.data, positions)
+    mesh_build.set_positions(mesh_build.mesh_of(obj), positions)
     _state.shown[name] = key

@@ -9,6 +9,8 @@ they would go stale as soon as live deform moves the vertices, and Blender's own
 extracted surface shade more cleanly than the network's gradient.
 """
 
+from typing import cast
+
 import bpy
 import numpy as np
 
@@ -18,6 +20,11 @@ CANONICAL = "imhead_canonical"
 TEMPLATE = "imhead_template"
 REGION = "imhead_region"
 UV_NAME = "UVMap"
+
+
+def mesh_of(obj: bpy.types.Object) -> bpy.types.Mesh:
+    """A head (or face part) object's mesh: the stubs type Object.data as the union of every data type."""
+    return cast(bpy.types.Mesh, obj.data)
 
 
 def validate_arrays(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +76,7 @@ def fill_mesh(mesh: bpy.types.Mesh, verts: np.ndarray, faces: np.ndarray, arrays
     if "template" in arrays:
         _point_vector(mesh, TEMPLATE, axes.backend_to_blender(arrays["template"]))
     if "region" in arrays:
-        attr = mesh.attributes.new(REGION, "INT", "POINT")
+        attr = cast(bpy.types.IntAttribute, mesh.attributes.new(REGION, "INT", "POINT"))
         attr.data.foreach_set("value", np.asarray(arrays["region"], dtype=np.int32))
     if "uv" in arrays:
         uv_layer = mesh.uv_layers.new(name=UV_NAME)
@@ -79,7 +86,7 @@ def fill_mesh(mesh: bpy.types.Mesh, verts: np.ndarray, faces: np.ndarray, arrays
 
 
 def _point_vector(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
-    attr = mesh.attributes.new(name, "FLOAT_VECTOR", "POINT")
+    attr = cast(bpy.types.FloatVectorAttribute, mesh.attributes.new(name, "FLOAT_VECTOR", "POINT"))
     attr.data.foreach_set("vector", np.ascontiguousarray(values, dtype=np.float32).ravel())
 
 

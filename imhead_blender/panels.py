@@ -1,6 +1,7 @@
 """The "imHead" tab in the 3D viewport sidebar."""
 
 import time
+from typing import TYPE_CHECKING
 
 import bpy
 
@@ -9,7 +10,13 @@ from .operators import fit as fit_ops
 from .operators.common import active_head
 
 
-class _ImHeadPanel:
+if TYPE_CHECKING:
+    _PanelMixin = bpy.types.Panel  # so that mypy checks the mixin's settings against Panel's literal types
+else:
+    _PanelMixin = object  # Blender registers the panels below, which list bpy.types.Panel after the mixin
+
+
+class _ImHeadPanel(_PanelMixin):
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
     bl_category = "imHead"

@@ -45,7 +45,7 @@ def _expression_annotations() -> dict:
             name=expressions.pretty(name),
             description=f"ICT-FaceKit / ARKit expression '{name}'",
             min=0.0, max=1.0, default=0.0,
-            options=ANIMATABLE,
+            options={"ANIMATABLE"},  # ANIMATABLE, spelled out so that mypy reads it as the options' literal
             update=_expression_changed,
         )
         for name in expressions.EXPRESSION_NAMES
@@ -148,18 +148,24 @@ class ImHeadSceneSettings(bpy.types.PropertyGroup):
         description="Marching-cubes cells along the longest side of the 0.40 m canonical box")
 
 
+def head_props(obj: bpy.types.Object) -> ImHeadObjectProperties:
+    """`obj.imhead`, typed: register() adds that pointer to every Object at run time, out of the stubs' sight."""
+    return obj.imhead  # type: ignore[attr-defined]
+
+
 CLASSES = (ImHeadExpressions, ImHeadRegion, ImHeadObjectProperties, ImHeadSceneSettings)
 
 
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
-    bpy.types.Object.imhead = bpy.props.PointerProperty(type=ImHeadObjectProperties)
-    bpy.types.Scene.imhead = bpy.props.PointerProperty(type=ImHeadSceneSettings)
+    # Blender's documented way to extend its types; the stubs declare no such attribute.
+    bpy.types.Object.imhead = bpy.props.PointerProperty(type=ImHeadObjectProperties)  # type: ignore[attr-defined]
+    bpy.types.Scene.imhead = bpy.props.PointerProperty(type=ImHeadSceneSettings)  # type: ignore[attr-defined]
 
 
 def unregister() -> None:
-    del bpy.types.Scene.imhead
-    del bpy.types.Object.imhead
+    del bpy.types.Scene.imhead  # type: ignore[attr-defined]
+    del bpy.types.Object.imhead  # type: ignore[attr-defined]
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

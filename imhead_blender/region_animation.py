@@ -14,6 +14,7 @@ import json
 import bpy
 
 from . import backend_service, region_edit
+from .properties import head_props
 
 _blend_sent: dict[str, float] = {}
 
@@ -24,32 +25,32 @@ def reset() -> None:
 
 def record_blend(obj: bpy.types.Object, base: dict, regions: list[str], other: dict, amount: float) -> None:
     """A Blend was submitted: later amounts re-blend `base`'s `regions` toward `other`."""
-    obj.imhead.blend_json = json.dumps({"base": base, "regions": regions, "other": other}, separators=(",", ":"))
+    head_props(obj).blend_json = json.dumps({"base": base, "regions": regions, "other": other}, separators=(",", ":"))
     _blend_sent[obj.name] = round(float(amount), 6)
 
 
 def clear_blend(obj: bpy.types.Object) -> None:
-    obj.imhead.blend_json = ""
+    head_props(obj).blend_json = ""
     _blend_sent.pop(obj.name, None)
 
 
 def changed_regions(obj: bpy.types.Object, values_from: bpy.types.Object) -> set[str]:
     """Regions whose sliders on `values_from` (the object or its evaluated copy) differ from those sent."""
     sent = region_edit.sent_sliders(obj.name)
-    if not obj.imhead.sliders_known or not sent:
+    if not head_props(obj).sliders_known or not sent:
         return set()
-    return {r.name for r in values_from.imhead.regions
+    return {r.name for r in head_props(values_from).regions
             if r.name in sent and region_edit.slider_values(values_from, r.name) != sent[r.name]}
 
 
 def _blend_op(obj: bpy.types.Object, amount: float) -> tuple[dict, dict] | None:
     """(base head, blend op) when the blend amount moved since it was last sent."""
-    if not obj.imhead.blend_json:
+    if not head_props(obj).blend_json:
         return None
     amount = round(float(amount), 6)
     if _blend_sent.get(obj.name) == amount:
         return None
-    record = json.loads(obj.imhead.blend_json)
+    record = json.loads(head_props(obj).blend_json)
     return record["base"], {"op": "blend", "regions": record["regions"], "other": record["other"], "t": amount}
 
 
@@ -68,10 +69,10 @@ def on_frame_change(scene: bpy.types.Scene, depsgraph=None) -> None:
     if depsgraph is not None and depsgraph.mode == "RENDER":
         return
     for obj in scene.objects:
-        if obj.type != "MESH" or not obj.imhead.is_head:
+        if obj.type != "MESH" or not head_props(obj).is_head:
             continue
         try:
-            if _submit_blend(obj, obj.imhead.blend_amount) is None:
+            if _submit_blend(obj, head_props(obj).blend_amount) is None:
                 region_edit.request_regions(obj, changed_regions(obj, obj))
         except backend_service.BackendUnavailable:
             return  # the panel shows why; the moved sliders stay pending in region_edit
@@ -80,7 +81,7 @@ def on_frame_change(scene: bpy.types.Scene, depsgraph=None) -> None:
 def apply_now(obj: bpy.types.Object, evaluated: bpy.types.Object, timeout: float) -> None:
     """For a render frame: the evaluated copy's sliders / blend amount on the mesh before returning."""
     regions = changed_regions(obj, evaluated)
-    amount = evaluated.imhead.blend_amount
+    amount = head_props(evaluated).blend_amount
     if not regions and _blend_op(obj, amount) is None:
         return
     backend_service.drain(timeout, until=lambda: not region_edit.busy(obj.name))

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import backend_service, head_objects, undo
 from .client import payloads
-from .properties import SLIDER_RANGE as SLIDER_LIMIT
+from .properties import SLIDER_RANGE as SLIDER_LIMIT, head_props
 
 LOST_WITH_THE_PROCESS = ("backend_died", "cancelled")  # failure codes after which an edit is sent again
 
@@ -43,14 +43,14 @@ def busy(name: str) -> bool:
 
 
 def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str, head: dict | None = None,
-                retry_regions: set[str] = frozenset(), undo_step: bool = True) -> backend_service.Job:
+                retry_regions: set[str] | frozenset[str] = frozenset(), undo_step: bool = True) -> backend_service.Job:
     """Send `ops` for this head (or for `head`, e.g. a blend's base); raises BackendUnavailable (the caller
     reports it). `retry_regions`: slider regions sent again when the backend is back, should this edit be
     lost with the process. `undo_step`: push one when the reply is applied (not for slider moves: their
     property change is the undo step)."""
     name = obj.name
     request = payloads.EditRequest(head if head is not None else head_objects.head_spec(obj), ops,
-                                   obj.imhead.resolution)
+                                   head_props(obj).resolution)
     _state.in_flight.add(name)  # before submitting: a request refused at once fails synchronously
     try:
         return backend_service.submit(request, label=f"{label} ({name})", object_name=name,
@@ -63,7 +63,7 @@ def submit_edit(obj: bpy.types.Object, ops: list[dict], label: str, head: dict |
 
 def request_sliders(obj: bpy.types.Object, region: str) -> None:
     """A slider of `region` moved: edit now, or after the edit in flight (with Symmetric, its mirror too)."""
-    if _state.applying or not obj.imhead.is_head or not obj.imhead.sliders_known:
+    if _state.applying or not head_props(obj).is_head or not head_props(obj).sliders_known:
         return  # a reply's (or the mirror's own) write, not the user's
     request_regions(obj, {region, *mirror_partner_change(obj, region)})
 
@@ -71,7 +71,7 @@ def request_sliders(obj: bpy.types.Object, region: str) -> None:
 def request_regions(obj: bpy.types.Object, regions: set[str]) -> None:
     """Sliders of `regions` moved (by hand or by their animation): one edit now, or after the edit in
     flight; kept for later when the backend cannot take it."""
-    if _state.applying or not obj.imhead.is_head or not obj.imhead.sliders_known or not regions:
+    if _state.applying or not head_props(obj).is_head or not head_props(obj).sliders_known or not regions:
         return
     name = obj.name
     if name in _state.in_flight:
@@ -92,7 +92,7 @@ def copy_sliders(source: bpy.types.Object, target: bpy.types.Object, regions: se
     _state.applying += 1
     try:
         for r in regions:
-            target.imhead.regions[r].sliders = list(source.imhead.regions[r].sliders)
+            head_props(target).regions[r].sliders = list(head_props(source).regions[r].sliders)
     finally:
         _state.applying -= 1
 
@@ -127,7 +127,7 @@ def _failed(name: str, regions: set[str], exc) -> None:
 
 
 def slider_values(obj: bpy.types.Object, region: str) -> tuple[float, ...]:
-    return tuple(round(float(v), 6) for v in obj.imhead.regions[region].sliders)
+    return tuple(round(float(v), 6) for v in head_props(obj).regions[region].sliders)
 
 
 def sent_sliders(name: str) -> dict[str, tuple[float, ...]]:
@@ -140,7 +140,7 @@ def mirror_partner_change(obj: bpy.types.Object, region: str) -> list[str]:
     [partner] when it moved, else []."""
     from . import identity
 
-    props = obj.imhead
+    props = head_props(obj)
     item = props.regions.get(region)
     if not props.symmetric or item is None or item.mirror < 0 or item.mirror == item.region_id:
         return []
@@ -161,15 +161,15 @@ def mirror_partner_change(obj: bpy.types.Object, region: str) -> list[str]:
 
 
 def _pca_op(obj: bpy.types.Object, region: str) -> dict:
-    return {"op": "pca", "region": region, "values": [float(v) for v in obj.imhead.regions[region].sliders]}
+    return {"op": "pca", "region": region, "values": [float(v) for v in head_props(obj).regions[region].sliders]}
 
 
 def selected_regions(obj: bpy.types.Object) -> list[str]:
     """The checked regions, else the active one."""
-    regions = obj.imhead.regions
+    regions = head_props(obj).regions
     chosen = [r.name for r in regions if r.selected]
-    if not chosen and 0 <= obj.imhead.active_region < len(regions):
-        chosen = [regions[obj.imhead.active_region].name]
+    if not chosen and 0 <= head_props(obj).active_region < len(regions):
+        chosen = [regions[head_props(obj).active_region].name]
     return chosen
 
 
@@ -182,11 +182,11 @@ def _roll_back(name: str) -> None:
         return
     confirmed = _state.confirmed.get(name)
     if confirmed is None:
-        obj.imhead.sliders_known = False
+        head_props(obj).sliders_known = False
         return
     _state.applying += 1
     try:
-        for item in obj.imhead.regions:
+        for item in head_props(obj).regions:
             if item.name in confirmed:
                 item.sliders = confirmed[item.name]
     finally:
@@ -207,14 +207,14 @@ def _apply(name: str, undo_step: bool, params: dict, arrays: dict) -> None:
         request_regions(obj, dirty)
 
 
-def store_sliders(obj: bpy.types.Object, sliders: dict | None, skip: set[str] = frozenset()) -> None:
+def store_sliders(obj: bpy.types.Object, sliders: dict | None, skip: set[str] | frozenset[str] = frozenset()) -> None:
     """Write the backend's slider positions ({region: [32 std units]}) without triggering edits."""
     if not sliders:
         return
     _state.applying += 1
     try:
         confirmed = _state.confirmed.setdefault(obj.name, {})
-        for item in obj.imhead.regions:
+        for item in head_props(obj).regions:
             values = sliders.get(item.name)
             if values is not None:
                 n = len(item.sliders)
@@ -223,6 +223,6 @@ def store_sliders(obj: bpy.types.Object, sliders: dict | None, skip: set[str] = 
                     item.sliders = confirmed[item.name]
                     _state.sent.setdefault(obj.name, {})[item.name] = slider_values(obj, item.name)
                 item.applied = confirmed[item.name]
-        obj.imhead.sliders_known = True
+        head_props(obj).sliders_known = True
     finally:
         _state.applying -= 1

@@ -14,6 +14,7 @@ import sys
 import bpy
 
 from . import backend_service, live_deform, region_animation
+from .properties import head_props
 
 FRAME_TIMEOUT_S = 600.0  # one frame's deform (or region edit) on a slow CPU; past it the frame keeps its pose
 
@@ -27,7 +28,7 @@ def on_render_init(*_args) -> None:
 def on_render_end(scene: bpy.types.Scene, *_args) -> None:
     live_deform.set_rendering(False)
     for obj in scene.objects:  # the viewport's own frame again
-        if obj.type == "MESH" and obj.imhead.is_head:
+        if obj.type == "MESH" and head_props(obj).is_head:
             try:
                 live_deform.request_for_object(obj)
             except backend_service.BackendUnavailable:
@@ -39,7 +40,7 @@ def on_frame_change(scene: bpy.types.Scene, depsgraph=None) -> None:
     if depsgraph is None or depsgraph.mode != "RENDER":
         return
     for obj in scene.objects:
-        if obj.type != "MESH" or not obj.imhead.is_head:
+        if obj.type != "MESH" or not head_props(obj).is_head:
             continue
         evaluated = obj.evaluated_get(depsgraph)
         try:

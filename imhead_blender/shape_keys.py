@@ -14,6 +14,8 @@ at that frame), so keys plus correctives give the model's non-linear pose exactl
 
 from __future__ import annotations
 
+from typing import cast
+
 import bpy
 import numpy as np
 
@@ -31,7 +33,7 @@ def has_arkit_keys(obj: bpy.types.Object) -> bool:
 
 def _ensure_basis(obj: bpy.types.Object) -> np.ndarray:
     """The Basis key (created from the canonical mesh when missing); returns the canonical positions."""
-    mesh = obj.data
+    mesh = mesh_build.mesh_of(obj)
     canonical = mesh_build.read_point_vector(mesh, mesh_build.CANONICAL)
     if mesh.shape_keys is None:
         mesh_build.set_positions(mesh, canonical)
@@ -93,9 +95,10 @@ def arkit_weights_at(obj: bpy.types.Object, ict: np.ndarray, frames: list[int]) 
     """(T,52) values the ARKit keys take at `frames` for ICT weights (T,53): their drivers' averages, and
     tongueOut's own animation."""
     out = arkit.arkit_from_ict(ict)
-    block = obj.data.shape_keys.key_blocks.get("tongueOut") if obj.data.shape_keys else None
-    if block is not None:
-        curve = _fcurve(obj.data.shape_keys, 'key_blocks["tongueOut"].value')
+    keys = mesh_build.mesh_of(obj).shape_keys
+    block = keys.key_blocks.get("tongueOut") if keys else None
+    if keys is not None and block is not None:
+        curve = _fcurve(keys, 'key_blocks["tongueOut"].value')
         tongue = [curve.evaluate(f) if curve is not None else block.value for f in frames]
         out[:, arkit.ARKIT_NAMES.index("tongueOut")] = tongue
     return out
@@ -107,6 +110,7 @@ def _fcurve(key: bpy.types.Key, path: str):
         return None
     for layer in anim.action.layers:
         for strip in layer.strips:
+            strip = cast(bpy.types.ActionKeyframeStrip, strip)  # Blender 5 actions hold only keyframe strips
             bag = strip.channelbag(anim.action_slot) if anim.action_slot is not None else None
             if bag is not None:
                 curve = bag.fcurves.find(path)
@@ -163,7 +167,8 @@ def apply_bake(obj: bpy.types.Object, frames: list[int], inverse: np.ndarray, po
         for u in range(len(positions)):
             used = [i for i, idx in enumerate(inverse) if idx == u]
             pose = positions[u]
-            if deltas is not None:  # every frame of a pose has the same controls, so the same mix
+            # every frame of a pose has the same controls, so the same mix
+            if deltas is not None and arkit_values is not None:
                 pose = pose - np.tensordot(arkit_values[used[0]], deltas, axes=1)
             block = _write_key(obj, f"{BAKED_PREFIX}{frames[used[0]]:04d}", pose)
             used_frames = {frames[i] for i in used}

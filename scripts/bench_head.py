@@ -59,7 +59,7 @@ def main() -> int:
         bpy.ops.imhead.generate()
         job = service.jobs()[0]
         applied = job.on_success
-        spent = []
+        spent: list[float] = []
 
         def timed(params, arrays, applied=applied, spent=spent):
             t = time.perf_counter()
@@ -71,7 +71,7 @@ def main() -> int:
         total.append(time.perf_counter() - t0)
         apply.append(spent[0])
     head = [o for o in scene.objects if o.imhead.is_head][-1]
-    parts = sorted(c["imhead_part"] for c in head.children if "imhead_part" in c)
+    parts = sorted(c["imhead_part"] for c in head.children if "imhead_part" in c.keys())
     if len(parts) != 6 or not head.data.materials:
         sys.exit(f"incomplete head: parts {parts}, materials {list(head.data.materials)}")
     hs = service.handshake()

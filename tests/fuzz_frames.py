@@ -4,6 +4,7 @@ of mutation are listed in docs/reliability.md."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,7 @@ def mutate_kind(frame: bytes, kind: int, rng: np.random.Generator) -> bytes:
     return bytes(b)
 
 
-ODD_VALUES = ([], {}, "x", None, -1, 2**64, 1.5, True, [[[]]], {"a": []}, "float32", [2**31, 2**31])
+ODD_VALUES: tuple[Any, ...] = ([], {}, "x", None, -1, 2**64, 1.5, True, [[[]]], {"a": []}, "float32", [2**31, 2**31])
 
 
 def _replace_somewhere(node, rng):

@@ -194,7 +194,7 @@ def _direct_deform(service, axes, obj, weights) -> np.ndarray:
 
 
 def _drain_recording(service, jobs_module, name: str, timeout: float = 900) -> list:
-    seen = []
+    seen: list = []
 
     def until() -> bool:
         for chain in jobs_module.running(name):
@@ -384,7 +384,7 @@ def scenario_rig(zip_path: str, tmp: Path) -> dict:
     }
     bpy.context.view_layer.objects.active = obj
     before = snapshot()
-    malformed = {}
+    malformed: dict[str, str | bool] = {}
     for case, data in cases.items():
         try:
             bpy.ops.imhead.import_capture(filepath=_write(tmp / f"{case}.csv", data))
@@ -487,7 +487,7 @@ def scenario_live(zip_path: str, tmp: Path) -> dict:
 
     def pixels(path: Path) -> np.ndarray:
         image = bpy.data.images.load(str(path))
-        out = np.array(image.pixels[:])
+        out = np.array(image.pixels[:])  # type: ignore[index]  # the stubs' bpy_prop_array has no __getitem__
         bpy.data.images.remove(image)
         return out
 

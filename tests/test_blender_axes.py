@@ -8,6 +8,7 @@ import pytest
 
 _spec = importlib.util.spec_from_file_location(
     "imhead_axes", Path(__file__).resolve().parents[1] / "imhead_blender" / "axes.py")
+assert _spec is not None and _spec.loader is not None
 axes = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(axes)
 

@@ -10,7 +10,6 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-import pytest
 
 
 def blender_ext() -> Path:
@@ -61,8 +60,8 @@ def test_zip_layout(built_zip, repo_root, venv_python):
     shipped = {f"weights/{p.name}" for p in (repo_root / "weights").glob("*")
                if p.suffix in (".safetensors", ".sha256") or p.name in ("MODEL_CARD.md", "identity_directions.json")}
     assert {n for n in names if n.startswith("weights/")} == shipped
-    addon = {p.relative_to(repo_root / "imhead_blender").as_posix() for p in (repo_root / "imhead_blender").rglob("*.py")
-             if "__pycache__" not in p.parts}
+    addon_dir = repo_root / "imhead_blender"
+    addon = {p.relative_to(addon_dir).as_posix() for p in addon_dir.rglob("*.py") if "__pycache__" not in p.parts}
     assert addon <= names, addon - names
     backend = {p.relative_to(repo_root).as_posix() for p in (repo_root / "backend").rglob("*.py")
                if "__pycache__" not in p.parts and "train" not in p.relative_to(repo_root / "backend").parts}

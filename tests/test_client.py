@@ -212,8 +212,8 @@ def test_protocol_mismatch_stops_the_backend_with_a_clear_error(make_client, mon
 
 
 def test_garbage_on_stdout_stops_the_backend(make_client, venv_python):
-    client = make_client([venv_python, "-c", "import sys, time; sys.stdout.write('hello, this is not a frame'); sys.stdout.flush(); "
-                                             "time.sleep(60)"])
+    client = make_client([venv_python, "-c", "import sys, time; sys.stdout.write('hello, this is not a frame'); "
+                                             "sys.stdout.flush(); time.sleep(60)"])
     client.start()
     with pytest.raises(BackendFailure) as info:
         client.wait(client.submit("echo", {}), 30)

@@ -106,7 +106,8 @@ def test_a_python_without_torch_gets_a_clear_environment_error(venv_python, repo
     Python without torch would): the handshake fails with a message naming the interpreter and torch."""
     shutil.copytree(repo_root / "backend", tmp_path / "backend", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "torch").mkdir()
-    (tmp_path / "torch" / "__init__.py").write_text("raise ModuleNotFoundError('No module named torch', name='torch')\n")
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "raise ModuleNotFoundError('No module named torch', name='torch')\n")
     c = BackendClient(venv_python, str(tmp_path), startup_timeout=60)
     c.start()
     with pytest.raises(BackendFailure) as info:

@@ -11,7 +11,8 @@ from backend.data import mesh
 
 def box_mesh(half: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Closed outward box [-half, half] with every side split into n x n quads (2 triangles each)."""
-    verts, faces = [], []
+    verts: list[np.ndarray] = []
+    faces: list[tuple[int, int, int]] = []
     t = np.linspace(-1, 1, n + 1)
     for axis in range(3):
         for sign in (-1.0, 1.0):
@@ -32,11 +33,11 @@ def box_mesh(half: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
                     if (sign > 0) != right:
                         tri = [(a, c, b), (a, d, c)]
                     faces += tri
-    verts = np.asarray(verts)
+    points = np.asarray(verts)
     # weld duplicated edge vertices so the box is one closed manifold
-    key = np.round(verts / half * n).astype(np.int64)
+    key = np.round(points / half * n).astype(np.int64)
     _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-    return verts[first], inverse.reshape(-1)[np.asarray(faces)]
+    return points[first], inverse.reshape(-1)[np.asarray(faces)]
 
 
 def box_sdf(p: np.ndarray, half: np.ndarray) -> np.ndarray:

@@ -1,6 +1,5 @@
 """Root finding through a backward warp: an analytic warp with a known inverse, and residual checks."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -16,7 +16,8 @@ def head():
         zr, k = model.decode(torch.randn(1, 256, generator=g) * 0.05)
     # points around the head: the anchors' neighbourhoods and the box
     x = torch.cat([k[0][torch.randint(39, (3000,), generator=g)] + 0.02 * torch.randn(3000, 3, generator=g),
-                   torch.rand(1000, 3, generator=g) * torch.tensor([0.32, 0.40, 0.30]) - torch.tensor([0.16, 0.22, 0.13])])
+                   torch.rand(1000, 3, generator=g) * torch.tensor([0.32, 0.40, 0.30])
+                   - torch.tensor([0.16, 0.22, 0.13])])
     return model, zr, k, x
 
 

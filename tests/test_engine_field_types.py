@@ -5,6 +5,7 @@ the server would report as internal_error."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from backend import errors
 from backend.engine.session import Session
 
-ODD = ([], {}, "x", None, -1, 1.5, True, [[]], {"a": 1}, 2**70)
+ODD: tuple[Any, ...] = ([], {}, "x", None, -1, 1.5, True, [[]], {"a": 1}, 2**70)
 # a well-typed value that makes a valid request about something else: fit "units": 1.5 is a scale, and the
 # atlas at 1.5x is refused as not a head (the fit's own check), which is the right answer, not a type error
 VALID_REFUSALS = {"not_a_head"}

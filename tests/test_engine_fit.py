@@ -2,6 +2,7 @@
 trained weights), mesh readers and input validation."""
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
@@ -74,7 +75,7 @@ def test_alignment_ignores_shoulders(session, head_points, seed):
     assert np.median(err) < 0.5e-3 and err.max() < 1e-3
 
 
-def cylinder(rng: np.random.Generator, n: int, a: list[float], b: list[float], r: float) -> np.ndarray:
+def cylinder(rng: np.random.Generator, n: int, a: npt.ArrayLike, b: npt.ArrayLike, r: float) -> np.ndarray:
     """n points on the side of the cylinder of radius r from a to b."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     axis = (b - a) / np.linalg.norm(b - a)

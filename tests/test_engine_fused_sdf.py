@@ -19,7 +19,8 @@ with torch.no_grad():
     zr, k = model.decode(torch.randn(1, 256, generator=g) * 0.05)
     # near the anchors (all 39 matter), across the box, and far outside (most regions skip per block)
     x = torch.cat([k[0][torch.randint(39, (256,), generator=g)] + 0.02 * torch.randn(256, 3, generator=g),
-                   torch.rand(128, 3, generator=g) * torch.tensor([0.32, 0.40, 0.30]) - torch.tensor([0.16, 0.22, 0.13]),
+                   torch.rand(128, 3, generator=g) * torch.tensor([0.32, 0.40, 0.30])
+                   - torch.tensor([0.16, 0.22, 0.13]),
                    torch.tensor([0.0, 0.0, 0.6]) + 0.01 * torch.randn(64, 3, generator=g)])
     ref = HeadSdf(model, zr, k, mode="dense")(x)  # float32, torch
 raw_fn = HeadSdf(model, zr, k, mode="dense", hidden_dtype=torch.float16)

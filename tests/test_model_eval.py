@@ -9,7 +9,8 @@ SUMMARY = {"identities": 2, "expressions_per_identity": 1, "points": 10000, "ste
 
 def test_table_marks_targets_met_and_missed():
     lines = ev.format_table(SUMMARY).splitlines()
-    row = {ln.split("|")[1].strip(): ln.split("|")[4].strip() for ln in lines if ln.startswith("| ") and "---" not in ln}
+    row = {ln.split("|")[1].strip(): ln.split("|")[4].strip()
+           for ln in lines if ln.startswith("| ") and "---" not in ln}
     assert row["CD-L1 neutral (mm)"] == "yes"  # 0.25 <= 0.30
     assert row["normal consistency"] == "NO"  # 0.95 < 0.99
     assert row["F-score @1 mm"] == "yes"

@@ -55,17 +55,19 @@ class Server:
         self.proc = subprocess.Popen([python, "-m", "backend", "serve", *args], cwd=root, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, "PYTHONPATH": str(root), **env})
-        self.replies: list[wire.Message] = []
+        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
+        self.stdin, self.stdout, stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
+        self.replies: list[wire.Message | None] = []  # None: the server's output ended
         self.progress_of: int | None = None  # the request whose progress frames are timed
         self.progress_times: list[float] = []
         self.arrived = threading.Condition()
         self.stderr: list[bytes] = []
         threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(stderr), daemon=True).start()
 
     def _read(self) -> None:
         try:
-            while (msg := wire.read_frame(self.proc.stdout)) is not None:
+            while (msg := wire.read_frame(self.stdout)) is not None:
                 if msg.kind == "progress" and msg.id == self.progress_of:
                     self.progress_times.append(time.monotonic())
                 if msg.kind == "reply":
@@ -78,8 +80,8 @@ class Server:
                 self.arrived.notify_all()
 
     def send(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
+        self.stdin.write(data)
+        self.stdin.flush()
 
     def reply_to(self, rid: int, timeout: float) -> wire.Message:
         with self.arrived:
@@ -99,7 +101,7 @@ class Server:
         raise AssertionError("no VmRSS")
 
 
-def test_fuzzed_frames_never_stop_the_real_server(venv_python, repo_root):
+def test_fuzzed_frames_never_stop_the_real_server(venv_python, repo_root) -> None:
     t0 = time.monotonic()
     server = Server(venv_python, repo_root, IMHEAD_MEMORY_BUDGET_MB=MEMORY_BUDGET_MB)
     try:
@@ -168,7 +170,7 @@ def test_a_broken_stream_ends_in_a_protocol_error_and_exit_3(venv_python, repo_r
     assert fatal == N_BROKEN
 
 
-def test_the_client_reader_survives_fuzzed_streams():
+def test_the_client_reader_survives_fuzzed_streams() -> None:
     """BackendClient's reader thread over 1,000 mutated reply/progress streams: each ends in events the client
     handles (frames, then bad_frame or eof), never in an exception that kills the thread silently."""
     rng = np.random.default_rng(4)
@@ -176,7 +178,7 @@ def test_the_client_reader_survives_fuzzed_streams():
     valid = [wire.encode_bytes(wire.reply_ok(3, {"n": 1}), {"v": np.ones((5, 3), np.float32)}),
              wire.encode_bytes(wire.progress(3, 0.25, "a quarter")),
              wire.encode_bytes(wire.reply_error(3, "invalid_input", "seed must be an integer"))]
-    ends = collections.Counter()
+    ends: collections.Counter[str] = collections.Counter()
     errors: list = []
     hook, threading.excepthook = threading.excepthook, errors.append
     try:

@@ -36,7 +36,7 @@ def test_the_guard_refuses_with_a_resolution_that_fits(monkeypatch):
         guard.check("edit", {})  # the engine's default resolution
 
 
-def test_a_big_request_is_refused_at_once_and_progress_flows_every_second(venv_python, repo_root):
+def test_a_big_request_is_refused_at_once_and_progress_flows_every_second(venv_python, repo_root) -> None:
     server = Server(venv_python, repo_root, IMHEAD_MEMORY_BUDGET_MB="2000")
     progress: list[float] = []
     try:

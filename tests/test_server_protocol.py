@@ -24,15 +24,17 @@ class RawConn:
     def __init__(self, cmd: list[str], env: dict | None = None, cwd=None):
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env={**os.environ, **(env or {})}, cwd=cwd)
+        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
+        self.stdin, self.stdout, stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
         self._frames: queue.Queue = queue.Queue()
         self._stderr: list[bytes] = []
         threading.Thread(target=self._read, daemon=True).start()
-        self._err_thread = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True)
+        self._err_thread = threading.Thread(target=lambda: self._stderr.extend(stderr), daemon=True)
         self._err_thread.start()
 
     def _read(self) -> None:
         try:
-            while (msg := wire.read_frame(self.proc.stdout)) is not None:
+            while (msg := wire.read_frame(self.stdout)) is not None:
                 self._frames.put(msg)
         except wire.ProtocolError as exc:
             self._frames.put(exc)
@@ -42,8 +44,8 @@ class RawConn:
         self.send_raw(wire.encode_bytes(header, arrays))
 
     def send_raw(self, data: bytes) -> None:
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
+        self.stdin.write(data)
+        self.stdin.flush()
 
     def recv(self, timeout: float = 60.0) -> wire.Message:
         msg = self._frames.get(timeout=timeout)

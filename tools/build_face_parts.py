@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import sys
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -68,22 +69,13 @@ def fit_sphere(p: np.ndarray) -> tuple[np.ndarray, float]:
     return centre, float(np.sqrt(sol[3] + centre @ centre))
 
 
-def rigid(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rotation R, translation t with dst ~ src @ R.T + t (Kabsch)."""
-    cs, cd = src.mean(0), dst.mean(0)
-    u, _s, vt = np.linalg.svd((src - cs).T @ (dst - cd))
-    d = np.sign(np.linalg.det(vt.T @ u.T))
-    r = vt.T @ np.diag([1, 1, d]) @ u.T
-    return r, cd - cs @ r.T
-
-
 def build(source: Path) -> dict[str, np.ndarray]:
     src = _Source(source)
     neutral_cm, _uv, fv, _ft, _ = _parse_obj(src.read("generic_neutral_mesh.obj"), True)
     jaw_cm, *_ = _parse_obj(src.read("jawOpen.obj"), False)
     assert fv is not None
     neutral, jaw = neutral_cm * CM_TO_M, jaw_cm * CM_TO_M
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}  # arrays, and the jaw expressions' names
 
     vlo, vhi, plo, phi = TEETH
     tf = triangles(fv[plo:phi], vlo)

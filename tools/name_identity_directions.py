@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     random_heads = [measure(mean + chol @ rng.standard_normal(len(mean))) for _ in range(RANDOM_HEADS)]
     spread = {k: float(np.std([h[k] for h in random_heads])) for k in random_heads[0]}
-    out, used = [], set()
+    out: list = []
+    used: set = set()
     for i in range(args.count):
         lo = measure(mean - SIGMAS * sigma[i] * dirs[i])
         hi = measure(mean + SIGMAS * sigma[i] * dirs[i])

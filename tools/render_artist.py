@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import demo  # noqa: E402
 
-HEADS = (  # seed, skin tone, iris hue, expression weights
+HEADS: tuple[tuple[int, float, float, dict[str, float]], ...] = (  # seed, skin tone, iris hue, expression weights
     (7, 0.15, 0.5, {}),
     (12, 0.55, 0.12, {"jawOpen": 0.25, "mouthSmile_L": 0.7, "mouthSmile_R": 0.7}),
     (3, 0.85, 0.1, {"eyeLookOut_L": 0.5, "eyeLookIn_R": 0.5, "browInnerUp_L": 0.3, "browInnerUp_R": 0.3}),

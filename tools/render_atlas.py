@@ -66,11 +66,11 @@ def build_scene(atlas, colours: np.ndarray):
     scene.collection.objects.link(cam_obj)
     scene.camera = cam_obj
     suns = ((2.2, (math.radians(-25), math.radians(20), 0)), (0.8, (math.radians(20), math.radians(-60), 0)))
-    for energy, rot in suns:
+    for energy, sun_rot in suns:
         light = bpy.data.lights.new("sun", "SUN")
         light.energy = energy
         lo = bpy.data.objects.new("sun", light)
-        lo.rotation_euler = rot
+        lo.rotation_euler = sun_rot
         scene.collection.objects.link(lo)
     world = bpy.data.worlds.new("world")
     world.use_nodes = True

@@ -49,7 +49,7 @@ def render(vertices_cam: np.ndarray, faces: np.ndarray, camera: dict, out: Path,
     me.update()
     me.shade_smooth()
     mat = bpy.data.materials.new("clay")
-    mat.diffuse_color = (0.62, 0.6, 0.58, 1.0)
+    mat.diffuse_color = (0.62, 0.6, 0.58, 1.0)  # type: ignore[assignment]  # stubs: bpy_prop_array, no tuple
     me.materials.append(mat)
     sc.collection.objects.link(bpy.data.objects.new("head", me))
     cam = bpy.data.cameras.new("camera")

@@ -253,6 +253,7 @@ def reset_scene(samples: int) -> bpy.types.Scene:
         obj = bpy.data.objects.new(name, light)
         obj.rotation_euler = tuple(math.radians(v) for v in rot)
         sc.collection.objects.link(obj)
+    assert sc is not None
     return sc
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
                 x = tens(gtp[exposed_verts])[None]
                 xc = x + model.warp(x, rp.z_exp, rp.z_id)
                 tp = model.template(xc, rp.zr, model.anchors(rp.zr), topk=topk)[0].cpu().double().numpy()
-            exp_rows.append((me["head"]["chamfer_l1"], float(np.linalg.norm(tp - ict.neutral[exposed_verts], axis=1).mean()) * 1e3))
+            exp_rows.append((me["head"]["chamfer_l1"],
+                             float(np.linalg.norm(tp - ict.neutral[exposed_verts], axis=1).mean()) * 1e3))
         if exp_rows:
             row["exp_cd_l1_mm"] = float(np.mean([e[0] for e in exp_rows]))
             row["exp_corr_mm"] = float(np.mean([e[1] for e in exp_rows]))
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(row), flush=True)
 
     loc = locality(model, fits, atlas, mesh_of, args, topk, dev) if len(fits) >= 2 else {}
-    summary = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if k != "identity"}
+    summary: dict[str, Any] = {k: float(np.mean([r[k] for r in rows if k in r])) for k in rows[0] if k != "identity"}
     summary.update(loc)
     summary.update(identities=len(rows), expressions_per_identity=len(exps), resolution=args.resolution,
                    steps=args.steps, points=args.points, samples=args.samples, topk=args.topk,
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def locality(model, fits, atlas, mesh_of, args, topk, dev) -> dict[str, float]:
+def locality(model, fits, atlas, mesh_of, args, topk, dev) -> dict[str, Any]:
     """Swap region j of identity A for identity B's; SDF change at A's surface outside j's 1 cm margin."""
     from scipy.spatial import cKDTree
 
@@ -169,7 +171,9 @@ def locality(model, fits, atlas, mesh_of, args, topk, dev) -> dict[str, float]:
     mesh = mesh_of(ra.zr, ra.z_id, None)
     v = torch.as_tensor(mesh.vertices, device=dev)[None]
     regions = np.linspace(0, model.cfg.n_regions - 1, args.locality_regions).round().astype(int)
-    p95, p95_dense, inside = [], [], []
+    p95: list[float] = []
+    p95_dense: list[float] = []
+    inside: list[float] = []
     with torch.no_grad():
         for j in regions:
             zr = ra.zr.clone()

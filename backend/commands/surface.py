@@ -60,8 +60,8 @@ def measure(session, seed: int, resolution: int) -> dict:
     neck = sm.neck_loop(canonical, faces)
     names = session.expression_names
     weights = np.zeros((len(EXPRESSIONS), len(names)), np.float32)
-    for row, name in enumerate(EXPRESSIONS):
-        weights[row, names.index(name)] = 1.0
+    for j, name in enumerate(EXPRESSIONS):
+        weights[j, names.index(name)] = 1.0
     posed = pose(session, out["head"], canonical, weights)
     row = {"seed": seed, "resolution": resolution, "opened": session.open_surfaces, "vertices": topo.vertices,
            "genus": topo.genus, "boundary_loops": topo.boundary_loops, "pieces": len(topo.pieces),

@@ -232,7 +232,9 @@ def build_atlas(ict) -> Atlas:
         if n.startswith("left "):
             if v[s, 0] <= 0:
                 raise ValueError(f"atlas seed for {n} is not on the left (+x)")
-            members.append((int(mv[s]), mirror[rid[n]]))
+            partner = mirror[rid[n]]
+            assert partner is not None  # every left region has its right mirror
+            members.append((int(mv[s]), partner))
         for vertex, r in members:
             seed_v.append(vertex)
             seed_r.append(r)

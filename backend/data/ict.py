@@ -165,7 +165,7 @@ def convert(source: Path, log=print) -> IctModel:
     head_tris, head_corners = topology.triangulate(fv[:HEAD_POLY_END])
     loops = topology.boundary_loops(head_tris)
     if len(loops) != 1 or len(loops[0]) != 54:
-        raise ValueError(f"expected one 54-vertex opening in the head, found {[len(l) for l in loops]}")
+        raise ValueError(f"expected one 54-vertex opening in the head, found {[len(loop) for loop in loops]}")
     neck_loop = loops[0]
     cap = topology.cap_loop(neutral_cm, neck_loop)
     closed = np.concatenate([head_tris, cap])

@@ -86,7 +86,7 @@ def cap_loop(vertices: np.ndarray, loop: np.ndarray) -> np.ndarray:
     def inside(p: int, a: int, b: int, c: int) -> bool:
         return sign * cross(a, b, p) >= 0 and sign * cross(b, c, p) >= 0 and sign * cross(c, a, p) >= 0
 
-    tris = []
+    tris: list[tuple[int, ...]] = []
     while len(order) > 3:
         for i in range(len(order)):
             a, b, c = order[i - 1], order[i], order[(i + 1) % len(order)]

@@ -272,6 +272,7 @@ class Aligner:
                 if plane:
                     nrm = np.concatenate([nrm] + [np.broadcast_to(e, (A, L, 3)) for e in np.eye(3)], 1)
             if plane:
+                assert nrm is not None  # set above whenever plane is
                 sc2, ro2, tr2 = _plane_steps(sc, ro, tr, src, dst, nrm, w, fixed_scale is not None)
                 move = (np.linalg.norm(sc2[:, None, None] * ro2 - sc[:, None, None] * ro, axis=(1, 2)) * self.t_radius
                         + np.linalg.norm(tr2 - tr, axis=1))

@@ -20,12 +20,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar, cast
 
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
 from .extract import _evaluate, _unkey, extract_dense, make_grid
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -62,7 +65,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+def _timed(fn: Callable[[], T], device: torch.device, repeats: int) -> tuple[float, T]:
     """Median wall time (ms) of `repeats` runs, after one warm-up run on CUDA; returns the last result."""
     out = fn() if device.type == "cuda" else None
     times = []
@@ -72,7 +75,7 @@ def _timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
         out = fn()
         _sync(device)
         times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times)), out
+    return float(np.median(times)), cast(T, out)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -167,7 +170,8 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
                 setattr(session, attr, saved)
                 dv = max(tree.query(mesh2.vertices)[0].max(), cKDTree(mesh2.vertices).query(mesh.vertices)[0].max())
                 rows.append(Row(name, dev.type, f"{size}^3", ms, peak_mb=_peak_mb(dev),
-                                detail=f"{len(mesh2.vertices)} verts, max|dv| vs the row above {dv / stats.voxel:.3f} vox"))
+                                detail=f"{len(mesh2.vertices)} verts, "
+                                       f"max|dv| vs the row above {dv / stats.voxel:.3f} vox"))
 
     log(f"generate on {dev}")
     rows.append(_bench_generate(session, head, cfg, dev))
@@ -282,11 +286,13 @@ def bench_prestarted(device: str, weights: Path | None, timeout_s: float = 300.0
         cmd += ["--weights", str(weights)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None  # all three piped
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
     warmed = threading.Event()
     log: list[str] = []
 
     def read_log() -> None:
-        for line in proc.stderr:
+        for line in stderr:
             log.append(line.decode(errors="replace"))
             if "warm-up done" in log[-1] or "warm-up failed" in log[-1]:
                 warmed.set()
@@ -294,9 +300,9 @@ def bench_prestarted(device: str, weights: Path | None, timeout_s: float = 300.0
     threading.Thread(target=read_log, daemon=True).start()
 
     def call(rid: int, op: str, params: dict) -> wire.Message:
-        proc.stdin.write(wire.encode_bytes(wire.request(rid, op, params)))
-        proc.stdin.flush()
-        while (msg := wire.read_frame(proc.stdout)) is not None:
+        stdin.write(wire.encode_bytes(wire.request(rid, op, params)))
+        stdin.flush()
+        while (msg := wire.read_frame(stdout)) is not None:
             if msg.kind == "reply" and msg.id == rid:
                 return msg
         raise RuntimeError("the server exited")

@@ -65,11 +65,12 @@ class Grid:
 
     voxel: float
     cells: tuple[int, int, int]
-    origin: tuple[float, float, float] = tuple(constants.BBOX_MIN)
+    origin: tuple[float, float, float] = constants.BBOX_MIN
 
     @property
     def points_shape(self) -> tuple[int, int, int]:
-        return tuple(c + 1 for c in self.cells)
+        cx, cy, cz = self.cells
+        return cx + 1, cy + 1, cz + 1
 
     def to_world(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (index.to(torch.float64) * self.voxel + on_device(_origin_array(self.origin), index.device)).to(dtype)
@@ -86,8 +87,8 @@ def make_grid(resolution: int, multiple: int = 1) -> Grid:
     only extends the box beyond BBOX_MAX, where the head is not)."""
     voxel = float(_EXTENT.max()) / resolution
     cells = [int(math.ceil(e / voxel - 1e-9)) for e in _EXTENT]
-    cells = [multiple * int(math.ceil(c / multiple)) for c in cells]
-    return Grid(voxel=voxel, cells=tuple(cells))
+    cx, cy, cz = (multiple * int(math.ceil(c / multiple)) for c in cells)
+    return Grid(voxel=voxel, cells=(cx, cy, cz))
 
 
 @dataclass
@@ -150,11 +151,11 @@ def _check_finite(flags: list[torch.Tensor]) -> None:
         raise errors.BackendError("the SDF returned NaN or Inf values", code="internal_error")
 
 
-def _keys(index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+def _keys(index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return (index[..., 0] * shape[1] + index[..., 1]) * shape[2] + index[..., 2]
 
 
-def _unkey(key: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+def _unkey(key: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     z = key % shape[2]
     y = (key // shape[2]) % shape[1]
     x = key // (shape[1] * shape[2])

@@ -112,7 +112,8 @@ def read_ply(path: Path) -> MeshData:
         raise errors.InvalidInput(f"{path}: not a PLY file")
     body_start = data.index(b"\n", end) + 1
     header = data[:end].decode("ascii", errors="replace").splitlines()
-    fmt, elements = None, []
+    fmt: str | None = None
+    elements: list[tuple[str, int, list]] = []  # (name, count, [(property name, type), ...])
     for line in header:
         p = line.split()
         if not p:

@@ -4,10 +4,15 @@ attributes, deform residuals, posed normals): each point through its heaviest lo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .sdf_eval import dense_local_features, fold_first_layer, heaviest_regions, local_features
 from .sdf_reverse import ReverseWeights, Tape, reverse
+
+if TYPE_CHECKING:
+    from ..model.imhead import ImHead
 
 
 class PointField:
@@ -16,7 +21,7 @@ class PointField:
     dense_batched: with tol None, the gradient's forward and reverse passes run as batched products over the
     region axis (sdf_eval.dense_local_features) instead of a loop over regions."""
 
-    def __init__(self, model: torch.nn.Module, slots: list[int], reverse_weights: ReverseWeights, zr: torch.Tensor,
+    def __init__(self, model: ImHead, slots: list[int], reverse_weights: ReverseWeights, zr: torch.Tensor,
                  k: torch.Tensor, tol: float | None, dense_batched: bool):
         self.model, self.slots, self.reverse_weights = model, slots, reverse_weights
         self.zr, self.k, self.tol, self.dense_batched = zr, k, tol, dense_batched

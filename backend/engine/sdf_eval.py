@@ -263,6 +263,7 @@ class HeadSdf:
         if dropped.numel():
             self._count(dropped=float(dropped.max()))
         w = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=1)  # renormalised over kept
+        assert self.first is not None  # folded in __init__ for the sparse mode
         feat, pairs = local_features(self.model, self.slots, x, self.first, w, keep)
         self._count(regions=pairs)
         return feat

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .sdf_eval import FirstLayer, LocalRecord
+
+if TYPE_CHECKING:
+    from ..model.imhead import ImHead
 
 
 @dataclass
@@ -32,7 +36,7 @@ class ReverseWeights:
     """Per network slot, the transposed weights that carry a gradient back through a local network's layers, and
     the positional encoding's derivative (model/encoding.py's layout: x, sin(2^l pi x), cos(2^l pi x))."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: ImHead):
         cfg = model.cfg
         with torch.no_grad():
             self.wo = [w.t().contiguous() for w in model.loc_wo]
@@ -54,11 +58,12 @@ class ReverseWeights:
             self.wh_r = [torch.stack([self.wh[s][i] for s in slots]) for i in range(len(model.loc_wh))]
 
 
-def reverse(model: torch.nn.Module, rw: ReverseWeights, x: torch.Tensor, dfeat: torch.Tensor, tape: Tape
+def reverse(model: ImHead, rw: ReverseWeights, x: torch.Tensor, dfeat: torch.Tensor, tape: Tape
             ) -> torch.Tensor:
     """Gradient in x (P,3) of prior_sdf(x) + a function of the features with gradient dfeat (P,F) in them:
     through each taped region's network and blend weight."""
     m, cfg = model, model.cfg
+    assert tape.w is not None and tape.dist is not None and tape.diff is not None, "tape of no forward pass"
     pc = x - m.prior_center
     dx = pc / pc.norm(dim=-1, keepdim=True)
     dw = torch.zeros_like(tape.w)
@@ -80,12 +85,13 @@ def reverse(model: torch.nn.Module, rw: ReverseWeights, x: torch.Tensor, dfeat: 
     return dx.add_(torch.einsum("pr,prc->pc", coef, tape.diff))
 
 
-def _reverse_local(model: torch.nn.Module, rw: ReverseWeights, dfeat: torch.Tensor, tape: Tape, dw: torch.Tensor
+def _reverse_local(model: ImHead, rw: ReverseWeights, dfeat: torch.Tensor, tape: Tape, dw: torch.Tensor
                    ) -> torch.Tensor:
     """`reverse` through the per-region loop's networks (sdf_eval.local_features): each region's gradient in
     the shared encoding, summed, then chained to x once (the encoding's derivative: x * pe_scale -> pe_scale,
     sin(f s x) -> f s cos(f s x), cos(f s x) -> -f s sin(f s x)). Writes the blend-weight gradients into dw."""
     cfg = model.cfg
+    assert tape.first is not None and tape.w is not None and tape.local.enc is not None, "tape of no local pass"
     enc, n, w1 = tape.local.enc, 3 * cfg.pe_freqs, tape.first.w
     # the folded first layers transposed, with one zero column more: (n,96) x (96,40) products ran faster than
     # (96,39) ones on the 2-core CPU

@@ -329,6 +329,7 @@ class Session:
         result = deform.solve_continued(lambda t: self.warp_fn(z_id, e * t), x_c, e.shape[0], steps,
                                         path_points=path, zero_frames=(e == 0).all(1))
         T, N = e.shape[0], x_c.shape[0]
+        assert result.root_vector is not None and result.stats is not None  # deform.solve fills both
         with torch.no_grad():
             if exact_residual:  # the canonical point x + warp(x) is x_c + F
                 sdf = self.sdf_fn(zr, k)
@@ -368,8 +369,8 @@ class Session:
                 xc = xg + self.model.warp(xg[None], e, z_id)[0]
                 (g,) = torch.autograd.grad(field.sdf(xc).sum(), xg)
             out.append(g)
-        g = torch.cat(out).cpu().numpy()
-        return (g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        grad = torch.cat(out).cpu().numpy()
+        return (grad / np.maximum(np.linalg.norm(grad, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
     # ------------------------------------------------------------------ ops
     def warm_up(self) -> None:
@@ -385,7 +386,10 @@ class Session:
 
     def generate(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
         request = GenerateRequest.parse(params, self.parse_head)
-        head = request.head if request.head is not None else HeadSpec(identity=self.sample_identity(request.seed))
+        head = request.head
+        if head is None:
+            assert request.seed is not None  # GenerateRequest.parse sets one of the two
+            head = HeadSpec(identity=self.sample_identity(request.seed))
         out, mesh = self.head_mesh(head, request.resolution, progress or NullProgress())
         out["sliders"] = self.sliders(head)  # the region sliders' positions, so no separate load step
         return out, mesh

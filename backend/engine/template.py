@@ -112,7 +112,8 @@ class MeshIndex:
             parts = thread_map(self._closest_chunk, chunks)
         else:  # one chunk at a time on the device
             parts = [self._closest_chunk(c) for c in chunks]
-        return tuple(np.concatenate(a) for a in zip(*parts))
+        index, closest, distance = (np.concatenate(a) for a in zip(*parts))
+        return index, closest, distance
 
     @property
     def _workers(self) -> int:
@@ -276,7 +277,7 @@ class TemplateIndex:
         corners = np.asarray(atlas.vertices, np.float64)[self.faces]
         self.tree = TriangleTree(torch.as_tensor(corners, device=self.device))
         self.face_island = _uv_islands(self.faces, atlas.uv)
-        self._last: tuple[np.ndarray, tuple[np.ndarray, ...]] | None = None
+        self._last: tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     def closest(self, points: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(face (N,), barycentric (N,3) float64, distance (N,)) of each point's closest template point. The
@@ -290,8 +291,11 @@ class TemplateIndex:
             # parallel threads (cpu.thread_map) were no faster (docs/benchmarks.md, "Engine tuning")
             step = chunk if self.device.type == "cpu" else TEMPLATE_GPU_CHUNK
             parts = [self._closest_chunk(points[s : s + step]) for s in range(0, len(points), step)]
-            answer = tuple(np.concatenate(a) for a in zip(*parts)) if parts else \
-                (np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0))
+            if parts:
+                index, closest, distance = (np.concatenate(a) for a in zip(*parts))
+                answer = (index, closest, distance)
+            else:
+                answer = (np.zeros(0, np.int64), np.zeros((0, 3)), np.zeros(0))
             for a in answer:
                 a.flags.writeable = False
             self._last = last = (points.copy(), answer)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Literal, TypeVar, overload
 
 import numpy as np
 
@@ -53,6 +53,16 @@ def number(value: object, what: str, lo: float = -np.inf, hi: float = np.inf) ->
     if not np.isfinite(v) or not lo <= v <= hi:
         raise errors.InvalidInput(f"{what} must be a finite number in [{lo}, {hi}], got {value!r}")
     return v
+
+
+@overload
+def float_array(arrays: dict, name: str, shape: tuple, max_rows: int = ...,
+                required: Literal[True] = ...) -> np.ndarray: ...
+
+
+@overload
+def float_array(arrays: dict, name: str, shape: tuple, max_rows: int = ...,
+                required: bool = ...) -> np.ndarray | None: ...
 
 
 def float_array(arrays: dict, name: str, shape: tuple, max_rows: int = constants.MAX_POINTS,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -81,12 +82,13 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
 def _mlp(sizes: list[int], zero_last: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        last = nn.Linear(sizes[i], sizes[i + 1])
+        layers.append(last)
         if i < len(sizes) - 2:
             layers.append(nn.SiLU())
     if zero_last:
-        nn.init.zeros_(layers[-1].weight)
-        nn.init.zeros_(layers[-1].bias)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
     return nn.Sequential(*layers)
 
 
@@ -99,6 +101,11 @@ def _fibonacci_sphere(n: int, center: Tensor, radius: float) -> Tensor:
 
 
 class ImHead(nn.Module):
+    # register_buffer()'s tensors, declared for the type checker (nn.Module's __getattr__ types them Tensor | Module)
+    slot: Tensor
+    flip: Tensor
+    prior_center: Tensor
+
     def __init__(self, cfg: ImHeadConfig, anchor_init: Tensor | None = None):
         super().__init__()
         self.cfg = cfg
@@ -277,7 +284,7 @@ class ImHead(nn.Module):
         """The prior sphere plus the fusion head on blended features (..., F) at points (..., 3). The small
         fusion head runs in float32 even under autocast: SDF residuals need more than bf16."""
         with torch.autocast(x.device.type, enabled=False):
-            res = self.fusion(feat.to(self.fusion[0].weight.dtype)).squeeze(-1)
+            res = self.fusion(feat.to(cast(nn.Linear, self.fusion[0]).weight.dtype)).squeeze(-1)
         return self.prior_sdf(x) + self.cfg.sdf_scale * res.to(x.dtype)
 
     def template(self, x_can: Tensor, zr: Tensor, k: Tensor, topk: int | None = None) -> Tensor:
@@ -288,7 +295,7 @@ class ImHead(nn.Module):
     def template_from_features(self, x_can: Tensor, feat: Tensor) -> Tensor:
         enc = positional_encoding(x_can, self.cfg.tmpl_pe_freqs, self.cfg.global_pe_scale)
         with torch.autocast(x_can.device.type, enabled=False):
-            dt = self.tmpl[0].weight.dtype
+            dt = cast(nn.Linear, self.tmpl[0]).weight.dtype
             off = self.tmpl(torch.cat([feat.to(dt), enc.to(dt)], -1))
         return x_can + self.cfg.lm_scale * off.to(x_can.dtype)
 

@@ -98,7 +98,8 @@ def minibatches(point_ids: np.ndarray, steps: int, n_batch: int, seed: int) -> T
     with np.errstate(over="ignore"):
         for s in range(0, steps, per_chunk):
             k = np.arange(s, min(s + per_chunk, steps), dtype=np.uint64)[:, None]
-            keys = _mix64(_mix64(base ^ (k * np.uint64(0x9E3779B97F4A7C15))) + ids[None] * np.uint64(0xD6E8FEB86659FD93))
+            keys = _mix64(_mix64(base ^ (k * np.uint64(0x9E3779B97F4A7C15)))
+                          + ids[None] * np.uint64(0xD6E8FEB86659FD93))
             part = np.argpartition(keys, n_batch - 1, axis=1)[:, :n_batch] if n_batch < len(ids) else \
                 np.broadcast_to(np.arange(len(ids)), keys.shape)
             out[s : s + len(k)] = np.sort(part, axis=1)

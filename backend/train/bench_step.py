@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if i % max(1, args.steps // 5) == 0 or i == args.steps - 1:
             print(f"{i:4d} | {a:.6g} | {b:.6g} | {abs(a - b) / abs(a):.2e}")
 
-    rows = []
+    rows: list[tuple[str, float, float | None, int | None]] = []  # (what, ms, matmul FLOPs, peak bytes)
     fixed = batches[0]
     rows.append(("sampler batch", _median_ms(lambda: draw(0), args.warmup, args.repeat), None, None))
     for label, cls, compiled in (("original step (autograd double backward, eager)", TrainModule, False),
@@ -149,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     print("| what | step ms | samples/s | SDF queries/s | speed-up | peak GPU memory | matmul GFLOP/step "
           "| of bf16 rate |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, ms, flops, peak in rows:
-        if flops is None:
-            print(f"| {label} | {ms:.1f} | {args.batch / ms * 1e3:.0f} | | | | | |")
+    for label, row_ms, row_flops, peak in rows:
+        if row_flops is None or peak is None:  # the sampler's row
+            print(f"| {label} | {row_ms:.1f} | {args.batch / row_ms * 1e3:.0f} | | | | | |")
             continue
-        print(f"| {label} | {ms:.1f} | {args.batch / ms * 1e3:.0f} | {queries / ms * 1e3 / 1e6:.1f} M "
-              f"| {base / ms:.2f}x | {peak / 2**30:.1f} GiB | {flops / 1e9:.0f} | {flops / (ms * 1e-3) / rate:.1%} |")
+        print(f"| {label} | {row_ms:.1f} | {args.batch / row_ms * 1e3:.0f} | {queries / row_ms * 1e3 / 1e6:.1f} M "
+              f"| {base / row_ms:.2f}x | {peak / 2**30:.1f} GiB | {row_flops / 1e9:.0f} "
+              f"| {row_flops / (row_ms * 1e-3) / rate:.1%} |")
     return 0
 
 

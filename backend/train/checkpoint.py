@@ -78,6 +78,6 @@ def load_checkpoint(folder: Path, module: nn.Module, opt: torch.optim.Optimizer 
                     "exp_avg_sq": saved[f"{n}.exp_avg_sq"].to(p.device, p.dtype),
                 }
     with open(folder / "state.safetensors", "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
     return json.loads(header["__metadata__"]["train"])

@@ -15,6 +15,7 @@ fusion and template heads in float32).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,7 @@ def sdf_with_gradient(m: ImHead, x: Tensor, zr: Tensor, k: Tensor) -> tuple[Tens
     """SDF (B, N), its gradient (B, N, 3) and the blended features (B, N, F) at canonical points x."""
     feat, tfeat = features_with_jacobian(m, x, zr, k)
     with torch.autocast(x.device.type, enabled=False):  # fusion head in float32, as ImHead does
-        dt = m.fusion[0].weight.dtype
+        dt = cast(nn.Linear, m.fusion[0]).weight.dtype
         res, tres = _mlp_with_tangents(m.fusion, feat.to(dt), tfeat.to(dt))
     rel = x - m.prior_center
     r = rel.norm(dim=-1)
@@ -118,7 +119,7 @@ def warp_with_jacobian(m: ImHead, x: Tensor, z_exp: Tensor, z_id: Tensor) -> tup
     expression weights first (one (H, 3) matrix per head instead of the (H, 53*3) basis)."""
     cfg = m.cfg
     layers = list(m.warp_net)
-    first, last = layers[0], layers[-1]
+    first, last = cast(nn.Linear, layers[0]), cast(nn.Linear, layers[-1])
     dxs = torch.full_like(x, cfg.global_pe_scale)
     enc, tenc = _encoding_with_tangents(x * cfg.global_pe_scale, dxs, cfg.warp_pe_freqs)
     E = enc.shape[-1]

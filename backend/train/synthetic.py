@@ -17,7 +17,8 @@ def _directions(n: int) -> Tensor:
     i = torch.arange(n, dtype=torch.float64) + 0.5
     phi = torch.acos(1 - 2 * i / n)
     theta = math.pi * (1 + 5**0.5) * i
-    return torch.stack([torch.sin(phi) * torch.cos(theta), torch.cos(phi), torch.sin(phi) * torch.sin(theta)], -1).float()
+    return torch.stack([torch.sin(phi) * torch.cos(theta), torch.cos(phi), torch.sin(phi) * torch.sin(theta)],
+                       -1).float()
 
 
 class SphereSource:

@@ -18,6 +18,7 @@ import os
 import time
 import queue
 import threading
+from typing import Any, Callable
 from pathlib import Path
 
 import torch
@@ -28,8 +29,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .fast_step import FastTrainModule
 from .losses import LossWeights, TrainModule
 
-TINY = dict(local_hidden=32, feat_dim=16, fusion_hidden=32, dec_hidden=64, lm_hidden=16, warp_hidden=32,
-            warp_layers=2, tmpl_hidden=32, pe_freqs=4)
+TINY: dict[str, Any] = dict(local_hidden=32, feat_dim=16, fusion_hidden=32, dec_hidden=64, lm_hidden=16,
+                             warp_hidden=32, warp_layers=2, tmpl_hidden=32, pe_freqs=4)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,8 +80,8 @@ def build_source(args: argparse.Namespace, device: torch.device):
         return src, src.n, src.anchor_init, []
     from .ict_source import IctSource
 
-    src = IctSource(args.ict, args.atlas, device)
-    return src, src.n_train, src.anchor_init, src.mirror_pairs
+    ict = IctSource(args.ict, args.atlas, device)
+    return ict, ict.n_train, ict.anchor_init, ict.mirror_pairs
 
 
 ID_COEFFS = 100  # ICT identity modes
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         betas=(0.9, 0.99),
     )
-    info = {"step": 0, "samples": 0, "elapsed_s": 0.0, "pieces": 0}
+    info: dict[str, Any] = {"step": 0, "samples": 0, "elapsed_s": 0.0, "pieces": 0}
     if resuming:
         info = load_checkpoint(args.ckpt, module, opt)
         saved_cfg = ImHeadConfig.from_json(info["config"])
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"checkpoint config differs from this run's: {saved_cfg} vs {cfg}")
         if rank == 0:
             print(f"resumed from {args.ckpt} at step {info['step']}", flush=True)
-    net = module
+    net: Callable[..., Any] = module  # the module, compiled or wrapped for DDP
     if args.compile:
         net = torch.compile(module)
     if world > 1:
@@ -233,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:
         if rank == 0:
-            out = dict(info, step=step, samples=samples, config=cfg.to_json(), args=vars(args) | {"ckpt": str(args.ckpt),
-                       "ict": str(args.ict), "atlas": str(args.atlas), "init_weights": str(args.init_weights)}, weights=weights.to_dict(), world=world,
+            paths = {"ckpt": str(args.ckpt), "ict": str(args.ict), "atlas": str(args.atlas),
+                     "init_weights": str(args.init_weights)}
+            out = dict(info, step=step, samples=samples, config=cfg.to_json(), args=vars(args) | paths,
+                       weights=weights.to_dict(), world=world,
                        elapsed_s=info["elapsed_s"] + time.time() - t_start, pieces=info.get("pieces", 0) + 1,
                        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
             save_checkpoint(args.ckpt, module, opt, out)

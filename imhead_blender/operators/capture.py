@@ -1,6 +1,7 @@
 """File > Import / Export: ARKit Face Capture (.csv) in Live Link Face's layout, onto / from the active head."""
 
 from pathlib import Path
+from typing import Any, Callable
 
 import bpy
 from bpy_extras.io_utils import ExportHelper, ImportHelper
@@ -9,7 +10,8 @@ from .. import capture_apply, capture_csv, undo
 from .common import active_head
 
 
-class IMHEAD_OT_import_capture(bpy.types.Operator, ImportHelper):
+# fake-bpy-module types ImportHelper.invoke and Operator.invoke differently; Blender calls it as both
+class IMHEAD_OT_import_capture(bpy.types.Operator, ImportHelper):  # type: ignore[misc]
     """Keyframe a Live Link Face / ARKit face capture (.csv) on the active imHead head: the 52 blendshape
     weights on its expression controls (at the scene's fps), head and eye rotation where it has them"""
 
@@ -56,7 +58,7 @@ class IMHEAD_OT_import_capture(bpy.types.Operator, ImportHelper):
         return {"FINISHED"}
 
 
-class IMHEAD_OT_export_capture(bpy.types.Operator, ExportHelper):
+class IMHEAD_OT_export_capture(bpy.types.Operator, ExportHelper):  # type: ignore[misc]  # as above
     """Write the active head's expression animation over the scene's frame range as a Live Link Face CSV"""
 
     bl_idname = "imhead.export_capture"
@@ -91,5 +93,7 @@ def menu_export(self, context):
     self.layout.operator(IMHEAD_OT_export_capture.bl_idname, text="ARKit Face Capture (.csv)")
 
 
-MENUS = ((bpy.types.TOPBAR_MT_file_import, menu_import), (bpy.types.TOPBAR_MT_file_export, menu_export))
+# (Blender calls a menu's draw functions with (menu, context); the stubs expect one argument)
+MENUS: tuple[tuple[Any, Callable[..., None]], ...] = (
+   (bpy.types.TOPBAR_MT_file_import, menu_import), (bpy.types.TOPBAR_MT_file_export, menu_export))
 CLASSES = (IMHEAD_OT_import_capture, IMHEAD_OT_export_capture)

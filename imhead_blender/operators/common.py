@@ -22,9 +22,10 @@ class BackendOperator:
     def submit_job(self, context: bpy.types.Context) -> set[str]:
         raise NotImplementedError
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    # untyped, as Blender's own overrides: the stub's return type is a stub-only Literal of the operator results
+    def execute(self, context):
         try:
             return self.submit_job(context)
         except self.REPORTED as exc:
-            self.report({"ERROR"}, str(exc))  # type: ignore[attr-defined]  # bpy.types.Operator.report
+            self.report({"ERROR"}, str(exc))  # bpy.types.Operator.report
             return {"CANCELLED"}

@@ -98,7 +98,8 @@ def landmark_groups(obj, evaluated: np.ndarray | None = None) -> tuple[list[str]
         for ge in v.groups:
             i = slot.get(ge.group)
             if i is not None and ge.weight > 0:
-                sums[i] += ge.weight * (evaluated[v.index] if use_evaluated else np.array(v.co))
+                sums[i] += ge.weight * (evaluated[v.index] if use_evaluated and evaluated is not None
+                                         else np.array(v.co))
                 weights[i] += ge.weight
     names = list(index.values())
     used = np.flatnonzero(weights > 0)

@@ -14,7 +14,6 @@ from ..client import payloads
 from .common import BackendOperator
 
 KEY_THRESHOLD = 0.01  # expression channels that never reach this are left unkeyed (at 0)
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class IMHEAD_OT_head_from_footage(BackendOperator, bpy.types.Operator):

@@ -6,6 +6,7 @@ import random
 import bpy
 
 from .. import head_objects, region_animation, region_edit
+from ..properties import head_props
 from .common import BackendOperator, active_head
 
 ACTIONS = [
@@ -71,7 +72,7 @@ def _noop(obj: bpy.types.Object) -> dict:
     """An edit that changes nothing (the reply still carries every region's slider positions)."""
     spec = head_objects.head_spec(obj)
     overrides = spec.get("region_overrides", {})
-    plain = [r.name for r in obj.imhead.regions if r.name not in overrides]
+    plain = [r.name for r in head_props(obj).regions if r.name not in overrides]
     if plain:
         return {"op": "reset", "regions": plain}
     name = next(iter(overrides))
