@@ -4,96 +4,32 @@ An actor in the style of Dream Textures' generator_process: `submit()` hands an 
 thread and returns a `Future` at once; a reader thread decodes stdout frames into a queue; `pump()` applies
 them on the caller's thread (Blender's main thread), so futures change state and done-callbacks run only
 there. `pump()` is callable directly because timers never fire when Blender runs as a module.
+
+The futures and their failures are client_futures.py; spawning, the writer/stderr/reaper threads and the death
+message are backend_process.py; the backend's codec and payload modules come through backend_modules.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from functools import partial
-from pathlib import Path
-from typing import Any, Callable, TypeAlias
+from typing import Any, Callable
 
 import numpy as np
 
-# The codec (wire.py) and the ops' typed params (payloads.py, replies.py) are the backend's own, numpy-only modules
-if (Path(__file__).resolve().parent / "backend" / "wire.py").is_file():
-    # inside the built extension, backend/ is part of the add-on package (build.py copies it in; not in the tree)
-    from .backend import errors, payloads, replies, wire  # type: ignore[import-not-found]
-else:
-    from backend import errors, payloads, replies, wire  # source checkout: backend/ sits beside imhead_blender/
+from .backend_modules import payloads, wire  # the add-on's modules import `payloads` from here
+from .backend_process import (EOF_GRACE_S, KILL_GRACE_S, STDERR_TAIL_LINES, death_message, has_backend, read_stderr,
+                              reap_process, spawn, write_frames)
+from .client_futures import BackendFailure, Future, Handshake, check_reply, parse_handshake
 
-STDERR_TAIL_LINES = 12
-KILL_GRACE_S = 2.0  # a backend told to stop gets this long before SIGKILL (a hung one gets none)
 # The server repeats each open request's progress every second (its heartbeat); this much silence while a request
 # is open means the backend is hung (stopped, deadlocked, or swapping), reported by hung() and the panel.
 HUNG_AFTER_S = 6.0
-EOF_GRACE_S = 2.0  # after end of stdout, how long pump() waits for the exit status and last stderr lines
-ERROR_PREFIX = "[imhead-backend] error:"  # a start-up failure's one-line reason on stderr
-
-
-class BackendFailure(Exception):
-    """An error reply from the backend, or the backend died, timed out or is not running."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"BackendFailure({self.code!r}, {self.message!r})"
-
-
-Handshake: TypeAlias = replies.HandshakeReply  # the handshake reply's fields; `info` holds every key sent
-
-
-class Future:
-    """One request's outcome. State changes only inside `pump()` (or `shutdown()`), on the caller's thread."""
-
-    def __init__(self, request_id: int, op: str, deadline: float):
-        self.request_id = request_id
-        self.op = op
-        self.progress = 0.0
-        self.message = ""
-        self._deadline = deadline
-        self._outcome: tuple[dict, dict[str, np.ndarray]] | None = None
-        self._failure: BackendFailure | None = None
-        self._callbacks: list[Callable[[Future], None]] = []
-
-    def done(self) -> bool:
-        return self._outcome is not None or self._failure is not None
-
-    def result(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """(params, arrays) of the reply. Never blocks: raises BackendFailure("not_done") if not done."""
-        if self._failure is not None:
-            raise self._failure
-        if self._outcome is None:
-            raise BackendFailure("not_done", f"request {self.request_id} ({self.op}) has not finished; pump() "
-                                             "until done() is true")
-        return self._outcome
-
-    def add_done_callback(self, fn: Callable[[Future], None]) -> None:
-        """`fn(future)` runs inside the pump() that finishes it, or at once if it is already done."""
-        if self.done():
-            fn(self)
-        else:
-            self._callbacks.append(fn)
-
-    def _settle(self, outcome=None, failure: BackendFailure | None = None) -> list[Callable[[], None]]:
-        """Record the outcome; returns the callbacks to run (after all state is consistent)."""
-        if self.done():
-            return []
-        self._outcome, self._failure = outcome, failure
-        if outcome is not None:
-            self.progress = 1.0
-        callbacks, self._callbacks = self._callbacks, []
-        return [partial(fn, self) for fn in callbacks]
 
 
 class BackendClient:
@@ -131,21 +67,12 @@ class BackendClient:
         if self.alive():
             return
         self._reap()
-        if not (Path(self.backend_root) / "backend" / "__main__.py").is_file():
+        if not has_backend(self.backend_root):
             self._stopped = self.last_error = BackendFailure(
                 "not_running", f"{self.backend_root} does not contain the imhead backend (backend/__main__.py)")
             raise self._stopped
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
-        env.update(self.env)
-        env["PYTHONPATH"] = self.backend_root
-        kwargs: dict[str, Any] = {}
-        if sys.platform == "win32":
-            kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
-        else:
-            kwargs["start_new_session"] = True  # Ctrl+C in Blender's terminal must not kill the backend
         try:
-            proc = subprocess.Popen([self.python, "-m", "backend", "serve"], cwd=self.backend_root, env=env,
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+            proc = spawn(self.python, self.backend_root, self.env)
         except OSError as exc:
             self._stopped = self.last_error = BackendFailure(
                 "not_running", f"cannot start the backend with {self.python}: {exc}")
@@ -158,9 +85,8 @@ class BackendClient:
         gen = self._generation
         self._threads = [
             threading.Thread(target=self._read_frames, args=(gen, proc.stdout, self._events), daemon=True),
-            threading.Thread(target=self._write_frames, args=(gen, proc.stdin, self._outbox, self._events),
-                             daemon=True),
-            threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True),
+            threading.Thread(target=write_frames, args=(gen, proc.stdin, self._outbox, self._events), daemon=True),
+            threading.Thread(target=read_stderr, args=(proc.stderr, self._stderr_tail), daemon=True),
         ]
         for t in self._threads:
             t.start()
@@ -314,14 +240,14 @@ class BackendClient:
             self._apply_handshake(future, h.get("params"), failure)
             return
         if failure is None:
-            failure = _check_reply(future.op, h["params"], msg.arrays)
+            failure = check_reply(future.op, h["params"], msg.arrays)
         self._ready += future._settle(outcome=(h["params"], msg.arrays) if failure is None else None,
                                       failure=failure)
 
     def _apply_handshake(self, future: Future, params: dict | None, failure: BackendFailure | None) -> None:
         if failure is None:
             try:
-                self.handshake = _parse_handshake(params or {})
+                self.handshake = parse_handshake(params or {})
             except BackendFailure as exc:
                 failure = exc
         if failure is None:
@@ -356,15 +282,7 @@ class BackendClient:
         complete = status is not None and not self._threads[2].is_alive()
         if not complete and not now_or_never and now - (self._eof_at or now) < EOF_GRACE_S:
             return
-        tail = "\n".join(self._stderr_tail)
-        error = _last_error_line(self._stderr_tail, failed=status is not None and status > 0)
-        if status is None:
-            how = "closed its output but kept running, so it was killed"
-        else:
-            how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
-        message = f"the imhead backend {how}" + (f": {error}" if error else "")
-        message += f"; its last output:\n{tail}" if tail else " (no output)"
-        self._stop(BackendFailure("backend_died", message), timeout=0.0)
+        self._stop(BackendFailure("backend_died", death_message(status, self._stderr_tail)), timeout=0.0)
 
     def _stop(self, reason: BackendFailure, pending_failure: BackendFailure | None = None,
               timeout: float = KILL_GRACE_S) -> None:
@@ -376,7 +294,7 @@ class BackendClient:
         proc = self._proc
         if proc is not None:
             self._outbox.put(None)  # the writer closes stdin: a healthy backend exits on end of input
-            threading.Thread(target=_reap_process, args=(proc, timeout, list(self._threads)), daemon=True).start()
+            threading.Thread(target=reap_process, args=(proc, timeout, list(self._threads)), daemon=True).start()
         pending, self._pending = self._pending, {}
         for future in pending.values():
             self._ready += future._settle(failure=pending_failure or reason)
@@ -408,71 +326,3 @@ class BackendClient:
         except (OSError, ValueError):
             pass  # the pipe was closed under us during a restart
         events.put((gen, "eof", None))
-
-    @staticmethod
-    def _write_frames(gen: int, stream, outbox: queue.Queue, events: queue.Queue) -> None:
-        try:
-            while (frame := outbox.get()) is not None:
-                stream.write(frame)
-                stream.flush()
-            stream.close()
-        except (OSError, ValueError) as exc:
-            events.put((gen, "write_failed", str(exc)))
-
-    def _read_stderr(self, stream) -> None:
-        try:
-            for raw in stream:
-                line = raw.decode("utf-8", errors="replace").rstrip()
-                self._stderr_tail.append(line)
-                print(line, file=sys.stderr)
-        except (OSError, ValueError):
-            pass
-
-
-def _reap_process(proc: subprocess.Popen, grace: float, threads: list[threading.Thread]) -> None:
-    """Reaper thread: SIGKILL after `grace` seconds, then close the pipes once their threads are done."""
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # works on a stopped (SIGSTOP) process too
-        proc.wait()
-    for t in threads:
-        if t is not threading.current_thread():
-            t.join(5.0)
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        try:
-            if stream is not None:
-                stream.close()
-        except (OSError, ValueError):
-            pass
-
-
-def _last_error_line(lines, failed: bool) -> str:
-    """The backend's own explanation of a failed start (`[imhead-backend] error: ...`); else, when it exited with
-    an error status, its last line (a traceback's exception, a launcher's message)."""
-    for line in reversed(lines):
-        if line.startswith(ERROR_PREFIX):
-            return line[len(ERROR_PREFIX):].strip()
-    last = next((line.strip() for line in reversed(lines) if line.strip()), "")
-    return last if failed else ""
-
-
-def _check_reply(op: str, params: dict, arrays: dict[str, np.ndarray]) -> BackendFailure | None:
-    """A reply without the fields its op promises (backend/replies.py) fails its request, not the callback."""
-    kind = replies.REPLIES.get(op)
-    try:
-        if kind is not None:
-            kind.from_dict(params, arrays)
-    except errors.InvalidInput as exc:
-        return BackendFailure("protocol_error", f"the backend's {op} reply is malformed: {exc}")
-    return None
-
-
-def _parse_handshake(p: dict) -> Handshake:
-    if p.get("protocol") != wire.PROTOCOL_VERSION:
-        raise BackendFailure("protocol_mismatch", f"the backend speaks protocol {p.get('protocol')!r}, this add-on "
-                                                  f"speaks {wire.PROTOCOL_VERSION}")
-    try:
-        return replies.HandshakeReply.from_dict(p)
-    except errors.InvalidInput as exc:
-        raise BackendFailure("protocol_error", str(exc)) from None

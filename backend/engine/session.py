@@ -1,12 +1,11 @@
 """Engine session: loads the model once and answers the server's operations (docs/architecture.md).
 
 Every op takes (params: dict, arrays: dict[str, np.ndarray], progress) and returns (params, arrays). Their
-requests are checked by engine/requests.py, the head's field at points is engine/point_field.py, and the
-tuning constants are engine/tuning.py."""
+requests are checked by engine/requests.py, the head's field at points is engine/point_field.py, the pose path
+(pose, deform, the vertex-SDF cache) is engine/session_pose.py, and the tuning constants are engine/tuning.py."""
 
 from __future__ import annotations
 
-import hashlib
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -18,19 +17,19 @@ from .. import __version__, constants, errors
 from ..cpu import thread_map, thread_slices
 from ..data.atlas import load_atlas
 from ..weights import load_model
-from . import deform, edit, open_surface
+from . import deform, edit, open_surface, session_pose
 from .extract import CoarseSdf, ExtractStats, Mesh, extract_mesh
 from .head import HeadSpec
 from .point_field import PointField
 from .progress import NullProgress, Progress, check_cancel
-from .requests import DeformRequest, EditRequest, GenerateRequest
+from .requests import EditRequest, GenerateRequest
 from .sdf_eval import HeadSdf
 from .sdf_reverse import ReverseWeights
 from .template import TemplateIndex, seam_faces
 from .tuning import (ALIGN_TEMPLATE_SAMPLES, CHUNKS, EXTRACT_CHUNKS, EXTRACT_COARSE_ERROR, EXTRACT_DROP_TOL,
                      EXTRACT_EXACT_BELOW, EXTRACT_HALF, EXTRACT_HALF_EXACT_BELOW, EXTRACT_LIPSCHITZ, EXTRACT_MODE,
-                     GRAD_CHUNKS, LIPSCHITZ, PATH_POINTS, POINT_DROP_TOL, QUANTILE_MAX_VALUES, RESIDUAL_DROP_TOL, TOPK,
-                     VERTEX_SDF_CACHE_SIZE, WARM_UP_POSE_VERTICES, WARM_UP_RESOLUTION, WARP_CHUNKS, for_device)
+                     GRAD_CHUNKS, PATH_POINTS, POINT_DROP_TOL, RESIDUAL_DROP_TOL, TOPK, WARM_UP_POSE_VERTICES,
+                     WARM_UP_RESOLUTION, WARP_CHUNKS, for_device)
 
 if TYPE_CHECKING:  # fit and align load scipy: imported where fitting needs them, not by the handshake
     from .align import Aligner
@@ -262,115 +261,34 @@ class Session:
         }
         return arrays, stats
 
+    # the pose path: engine/session_pose.py (the functions' docstrings say what each does)
     def vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """SDF (N,) at canonical vertices (N,3), on the session's device."""
-        x_c = torch.as_tensor(canonical, device=self.device, dtype=torch.float32)
-        sdf = self.sdf_fn(zr, k)
-        with torch.no_grad():
-            return torch.cat([sdf(x_c[s : s + self.chunk]) for s in range(0, len(x_c), self.chunk)])
+        return session_pose.vertex_sdf(self, canonical, zr, k)
 
     def vertex_sdf_path(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor
                         ) -> tuple[torch.Tensor, np.ndarray]:
-        """vertex_sdf and, from the same features, which vertices follow the expression path in pose (their
-        template positions near the lips and lids: SurfaceOpener.path_points)."""
-        x_c = torch.as_tensor(canonical, device=self.device, dtype=torch.float32)
-        field = self.point_field(zr, k, self.residual_drop_tol)
-        sdf, tmpl = [], []
-        with torch.no_grad():
-            for s in range(0, len(x_c), self.chunk):
-                xs = x_c[s : s + self.chunk]
-                value, feat, _ = field.field(xs)
-                sdf.append(value)
-                tmpl.append(self.model.template_from_features(xs, feat).cpu())
-        template = torch.cat(tmpl).numpy() if tmpl else np.zeros((0, 3), np.float32)
-        return torch.cat(sdf) if sdf else x_c.new_zeros(0), self.surface_opener.path_points(template)
-
-    def _cached_sdf_path(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor
-                         ) -> tuple[torch.Tensor, np.ndarray]:
-        key = (hashlib.sha1(np.ascontiguousarray(canonical, np.float32).tobytes()).hexdigest(),
-               hashlib.sha1(zr.detach().cpu().numpy().tobytes() + k.detach().cpu().numpy().tobytes()).hexdigest(),
-               self.topk)
-        cache = self._vertex_sdf_cache
-        if key not in cache:
-            while len(cache) >= VERTEX_SDF_CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-            cache[key] = self.vertex_sdf_path(canonical, zr, k)
-        return cache[key]
+        """vertex_sdf and which vertices follow the expression path in pose (SurfaceOpener.path_points)."""
+        return session_pose.vertex_sdf_path(self, canonical, zr, k)
 
     def cached_vertex_sdf(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """vertex_sdf, remembered for the last few (mesh, head) pairs: the add-on sends one deform request per
         frame change of the same mesh, and at one frame per request the SDF would cost more than the solve."""
-        return self._cached_sdf_path(canonical, zr, k)[0]
+        return session_pose.cached_sdf_path(self, canonical, zr, k)[0]
 
     def cached_path_points(self, canonical: np.ndarray, zr: torch.Tensor, k: torch.Tensor) -> np.ndarray:
         """vertex_sdf_path's path points, remembered with cached_vertex_sdf."""
-        return self._cached_sdf_path(canonical, zr, k)[1]
+        return session_pose.cached_sdf_path(self, canonical, zr, k)[1]
 
     def pose(self, canonical: np.ndarray, z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor,
              expressions: np.ndarray, exact_residual: bool, canonical_sdf: torch.Tensor | None = None) -> dict:
-        """Deform canonical vertices (N,3) through expressions (T,53); residual = |posed-space SDF| at each
-        moved vertex, i.e. |sdf(x + warp(x))| = |sdf(x_c + F)| with F = x + warp(x) - x_c the root finder's
-        miss. Exact: evaluate it (T x N SDF evaluations). Otherwise its upper bound |sdf(x_c)| + L |F| (L the
-        SDF's Lipschitz bound LIPSCHITZ; |F| <= 1 um where converged), which needs the SDF only once per
-        canonical vertex, not per frame (canonical_sdf: that SDF, from vertex_sdf, when the caller has it).
-        Frames with an all-zero expression vector are not solved (their warp is exactly zero: x = x_c)."""
-        x_c = torch.as_tensor(canonical, device=self.device, dtype=torch.float32)
-        e = torch.as_tensor(expressions, device=self.device, dtype=torch.float32)
-        steps = deform.frame_continuation_steps(e)
-        path = None
-        # only the lips' and lids' vertices follow the path (see deform.solve_continued's path_points)
-        if self.path_points_only and steps.numel() and int(steps.max()) > 1:
-            if canonical_sdf is None and not exact_residual:
-                canonical_sdf, path_np = self.vertex_sdf_path(canonical, zr, k)
-            else:
-                path_np = self.cached_path_points(canonical, zr, k)
-            path = torch.as_tensor(path_np, device=self.device)
-        # along the path 0 -> e (deform.solve_continued): where lips touch, a start at x_c finds the other lip's root
-        result = deform.solve_continued(lambda t: self.warp_fn(z_id, e * t), x_c, e.shape[0], steps,
-                                        path_points=path, zero_frames=(e == 0).all(1))
-        T, N = e.shape[0], x_c.shape[0]
-        assert result.root_vector is not None and result.stats is not None  # deform.solve fills both
-        with torch.no_grad():
-            if exact_residual:  # the canonical point x + warp(x) is x_c + F
-                sdf = self.sdf_fn(zr, k)
-                moved = (x_c[None] + result.root_vector).reshape(-1, 3)
-                residual = torch.cat([sdf(moved[s : s + self.chunk]) for s in range(0, moved.shape[0], self.chunk)])
-            else:
-                sdf_c = self.vertex_sdf(canonical, zr, k) if canonical_sdf is None else canonical_sdf
-                residual = sdf_c.abs()[None] + LIPSCHITZ * result.root_residual
-        residual = residual.abs().view(T, N)
-        conv = result.converged
-        return {
-            "vertices": result.vertices.cpu().numpy().astype(np.float32),
-            "residual": residual.cpu().numpy().astype(np.float32),
-            "converged": conv.cpu().numpy().astype(np.uint8),
-            "non_converged": int((~conv).sum()),
-            # the p99 of the first QUANTILE_MAX_VALUES vertex-frames
-            "residual_p99_m": float(torch.quantile(residual.flatten()[:QUANTILE_MAX_VALUES].double(), 0.99)),
-            "root_residual_max_m": float(result.root_residual.max()),
-            "iterations": result.iterations,
-            # solver work: forward warps per vertex-frame (>= 2 where solved), vertex-frames done at x_c - warp(x_c),
-            # and those that needed the exact (autograd) Jacobian
-            "warp_evaluations_per_vertex_frame": result.stats["warp_points"] / max(T * N, 1),
-            "stopped_at_first_estimate": result.stats["stopped_at_x0"],
-            "jacobian_vertex_frames": result.stats["jacobian_points"],
-        }
+        """Deform canonical vertices (N,3) through expressions (T,53): posed vertices, residuals, solver stats."""
+        return session_pose.pose(self, canonical, z_id, zr, k, expressions, exact_residual, canonical_sdf)
 
     def posed_normals(self, x: np.ndarray, z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor,
                       weights: np.ndarray) -> np.ndarray:
         """Outward normals of the posed surface: the gradient of sdf(x + warp(x)) at posed points."""
-        e = torch.as_tensor(weights, device=self.device, dtype=torch.float32)[None]
-        field = self.point_field(zr, k, self.point_drop_tol)
-        out = []
-        for s in range(0, len(x), self.grad_chunk):
-            xt = torch.as_tensor(x[s : s + self.grad_chunk], device=self.device, dtype=torch.float32)
-            with torch.enable_grad():
-                xg = xt.clone().requires_grad_(True)
-                xc = xg + self.model.warp(xg[None], e, z_id)[0]
-                (g,) = torch.autograd.grad(field.sdf(xc).sum(), xg)
-            out.append(g)
-        grad = torch.cat(out).cpu().numpy()
-        return (grad / np.maximum(np.linalg.norm(grad, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return session_pose.posed_normals(self, x, z_id, zr, k, weights)
 
     # ------------------------------------------------------------------ ops
     def warm_up(self) -> None:
@@ -417,16 +335,7 @@ class Session:
         return run(self, params, progress or NullProgress())
 
     def deform(self, params: dict, arrays: dict, progress: Progress | None = None) -> tuple[dict, dict]:
-        progress = progress or NullProgress()
-        req = DeformRequest.parse(params, arrays, self.parse_head)
-        canonical, expr = req.canonical, req.expressions
-        z_id, zr, k = self.decode(req.head)
-        progress.report(0.0, f"deforming {len(canonical)} vertices through {len(expr)} frames")
-        sdf_c = None if req.exact_residual else self.cached_vertex_sdf(canonical, zr, k)
-        res = self.pose(canonical, z_id, zr, k, expr, exact_residual=req.exact_residual, canonical_sdf=sdf_c)
-        progress.report(1.0, "done")
-        out = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
-        return out, {"vertices": res["vertices"], "residual": res["residual"], "converged": res["converged"]}
+        return session_pose.deform_op(self, params, arrays, progress)
 
 
 def extract_stats(stats: ExtractStats, dropped: float, topk: int | None) -> dict:
