@@ -96,3 +96,22 @@ def test_posed_generate_leaves_its_vertex_sdf_for_deform(session, monkeypatch):
     _, fresh = session.deform({"head": params["head"]}, {"canonical": canon, "expressions": expr})
     assert len(calls) == 1
     np.testing.assert_array_equal(res["residual"], fresh["residual"])
+
+
+def test_a_frame_of_a_batch_is_its_one_frame_request(session):
+    # On the CPU frames are posed one at a time, so a bake equals live poses and ARKit keys equal single deforms
+    # bitwise; batched, seed 5's lip fold sent a vertex to the other root (docs/surface.md).
+    params, arrays = session.generate({"seed": 5, "resolution": 40}, {})
+    names = session.expression_names
+    batch = np.zeros((12, 53), np.float32)
+    for i in range(12):
+        batch[i, i] = 1.0
+    jaw = names.index("jawOpen")
+    batch[6] = 0
+    batch[6, jaw] = 1.0
+    request = {"head": params["head"]}
+    _, many = session.deform(request, {"canonical": arrays["canonical"], "expressions": batch})
+    for i in (0, 6, 11):
+        _, one = session.deform(request, {"canonical": arrays["canonical"], "expressions": batch[i : i + 1]})
+        for key in ("vertices", "residual", "converged"):
+            np.testing.assert_array_equal(many[key][i], one[key][0])

@@ -28,8 +28,8 @@ from .sdf_reverse import ReverseWeights
 from .template import TemplateIndex, seam_faces
 from .tuning import (ALIGN_TEMPLATE_SAMPLES, CHUNKS, EXTRACT_CHUNKS, EXTRACT_COARSE_ERROR, EXTRACT_DROP_TOL,
                      EXTRACT_EXACT_BELOW, EXTRACT_HALF, EXTRACT_HALF_EXACT_BELOW, EXTRACT_LIPSCHITZ, EXTRACT_MODE,
-                     GRAD_CHUNKS, PATH_POINTS, POINT_DROP_TOL, RESIDUAL_DROP_TOL, TOPK, WARM_UP_POSE_VERTICES,
-                     WARM_UP_RESOLUTION, WARP_CHUNKS, for_device)
+                     FRAME_AT_A_TIME, GRAD_CHUNKS, PATH_POINTS, POINT_DROP_TOL, RESIDUAL_DROP_TOL, TOPK,
+                     WARM_UP_POSE_VERTICES, WARM_UP_RESOLUTION, WARP_CHUNKS, for_device)
 
 if TYPE_CHECKING:  # fit and align load scipy: imported where fitting needs them, not by the handshake
     from .align import Aligner
@@ -66,6 +66,7 @@ class Session:
         self.extract_half = for_device(EXTRACT_HALF, kind)
         # the attribute pass through every region (no tolerance) as batched products over the region axis
         self.dense_attributes = kind == "cuda"
+        self.frame_at_a_time = for_device(FRAME_AT_A_TIME, kind)
         self.path_points_only = for_device(PATH_POINTS, kind)  # deform: the path for the lips' and lids' vertices only
         self.loaded = load_model(weights_dir, str(self.device), allow_untrained)
         self.model = self.loaded.model.eval().requires_grad_(False)

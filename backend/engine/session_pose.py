@@ -69,6 +69,11 @@ def pose(session: Session, canonical: np.ndarray, z_id: torch.Tensor, zr: torch.
     SDF's Lipschitz bound LIPSCHITZ; |F| <= 1 um where converged), which needs the SDF only once per
     canonical vertex, not per frame (canonical_sdf: that SDF, from vertex_sdf, when the caller has it).
     Frames with an all-zero expression vector are not solved (their warp is exactly zero: x = x_c)."""
+    if session.frame_at_a_time and len(expressions) > 1:
+        if canonical_sdf is None and not exact_residual:
+            canonical_sdf = session.cached_vertex_sdf(canonical, zr, k)
+        return _merge_frames([pose(session, canonical, z_id, zr, k, expressions[i : i + 1], exact_residual,
+                                   canonical_sdf) for i in range(len(expressions))])
     x_c = torch.as_tensor(canonical, device=session.device, dtype=torch.float32)
     e = torch.as_tensor(expressions, device=session.device, dtype=torch.float32)
     steps = deform.frame_continuation_steps(e)
@@ -110,6 +115,25 @@ def pose(session: Session, canonical: np.ndarray, z_id: torch.Tensor, zr: torch.
         "warp_evaluations_per_vertex_frame": result.stats["warp_points"] / max(T * N, 1),
         "stopped_at_first_estimate": result.stats["stopped_at_x0"],
         "jacobian_vertex_frames": result.stats["jacobian_points"],
+    }
+
+
+def _merge_frames(frames: list[dict]) -> dict:
+    """One pose() result from the results of its frames, posed one at a time."""
+    residual = np.concatenate([f["residual"] for f in frames])
+    n_vertices = frames[0]["vertices"].shape[1]
+    warps = sum(f["warp_evaluations_per_vertex_frame"] * n_vertices for f in frames)
+    return {
+        "vertices": np.concatenate([f["vertices"] for f in frames]),
+        "residual": residual,
+        "converged": np.concatenate([f["converged"] for f in frames]),
+        "non_converged": sum(f["non_converged"] for f in frames),
+        "residual_p99_m": float(np.quantile(residual.ravel()[:QUANTILE_MAX_VALUES].astype(np.float64), 0.99)),
+        "root_residual_max_m": max(f["root_residual_max_m"] for f in frames),
+        "iterations": max(f["iterations"] for f in frames),
+        "warp_evaluations_per_vertex_frame": warps / max(len(frames) * n_vertices, 1),
+        "stopped_at_first_estimate": sum(f["stopped_at_first_estimate"] for f in frames),
+        "jacobian_vertex_frames": sum(f["jacobian_vertex_frames"] for f in frames),
     }
 
 

@@ -27,6 +27,11 @@ WARP_CHUNKS = {"cpu": 1 << 12, "cuda": 1 << 18}
 # Deform: only the vertices near the lips and lids follow the expression path (deform.solve_continued's
 # path_points), the others are solved once at the full weights (docs/surface.md); CUDA: not measured, all follow it
 PATH_POINTS = {"cpu": True, "cuda": False}
+# Deform one frame at a time: a frame's pose is then bitwise the pose of a one-frame request (a bake equals live
+# poses, ARKit keys equal single deforms). Batched, the warp network's rounding depends on the other points
+# evaluated with a point, and at a lip fold that can send a vertex to the other root (docs/surface.md). CUDA keeps
+# its batches for throughput.
+FRAME_AT_A_TIME = {"cpu": True, "cuda": False}
 LIPSCHITZ = 2.5  # assumed |grad sdf| bound of the trained SDF (above the observed one; docs/benchmarks.md)
 # Extraction: floor of the per-cell Lipschitz bound (each cell uses max(floor, 1.25 x its own finite-difference
 # gradient norm), extract.py); it gives the same meshes as LIPSCHITZ on the trained heads with fewer points.
