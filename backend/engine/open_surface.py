@@ -24,16 +24,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 from .. import errors
 from ..data.atlas import Atlas
 from . import deform, mesh_cut
 from .surface_metrics import unique_edges
+
+if TYPE_CHECKING:  # scipy.spatial is imported where the tree is built: it is most of a cold start's scipy time
+    from scipy.spatial import cKDTree
 
 NECK_MARGIN = 0.05  # m above the template's neck opening (its plane, along its normal)
 HEAD_FACES_END = 28120  # atlas faces [0, 28120): head and neck cap; then the two scleras (backend/data/ict.py)
@@ -95,6 +97,8 @@ class SurfaceOpener:
     def _path_tree(self) -> cKDTree:
         names = list(self.atlas.names)
         ids = sorted({names.index(r) for _, zone, _, _ in MOTION_CUTS for r in zone})
+        from scipy.spatial import cKDTree
+
         return cKDTree(np.asarray(self.atlas.vertices, np.float64)[np.isin(self.atlas.region, ids)])
 
     def path_points(self, template: np.ndarray) -> np.ndarray:
