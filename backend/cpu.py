@@ -90,7 +90,8 @@ def thread_slices(n: int, chunk: int) -> list[slice]:
 def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """[fn(item) for item in items] on as many Python threads as torch has intra-op threads, each running torch's
     ops on one thread (restored after). For work that does not parallelise inside its ops: the per-region network
-    products (engine/extract.py, Session.sdf_grad_template) and MeshIndex's cKDTree searches (engine/template.py)."""
+    products (engine/extract_grid.py, Session.sdf_grad_template) and MeshIndex's cKDTree searches
+    (engine/template.py)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch

@@ -1,4 +1,4 @@
-"""engine/cell_kernel: the Triton cell test against the torch path of extract._may_change_sign, in Triton's
+"""engine/cell_kernel: the Triton cell test against the torch path of extract_sparse._may_change_sign, in Triton's
 interpreter on CPU (as CI runs it) and compiled on a GPU where there is one."""
 
 import json
@@ -25,19 +25,20 @@ def compare(device: str) -> dict:
     cells around a sphere (many near the certification margin) and random ones."""
     import torch
 
-    from backend.engine import cell_kernel, extract
+    from backend.engine import cell_kernel, extract_sparse
 
     g = torch.Generator().manual_seed(0)
     out = {}
     for stride, err in ((2, 0.0), (4, 1e-4), (8, 3e-4)):
         side = stride * 0.0015
         c = torch.rand(3000, 3, generator=g) * 0.3 - 0.15
-        corners = c[:, None, :] + torch.as_tensor(extract.CORNERS, dtype=torch.float32) * side
+        corners = c[:, None, :] + torch.as_tensor(extract_sparse.CORNERS, dtype=torch.float32) * side
         v = torch.cat([corners.norm(dim=-1) - 0.1, torch.randn(500, 8, generator=g) * 0.01])
         slopes: list = []
-        keep_ref, bound_ref = extract._may_change_sign(v, side, stride, 1.5, slopes, err)
-        dist = torch.as_tensor(extract._cover_table(stride), dtype=torch.float32) * side
-        keep, bound, smax = cell_kernel.cell_test(v.to(device), dist.to(device), side, 1.5, extract.SLOPE_MARGIN, err)
+        keep_ref, bound_ref = extract_sparse._may_change_sign(v, side, stride, 1.5, slopes, err)
+        dist = torch.as_tensor(extract_sparse._cover_table(stride), dtype=torch.float32) * side
+        keep, bound, smax = cell_kernel.cell_test(v.to(device), dist.to(device), side, 1.5,
+                                                  extract_sparse.SLOPE_MARGIN, err)
         out[stride] = {"n": len(v), "kept": int(keep_ref.sum()), "keep_differs": int((keep.cpu() != keep_ref).sum()),
                        "bound_rel": float(((bound.cpu() - bound_ref).abs() / bound_ref).max()),
                        "slope_rel": abs(float(smax) / float(slopes[0]) - 1)}

@@ -119,10 +119,10 @@ def test_session_mesh_matches_dense_reference(device_mode):
 
 
 def test_threaded_evaluation_gives_the_values_and_counts_of_one_call(head):
-    """extract._evaluate runs CPU chunks on parallel threads: every point's value (to the rounding of the
+    """extract_grid._evaluate runs CPU chunks on parallel threads: every point's value (to the rounding of the
     products, whose blocking depends on the row count), the counters and the largest left-out mass are those
     of one call over all points."""
-    from backend.engine.extract import _evaluate
+    from backend.engine.extract_grid import _evaluate
 
     model, zr, k, x = head
     one = HeadSdf(model, zr, k, mode="sparse", drop_tol=1e-4, exact_below=2e-4)

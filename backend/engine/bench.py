@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from .extract import _evaluate, _unkey, extract_dense, make_grid
+from .extract import extract_dense
+from .extract_grid import _evaluate, _unkey, make_grid
 
 T = TypeVar("T")
 

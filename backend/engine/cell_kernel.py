@@ -1,4 +1,4 @@
-"""The extraction's per-level cell test (`extract._may_change_sign`) as one Triton kernel on the GPU.
+"""The extraction's per-level cell test (`extract_sparse._may_change_sign`) as one Triton kernel on the GPU.
 
 In torch the test is ~50 launches a level (edge slopes, per-cell bound, sign mix, and the covering test over
 (cells x check points x corners) in bounded pieces) and reads a (cells, 125, 8) broadcast through memory; at
@@ -69,7 +69,7 @@ def cell_test(corner_values: torch.Tensor, dist: torch.Tensor, side: float, lips
               error: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """corner values (M,8) float32 (within `error` of the field), check-point distances (P,8) float32 (already
     x side, as the torch path scales them) -> (keep (M,) bool, per-cell bound (M,), largest slope (0-d)); see
-    extract._may_change_sign."""
+    extract_sparse._may_change_sign."""
     m = corner_values.shape[0]
     v = corner_values.float().contiguous()
     keep = torch.empty(m, dtype=torch.int8, device=v.device)

@@ -184,7 +184,7 @@ class HeadSdf:
         self.max_dropped = 0.0  # largest blend mass left out so far (sparse mode)
         self.regions_evaluated = 0  # point-region pairs evaluated so far
         self.exact_points = 0  # sparse mode: points re-evaluated with every region (|sdf| < exact_below)
-        self._count_lock = threading.Lock()  # extraction calls from several threads on CPU (extract._evaluate)
+        self._count_lock = threading.Lock()  # extraction calls from several threads on CPU (extract_grid._evaluate)
 
     @property
     def is_approximate(self) -> bool:

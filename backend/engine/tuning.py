@@ -34,7 +34,7 @@ PATH_POINTS = {"cpu": True, "cuda": False}
 FRAME_AT_A_TIME = {"cpu": True, "cuda": False}
 LIPSCHITZ = 2.5  # assumed |grad sdf| bound of the trained SDF (above the observed one; docs/benchmarks.md)
 # Extraction: floor of the per-cell Lipschitz bound (each cell uses max(floor, 1.25 x its own finite-difference
-# gradient norm), extract.py); it gives the same meshes as LIPSCHITZ on the trained heads with fewer points.
+# gradient norm), extract_sparse.py); it gives the same meshes as LIPSCHITZ on the trained heads with fewer points.
 EXTRACT_LIPSCHITZ = 1.5
 # Extraction's network evaluation (engine/sdf_eval.py): on CUDA all 39 regions at every point (exact, one
 # batched product per layer); on CPU each point's heaviest regions up to EXTRACT_DROP_TOL left-out mass.
