@@ -193,12 +193,12 @@ def test_landmark_fit_recovers_a_known_pose():
     pts = prob.landmarks(z, e).detach()
     observed = camera.project(pts, rot, trans, torch.tensor([1.2 * W]), W, H).numpy()
     fit = fit_capture(s.model, s.extras, targets, observed, np.ones(T, bool), None, W, H, False,
-                      FitSettings(steps=25, silhouette=False), lambda f, m: None)
+                      FitSettings(steps=100, silhouette=False), lambda f, m: None)
     rel = fit.rotation[0] @ rot[0].numpy().T
     angle = math.degrees(math.acos(np.clip((np.trace(rel) - 1) / 2, -1, 1)))
-    # 2-D landmarks leave part of a yaw to the identity's shape, so 25 steps end a few degrees off
+    # 2-D landmarks leave part of a yaw to the identity's shape, which a short fit has not yet given back
     # (docs/capture.md, "Measured"); an axis or sign error would be tens of degrees
-    assert angle < 5.0
+    assert angle < 4.0
     assert fit.landmark_error_px < 3.0
     assert 0.0 <= fit.expressions.min() and fit.expressions.max() <= 1.0
 
