@@ -256,40 +256,28 @@ def solve_continued(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: to
 def _solve_split(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch.Tensor, n_frames: int,
                  steps: int | torch.Tensor, path: torch.Tensor, kwargs: dict) -> DeformResult:
     """solve_continued with path_points: one solve at the full weights for the other points, the path for the
-    path points and, in the frames where the direct solve did not converge, for those of the others. The choice
-    is made per frame and point, so a pose does not depend on the other frames of its request."""
+    path points and for those of the others not converged in some frame."""
     if isinstance(steps, torch.Tensor):
         full: float | torch.Tensor = (steps / steps).to(device=x_c.device, dtype=torch.float32).clamp(max=1.0)[:, None]
     else:
         full = 1.0  # the path's last t, exactly
-    path_idx, rest = torch.nonzero(path).squeeze(1), torch.nonzero(~path).squeeze(1)
+    rest = torch.nonzero(~path).squeeze(1)
     direct = solve(make_warp(full), x_c[rest], n_frames, **kwargs)
-    failed = ~direct.converged  # (T, rest)
-    redo = failed.any(0)
-    follow = torch.sort(torch.cat([path_idx, rest[redo]])).values
+    redo = ~direct.converged.all(0)
+    keep, follow = rest[~redo], torch.sort(torch.cat([torch.nonzero(path).squeeze(1), rest[redo]])).values
     cont = _solve_path(make_warp, x_c[follow], n_frames, steps, **kwargs) if follow.numel() else None
     n = x_c.shape[0]
     vertices = x_c.new_empty((n_frames, n, 3))
     residual = x_c.new_empty((n_frames, n))
     converged = torch.empty((n_frames, n), dtype=torch.bool, device=x_c.device)
     root = x_c.new_empty((n_frames, n, 3))
-    outputs = (vertices, residual, converged, root)
-
-    def parts(res: DeformResult) -> tuple[torch.Tensor, ...]:
-        assert res.root_vector is not None
-        return res.vertices, res.root_residual, res.converged, res.root_vector
-
-    for out, part in zip(outputs, parts(direct)):
-        out[:, rest] = part
+    parts = [(keep, direct, torch.nonzero(~redo).squeeze(1))]
     if cont is not None:
-        at_path = torch.searchsorted(follow, path_idx)
-        redo_idx = rest[redo]
-        at_redo = torch.searchsorted(follow, redo_idx)
-        use = failed[:, redo]  # (T, R): the frames where a redone point takes the path's root
-        for out, part in zip(outputs, parts(cont)):
-            out[:, path_idx] = part[:, at_path]
-            mask = use.reshape(use.shape + (1,) * (part.dim() - 2))
-            out[:, redo_idx] = torch.where(mask, part[:, at_redo], out[:, redo_idx])
+        parts.append((follow, cont, torch.arange(follow.numel(), device=x_c.device)))
+    for idx, res, sel in parts:  # points idx of the whole set are points sel of that part
+        assert res.root_vector is not None
+        vertices[:, idx], residual[:, idx] = res.vertices[:, sel], res.root_residual[:, sel]
+        converged[:, idx], root[:, idx] = res.converged[:, sel], res.root_vector[:, sel]
     stats = dict(direct.stats or {})
     for key, value in ((cont.stats or {}) if cont is not None else {}).items():
         stats[key] = stats.get(key, 0) + value

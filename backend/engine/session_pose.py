@@ -68,12 +68,41 @@ def pose(session: Session, canonical: np.ndarray, z_id: torch.Tensor, zr: torch.
     miss. Exact: evaluate it (T x N SDF evaluations). Otherwise its upper bound |sdf(x_c)| + L |F| (L the
     SDF's Lipschitz bound LIPSCHITZ; |F| <= 1 um where converged), which needs the SDF only once per
     canonical vertex, not per frame (canonical_sdf: that SDF, from vertex_sdf, when the caller has it).
-    Frames with an all-zero expression vector are not solved (their warp is exactly zero: x = x_c)."""
+    Frames with an all-zero expression vector are not solved (their warp is exactly zero: x = x_c).
+    With session.frame_at_a_time each frame is solved as a one-frame request would solve it."""
     if session.frame_at_a_time and len(expressions) > 1:
         if canonical_sdf is None and not exact_residual:
             canonical_sdf = session.cached_vertex_sdf(canonical, zr, k)
-        return _merge_frames([pose(session, canonical, z_id, zr, k, expressions[i : i + 1], exact_residual,
-                                   canonical_sdf) for i in range(len(expressions))])
+        parts = [_solve(session, canonical, z_id, zr, k, expressions[i : i + 1], exact_residual, canonical_sdf)
+                 for i in range(len(expressions))]
+    else:
+        parts = [_solve(session, canonical, z_id, zr, k, expressions, exact_residual, canonical_sdf)]
+    vertices = torch.cat([p[0].vertices for p in parts])
+    residual = torch.cat([p[1] for p in parts])
+    conv = torch.cat([p[0].converged for p in parts])
+    stats = {key: sum((p[0].stats or {})[key] for p in parts) for key in ("warp_points", "stopped_at_x0",
+                                                                          "jacobian_points")}
+    return {
+        "vertices": vertices.cpu().numpy().astype(np.float32),
+        "residual": residual.cpu().numpy().astype(np.float32),
+        "converged": conv.cpu().numpy().astype(np.uint8),
+        "non_converged": int((~conv).sum()),
+        # the p99 of the first QUANTILE_MAX_VALUES vertex-frames
+        "residual_p99_m": float(torch.quantile(residual.flatten()[:QUANTILE_MAX_VALUES].double(), 0.99)),
+        "root_residual_max_m": max(float(p[0].root_residual.max()) for p in parts),
+        "iterations": max(p[0].iterations for p in parts),
+        # solver work: forward warps per vertex-frame (>= 2 where solved), vertex-frames done at x_c - warp(x_c),
+        # and those that needed the exact (autograd) Jacobian
+        "warp_evaluations_per_vertex_frame": stats["warp_points"] / max(residual.numel(), 1),
+        "stopped_at_first_estimate": stats["stopped_at_x0"],
+        "jacobian_vertex_frames": stats["jacobian_points"],
+    }
+
+
+def _solve(session: Session, canonical: np.ndarray, z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor,
+           expressions: np.ndarray, exact_residual: bool, canonical_sdf: torch.Tensor | None
+           ) -> tuple[deform.DeformResult, torch.Tensor]:
+    """pose()'s solve of one batch of frames: the root finder's result and the (T, N) residual."""
     x_c = torch.as_tensor(canonical, device=session.device, dtype=torch.float32)
     e = torch.as_tensor(expressions, device=session.device, dtype=torch.float32)
     steps = deform.frame_continuation_steps(e)
@@ -88,7 +117,6 @@ def pose(session: Session, canonical: np.ndarray, z_id: torch.Tensor, zr: torch.
     # along the path 0 -> e (deform.solve_continued): where lips touch, a start at x_c finds the other lip's root
     result = deform.solve_continued(lambda t: session.warp_fn(z_id, e * t), x_c, e.shape[0], steps,
                                     path_points=path, zero_frames=(e == 0).all(1))
-    T, N = e.shape[0], x_c.shape[0]
     assert result.root_vector is not None and result.stats is not None  # deform.solve fills both
     chunk = session.chunk
     with torch.no_grad():
@@ -99,42 +127,7 @@ def pose(session: Session, canonical: np.ndarray, z_id: torch.Tensor, zr: torch.
         else:
             sdf_c = session.vertex_sdf(canonical, zr, k) if canonical_sdf is None else canonical_sdf
             residual = sdf_c.abs()[None] + LIPSCHITZ * result.root_residual
-    residual = residual.abs().view(T, N)
-    conv = result.converged
-    return {
-        "vertices": result.vertices.cpu().numpy().astype(np.float32),
-        "residual": residual.cpu().numpy().astype(np.float32),
-        "converged": conv.cpu().numpy().astype(np.uint8),
-        "non_converged": int((~conv).sum()),
-        # the p99 of the first QUANTILE_MAX_VALUES vertex-frames
-        "residual_p99_m": float(torch.quantile(residual.flatten()[:QUANTILE_MAX_VALUES].double(), 0.99)),
-        "root_residual_max_m": float(result.root_residual.max()),
-        "iterations": result.iterations,
-        # solver work: forward warps per vertex-frame (>= 2 where solved), vertex-frames done at x_c - warp(x_c),
-        # and those that needed the exact (autograd) Jacobian
-        "warp_evaluations_per_vertex_frame": result.stats["warp_points"] / max(T * N, 1),
-        "stopped_at_first_estimate": result.stats["stopped_at_x0"],
-        "jacobian_vertex_frames": result.stats["jacobian_points"],
-    }
-
-
-def _merge_frames(frames: list[dict]) -> dict:
-    """One pose() result from the results of its frames, posed one at a time."""
-    residual = np.concatenate([f["residual"] for f in frames])
-    n_vertices = frames[0]["vertices"].shape[1]
-    warps = sum(f["warp_evaluations_per_vertex_frame"] * n_vertices for f in frames)
-    return {
-        "vertices": np.concatenate([f["vertices"] for f in frames]),
-        "residual": residual,
-        "converged": np.concatenate([f["converged"] for f in frames]),
-        "non_converged": sum(f["non_converged"] for f in frames),
-        "residual_p99_m": float(np.quantile(residual.ravel()[:QUANTILE_MAX_VALUES].astype(np.float64), 0.99)),
-        "root_residual_max_m": max(f["root_residual_max_m"] for f in frames),
-        "iterations": max(f["iterations"] for f in frames),
-        "warp_evaluations_per_vertex_frame": warps / max(len(frames) * n_vertices, 1),
-        "stopped_at_first_estimate": sum(f["stopped_at_first_estimate"] for f in frames),
-        "jacobian_vertex_frames": sum(f["jacobian_vertex_frames"] for f in frames),
-    }
+    return result, residual.abs().view(e.shape[0], x_c.shape[0])
 
 
 def posed_normals(session: Session, x: np.ndarray, z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor,
