@@ -61,6 +61,17 @@ def resident_mb() -> float:
     return int(statm[1]) * os.sysconf("SC_PAGE_SIZE") / MB if len(statm) > 1 else 0.0
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, whose allocator the guard tunes and trims; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None  # musl has neither
+
+
 def _read(path: str) -> str:
     try:
         with open(path) as f:
@@ -76,11 +87,9 @@ class MemoryGuard:
         # glibc raises its mmap threshold each time a big block is freed, so later grids and meshes come from the
         # heap and stay resident after the request (docs/reliability.md has the measurement); a fixed threshold
         # keeps big buffers in their own mappings, returned on free.
-        if sys.platform.startswith("linux"):
-            try:
-                ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-            except (OSError, AttributeError):
-                pass  # not glibc
+        libc = _glibc()
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
     def check(self, op: str, params: dict[str, Any]) -> None:
         if op not in MESH_OPS or not isinstance(params, dict):
@@ -100,8 +109,6 @@ class MemoryGuard:
     def release(self) -> None:
         """Hand freed heap pages back to the system (glibc keeps them otherwise: 1.0 GB resident stayed after a
         512 mesh, 0.45 GB after trimming)."""
-        if sys.platform.startswith("linux"):
-            try:
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            except (OSError, AttributeError):
-                pass  # not glibc
+        libc = _glibc()
+        if libc is not None:
+            libc.malloc_trim(0)

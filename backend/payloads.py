@@ -82,12 +82,7 @@ class Payload:
 
 
 def check_resolution(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise errors.InvalidInput(f"resolution must be an integer, got {value!r}")
-    if not MIN_RESOLUTION <= int(value) <= constants.MAX_RESOLUTION:
-        raise errors.InvalidInput(f"resolution must be between {MIN_RESOLUTION} and {constants.MAX_RESOLUTION}, "
-                                  f"got {int(value)}")
-    return int(value)
+    return validate.integer(value, "resolution", MIN_RESOLUTION, constants.MAX_RESOLUTION)
 
 
 def units_scale(units: object) -> float | None:

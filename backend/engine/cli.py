@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import constants
 from ..errors import InvalidInput
 from .meshio import MESH_FORMATS, write_mesh
 
@@ -24,13 +23,16 @@ MESH_HELP = "format from the extension: .ply (with attribute columns), .obj or .
 
 def resolution(text: str) -> int:
     """argparse type: an extraction resolution within what the engine accepts."""
+    from ..payloads import check_resolution
+
     try:
         value = int(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"resolution must be an integer, got {text!r}") from exc
-    if not 16 <= value <= constants.MAX_RESOLUTION:
-        raise argparse.ArgumentTypeError(f"resolution must be between 16 and {constants.MAX_RESOLUTION}, got {value}")
-    return value
+    try:
+        return check_resolution(value)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def add_session_arguments(parser: argparse.ArgumentParser) -> None:
