@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         rows += bench_device(session, cfg, log)
         if not args.no_head:
             del session  # the Blender run starts its own backend
-            rows.append(bench_complete_head(dev, 128 if dev == "cpu" else 256, log))
+            rows.append(bench_complete_head(dev, 128 if dev == "cpu" else 256, log, args.weights))
     gpu = torch.cuda.get_device_name(0) if "cuda" in devices else "none"
     print(f"imhead bench {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; "
           f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; GPU: {gpu}; "
