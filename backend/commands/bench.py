@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
                           frames=args.cpu_frames if dev == "cpu" else args.frames, bake_frames=args.bake_frames,
                           dense_max_points=args.dense_max_points or (3_000_000 if dev == "cuda" else 300_000))
         rows += bench_device(session, cfg, log)
+        log(f"rows so far (a run cut short keeps them):\n{table(rows)}")
         if not args.no_head:
             del session  # the Blender run starts its own backend
             rows.append(bench_complete_head(dev, 128 if dev == "cpu" else 256, log, args.weights))
