@@ -180,7 +180,10 @@ class SurfaceOpener:
             arrays, count = mesh_cut.slit(arrays, phi, is_bridge, split_at=split_at)
             opened += count
             if count:
-                arrays, moved = _settle(arrays, self._zone(arrays, zone_regions), lambda p, x=expression: motion(p, x))
+                def along(p: np.ndarray, expression: str = expression) -> np.ndarray:
+                    return motion(p, expression)
+
+                arrays, moved = _settle(arrays, self._zone(arrays, zone_regions), along)
                 settled += moved
         return arrays, opened, settled
 
