@@ -56,7 +56,6 @@ JITTER, JITTER_TRIES = 2e-6, 2  # m, tries: where copies go, the motion must not
 ROBUST_TOL = 0.1  # of the edge's length: the motion at a moved point counts as the same
 COPY_STRETCH = 2.0  # a copy's edge to its own end stretches at most this much under the expression
 SETTLE_STEP, SETTLE_TRIES = 0.25, 3  # a vertex with a non-robust root moves this much toward its neighbours' mean
-ZONE_RINGS = 2  # edge rings around the zone's regions (MOTION_CUTS) where the motion may slit the mesh
 LEVEL_RINGS = 2  # edge rings around a vertex that set its own cut level (_local_level)
 MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut (the expression does not part them)
 # Vertices whose template point is within this of the MOTION_CUTS zones' template vertices follow the expression
@@ -154,9 +153,10 @@ class SurfaceOpener:
             if not zone.any():
                 continue
             edges, _ = unique_edges(np.asarray(arrays["faces"], np.int64))
-            # the motion's jump runs on beyond the template's mouth regions inside the mouth's corners
-            zone = _grow(zone, edges, ZONE_RINGS)
-            near = _grow(zone, edges, LEVEL_RINGS)
+            near = zone.copy()
+            for _ in range(2):
+                near[edges[near[edges[:, 0]], 1]] = True
+                near[edges[near[edges[:, 1]], 0]] = True
             canon = arrays["canonical"].astype(np.float64)
             disp = np.zeros_like(canon)
             disp[near] = motion(arrays["canonical"][near], expression)
@@ -183,8 +183,7 @@ class SurfaceOpener:
                 def along(p: np.ndarray, expression: str = expression) -> np.ndarray:
                     return motion(p, expression)
 
-                grown = _grow(self._zone(arrays, zone_regions), unique_edges(arrays["faces"])[0], ZONE_RINGS)
-                arrays, moved = _settle(arrays, grown, along)
+                arrays, moved = _settle(arrays, self._zone(arrays, zone_regions), along)
                 settled += moved
         return arrays, opened, settled
 
@@ -205,17 +204,6 @@ class SurfaceOpener:
             arrays, count = mesh_cut.slit(arrays, phi, is_bridge, pull=EYELID_PULL)
             opened += count
         return arrays, opened
-
-
-def _grow(mask: np.ndarray, edges: np.ndarray, rings: int) -> np.ndarray:
-    """mask (N,) and the vertices within `rings` edges of it."""
-    out = mask.copy()
-    for _ in range(rings):
-        grow = out.copy()
-        grow[edges[out[edges[:, 0]], 1]] = True
-        grow[edges[out[edges[:, 1]], 0]] = True
-        out = grow
-    return out
 
 
 def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol: np.ndarray
