@@ -6,7 +6,7 @@ import pytest
 import torch
 from skimage.measure import marching_cubes
 
-from backend.engine import deform, mesh_cut
+from backend.engine import deform, mesh_cut, open_surface
 from backend.engine import surface_metrics as sm
 from backend.engine.session import Session
 
@@ -106,6 +106,57 @@ def test_slit_separates_the_two_sides_along_the_contact():
     assert gap > 0 or v[loop, 2].max() < 0.2
     assert np.median(posed[up, 1] - v[up, 1]) > 0.05
     assert sm.edge_stretch(v, posed, faces).max() < 3
+
+
+def _strip(nx: int = 21, ny: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices (nx*ny, 3) of a flat grid (y from -2.5 to 2.5, lip line at y = 0) and its edges."""
+    x, y = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny) - (ny - 1) / 2, indexing="ij")
+    v = np.stack([x.ravel(), y.ravel(), np.zeros(x.size)], 1)
+    i = np.arange(nx * ny).reshape(nx, ny)
+    quads = np.stack([i[:-1, :-1], i[1:, :-1], i[1:, 1:], i[:-1, 1:]], -1).reshape(-1, 4)
+    faces = np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
+    return v, sm.unique_edges(faces)[0]
+
+
+def test_local_level_crosses_the_jump_where_both_sides_move_less_than_the_middle():
+    v, edges = _strip()
+    # mm: in the middle of the mouth (x = 0) the lips move 5 and 45 (the zone's level: 25); toward the corner
+    # (x = 20) both move less than that: 10 and 15
+    size = np.where(v[:, 1] > 0, 5.0 + 0.25 * v[:, 0], 45.0 - 1.5 * v[:, 0]) * 1e-3
+    near = np.ones(len(v), bool)
+    phi = size - open_surface._local_level(size, edges, near, 25e-3)
+    across = np.abs(v[:, 1]) == 0.5
+    assert (phi[across & (v[:, 1] > 0)] < 0).all() and (phi[across & (v[:, 1] < 0)] > 0).all()
+    assert (size[v[:, 0] >= 14] < 25e-3).all()  # the zone's level alone would not cut there
+    # far from any jump the zone's level stays
+    still = np.ones(len(v)) * 7e-3
+    assert np.array_equal(open_surface._local_level(still, edges, near, 25e-3), np.full(len(v), 25e-3))
+
+
+def test_slit_copies_avoid_roots_that_move_with_rounding():
+    """Between t = 0.3 and 0.5 the 'root finder' takes the a-side root exactly at the sample points and the
+    b-side one a micrometre away (a nearly singular contact); beyond t = 0.5 it is the b side's. A copy must not
+    go where the motion depends on such rounding, and its edge to its own end must not stretch."""
+    length = 0.003  # m, a bridge edge along x; the lips part by 10 mm
+    grid = (np.linspace(0.0, 1.0, open_surface.JUMP_SAMPLES + 1) * length).astype(np.float32)
+
+    def motion(p: np.ndarray) -> np.ndarray:
+        x = p[:, 0].astype(np.float32)
+        b_side = (x >= 0.5 * length) | ((x >= 0.3 * length) & ~np.isin(x, grid))
+        return np.where(b_side[:, None], [0.0, -0.01, 0.0], 0.0)
+
+    a, b = np.zeros((1, 3)), np.array([[length, 0.0, 0.0]])
+    t_a, t_b = open_surface._motion_jump(a, b, motion)
+    assert t_a[0] < 0.3 and t_b[0] >= 0.5
+
+    def steep(p: np.ndarray) -> np.ndarray:  # a nearly singular approach to the jump at t = 0.75
+        t = p[:, 0] / length
+        y = np.where(t < 0.75, -0.01 * np.sqrt(np.clip(t - 0.4, 0, None)), -0.03)
+        return np.stack([np.zeros_like(t), y, np.zeros_like(t)], 1)
+
+    t_a, _ = open_surface._motion_jump(a, b, steep)
+    d = steep(np.array([[0.0, 0, 0], [t_a[0] * length, 0, 0]]))
+    assert 0 < t_a[0] and np.linalg.norm(d[1] - d[0]) <= (open_surface.COPY_STRETCH - 1) * t_a[0] * length
 
 
 def test_solve_continued_with_one_step_is_solve():

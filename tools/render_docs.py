@@ -140,6 +140,13 @@ def neutral_mesh(s: Session, head: HeadSpec, res: int) -> tuple[np.ndarray, np.n
     return mesh.vertices, mesh.faces
 
 
+def opened_mesh(s: Session, head: HeadSpec, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical mesh that `generate` returns (neck cut, lips and lids slit: docs/surface.md), the one the
+    add-on poses."""
+    _, arrays = s.generate({"head": head.to_dict(), "resolution": res}, {})
+    return arrays["canonical"], arrays["faces"]
+
+
 def heads_grid(s: Session, seeds: list[int], cols: int, res: int, t0: float) -> Picture:
     panels = []
     rows = math.ceil(len(seeds) / cols)
@@ -156,7 +163,7 @@ def heads_grid(s: Session, seeds: list[int], cols: int, res: int, t0: float) -> 
 
 def expressions_row(s: Session, seed: int, res: int, t0: float) -> Picture:
     head = HeadSpec(identity=s.sample_identity(seed))
-    canonical, faces = neutral_mesh(s, head, res)
+    canonical, faces = opened_mesh(s, head, res)
     names = s.expression_names
     weights = np.zeros((len(EXPRESSIONS), len(names)), np.float32)
     for i, (_, expr) in enumerate(EXPRESSIONS):

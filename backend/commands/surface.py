@@ -76,18 +76,11 @@ def measure(session, seed: int, resolution: int) -> dict:
 
 
 def pose(session, head: dict, canonical, weights) -> dict:
-    """The deform op's vertices and converged flags (its root finding, deform.solve_continued) without its
-    residual, whose SDF pass costs more than the solve on a CPU."""
-    import torch
-
-    from ..engine import deform
-
-    z_id, _, _ = session.decode_params(head)
-    x_c = torch.as_tensor(canonical, device=session.device, dtype=torch.float32)
-    e = torch.as_tensor(weights, device=session.device)
-    res = deform.solve_continued(lambda t: session.warp_fn(z_id, e * t), x_c, e.shape[0],
-                                 deform.continuation_steps(e))
-    return {"vertices": res.vertices.cpu().numpy(), "converged": res.converged.cpu().numpy().astype("uint8")}
+    """The deform op's vertices and converged flags (Session.pose, as the deform op poses them: on the CPU each
+    frame on its own, the lips' and lids' vertices along the expression path) with the residual's cheap bound."""
+    z_id, zr, k = session.decode_params(head)
+    res = session.pose(canonical, z_id, zr, k, weights, exact_residual=False)
+    return {"vertices": res["vertices"], "converged": res["converged"]}
 
 
 def format_row(r: dict) -> str:

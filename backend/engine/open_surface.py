@@ -51,6 +51,12 @@ MOTION_CUTS = (
 )
 STRETCH_CUT = 2.5  # an edge the expression would stretch beyond this factor is a bridge
 JUMP_SAMPLES = 16  # motion samples along a bridge edge (where its copies go: _motion_jump)
+JUMP_MARGIN = 2  # samples between a copy and the motion's jump
+JITTER, JITTER_TRIES = 2e-6, 2  # m, tries: where copies go, the motion must not change when points move this much
+ROBUST_TOL = 0.1  # of the edge's length: the motion at a moved point counts as the same
+COPY_STRETCH = 2.0  # a copy's edge to its own end stretches at most this much under the expression
+SETTLE_STEP, SETTLE_TRIES = 0.25, 3  # a vertex with a non-robust root moves this much toward its neighbours' mean
+LEVEL_RINGS = 2  # edge rings around a vertex that set its own cut level (_local_level)
 MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut (the expression does not part them)
 # Vertices whose template point is within this of the MOTION_CUTS zones' template vertices follow the expression
 # path in the deform op (deform.solve_continued's path_points; docs/surface.md measures the margin)
@@ -67,6 +73,7 @@ class OpenStats:
     pieces_dropped: int
     eyelid_edges_opened: int  # by the template (upper lid - sclera)
     motion_edges_opened: int  # by the expressions' motion (lips under jawOpen, lids under eyeBlink)
+    vertices_settled: int = 0  # vertices by a motion slit moved off a root that rounding can change (_settle)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -121,23 +128,26 @@ class SurfaceOpener:
         point, normal = self.neck_plane
         arrays = mesh_cut.cut_plane(arrays, point, normal)
         arrays, lids = self._open_eyelids(arrays)
-        arrays, moved = self._open_by_motion(arrays, motion)
+        arrays, moved, settled = self._open_by_motion(arrays, motion)
         arrays, dropped = mesh_cut.keep_largest_piece(arrays)
         for k in ("_tface", "_tbary"):
             arrays.pop(k)
-        return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved)
+        return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved,
+                                 settled)
 
     def _zone(self, arrays: dict[str, np.ndarray], regions: tuple[str, ...]) -> np.ndarray:
         """Vertices whose closest template triangle has a corner in one of the regions."""
         ids = [list(self.atlas.names).index(r) for r in regions]
         return np.isin(self.atlas.region[self.faces[arrays["_tface"]]], ids).any(1)
 
-    def _open_by_motion(self, arrays: dict[str, np.ndarray], motion: Motion) -> tuple[dict[str, np.ndarray], int]:
+    def _open_by_motion(self, arrays: dict[str, np.ndarray], motion: Motion
+                        ) -> tuple[dict[str, np.ndarray], int, int]:
         """For each MOTION_CUTS expression: its displacement |D| of the zone's vertices (and two rings around them)
         at weight 1, phi = |D| - tau with tau halfway between the medians of the two sides' vertices; a bridge
         is an edge of two zone vertices across phi = 0 whose ends move apart by more than (STRETCH_CUT - 1) x its
-        length. The mesh is slit there (mesh_cut.slit)."""
-        opened = 0
+        length. The mesh is slit there (mesh_cut.slit), then vertices by the slit whose root is not robust are
+        moved (_settle). Returns the arrays, the opened edges and the moved vertices."""
+        opened = settled = 0
         for expression, zone_regions, side_a, side_b in MOTION_CUTS:
             zone = self._zone(arrays, zone_regions)
             if not zone.any():
@@ -157,7 +167,7 @@ class SurfaceOpener:
             med_a, med_b = float(np.median(size[a_side])), float(np.median(size[b_side]))
             if abs(med_a - med_b) < MIN_SEPARATION:
                 continue
-            phi = np.where(near, size - 0.5 * (med_a + med_b), 1.0)
+            phi = np.where(near, size - _local_level(size, edges, near, 0.5 * (med_a + med_b)), 1.0)
 
             def is_bridge(e: np.ndarray, zone=zone, disp=disp) -> np.ndarray:
                 a, b = e[:, 0], e[:, 1]
@@ -169,7 +179,13 @@ class SurfaceOpener:
 
             arrays, count = mesh_cut.slit(arrays, phi, is_bridge, split_at=split_at)
             opened += count
-        return arrays, opened
+            if count:
+                def along(p: np.ndarray, expression: str = expression) -> np.ndarray:
+                    return motion(p, expression)
+
+                arrays, moved = _settle(arrays, self._zone(arrays, zone_regions), along)
+                settled += moved
+        return arrays, opened, settled
 
     def _open_eyelids(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """Slit each upper lid from its eyeball where an edge joins a vertex on the template's upper lid to one on
@@ -190,20 +206,111 @@ class SurfaceOpener:
         return arrays, opened
 
 
+def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """The motion at points (P,3) and whether it stays within tol (P,) when the points move by JITTER, in each of
+    JITTER_TRIES tries: near the lips' contact the backward warp has nearly singular roots, and which one the root
+    finder takes can change with its float rounding (the batch of points, the threads, the device)."""
+    flat = np.asarray(points, np.float32)
+    d = motion(flat)
+    rng = np.random.default_rng(0)
+    robust = np.ones(len(flat), bool)
+    for _ in range(JITTER_TRIES):
+        moved = motion(flat + rng.normal(0.0, JITTER, flat.shape).astype(np.float32))
+        robust &= np.linalg.norm(moved - d, axis=1) <= tol
+    return d, robust
+
+
+def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
+            ) -> tuple[dict[str, np.ndarray], int]:
+    """Move the zone's vertices on or next to the mesh boundary whose root is not robust (_robust) a step toward
+    their neighbours' mean (SETTLE_STEP of the way, up to SETTLE_TRIES times), away from the contact where the
+    root is ambiguous, and keep the first robust position (else the vertex stays). Their attributes are then
+    recomputed (mesh_cut.NEW). Returns the arrays and how many vertices moved."""
+    faces = np.asarray(arrays["faces"], np.int64)
+    edges, count = unique_edges(faces)
+    n = len(arrays["canonical"])
+    canon = arrays["canonical"].astype(np.float64)
+    on_boundary = np.zeros(n, bool)
+    on_boundary[edges[count == 1].ravel()] = True
+    near = on_boundary.copy()
+    near[edges[on_boundary[edges[:, 0]], 1]] = True
+    near[edges[on_boundary[edges[:, 1]], 0]] = True
+    cand = np.flatnonzero(near & zone)
+    if not len(cand):
+        return arrays, 0
+    degree = np.bincount(edges.ravel(), minlength=n).astype(np.float64)
+    total = np.zeros((n, 3))
+    reach = np.zeros(n)
+    for a, b in ((edges[:, 0], edges[:, 1]), (edges[:, 1], edges[:, 0])):
+        np.add.at(total, a, canon[b])
+        np.add.at(reach, a, np.linalg.norm(canon[a] - canon[b], axis=1))
+    mean = total / np.maximum(degree, 1)[:, None]
+    tol = ROBUST_TOL * reach / np.maximum(degree, 1)
+    _, ok = _robust(canon[cand], motion, tol[cand])
+    todo, pos = cand[~ok], canon.copy()
+    moved = np.zeros(n, bool)
+    for k in range(1, SETTLE_TRIES + 1):
+        if not len(todo):
+            break
+        trial = canon[todo] + min(1.0, k * SETTLE_STEP) * (mean[todo] - canon[todo])
+        _, ok = _robust(trial, motion, tol[todo])
+        pos[todo[ok]], moved[todo[ok]] = trial[ok], True
+        todo = todo[~ok]
+    if not moved.any():
+        return arrays, 0
+    out = dict(arrays)
+    for key in mesh_cut.POSITIONS:
+        if key in out:
+            out[key] = pos.astype(arrays[key].dtype)
+    if mesh_cut.NEW in out:  # moved: their attributes are no longer theirs
+        out[mesh_cut.NEW] = out[mesh_cut.NEW] | moved
+    return out, int(moved.sum())
+
+
+def _local_level(size: np.ndarray, edges: np.ndarray, near: np.ndarray, level: float) -> np.ndarray:
+    """The level that separates the two sides of a jump of `size`, per vertex: halfway between the largest and
+    smallest size within LEVEL_RINGS edge rings where they differ by more than MIN_SEPARATION (a jump nearby),
+    else `level` (the whole zone's). Near the mouth corners both lips move less or more than the mouth's middle
+    does, so one level for the whole zone does not cross the jump there and the slit would stop short."""
+    hi, lo = np.where(near, size, -np.inf), np.where(near, size, np.inf)
+    for _ in range(LEVEL_RINGS):
+        hi2, lo2 = hi.copy(), lo.copy()
+        for a, b in ((edges[:, 0], edges[:, 1]), (edges[:, 1], edges[:, 0])):
+            np.maximum.at(hi2, a, hi[b])
+            np.minimum.at(lo2, a, lo[b])
+        hi, lo = hi2, lo2
+    jump = near & (hi - lo > MIN_SEPARATION)
+    return np.where(jump, 0.5 * (np.where(jump, hi, 0.0) + np.where(jump, lo, 0.0)), level)
+
+
 def _motion_jump(a: np.ndarray, b: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Where the slit's two copies go on segments a -> b (K,3), as fractions (t_a, t_b) of the way: the motion at
-    JUMP_SAMPLES + 1 evenly spaced points, each point on the side of the end whose motion is nearer its own;
-    t_a is one sample short of the end of the run of a-side points from a, t_b one sample past the start of the
-    run of b-side points that ends at b. Right next to the jump the warp's roots are nearly singular, and the
-    side a root finder takes there is not reliable; the motion can also jump more than once along an edge."""
+    JUMP_SAMPLES + 1 evenly spaced points, each point on the side of the end whose motion is nearer its own.
+    A copy goes to the sample farthest from its own end that is still on its end's side, at least JUMP_MARGIN
+    samples short of the other side, and whose motion follows its end's within COPY_STRETCH (the edge from the end
+    to the copy stretches at most that much); none such: the copy is the end itself. Close to the jump the
+    warp's roots are nearly singular and which one the root finder takes depends on its float rounding (the
+    deform op poses other batches of points than this does); the motion can also jump more than once."""
     t = np.linspace(0.0, 1.0, JUMP_SAMPLES + 1)
     pts = a[:, None] + t[None, :, None] * (b - a)[:, None]
-    d = motion(pts.reshape(-1, 3).astype(np.float32)).reshape(len(a), len(t), 3)
+    tol = np.repeat(ROBUST_TOL * np.linalg.norm(b - a, axis=1), len(t))
+    d, robust = _robust(pts.reshape(-1, 3), motion, tol)
+    d, robust = d.reshape(len(a), len(t), 3), robust.reshape(len(a), len(t))
     near_a = np.linalg.norm(d - d[:, :1], axis=2) < np.linalg.norm(d - d[:, -1:], axis=2)
     run_a = np.argmin(near_a, axis=1) - 1  # last index of the run from a (near_a[:, 0] is always true)
     run_b = len(t) - np.argmax(near_a[:, ::-1], axis=1)  # first index of the run ending at b
-    return t[np.maximum(run_a - 1, 0)], t[np.minimum(run_b + 1, len(t) - 1)]
+    length = np.linalg.norm(b - a, axis=1)[:, None]
+    idx = np.arange(len(t))[None, :]
+    # a copy at sample i: the edge from its end (length s L) stretches by at most 1 + |d_i - d_end| / (s L)
+    follows_a = np.linalg.norm(d - d[:, :1], axis=2) <= (COPY_STRETCH - 1) * t[None, :] * length
+    follows_b = np.linalg.norm(d - d[:, -1:], axis=2) <= (COPY_STRETCH - 1) * (1 - t[None, :]) * length
+    ok_a = follows_a & robust & (idx <= (run_a - JUMP_MARGIN)[:, None])
+    ok_b = follows_b & robust & (idx >= (run_b + JUMP_MARGIN)[:, None])
+    i_a = np.where(ok_a, idx, 0).max(1)
+    i_b = np.where(ok_b, idx, len(t) - 1).min(1)
+    return t[i_a], t[i_b]
 
 
 def expression_motion(session, z_id: torch.Tensor) -> Motion:
