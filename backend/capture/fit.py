@@ -58,6 +58,9 @@ class FitSettings:
     exp_l1: float = 3e-4  # per unit of summed weights in a frame: a weight of 1 costs a ~2% eye-distance miss
     temporal: float = 0.01  # at 6 fps a +-30 degree turn's own second differences cost ~4e-5
     silhouette_weight: float = 0.002
+    # per-landmark offsets on the neutral head shared by all frames (MediaPipe's points do not sit exactly on
+    # the ICT vertices they are mapped to): prior weight on |offset / 1 cm|^2; 0: no offsets
+    landmark_bias: float = 0.0
     photometric: float = 0.0  # weight of the photometric term (videos; 0: off)
     photo_points: int = 64  # skin points of the photometric term
     seed: int = 0
@@ -113,7 +116,7 @@ class _Problem:
         self.box = _box(masks) if masks is not None and masks.any() else None  # silhouette rays' pixel box
 
     # ------------------------------------------------------------------ landmarks
-    def landmarks(self, z: Tensor, e: Tensor) -> Tensor:
+    def landmarks(self, z: Tensor, e: Tensor, bias: Tensor | None = None) -> Tensor:
         """Posed landmark points (T, L, 3), then the skin points (T, P, 3) where the photometric term is on, with
         implicit-differentiation gradients to z and e."""
         m = self.model
@@ -136,6 +139,8 @@ class _Problem:
         live = canon_res(self.x_can, zr, k)
         self.can_ok = live.detach()[0].norm(dim=-1) < 1e-3  # a point off the surface or the template: not used
         x_c = surface.attach(self.x_can, self.J_can, live)  # (1, N, 3)
+        if bias is not None:  # (1, L, 3): moves the landmarks, not the skin points
+            x_c = torch.cat([x_c[:, : self.L] + bias, x_c[:, self.L:]], 1)
 
         T = self.T
         zt_d, e_d = z.detach().expand(T, -1), e.detach()
@@ -295,16 +300,20 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
     # stage 2: identity, expressions, pose and focal through the network
     u = torch.zeros(1, p.id_mean.shape[0], device=dev, requires_grad=True)
     e = torch.zeros(T, model.cfg.n_expressions, device=dev, requires_grad=True)
-    opt = _Adam([(u, 0.05), (e, 0.02), (rvec, 0.005), (trans, 0.0005)] + ([(log_f, 0.005)] if fit_focal else []))
+    bias = torch.zeros(1, p.L, 3, device=dev, requires_grad=True) if settings.landmark_bias > 0 else None
+    opt = _Adam([(u, 0.05), (e, 0.02), (rvec, 0.005), (trans, 0.0005)] + ([(log_f, 0.005)] if fit_focal else [])
+                + ([(bias, 0.0005)] if bias is not None else []))
     iou = None
     for i in range(settings.steps):
         report(0.1 + 0.9 * i / settings.steps, f"fitting identity and expressions ({i}/{settings.steps})")
         opt.zero_grad()
         z = p.id_mean[None] + u @ p.id_chol.T
         rot = rotvec_to_matrix(rvec)
-        pts = p.landmarks(z, e)
+        pts = p.landmarks(z, e, bias)
         loss = p.landmark_loss(project(pts, rot, trans, log_f.exp(), width, height))
         loss = loss + settings.id_prior * u.square().mean() + settings.exp_l1 * e.abs().sum(-1).mean()
+        if bias is not None:
+            loss = loss + settings.landmark_bias * (bias / 0.01).square().sum(-1).mean()
         if video:
             loss = loss + settings.temporal * (_second_difference(rvec) + _second_difference(e)
                                                + _second_difference(trans / 0.05))
@@ -323,7 +332,7 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
     with torch.no_grad():
         z = p.id_mean[None] + u @ p.id_chol.T
         rot = rotvec_to_matrix(rvec)
-    pts = p.landmarks(z, e.detach()).detach()[:, : p.L]
+    pts = p.landmarks(z, e.detach(), bias).detach()[:, : p.L]
     with torch.no_grad():
         pix = project(pts, rot, trans, log_f.exp(), width, height)
         err = (pix - p.obs).norm(dim=-1).mean(1)
