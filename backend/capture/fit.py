@@ -51,18 +51,21 @@ class FitSettings:
     pose_steps: int = 300
     silhouette: bool = True
     rays_per_side: int = 16  # silhouette rays per frame: a jittered grid over the head's box
-    silhouette_frames: int = 4  # frames traced per trace (a random subset)
+    silhouette_frames: int = 8  # frames traced per trace (a random subset)
     trace_every: int = 4  # steps between traces; in between the same rays' closest approaches are re-evaluated
     focal_px: float | None = None  # known focal length; None: estimated (videos) or 1.2 x the longer side
     id_prior: float = 1e-2
     exp_l1: float = 3e-4  # per unit of summed weights in a frame: a weight of 1 costs a ~2% eye-distance miss
     temporal: float = 0.01  # at 6 fps a +-30 degree turn's own second differences cost ~4e-5
-    silhouette_weight: float = 0.002
+    silhouette_weight: float = 0.01  # 0.03 diverged on the known-answer clip (docs/capture.md)
     # per-landmark offsets on the neutral head shared by all frames (MediaPipe's points do not sit exactly on
     # the ICT vertices they are mapped to): prior weight on |offset / 1 cm|^2; 0: no offsets
     landmark_bias: float = 0.0
-    photometric: float = 0.0  # weight of the photometric term (videos; 0: off)
+    photometric: float = 0.05  # weight of the photometric term (videos; 0: off)
     photo_points: int = 64  # skin points of the photometric term
+    # the network stage's learning rates fall along a cosine to this fraction: Adam's steps stay near the rate
+    # however small the gradient, so without it the pose keeps stepping around the optimum to the end
+    anneal_to: float = 1.0
     seed: int = 0
 
 
@@ -243,8 +246,8 @@ def _box(masks: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
 class _Adam:
     """One CodeAdam (inversion.py: no torch.optim import, one second moment per code vector) per learning rate."""
 
-    def __init__(self, groups: list[tuple[Tensor, float]]):
-        self.opts = [CodeAdam([param], lr) for param, lr in groups]
+    def __init__(self, groups: list[tuple[Tensor, float]], anneal_steps: int = 0, anneal_to: float = 1.0):
+        self.opts = [CodeAdam([param], lr, cosine_steps=anneal_steps, lr_min=anneal_to * lr) for param, lr in groups]
 
     def zero_grad(self) -> None:
         for o in self.opts:
@@ -302,7 +305,7 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
     e = torch.zeros(T, model.cfg.n_expressions, device=dev, requires_grad=True)
     bias = torch.zeros(1, p.L, 3, device=dev, requires_grad=True) if settings.landmark_bias > 0 else None
     opt = _Adam([(u, 0.05), (e, 0.02), (rvec, 0.005), (trans, 0.0005)] + ([(log_f, 0.005)] if fit_focal else [])
-                + ([(bias, 0.0005)] if bias is not None else []))
+                + ([(bias, 0.0005)] if bias is not None else []), settings.steps, settings.anneal_to)
     iou = None
     for i in range(settings.steps):
         report(0.1 + 0.9 * i / settings.steps, f"fitting identity and expressions ({i}/{settings.steps})")
