@@ -34,7 +34,7 @@ def test_sample_reads_pixel_centres():
 
 def test_consistency_gradient_matches_finite_differences_and_pulls_together():
     frames = np.stack([_pattern(64, 64), _pattern(64, 64, shift=2.0)])
-    images = photometric.prepare(frames, torch.device("cpu")).double()
+    images = photometric.prepare(frames, torch.device("cpu"))
     base = torch.tensor([[[20.3, 30.2], [40.7, 22.9], [31.1, 45.4]]], dtype=torch.float64).repeat(2, 1, 1)
     w = torch.ones(2, 3, dtype=torch.float64)
 

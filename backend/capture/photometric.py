@@ -48,25 +48,40 @@ def skin_vertices(vertices: np.ndarray, region: np.ndarray, names: list[str], co
 
 
 def prepare(frames: np.ndarray, device: torch.device, sigma: float = BLUR_PX) -> Tensor:
-    """(T, H, W, 3) uint8 -> (T, 3, H, W) float in [0, 1], blurred by a separable Gaussian."""
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) uint8, each frame blurred by a separable Gaussian. Kept in 8 bits (a
+    video may hold 400 megapixels: as floats they would take 4.8 GB); frame by frame for the same reason."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
-    img = torch.as_tensor(frames, device=device).permute(0, 3, 1, 2).float() / 255.0
     r = max(1, int(3 * sigma + 0.5))
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32, device=device) / sigma) ** 2)
     k = (k / k.sum()).view(1, 1, 1, -1).expand(3, 1, 1, -1)
-    pad = torch.nn.functional.pad(img, (r, r, r, r), mode="replicate")
-    img = torch.nn.functional.conv2d(pad, k, groups=3)
-    return torch.nn.functional.conv2d(img, k.transpose(-1, -2), groups=3)
+    out = torch.empty(frames.shape[0], 3, *frames.shape[1:3], dtype=torch.uint8, device=device)
+    for t, frame in enumerate(frames):
+        img = torch.as_tensor(frame, device=device).permute(2, 0, 1)[None].float()
+        img = torch.nn.functional.conv2d(torch.nn.functional.pad(img, (r, r, r, r), mode="replicate"), k, groups=3)
+        img = torch.nn.functional.conv2d(img, k.transpose(-1, -2), groups=3)
+        out[t] = img[0].round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 def sample(images: Tensor, pixels: Tensor) -> Tensor:
-    """Bilinear colours (T, N, 3) at pixel positions (T, N, 2) (x right, y down, pixel edges at integers)."""
-    T, _, H, W = images.shape
-    grid = torch.stack([2 * pixels[..., 0] / W - 1, 2 * pixels[..., 1] / H - 1], -1)[:, :, None]
-    out = torch.nn.functional.grid_sample(images, grid.to(images.dtype), mode="bilinear",
-                                          padding_mode="border", align_corners=False)
-    return out[..., 0].transpose(1, 2)
+    """Bilinear colours (T, N, 3) in [0, 1] at pixel positions (T, N, 2) (x right, y down, pixel edges at
+    integers; outside the frame the border pixels), differentiable in the positions; images (T, 3, H, W)."""
+    T, C, H, W = images.shape
+    x = (pixels[..., 0] - 0.5).clamp(0, W - 1)
+    y = (pixels[..., 1] - 0.5).clamp(0, H - 1)
+    x0, y0 = x.detach().floor(), y.detach().floor()
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=W - 1), (y0 + 1).clamp(max=H - 1)
+    flat = images.view(T, C, H * W)
+
+    def at(yi: Tensor, xi: Tensor) -> Tensor:
+        return flat.gather(2, (yi * W + xi)[:, None].expand(T, C, -1)).to(pixels.dtype) / 255.0
+
+    top = at(y0, x0) * (1 - fx) + at(y0, x1) * fx
+    bottom = at(y1, x0) * (1 - fx) + at(y1, x1) * fx
+    return (top * (1 - fy) + bottom * fy).transpose(1, 2)
 
 
 def visibility(normals: Tensor, points: Tensor, rotation: Tensor, translation: Tensor) -> Tensor:
