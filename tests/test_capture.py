@@ -243,3 +243,13 @@ def test_landmark_offsets_move_only_the_landmarks():
     assert torch.allclose(moved.detach() - plain, bias.detach(), atol=1e-5)
     (g,) = torch.autograd.grad(moved[0, 5, 0], bias)
     assert float(g[0, 5, 0]) == pytest.approx(1.0, abs=1e-4) and float(g.abs().sum()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_singular_point_does_not_stop_the_others():
+    """surface._normal_solve: a point whose Jacobian is singular (or not finite) gets no step; the rest solve."""
+    J = torch.eye(3).repeat(3, 1, 1)
+    J[1] = 0.0
+    J[2, 0, 0] = float("nan")
+    r = torch.ones(3, 3)
+    out = surface._normal_solve(J, r, 0.0)
+    assert out[0].tolist() == pytest.approx([1.0, 1.0, 1.0]) and out[1:].abs().sum() == 0
