@@ -220,3 +220,36 @@ def test_op_refuses_bad_params(tmp_path):
     _write_png(tmp_path / "blank.png", blank)
     with pytest.raises(InvalidInput, match="no face found"):
         s.fit_capture({"path": str(tmp_path / "blank.png")}, {})
+
+
+def test_landmark_offsets_move_only_the_landmarks():
+    """fit.py's per-landmark offsets (FitSettings.landmark_bias) are added on the neutral head: with no
+    expression the posed landmark moves by exactly the offset, and the offset's gradient reaches it."""
+    from backend.capture.fit import FitSettings, _Problem
+    from backend.engine.session import Session
+
+    s = Session(device="cpu")
+    targets = s.atlas.vertices[correspondence.template_vertices()]
+    obs = np.zeros((1, len(targets), 2), np.float32)
+    obs[0, correspondence.USED.index(36), 0] = 40.0
+    prob = _Problem(s.model, s.extras, targets, obs, np.ones(1, bool), None, 200, 200, False, FitSettings())
+    z = s.extras["id_mean"][None].float()
+    e = torch.zeros(1, 53)
+    plain = prob.landmarks(z, e).detach()
+    bias = torch.zeros(1, len(targets), 3, requires_grad=True)
+    with torch.no_grad():
+        bias[0, 5] = torch.tensor([0.002, -0.001, 0.003])
+    moved = prob.landmarks(z, e, bias)
+    assert torch.allclose(moved.detach() - plain, bias.detach(), atol=1e-5)
+    (g,) = torch.autograd.grad(moved[0, 5, 0], bias)
+    assert float(g[0, 5, 0]) == pytest.approx(1.0, abs=1e-4) and float(g.abs().sum()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_singular_point_does_not_stop_the_others():
+    """surface._normal_solve: a point whose Jacobian is singular (or not finite) gets no step; the rest solve."""
+    J = torch.eye(3).repeat(3, 1, 1)
+    J[1] = 0.0
+    J[2, 0, 0] = float("nan")
+    r = torch.ones(3, 3)
+    out = surface._normal_solve(J, r, 0.0)
+    assert out[0].tolist() == pytest.approx([1.0, 1.0, 1.0]) and out[1:].abs().sum() == 0

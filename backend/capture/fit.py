@@ -12,6 +12,8 @@ landmarks (no network), then everything through the network:
 - silhouette: rays through a jittered pixel grid per frame are sphere-traced against the posed SDF; where
   the traced hit and the foreground mask disagree, the SDF at the ray's closest approach is pushed through a
   binary cross-entropy on sigmoid(-sdf / 1 mm) (IMavatar's mask loss);
+- photometric (videos): skin points spread over the face, found and carried to each frame as the landmarks
+  are, must show the same colour in consecutive frames (photometric.py);
 - temporal: squared second differences of pose and expressions (videos).
 All frames are batched; everything runs on the model's device."""
 
@@ -27,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..model.inversion import CodeAdam
-from . import surface
+from . import photometric, surface
 from .camera import pixel_rays, project, rotvec_to_matrix
 from .correspondence import WEIGHTS, USED
 
@@ -49,13 +51,21 @@ class FitSettings:
     pose_steps: int = 300
     silhouette: bool = True
     rays_per_side: int = 16  # silhouette rays per frame: a jittered grid over the head's box
-    silhouette_frames: int = 4  # frames traced per trace (a random subset)
+    silhouette_frames: int = 8  # frames traced per trace (a random subset)
     trace_every: int = 4  # steps between traces; in between the same rays' closest approaches are re-evaluated
     focal_px: float | None = None  # known focal length; None: estimated (videos) or 1.2 x the longer side
     id_prior: float = 1e-2
     exp_l1: float = 3e-4  # per unit of summed weights in a frame: a weight of 1 costs a ~2% eye-distance miss
     temporal: float = 0.01  # at 6 fps a +-30 degree turn's own second differences cost ~4e-5
-    silhouette_weight: float = 0.002
+    silhouette_weight: float = 0.01  # 0.03 diverged on the known-answer clip (docs/capture.md)
+    # per-landmark offsets on the neutral head shared by all frames (MediaPipe's points do not sit exactly on
+    # the ICT vertices they are mapped to): prior weight on |offset / 1 cm|^2; 0: no offsets
+    landmark_bias: float = 0.0
+    photometric: float = 0.05  # weight of the photometric term (videos; 0: off)
+    photo_points: int = 64  # skin points of the photometric term
+    # the network stage's learning rates fall along a cosine to this fraction: Adam's steps stay near the rate
+    # however small the gradient, so without it the pose keeps stepping around the optimum to the end
+    anneal_to: float = 1.0
     seed: int = 0
 
 
@@ -79,14 +89,20 @@ Report = Callable[[float, str], None]  # may raise errors.Cancelled
 
 class _Problem:
     def __init__(self, model, extras: dict, targets: np.ndarray, observed: np.ndarray, found: np.ndarray,
-                 masks: np.ndarray | None, width: int, height: int, video: bool, settings: FitSettings):
+                 masks: np.ndarray | None, width: int, height: int, video: bool, settings: FitSettings,
+                 images: np.ndarray | None = None, skin: np.ndarray | None = None):
         dev = next(model.parameters()).device
         self.model, self.dev, self.settings = model, dev, settings
         self.width, self.height, self.video = width, height, video
         self.T = len(observed)
         self.id_mean = extras["id_mean"].to(dev, torch.float32)
         self.id_chol = extras["id_chol"].to(dev, torch.float32)
-        self.targets = torch.as_tensor(targets, dtype=torch.float32, device=dev)  # (L,3) template points
+        self.L = len(targets)
+        # landmark template points (L,3), then the photometric term's skin points (P,3): solved together
+        self.photo = images is not None and skin is not None and len(skin) > 0 and len(observed) > 1
+        both = np.concatenate([targets, skin]) if self.photo and skin is not None else targets
+        self.targets = torch.as_tensor(both, dtype=torch.float32, device=dev)
+        self.images = photometric.prepare(images, dev) if self.photo and images is not None else None
         self.obs = torch.as_tensor(observed, dtype=torch.float32, device=dev)
         self.frame_w = torch.as_tensor(found, dtype=torch.float32, device=dev)
         self.lm_w = torch.as_tensor(WEIGHTS, device=dev)
@@ -94,6 +110,7 @@ class _Problem:
         self.scale = float(eyes[self.frame_w > 0].median())  # px: landmark residuals in eye distances
         self.masks = None if masks is None else torch.as_tensor(masks, device=dev)
         self.gen = torch.Generator(device="cpu").manual_seed(settings.seed)
+        self.can_ok: Tensor | None = None  # (N,) points whose canonical solve met the surface
         self.x_can: Tensor | None = None  # warm starts of the solves
         self.x_pose: Tensor | None = None
         self.J_can: Tensor | None = None
@@ -102,8 +119,9 @@ class _Problem:
         self.box = _box(masks) if masks is not None and masks.any() else None  # silhouette rays' pixel box
 
     # ------------------------------------------------------------------ landmarks
-    def landmarks(self, z: Tensor, e: Tensor) -> Tensor:
-        """Posed landmark points (T, L, 3) with implicit-differentiation gradients to z and e."""
+    def landmarks(self, z: Tensor, e: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Posed landmark points (T, L, 3), then the skin points (T, P, 3) where the photometric term is on, with
+        implicit-differentiation gradients to z and e."""
         m = self.model
         zr, k = m.decode(z)
         zr_d, k_d = zr.detach(), k.detach()
@@ -121,7 +139,11 @@ class _Problem:
             self.x_can, self.J_can = surface.gauss_newton(canon_res, self.x_can, iters=1)
         else:
             self.x_can = surface.chord(canon_res, self.x_can, self.J_can)
-        x_c = surface.attach(self.x_can, self.J_can, canon_res(self.x_can, zr, k))  # (1, L, 3)
+        live = canon_res(self.x_can, zr, k)
+        self.can_ok = live.detach()[0].norm(dim=-1) < 1e-3  # a point off the surface or the template: not used
+        x_c = surface.attach(self.x_can, self.J_can, live)  # (1, N, 3)
+        if bias is not None:  # (1, L, 3): moves the landmarks, not the skin points
+            x_c = torch.cat([x_c[:, : self.L] + bias, x_c[:, self.L:]], 1)
 
         T = self.T
         zt_d, e_d = z.detach().expand(T, -1), e.detach()
@@ -142,9 +164,23 @@ class _Problem:
                               pose_res(self.x_pose, e, z.expand(T, -1), x_c.expand(T, -1, -1)))
 
     def landmark_loss(self, pixels: Tensor) -> Tensor:
-        r2 = ((pixels - self.obs) / self.scale).square().sum(-1)  # (T, L)
+        r2 = ((pixels[:, : self.L] - self.obs) / self.scale).square().sum(-1)  # (T, L)
         w = self.frame_w[:, None] * self.lm_w[None]
         return (w * r2).sum() / w.sum()
+
+    # ------------------------------------------------------------------ photometric
+    def photometric_loss(self, points: Tensor, rot: Tensor, trans: Tensor, focal: Tensor) -> Tensor:
+        """Photo-consistency of the skin points (points[:, L:]) between consecutive frames (photometric.py)."""
+        assert self.images is not None and self.J_can is not None and self.can_ok is not None
+        skin = points[:, self.L:]
+        pix = project(skin, rot, trans, focal, self.width, self.height)
+        normals = self.J_can[:, self.L:, 3]  # d sdf / dx at the canonical point: the outward normal
+        w = photometric.visibility(normals, skin.detach(), rot.detach(), trans.detach())
+        with torch.no_grad():
+            inside = ((pix[..., 0] > 1) & (pix[..., 0] < self.width - 1) & (pix[..., 1] > 1)
+                      & (pix[..., 1] < self.height - 1))
+        w = w * inside * self.frame_w[:, None] * self.can_ok[None, self.L:]
+        return photometric.consistency_loss(photometric.sample(self.images, pix), w)
 
     # ------------------------------------------------------------------ silhouette
     def trace(self, z: Tensor, e: Tensor, rot: Tensor, trans: Tensor, focal: Tensor) -> float:
@@ -210,8 +246,8 @@ def _box(masks: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
 class _Adam:
     """One CodeAdam (inversion.py: no torch.optim import, one second moment per code vector) per learning rate."""
 
-    def __init__(self, groups: list[tuple[Tensor, float]]):
-        self.opts = [CodeAdam([param], lr) for param, lr in groups]
+    def __init__(self, groups: list[tuple[Tensor, float]], anneal_steps: int = 0, anneal_to: float = 1.0):
+        self.opts = [CodeAdam([param], lr, cosine_steps=anneal_steps, lr_min=anneal_to * lr) for param, lr in groups]
 
     def zero_grad(self) -> None:
         for o in self.opts:
@@ -228,10 +264,15 @@ def _second_difference(a: Tensor) -> Tensor:
 
 def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, found: np.ndarray,
                 masks: np.ndarray | None, width: int, height: int, video: bool, settings: FitSettings,
-                report: Report) -> CaptureFit:
-    """targets (L,3): the template points of the landmarks; observed (T,L,2) px; found (T,) bool."""
+                report: Report, images: np.ndarray | None = None, skin: np.ndarray | None = None) -> CaptureFit:
+    """targets (L,3): the template points of the landmarks; observed (T,L,2) px; found (T,) bool; images
+    (T,H,W,3) uint8 and skin (P,3) template points for the photometric term (used where its weight > 0)."""
     t0 = time.perf_counter()
-    p = _Problem(model, extras, targets, observed, found, masks, width, height, video, settings)
+    if settings.photometric <= 0:
+        images = skin = None
+    elif images is not None and images.shape[:3] != (len(observed), height, width):
+        raise ValueError(f"images {images.shape} do not match {len(observed)} frames of {width}x{height}")
+    p = _Problem(model, extras, targets, observed, found, masks, width, height, video, settings, images, skin)
     dev, T = p.dev, p.T
     use_sil = settings.silhouette and masks is not None and bool(masks.any())
     fit_focal = video and settings.focal_px is None
@@ -262,16 +303,20 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
     # stage 2: identity, expressions, pose and focal through the network
     u = torch.zeros(1, p.id_mean.shape[0], device=dev, requires_grad=True)
     e = torch.zeros(T, model.cfg.n_expressions, device=dev, requires_grad=True)
-    opt = _Adam([(u, 0.05), (e, 0.02), (rvec, 0.005), (trans, 0.0005)] + ([(log_f, 0.005)] if fit_focal else []))
+    bias = torch.zeros(1, p.L, 3, device=dev, requires_grad=True) if settings.landmark_bias > 0 else None
+    opt = _Adam([(u, 0.05), (e, 0.02), (rvec, 0.005), (trans, 0.0005)] + ([(log_f, 0.005)] if fit_focal else [])
+                + ([(bias, 0.0005)] if bias is not None else []), settings.steps, settings.anneal_to)
     iou = None
     for i in range(settings.steps):
         report(0.1 + 0.9 * i / settings.steps, f"fitting identity and expressions ({i}/{settings.steps})")
         opt.zero_grad()
         z = p.id_mean[None] + u @ p.id_chol.T
         rot = rotvec_to_matrix(rvec)
-        pts = p.landmarks(z, e)
+        pts = p.landmarks(z, e, bias)
         loss = p.landmark_loss(project(pts, rot, trans, log_f.exp(), width, height))
         loss = loss + settings.id_prior * u.square().mean() + settings.exp_l1 * e.abs().sum(-1).mean()
+        if bias is not None:
+            loss = loss + settings.landmark_bias * (bias / 0.01).square().sum(-1).mean()
         if video:
             loss = loss + settings.temporal * (_second_difference(rvec) + _second_difference(e)
                                                + _second_difference(trans / 0.05))
@@ -279,6 +324,8 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
             if i % settings.trace_every == 0:
                 iou = p.trace(z.detach(), e.detach(), rot.detach(), trans.detach(), log_f.detach().exp())
             loss = loss + settings.silhouette_weight * p.silhouette_loss(z, e, rot, trans, log_f.exp())
+        if p.photo:
+            loss = loss + settings.photometric * p.photometric_loss(pts, rot, trans, log_f.exp())
         loss.backward()
         opt.step()
         with torch.no_grad():
@@ -288,7 +335,7 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
     with torch.no_grad():
         z = p.id_mean[None] + u @ p.id_chol.T
         rot = rotvec_to_matrix(rvec)
-    pts = p.landmarks(z, e.detach()).detach()
+    pts = p.landmarks(z, e.detach(), bias).detach()[:, : p.L]
     with torch.no_grad():
         pix = project(pts, rot, trans, log_f.exp(), width, height)
         err = (pix - p.obs).norm(dim=-1).mean(1)
@@ -296,5 +343,5 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
     return CaptureFit(
         z_id=z[0].cpu().numpy().astype(np.float32), expressions=e.detach().cpu().numpy().astype(np.float32),
         rotation=rot.cpu().numpy().astype(np.float32), translation=trans.detach().cpu().numpy().astype(np.float32),
-        focal_px=float(log_f.exp()[0]), observed=observed.astype(np.float32), projected=pix.cpu().numpy(),
+        focal_px=float(log_f.detach().exp()[0]), observed=observed.astype(np.float32), projected=pix.cpu().numpy(),
         landmark_error_px=lm_err, silhouette_iou=iou, seconds=time.perf_counter() - t0, losses=losses)

@@ -31,7 +31,7 @@ def foreground_masks(frames: np.ndarray) -> np.ndarray | None:
 
 def run(session, params: dict, progress) -> tuple[dict, dict]:
     from ..engine.session import check_cancel
-    from . import landmarks, media
+    from . import landmarks, media, photometric
     from .fit import FitSettings, fit_capture
 
     request = FitCaptureRequest.from_dict(params)
@@ -65,9 +65,12 @@ def run(session, params: dict, progress) -> tuple[dict, dict]:
         check_cancel(progress)
         progress.report(0.15 + 0.6 * fraction, message)
 
-    targets = session.atlas.vertices[template_vertices()]
+    atlas = session.atlas
+    targets = atlas.vertices[template_vertices()]
+    skin = atlas.vertices[photometric.skin_vertices(atlas.vertices, atlas.region, atlas.names,
+                                                    settings.photo_points, request.seed)]
     fit = fit_capture(session.model, session.extras, targets, observed, found, masks, W, H, footage.is_video,
-                      settings, report)
+                      settings, report, images=footage.frames, skin=skin)
     check_cancel(progress)
     head = HeadSpec(identity=fit.z_id)
 

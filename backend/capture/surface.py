@@ -30,10 +30,21 @@ def residual_and_jacobian(residual: Residual, x: Tensor) -> tuple[Tensor, Tensor
 
 
 def _normal_solve(J: Tensor, r: Tensor, damping: float) -> Tensor:
-    """(J^T J + damping I)^-1 J^T r, pointwise: (..., 3)."""
+    """(J^T J + damping I)^-1 J^T r, pointwise: (..., 3). A point whose system is singular or not finite (a
+    surface point the solve lost, e.g. where the warp folds) gets 0: it stays where it is, with no gradient,
+    instead of failing every other point's solve."""
     jt = J.transpose(-1, -2)
     jtj = jt @ J + damping * torch.eye(3, dtype=J.dtype, device=J.device)
-    return torch.linalg.solve(jtj, (jt @ r[..., None]))[..., 0]
+    rhs = jt @ r[..., None]
+    eye = torch.eye(3, dtype=J.dtype, device=J.device)
+    with torch.no_grad():  # which systems are usable; the others become I x = 0, also for the backward pass
+        ok = torch.isfinite(jtj).flatten(-2).all(-1) & torch.isfinite(rhs).flatten(-2).all(-1)
+        x, info = torch.linalg.solve_ex(torch.where(ok[..., None, None], jtj, eye), torch.where(
+            ok[..., None, None], rhs, torch.zeros_like(rhs)))
+        ok = ok & (info == 0) & torch.isfinite(x).flatten(-2).all(-1)
+    jtj = torch.where(ok[..., None, None], jtj, eye)
+    rhs = torch.where(ok[..., None, None], rhs, torch.zeros_like(rhs))
+    return torch.linalg.solve(jtj, rhs)[..., 0]
 
 
 def gauss_newton(residual: Residual, x0: Tensor, iters: int, damping: float = 1e-9,
