@@ -134,6 +134,8 @@ def test_threaded_evaluation_gives_the_values_and_counts_of_one_call(head):
         out = _evaluate(many, x, chunk=300)  # 14 chunks on two threads
     finally:
         torch.set_num_threads(threads)
-    assert (out - ref).abs().max() < 1e-8
+    # Rounding: the row blocking (and the CPU's kernels) may move a value by its last bit; two float32 ulps of
+    # the largest value allow that and nothing more.
+    assert (out - ref).abs().max() <= 2 * torch.finfo(torch.float32).eps * ref.abs().max()
     assert (many.regions_evaluated, many.exact_points, many.max_dropped) == (
         one.regions_evaluated, one.exact_points, one.max_dropped)
