@@ -34,9 +34,9 @@ def _normal_solve(J: Tensor, r: Tensor, damping: float) -> Tensor:
     surface point the solve lost, e.g. where the warp folds) gets 0: it stays where it is, with no gradient,
     instead of failing every other point's solve."""
     jt = J.transpose(-1, -2)
-    jtj = jt @ J + damping * torch.eye(3, dtype=J.dtype, device=J.device)
-    rhs = jt @ r[..., None]
     eye = torch.eye(3, dtype=J.dtype, device=J.device)
+    jtj = jt @ J + damping * eye
+    rhs = jt @ r[..., None]
     with torch.no_grad():  # which systems are usable; the others become I x = 0, also for the backward pass
         ok = torch.isfinite(jtj).flatten(-2).all(-1) & torch.isfinite(rhs).flatten(-2).all(-1)
         x, info = torch.linalg.solve_ex(torch.where(ok[..., None, None], jtj, eye), torch.where(

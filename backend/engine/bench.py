@@ -375,8 +375,6 @@ def bench_complete_head(device: str, size: int, log, weights: Path | None = None
     (scripts/bench_head.py with the bpy module); a row saying why when that cannot run here."""
     import importlib.util
     import json
-    import subprocess
-    import sys
 
     task = "complete head in Blender (skin, eyes, teeth, materials)"
     script = Path(__file__).resolve().parents[2] / "scripts" / "bench_head.py"
