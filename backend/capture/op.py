@@ -30,13 +30,40 @@ def foreground_masks(frames: np.ndarray) -> np.ndarray | None:
 
 
 def run(session, params: dict, progress) -> tuple[dict, dict]:
-    from ..engine.session import check_cancel
-    from . import landmarks, media, photometric
-    from .fit import FitSettings, fit_capture
+    from . import media
 
     request = FitCaptureRequest.from_dict(params)
-    path, resolution = request.path, request.resolution
-    assert resolution is not None and request.seed is not None and request.max_frames is not None  # defaults
+    assert request.max_frames is not None  # defaulted
+    progress.report(0.0, f"reading {Path(request.path).name}")
+    footage = media.load_footage(request.path, max_frames=request.max_frames)
+    points, found = track(footage, progress)
+    return fit_tracked(session, request, footage, points, found, progress)
+
+
+def track(footage, progress) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame 2D landmarks (T, 468, 2) and whether a face was found (T,), gaps filled."""
+    from ..engine.session import check_cancel
+    from . import landmarks
+
+    T = len(footage.frames)
+
+    def check(t: int) -> None:
+        check_cancel(progress)
+        progress.report(0.05 + 0.1 * t / T, f"finding the face (frame {t + 1}/{T})")
+
+    points, found = landmarks.detect(footage.frames, footage.is_video, check)
+    return landmarks.fill_gaps(points, found), found
+
+
+def fit_tracked(session, request: FitCaptureRequest, footage, points: np.ndarray, found: np.ndarray,
+                progress) -> tuple[dict, dict]:
+    """Everything after tracking: smoothing, the fit on the session's device and the fitted head's mesh."""
+    from ..engine.session import check_cancel
+    from . import landmarks, photometric
+    from .fit import FitSettings, fit_capture
+
+    resolution = request.resolution
+    assert resolution is not None and request.seed is not None  # defaults
     settings = FitSettings(seed=request.seed)
     if request.steps is not None:
         settings.steps = request.steps
@@ -44,18 +71,7 @@ def run(session, params: dict, progress) -> tuple[dict, dict]:
         settings.silhouette = request.silhouette
     if request.focal_px is not None:  # known from the clip's camera; else estimated (fit.py)
         settings.focal_px = request.focal_px
-    max_frames = request.max_frames
-
-    progress.report(0.0, f"reading {Path(path).name}")
-    footage = media.load_footage(path, max_frames=max_frames)
     T, H, W, _ = footage.frames.shape
-
-    def check(t: int) -> None:
-        check_cancel(progress)
-        progress.report(0.05 + 0.1 * t / T, f"finding the face (frame {t + 1}/{T})")
-
-    points, found = landmarks.detect(footage.frames, footage.is_video, check)
-    points = landmarks.fill_gaps(points, found)
     if footage.fps >= landmarks.SMOOTH_MIN_FPS:
         points = landmarks.smooth(points)
     observed = landmarks.fit_landmarks(points)

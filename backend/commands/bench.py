@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fit", action="store_true", help="skip the fit rows")
     parser.add_argument("--bake-frames", type=int, default=250,
                         help="frames of the 128^3 bake row (the add-on's chunked Bake; 0 skips it)")
+    parser.add_argument("--capture-tracks", type=Path, default=None, metavar="FILE.npz",
+                        help="tracked clips for the photo/video rows where mediapipe or PyAV is not installed "
+                             "(`python -m backend.capture.bench --save-tracks FILE.npz` writes them)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start rows")
     parser.add_argument("--no-head", action="store_true",
                         help="skip the complete-head row (real Blender: the bpy module and scripts/bench_head.py)")
@@ -54,6 +57,8 @@ def check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 0:
             raise InvalidInput(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if args.capture_tracks is not None and not args.capture_tracks.is_file():
+        raise InvalidInput(f"--capture-tracks: no such file {args.capture_tracks}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         trained = session.loaded.trained
         cfg = BenchConfig(sizes=cpu_sizes if dev == "cpu" else sizes, fit=not args.no_fit,
                           frames=args.cpu_frames if dev == "cpu" else args.frames, bake_frames=args.bake_frames,
+                          capture_tracks=args.capture_tracks,
                           dense_max_points=args.dense_max_points or (3_000_000 if dev == "cuda" else 300_000))
         rows += bench_device(session, cfg, log)
         log(f"rows so far (a run cut short keeps them):\n{table(rows)}")

@@ -117,6 +117,7 @@ class BenchConfig:
     repeats: int = 7
     seed: int = 0
     bake_frames: int = 250  # the add-on's Bake of a 128^3 head (bench_bake.py); 0 skips it
+    capture_tracks: Path | None = None  # tracked clips for the photo/video rows (capture/bench.py)
 
 
 def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
@@ -124,6 +125,14 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
 
     dev = session.device
     rows: list[Row] = []
+    logged = 0
+
+    def stage(message: str) -> None:  # logs the rows measured so far first: a run cut short keeps them
+        nonlocal logged
+        for row in rows[logged:]:
+            log("row: " + " | ".join(row.cells()))
+        logged = len(rows)
+        log(message)
     head = HeadSpec(session.sample_identity(cfg.seed))
     z_id, zr, k = session.decode(head)
 
@@ -131,7 +140,7 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
         return session.model.sdf(x[None], zr, k)[0].float()  # all 39 regions at every point
 
     for size in cfg.sizes:
-        log(f"extraction {size} on {dev}")
+        stage(f"extraction {size} on {dev}")
         _reset_peak(dev)
         reps = cfg.repeats if dev.type == "cuda" else 1
         # timed as generate runs it; the evaluated points for the sign check come from one more, untimed run
@@ -175,22 +184,23 @@ def bench_device(session, cfg: BenchConfig, log) -> list[Row]:
                                 detail=f"{len(mesh2.vertices)} verts, "
                                        f"max|dv| vs the row above {dv / stats.voxel:.3f} vox"))
 
-    log(f"generate on {dev}")
+    stage(f"generate on {dev}")
     rows.append(_bench_generate(session, head, cfg, dev))
-    log(f"deform on {dev}")
+    stage(f"deform on {dev}")
     rows.append(_bench_deform(session, head, cfg, dev))
     if cfg.fit:
-        log(f"fit on {dev}")
+        stage(f"fit on {dev}")
         rows.append(_bench_fit(session, cfg, dev))
         from ..capture.bench import bench_capture  # mediapipe and PyAV load only here
 
-        log(f"photo/video fit on {dev}")
-        rows += bench_capture(session, dev)
+        stage(f"photo/video fit on {dev}")
+        rows += bench_capture(session, dev, cfg.capture_tracks)
     if cfg.bake_frames:
         from .bench_bake import bench_bake
 
-        log(f"bake of {cfg.bake_frames} frames on {dev}")
+        stage(f"bake of {cfg.bake_frames} frames on {dev}")
         rows.append(bench_bake(session, cfg.bake_frames, seed=cfg.seed))
+    stage(f"done on {dev}")
     return rows
 
 
