@@ -4,7 +4,8 @@
 # tree at every call, so the background run keeps its checkpoint in /tmp/imhead and each call copies it to $OUT.
 #   bash docs/dev/device_session.sh start MINUTES SCHEDULE_MINUTES  # resume training_state/run in the background
 #   bash docs/dev/device_session.sh wait SECONDS                     # until the run ends or SECONDS pass
-#   bash docs/dev/device_session.sh eval IDENTITIES                  # export the checkpoint, eval it and the shipped weights
+#   bash docs/dev/device_session.sh eval IDENTITIES [WHICH]          # export the checkpoint, eval it (WHICH=new)
+#                                                                    # or it and the shipped weights (both, default)
 set -u
 WORK=/tmp/imhead
 export PYTHONPATH=$PWD
@@ -36,7 +37,8 @@ eval)
     cp weights/*.safetensors weights/*.sha256 weights/MODEL_CARD.md "$WORK/new/"
     python -m backend.train.export --ckpt "$WORK/run" --out "$WORK/new/imhead.safetensors"
     cp "$WORK/new/imhead.safetensors" "$WORK/new/imhead.safetensors.sha256" "$OUT/weights/"
-    for w in new old; do
+    which="new old"; [ "${3:-both}" = new ] && which=new
+    for w in $which; do
         dir="$WORK/new"; [ "$w" = old ] && dir=weights
         python -m backend eval --ict .data/ict.safetensors --weights "$dir" --identities "$2" --expressions 1 \
             --steps 300 --resolution 256 --batch-points 2048 --samples 200000 --locality-regions 3 \
