@@ -212,12 +212,13 @@ def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol:
     JITTER_TRIES tries: near the lips' contact the backward warp has nearly singular roots, and which one the root
     finder takes can change with its float rounding (the batch of points, the threads, the device)."""
     flat = np.asarray(points, np.float32)
-    d = motion(flat)
     rng = np.random.default_rng(0)
+    tries = [flat] + [flat + rng.normal(0.0, JITTER, flat.shape).astype(np.float32) for _ in range(JITTER_TRIES)]
+    # One root-finding call for all tries: on a GPU its cost is the iteration count, not the points.
+    d, *moved = np.split(motion(np.concatenate(tries)), len(tries))
     robust = np.ones(len(flat), bool)
-    for _ in range(JITTER_TRIES):
-        moved = motion(flat + rng.normal(0.0, JITTER, flat.shape).astype(np.float32))
-        robust &= np.linalg.norm(moved - d, axis=1) <= tol
+    for m in moved:
+        robust &= np.linalg.norm(m - d, axis=1) <= tol
     return d, robust
 
 
@@ -247,16 +248,17 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
         np.add.at(reach, a, np.linalg.norm(canon[a] - canon[b], axis=1))
     mean = total / np.maximum(degree, 1)[:, None]
     tol = ROBUST_TOL * reach / np.maximum(degree, 1)
-    _, ok = _robust(canon[cand], motion, tol[cand])
-    todo, pos = cand[~ok], canon.copy()
+    # The vertex itself (step 0) and every trial position tested in one _robust call.
+    steps = np.minimum(1.0, np.arange(SETTLE_TRIES + 1) * SETTLE_STEP)
+    trials = canon[cand][None] + steps[:, None, None] * (mean[cand] - canon[cand])[None]
+    _, ok = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand], len(steps)))
+    ok = ok.reshape(len(steps), len(cand))
+    first = np.argmax(ok, axis=0)  # the first robust position; 0: the vertex is robust where it is
+    fix = (first > 0) & ok[first, np.arange(len(cand))]
+    pos = canon.copy()
+    pos[cand[fix]] = trials[first[fix], np.flatnonzero(fix)]
     moved = np.zeros(n, bool)
-    for k in range(1, SETTLE_TRIES + 1):
-        if not len(todo):
-            break
-        trial = canon[todo] + min(1.0, k * SETTLE_STEP) * (mean[todo] - canon[todo])
-        _, ok = _robust(trial, motion, tol[todo])
-        pos[todo[ok]], moved[todo[ok]] = trial[ok], True
-        todo = todo[~ok]
+    moved[cand[fix]] = True
     if not moved.any():
         return arrays, 0
     out = dict(arrays)
