@@ -121,6 +121,28 @@ def test_correspondence_indices():
     assert v[correspondence.ICT_MULTIPIE68[30]][2] > max(eye_r[2], eye_l[2]) + 0.02
 
 
+def test_calibrated_targets_cover_every_landmark_and_stay_near_their_vertices():
+    """landmark_offsets.json (tools/calibrate_landmarks.py) has one small offset per used landmark."""
+    from backend.data.atlas import load_atlas
+
+    template = load_atlas().vertices
+    targets = correspondence.template_targets(template)
+    shift = np.linalg.norm(targets - template[correspondence.template_vertices()], axis=1)
+    assert targets.shape == (len(correspondence.USED), 3)
+    # MediaPipe's points lie on the same features as the ICT vertices: millimetres off, not centimetres
+    assert shift.max() < 0.015 and shift.mean() > 1e-4
+
+
+def test_foreground_masks_fill_shadow_holes():
+    from backend.capture.op import foreground_masks
+
+    frame = np.full((64, 64, 3), 60, np.uint8)
+    frame[16:48, 16:48] = 200  # the head
+    frame[30:34, 30:34] = 62  # a nostril's shadow as dark as the background
+    masks = foreground_masks(frame[None])
+    assert masks is not None and masks[0, 16:48, 16:48].all() and not masks[0, :16].any()
+
+
 # ------------------------------------------------------------------ implicit differentiation
 def test_attached_gradient_matches_finite_differences():
     """The surface point of a sphere of radius rho nearest a target direction: x* = rho * a / |a|. The

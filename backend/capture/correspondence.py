@@ -1,9 +1,14 @@
 """Which model points the 2D landmarks are: MediaPipe face-mesh indices -> the 68-point Multi-PIE markup ->
 ICT-FaceKit template vertices (the ICT-FaceKit README's "Multi-PIE 68 point facial landmarks indices"; the
 atlas keeps ICT's vertex numbering). The 17 jawline points are left out: on a photo they lie on the face's
-outline, which slides over the skin as the head turns, not on fixed skin points. The chin (8) is kept."""
+outline, which slides over the skin as the head turns, not on fixed skin points. The chin (8) is kept.
+MediaPipe's points do not sit exactly on those vertices: landmark_offsets.json (tools/calibrate_landmarks.py,
+from rendered generated heads with known answers) moves each target to where MediaPipe puts it."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -33,3 +38,14 @@ def template_vertices() -> np.ndarray:
 def mediapipe_indices() -> np.ndarray:
     """(52,) MediaPipe face-mesh indices of the landmarks used by the fit, in USED order."""
     return np.array([MEDIAPIPE_MULTIPIE68[i] for i in USED], np.int64)
+
+
+OFFSETS = Path(__file__).with_name("landmark_offsets.json")
+
+
+def template_targets(template: np.ndarray, offsets: Path = OFFSETS) -> np.ndarray:
+    """(52, 3) template points of the landmarks used by the fit: their ICT vertices in `template` (the
+    atlas's vertices) moved by the calibrated offsets."""
+    table = json.loads(offsets.read_text())["offsets"]
+    shift = np.array([table[str(i)] for i in USED], np.float32)
+    return template[template_vertices()].astype(np.float32) + shift

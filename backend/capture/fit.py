@@ -38,6 +38,9 @@ FIT_TOPK = None  # all 39 local networks inside the fit: for the few hundred poi
 TRACE_TOPK = 8  # while marching rays (no graph; the hit is re-evaluated with FIT_TOPK)
 HEAD_CENTRE = (0.0, 0.0, 0.02)  # model frame; the bounding sphere of the traced region
 HEAD_RADIUS = 0.2
+# model-frame height (m; the chin is at -0.076) below which rays are left out of the silhouette: where the
+# model's neck is cut and a body's shoulders or clothes begin, the outline is not the model's surface
+NECK_Y = -0.12
 SIL_SOFTNESS = 1e-3  # m: sigmoid(-sdf / softness) is the predicted coverage of a ray
 EYE_OUTER = (USED.index(36), USED.index(45))
 # steps between fresh Jacobians of the landmark solves (chord steps in between). On the known-answer clip
@@ -209,8 +212,10 @@ class _Problem:
                 lambda x: self._posed_sdf(x, TRACE_TOPK, z.expand(F, -1), e[pick], zr.expand(F, -1, -1),
                                           k.expand(F, -1, -1)), origin, direction, near, far)
             hit = hit & meets
-            iou = float((hit & inside).sum() / (hit | inside).sum().clamp_min(1))
-        wrong = (hit != inside) & meets
+            on_head = (origin + s_best[..., None] * direction)[..., 1] > NECK_Y
+            inside_h, hit_h = inside & on_head, hit & on_head
+            iou = float((hit_h & inside_h).sum() / (hit_h | inside_h).sum().clamp_min(1))
+        wrong = (hit != inside) & meets & on_head
         self.rays = (pick, px, s_best, inside.float(), wrong)
         return iou
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..engine.head import HeadSpec
 from ..payloads import FitCaptureRequest
-from .correspondence import template_vertices
+from .correspondence import template_targets
 
 BACKGROUND_SPREAD = 12.0  # RGB levels: a border mostly this uniform (median) counts as a plain background
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background colour that counts as foreground
@@ -18,14 +18,17 @@ FOREGROUND_DISTANCE = 40.0  # RGB distance from the background colour that count
 def foreground_masks(frames: np.ndarray) -> np.ndarray | None:
     """(T,H,W) bool where a frame differs from its plain background, or None when the border of any frame is
     not mostly one plain colour (a real room: the silhouette term is then left out). Mostly: a bust's
-    shoulders may cross the bottom edge."""
+    shoulders may cross the bottom edge. Holes are filled: shadows in the nostrils, the mouth or under the
+    chin can be as dark as the background, and a silhouette has no holes (the model's surface covers them)."""
+    from scipy.ndimage import binary_fill_holes
+
     masks = []
     for f in frames.astype(np.float32):
         border = np.concatenate([f[0], f[-1], f[:, 0], f[:, -1]])
         colour = np.median(border, 0)
         if np.median(np.linalg.norm(border - colour, axis=1)) > BACKGROUND_SPREAD:
             return None
-        masks.append(np.linalg.norm(f - colour, axis=-1) > FOREGROUND_DISTANCE)
+        masks.append(binary_fill_holes(np.linalg.norm(f - colour, axis=-1) > FOREGROUND_DISTANCE))
     return np.stack(masks)
 
 
@@ -82,7 +85,7 @@ def fit_tracked(session, request: FitCaptureRequest, footage, points: np.ndarray
         progress.report(0.15 + 0.6 * fraction, message)
 
     atlas = session.atlas
-    targets = atlas.vertices[template_vertices()]
+    targets = template_targets(atlas.vertices)
     skin = atlas.vertices[photometric.skin_vertices(atlas.vertices, atlas.region, atlas.names,
                                                     settings.photo_points, request.seed)]
     fit = fit_capture(session.model, session.extras, targets, observed, found, masks, W, H, footage.is_video,
