@@ -32,6 +32,7 @@ from .mc import CORNERS, EDGES, _tables
 
 MAX_RADIUS = 3  # voxels: passages and bridges up to about 2 r + 1 voxels across
 MAX_PLUG_MM2 = 500.0  # a plug's points x voxel^2: larger plugs are not flipped (not a thin passage or bridge)
+PLUG_SEEDS = 4  # plugs grown from this many of a cluster's narrowest points (the smallest kept)
 MIN_VALUE = 1e-7  # m: a flipped value's smallest magnitude (a 0 would count as outside on both sides)
 _CUBE = np.ones((3, 3, 3), bool)
 _CROSS = ndimage.generate_binary_structure(3, 1)
@@ -136,18 +137,47 @@ def _flip_chi(inside: np.ndarray, point: tuple[int, int, int]) -> float:
 
 def _plug(inside: np.ndarray, points: np.ndarray, priority: np.ndarray, target: float, limit: int
           ) -> list[tuple[int, int, int]] | None:
-    """Flip `points` in `inside` in order of priority until the Euler characteristic has risen by target;
-    None (and nothing flipped) if that takes more than `limit` points or never happens."""
-    rise, done = 0.0, []
-    for i in np.argsort(priority, kind="stable")[:limit]:
-        p = (int(points[i, 0]), int(points[i, 1]), int(points[i, 2]))
-        rise += _flip_chi(inside, p)
-        inside[p] ^= True
-        done.append(p)
-        if rise >= target:
-            return done
-    _toggle(inside, done)
-    return None
+    """The smallest set of `points` (a cluster) whose flip raises the Euler characteristic by `target`, grown
+    breadth-first through the cluster from each of its PLUG_SEEDS points of least priority (|SDF|: the
+    narrowest part); flipped in `inside`. None (nothing flipped) if no seed does it within `limit` points."""
+    best: list[tuple[int, int, int]] | None = None
+    for seed in np.argsort(priority, kind="stable")[:PLUG_SEEDS]:
+        order = _grow_order(points, priority, int(seed))
+        rise, done = 0.0, []
+        for i in order[: limit if best is None else len(best) - 1]:
+            p = (int(points[i, 0]), int(points[i, 1]), int(points[i, 2]))
+            rise += _flip_chi(inside, p)
+            inside[p] ^= True
+            done.append(p)
+            if rise >= target:
+                best = list(done)
+                break
+        _toggle(inside, done)
+    if best is not None:
+        _toggle(inside, best)
+    return best
+
+
+def _grow_order(points: np.ndarray, priority: np.ndarray, seed: int) -> np.ndarray:
+    """Indices of a cluster's points (P,3) in breadth-first order (26-neighbours) from `seed`, each layer in
+    order of priority."""
+    lo = points.min(0)
+    local = points - lo
+    mask = np.zeros(tuple(local.max(0) + 1), bool)
+    mask[tuple(local.T)] = True
+    layer = np.full(mask.shape, -1, np.int64)
+    front = np.zeros_like(mask)
+    front[tuple(local[seed])] = True
+    reached = front.copy()
+    step = 0
+    while front.any():
+        layer[front] = step
+        grown = ndimage.binary_dilation(front, _CUBE) & mask & ~reached
+        reached |= grown
+        front, step = grown, step + 1
+    depth = layer[tuple(local.T)]
+    keep = np.flatnonzero(depth >= 0)
+    return keep[np.lexsort((priority[keep], depth[keep]))]
 
 
 def _toggle(inside: np.ndarray, points: list[tuple[int, int, int]]) -> None:
