@@ -142,7 +142,7 @@ def _plug(inside: np.ndarray, points: np.ndarray, priority: np.ndarray, target: 
     narrowest part); flipped in `inside`. None (nothing flipped) if no seed does it within `limit` points."""
     best: list[tuple[int, int, int]] | None = None
     for seed in np.argsort(priority, kind="stable")[:PLUG_SEEDS]:
-        order = _grow_order(points, priority, int(seed))
+        order = _grow_order(points, priority, int(seed), limit)
         rise, done = 0.0, []
         for i in order[: limit if best is None else len(best) - 1]:
             p = (int(points[i, 0]), int(points[i, 1]), int(points[i, 2]))
@@ -158,9 +158,9 @@ def _plug(inside: np.ndarray, points: np.ndarray, priority: np.ndarray, target: 
     return best
 
 
-def _grow_order(points: np.ndarray, priority: np.ndarray, seed: int) -> np.ndarray:
+def _grow_order(points: np.ndarray, priority: np.ndarray, seed: int, limit: int) -> np.ndarray:
     """Indices of a cluster's points (P,3) in breadth-first order (26-neighbours) from `seed`, each layer in
-    order of priority."""
+    order of priority; the layers up to the one that reaches `limit` points."""
     lo = points.min(0)
     local = points - lo
     mask = np.zeros(tuple(local.max(0) + 1), bool)
@@ -169,12 +169,14 @@ def _grow_order(points: np.ndarray, priority: np.ndarray, seed: int) -> np.ndarr
     front = np.zeros_like(mask)
     front[tuple(local[seed])] = True
     reached = front.copy()
-    step = 0
+    step, count = 0, 1  # count: points with a layer, the front's included
     while front.any():
         layer[front] = step
+        if count >= limit:
+            break
         grown = ndimage.binary_dilation(front, _CUBE) & mask & ~reached
         reached |= grown
-        front, step = grown, step + 1
+        front, step, count = grown, step + 1, count + int(grown.sum())
     depth = layer[tuple(local.T)]
     keep = np.flatnonzero(depth >= 0)
     return keep[np.lexsort((priority[keep], depth[keep]))]
