@@ -3,9 +3,13 @@ holes and handles wider than the repair's reach stay, pockets are not sealed, an
 are the unrepaired extraction's."""
 
 import numpy as np
+import pytest
+import reference_handle_repair as reference
 import torch
+from scipy import ndimage
 
 from backend.engine import handle_repair
+from backend.engine import lattice_sparse as ls
 from backend.engine import surface_metrics as sm
 from backend.engine.extract import extract_mesh
 from backend.engine.extract_grid import make_grid
@@ -96,7 +100,7 @@ def test_the_chi_table_gives_marching_cubes_euler_characteristic():
         f = faces.numpy()
         edges, _ = sm.unique_edges(f)
         chi = len(np.unique(f)) - len(edges) + len(f)
-        table = handle_repair._chi_table()[handle_repair._cases(field < 0)].sum()
+        table = handle_repair._chi_table()[reference._cases(field < 0)].sum()
         assert table == chi
 
 
@@ -105,8 +109,102 @@ def test_dense_signs_follow_the_sparse_band():
     grid = make_grid(RES)
     idx = np.argwhere(np.ones(grid.points_shape, bool))
     field = fn(grid.to_world(torch.from_numpy(idx))).numpy().reshape(grid.points_shape)
-    case = handle_repair._cases(field < 0)
+    case = reference._cases(field < 0)
     cells = np.argwhere((case > 0) & (case < 255))
     values = field[tuple((cells[:, None, :] + CORNERS[None]).reshape(-1, 3).T)].reshape(-1, 8)
     inside, _ = handle_repair.dense_signs(cells, values, grid.points_shape)
     assert np.array_equal(inside, field < 0)
+
+
+# ---------------------------------------------------------------- the fast version against the reference
+def _cells_of(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every sign-changing cell of a dense field and its corner values (what the sparse extraction returns)."""
+    case = reference._cases(field < 0)
+    cells = np.argwhere((case > 0) & (case < 255))
+    return cells, field[tuple((cells[:, None, :] + CORNERS[None]).reshape(-1, 3).T)].reshape(-1, 8)
+
+
+def _gyroid(n: int, seed: int, level: float) -> np.ndarray:
+    """A gyroid sheet (many handles, thin necks and bridges where |level| nears 1.4) cut to a ball, with a
+    random tilt; the lattice's far corners hold no surface (lines along axis 0 without a corner)."""
+    rng = np.random.default_rng(seed)
+    x = (np.indices((n, n, n)).reshape(3, -1).T - n / 2) / n
+    x = x @ np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    w = 2 * np.pi * rng.uniform(2.0, 3.0)
+    g = np.sin(w * x[:, 0]) * np.cos(w * x[:, 1]) + np.sin(w * x[:, 1]) * np.cos(w * x[:, 2]) \
+        + np.sin(w * x[:, 2]) * np.cos(w * x[:, 0])
+    d = np.maximum(g - level, np.linalg.norm(x, axis=1) - 0.4)
+    return (d * 0.01).reshape(n, n, n).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed,level", [(0, 1.2), (0, -1.2), (2, 0.9), (1, 1.35)])
+def test_same_cells_values_and_stats_as_the_reference(seed, level):
+    field = _gyroid(40, seed, level)
+    cells, values = _cells_of(field)
+    evaluate = lambda index: field[tuple(index.T)]  # noqa: E731
+    out = handle_repair.repair_handles(cells, values, field.shape, 0.003, evaluate)
+    ref = reference.repair_handles(cells, values, field.shape, 0.003, evaluate)
+    assert ref[2].handles_removed > 0
+    assert np.array_equal(out[0], ref[0]) and np.array_equal(out[1], ref[1])
+    assert out[2].to_dict() == ref[2].to_dict()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dense_signs_match_the_reference_with_lines_without_corners(seed):
+    rng = np.random.default_rng(seed)
+    field = np.ones((24, 21, 19), np.float32)
+    for _ in range(4):  # boxes (some hollow) in a lattice mostly free of surface
+        lo = rng.integers(1, 10, 3)
+        hi = lo + rng.integers(3, 9, 3)
+        field[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] *= -1
+    field *= rng.uniform(0.5, 1.5, field.shape).astype(np.float32)
+    cells, values = _cells_of(field)
+    inside, value = handle_repair.dense_signs(cells, values, field.shape)
+    ref_inside, ref_value = reference.dense_signs(cells, values, field.shape)
+    assert np.array_equal(inside, ref_inside) and np.array_equal(inside, field < 0)
+    assert np.array_equal(value, ref_value, equal_nan=True)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+@pytest.mark.parametrize("fill", [True, False])
+def test_packed_closing_and_opening_give_ndimage_candidates(radius, fill):
+    inside = _gyroid(30, radius, 0.8 if fill else -0.8) < 0
+    inside[:, :, -3:] = True  # solid through a face: the reach of the lattice's edge
+    points = ls.candidates(ls.pack(inside), inside.shape, radius, fill)
+    expected = np.argwhere(reference._candidates(inside, radius, fill))
+    assert len(expected) > 0 and np.array_equal(points, expected)
+    label = ls.clusters(points, inside.shape)
+    ref_label, _ = ndimage.label(reference._candidates(inside, radius, fill), np.ones((3, 3, 3)))
+    assert np.array_equal(label, ref_label[tuple(points.T)])
+
+
+def _flip_and_count(inside: np.ndarray, plug: np.ndarray, solid: bool) -> bool:
+    """Flip the plug; whether the pieces of solid (of air) grew in number, counted on the whole lattice."""
+    before = reference._components(inside, solid)
+    inside[tuple(plug.T)] ^= True
+    return reference._components(inside, solid) > before
+
+
+@pytest.mark.parametrize("radius", [12.0, 25.0, 41.0])
+def test_splits_match_counting_pieces_on_the_whole_lattice(radius):
+    """A shell open at the top (closing its opening encloses air; closing half of it does not), a torus (a cut
+    through it joins around the ring) and a dumbbell (a cut through its neck splits it): pieces and paths
+    inside the boxes around the plug and far beyond them."""
+    n = 96
+    x = np.indices((n, n, n)).transpose(1, 2, 3, 0) - n / 2 + 0.5
+    r = np.linalg.norm(x, axis=3)
+    shell = np.abs(r - radius) < 1.5
+    opening = shell & (x[..., 2] > radius - 3)
+    ring = np.hypot(np.hypot(x[..., 0], x[..., 1]) - radius, x[..., 2]) < 3
+    bells = min(radius, 30.0)
+    dumbbell = (np.linalg.norm(x - [0, 0, bells], axis=3) < 6) | (np.linalg.norm(x + [0, 0, bells], axis=3) < 6) \
+        | ((np.hypot(x[..., 0], x[..., 1]) < 2) & (np.abs(x[..., 2]) < bells))
+    cases = [(shell & ~opening, np.argwhere(opening), False, True),
+             (shell & ~opening, np.argwhere(opening & (x[..., 0] < 0)), False, False),
+             (ring, np.argwhere(ring & (np.abs(x[..., 0]) < 1) & (x[..., 1] > 0)), True, False),
+             (dumbbell, np.argwhere(dumbbell & (np.abs(x[..., 2]) < 1)), True, True)]
+    for inside, plug, solid, expected in cases:
+        inside = inside.copy()
+        assert len(plug) and (inside[tuple(plug.T)] == solid).all()  # in the set, then flipped out of it
+        assert _flip_and_count(inside, plug, solid) == expected
+        assert ls.splits(inside, plug, solid) == expected

@@ -5,15 +5,16 @@ get air passages through solid or thin solid bridges across air, each a handle o
 that a morphological closing (air passage) or opening (solid bridge) of radius r voxels removes is repaired by
 flipping the signs of a few lattice points, smallest radius first, then the smallest plug:
 
-1. the dense signs come from the sparse extraction: the sign-changing cells' corners are known; every other
-   lattice point lies in a 6-connected region free of those corners, which has one sign (a sign change between
-   two neighbours would make them corners of a sign-changing cell), taken from the known points beside it;
-2. for r = 1..MAX_RADIUS, fills (closing minus the solid) then cuts (the solid minus the opening): each
-   26-connected cluster of candidates is kept only if flipping it raises the mesh's Euler characteristic
-   (chi of marching cubes' own triangulation, summed per cell from its case: `_chi_table`; +2 is one handle
-   less). Of a kept cluster only a plug is flipped: its points in order of |SDF| (the narrowest part of the
-   passage or bridge first) until the Euler characteristic has risen as much, at most MAX_PLUG_MM2 / voxel^2
-   points; a flip that splits off a piece of solid or encloses a pocket of air (more components) is undone;
+1. the dense signs come from the sparse extraction: the sign-changing cells' corners are known, and along a
+   lattice line the sign changes only across those cells' edges (dense_signs);
+2. for r = 1..MAX_RADIUS, fills (closing minus the solid) then cuts (the solid minus the opening), computed on
+   a lattice packed 8 points a byte (engine/lattice_sparse.py; the rest of the work is on the candidate
+   points and the cells around them, not the volume): each 26-connected cluster of candidates is kept only if
+   flipping it raises the mesh's Euler characteristic (chi of marching cubes' own triangulation, summed per
+   cell from its case: `_chi_table`; +2 is one handle less). Of a kept cluster only a plug is flipped: its
+   points in order of |SDF| (the narrowest part of the passage or bridge first) until the Euler
+   characteristic has risen as much, at most MAX_PLUG_MM2 / voxel^2 points; a plug that splits off a piece of
+   solid or encloses a pocket of air is undone (lattice_sparse.splits);
 3. marching cubes then runs on the changed cells. Lattice edges without a flipped end keep their values, so
    every vertex away from a plug is bitwise the one without the repair; a plug point's value is its SDF with
    the sign flipped (points whose value was only certified are evaluated).
@@ -28,14 +29,16 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from . import lattice_sparse as ls
 from .mc import CORNERS, EDGES, _tables
 
 MAX_RADIUS = 3  # voxels: passages and bridges up to about 2 r + 1 voxels across
 MAX_PLUG_MM2 = 500.0  # a plug's points x voxel^2: larger plugs are not flipped (not a thin passage or bridge)
 PLUG_SEEDS = 4  # plugs grown from this many of a cluster's narrowest points (the smallest kept)
 MIN_VALUE = 1e-7  # m: a flipped value's smallest magnitude (a 0 would count as outside on both sides)
-_CUBE = np.ones((3, 3, 3), bool)
-_CROSS = ndimage.generate_binary_structure(3, 1)
+# corner pairs (lower, upper) of a cell's 4 edges along axis 0
+_AXIS0_EDGES = [(int(a), int(b)) if CORNERS[a, 0] < CORNERS[b, 0] else (int(b), int(a))
+                for a, b in EDGES if CORNERS[a, 0] != CORNERS[b, 0]]
 
 Evaluate = Callable[[np.ndarray], np.ndarray]  # lattice indices (N,3) -> SDF values (N,)
 
@@ -71,78 +74,93 @@ def _chi_table() -> np.ndarray:
     return out
 
 
-def _cases(inside: np.ndarray) -> np.ndarray:
-    """Marching-cubes case of every cell of a boolean lattice (bit c: corner c inside, mc.CORNERS order)."""
-    shape = tuple(s - 1 for s in inside.shape)
-    case = np.zeros(shape, np.uint8)
-    for bit, (a, b, c) in enumerate(CORNERS):
-        case |= inside[a:a + shape[0], b:b + shape[1], c:c + shape[2]].astype(np.uint8) << np.uint8(bit)
-    return case
-
-
 def dense_signs(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int, int]
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Sign-changing cells (M,3) and their corner values (M,8) -> (inside (shape) bool, value (shape) float32,
-    NaN where only the sign is known)."""
+    NaN where only the sign is known). Along a lattice line the sign changes only across sign-changing edges,
+    whose ends are cells' corners: each line along axis 0 starts with its first corner's sign and flips at
+    those edges; a line without corners has the sign of the lines beside it (a point beside a corner has the
+    corner's sign, else both lie in one corner-free region)."""
     value = np.full(shape, np.nan, np.float32)
     corners = (cells[:, None, :] + CORNERS[None]).reshape(-1, 3)
     value[tuple(corners.T)] = values.reshape(-1)
+    if len(cells) == 0:
+        return np.zeros(shape, bool), value
+    flip = np.zeros(shape, bool)
+    for lo, hi in _AXIS0_EDGES:  # the cells' edges along axis 0 whose ends differ in sign
+        change = (values[:, lo] < 0) != (values[:, hi] < 0)
+        flip[tuple((cells[change] + CORNERS[hi]).T)] = True
     known = ~np.isnan(value)
-    label, n = ndimage.label(~known)
-    padded = np.pad(label, 1)
-    votes = np.zeros(n + 1, np.int64)
-    for axis in range(3):
+    first = known.argmax(axis=0)  # each line's first corner (0 if it has none)
+    line = np.ix_(np.arange(shape[1]), np.arange(shape[2]))
+    start = value[(first, *line)] < 0
+    empty = ~known.any(axis=0)
+    if empty.any():
+        start = _fill_empty_lines(start, empty)
+    return np.logical_xor.accumulate(flip, axis=0) ^ start, value
+
+
+def _fill_empty_lines(start: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """The starting signs (n1,n2) of lines without corners: one per 4-connected group of them, taken from a
+    line with corners beside the group."""
+    label, n = ndimage.label(empty)
+    sign = np.zeros(n + 1, bool)
+    for axis in (0, 1):
         for step in (1, -1):
-            window = [slice(1, -1)] * 3
-            window[axis] = slice(1 + step, padded.shape[axis] - 1 + step)
-            beside = padded[tuple(window)]
-            at = known & (beside > 0)
-            np.add.at(votes, beside[at], np.where(value[at] < 0, 1, -1))
-    return np.where(known, value < 0, votes[label] > 0), value
+            there = np.roll(np.arange(empty.shape[axis]), -step)  # index of the line beside, wrapping ...
+            inner = np.arange(empty.shape[axis]) + step
+            valid = (inner >= 0) & (inner < empty.shape[axis])  # ... which is only used inside the lattice
+            beside_empty = np.take(empty, there, axis=axis)
+            beside_start = np.take(start, there, axis=axis)
+            at = empty & ~beside_empty & np.expand_dims(valid, 1 - axis)
+            sign[label[at]] = beside_start[at]
+    return np.where(empty, sign[label], start)
 
 
-def _candidates(inside: np.ndarray, radius: int, fill: bool) -> np.ndarray:
-    pad = radius + 1
-    if fill:
-        closed = ndimage.binary_closing(np.pad(inside, pad), _CROSS, iterations=radius)
-        out = closed[pad:-pad, pad:-pad, pad:-pad] & ~inside
-    else:
-        out = inside & ~ndimage.binary_opening(inside, _CROSS, iterations=radius)
-    out[[0, -1]] = out[:, [0, -1]] = out[:, :, [0, -1]] = False  # the box's faces: the mesh may end there
-    return out
-
-
-def _cluster_chi(inside: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """Per cluster of `label` (>0), the Euler characteristic change of flipping all of it (cells touching a
-    cluster touch only it: a cell's corners are 26-neighbours)."""
-    shape = tuple(s - 1 for s in inside.shape)
-    cell_label = np.zeros(shape, label.dtype)
-    for a, b, c in CORNERS:
-        np.maximum(cell_label, label[a:a + shape[0], b:b + shape[1], c:c + shape[2]], out=cell_label)
-    at = cell_label > 0
+def _cluster_chi(inside: np.ndarray, points: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Per cluster (label (N,) 1..n of points (N,3)), the Euler characteristic change of flipping all of it
+    (cells touching a cluster touch only it: a cell's corners are 26-neighbours)."""
+    shape = inside.shape
+    cells = ls.touching_cells(points, shape)
+    corner_label = ls.lookup(cells[:, None, :] + CORNERS[None], ls.flat(points, shape), label, shape)
     table = _chi_table()
-    change = table[_cases(inside ^ (label > 0))[at]] - table[_cases(inside)[at]]
-    return np.bincount(cell_label[at], weights=change, minlength=int(label.max()) + 1)
+    change = table[ls.cases(inside, cells, corner_label > 0)] - table[ls.cases(inside, cells)]
+    return np.bincount(corner_label.max(axis=1), weights=change, minlength=int(label.max()) + 1)
+
+
+@lru_cache(maxsize=None)
+def _flip_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For flipping the centre of a 3x3x3 window: its 8 cells' corners as flat window indices (8,8), the
+    centre's corner number in each cell (8,), and each case's chi change from flipping corner c (256,8)."""
+    origins = CORNERS  # the cells' origins in the window, the centre (1,1,1) is corner 1 - origin of each
+    corners = ((origins[:, None, :] + CORNERS[None]) * [9, 3, 1]).sum(axis=2)
+    centre = np.array([int(np.flatnonzero((CORNERS == 1 - o).all(axis=1))[0]) for o in origins])
+    table = _chi_table()
+    case = np.arange(256)[:, None]
+    change = table[case ^ (1 << np.arange(8))[None]] - table[case]
+    return corners, centre, change
 
 
 def _flip_chi(inside: np.ndarray, point: tuple[int, int, int]) -> float:
-    """Euler characteristic change of flipping one lattice point (its up to 8 cells)."""
-    lo = [max(p - 1, 0) for p in point]
-    window = inside[lo[0]:point[0] + 2, lo[1]:point[1] + 2, lo[2]:point[2] + 2]
-    after = window.copy()
-    after[tuple(p - q for p, q in zip(point, lo))] ^= True
-    table = _chi_table()
-    return float(table[_cases(after)].sum() - table[_cases(window)].sum())
+    """Euler characteristic change of flipping one lattice point off the lattice's faces (its 8 cells)."""
+    corners, centre, change = _flip_tables()
+    i, j, k = point
+    window = inside[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2].reshape(-1)
+    case = (window[corners].astype(np.int64) << np.arange(8)).sum(axis=1)
+    return float(change[case, centre].sum())
 
 
 def _plug(inside: np.ndarray, points: np.ndarray, priority: np.ndarray, target: float, limit: int
           ) -> list[tuple[int, int, int]] | None:
-    """The smallest set of `points` (a cluster) whose flip raises the Euler characteristic by `target`, grown
-    breadth-first through the cluster from each of its PLUG_SEEDS points of least priority (|SDF|: the
-    narrowest part); flipped in `inside`. None (nothing flipped) if no seed does it within `limit` points."""
+    """The smallest set of `points` (a cluster, C order) whose flip raises the Euler characteristic by
+    `target`, grown breadth-first through the cluster from each of its PLUG_SEEDS points of least priority
+    (|SDF|: the narrowest part); flipped in `inside`. None (nothing flipped) if no seed does it within `limit`
+    points."""
     best: list[tuple[int, int, int]] | None = None
-    for seed in np.argsort(priority, kind="stable")[:PLUG_SEEDS]:
-        order = _grow_order(points, priority, int(seed), limit)
+    seeds = np.argsort(priority, kind="stable")[:PLUG_SEEDS]
+    depths = ls.hops(points, inside.shape, seeds)
+    for depth in depths:
+        order = _grow_order(depth, priority, limit)
         rise, done = 0.0, []
         for i in order[: limit if best is None else len(best) - 1]:
             p = (int(points[i, 0]), int(points[i, 1]), int(points[i, 2]))
@@ -158,46 +176,18 @@ def _plug(inside: np.ndarray, points: np.ndarray, priority: np.ndarray, target: 
     return best
 
 
-def _grow_order(points: np.ndarray, priority: np.ndarray, seed: int, limit: int) -> np.ndarray:
-    """Indices of a cluster's points (P,3) in breadth-first order (26-neighbours) from `seed`, each layer in
-    order of priority; the layers up to the one that reaches `limit` points."""
-    lo = points.min(0)
-    local = points - lo
-    mask = np.zeros(tuple(local.max(0) + 1), bool)
-    mask[tuple(local.T)] = True
-    layer = np.full(mask.shape, -1, np.int64)
-    front = np.zeros_like(mask)
-    front[tuple(local[seed])] = True
-    reached = front.copy()
-    step, count = 0, 1  # count: points with a layer, the front's included
-    while front.any():
-        layer[front] = step
-        if count >= limit:
-            break
-        grown = ndimage.binary_dilation(front, _CUBE) & mask & ~reached
-        reached |= grown
-        front, step, count = grown, step + 1, count + int(grown.sum())
-    depth = layer[tuple(local.T)]
-    keep = np.flatnonzero(depth >= 0)
+def _grow_order(depth: np.ndarray, priority: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of a cluster's points in breadth-first order (depth: 26-neighbour hops from a seed), each layer
+    in order of priority; the layers up to the one that reaches `limit` points."""
+    counts = np.bincount(depth)
+    last = int(np.searchsorted(np.cumsum(counts), limit))  # the layer that reaches the limit (or past the end)
+    keep = np.flatnonzero(depth <= last)
     return keep[np.lexsort((priority[keep], depth[keep]))]
 
 
 def _toggle(inside: np.ndarray, points: list[tuple[int, int, int]]) -> None:
     for p in points:
         inside[p] ^= True
-
-
-def _keeps_components(inside: np.ndarray, plug: list[tuple[int, int, int]], solid: bool, count: int) -> bool:
-    """Flip the plug; undo it if it split off a piece of solid or enclosed a pocket of air (solid False)."""
-    _toggle(inside, plug)
-    if _components(inside, solid) > count:
-        _toggle(inside, plug)
-        return False
-    return True
-
-
-def _components(inside: np.ndarray, solid: bool) -> int:
-    return int(ndimage.label(inside if solid else np.pad(~inside, 1, constant_values=True), _CUBE)[1])
 
 
 def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int, int], voxel: float,
@@ -207,57 +197,60 @@ def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int,
     points whose value the sparse extraction only certified."""
     stats = RepairStats()
     inside, value = dense_signs(cells, values, shape)
-    before = inside.copy()
-    magnitude = np.where(np.isnan(value), np.inf, np.abs(value))
+    packed = ls.pack(inside)
     limit = max(1, int(MAX_PLUG_MM2 * 1e-6 / voxel**2))
-    counts = {solid: _components(inside, solid) for solid in (True, False)}  # pieces of solid, of air
+    flipped: set[tuple[int, int, int]] = set()  # net flips
     for radius in range(1, MAX_RADIUS + 1):
         for fill in (True, False):
-            label, _ = ndimage.label(_candidates(inside, radius, fill), _CUBE)
-            change = _cluster_chi(inside, label)
+            points = ls.candidates(packed, shape, radius, fill)
+            label = ls.clusters(points, shape)
+            if len(points) == 0:
+                continue
+            change = _cluster_chi(inside, points, label)
             plugs = []
             for cluster in np.flatnonzero(change > 0):
-                points = np.argwhere(label == cluster)
-                plug = _plug(inside, points, magnitude[tuple(points.T)], change[cluster], limit)
+                members = points[label == cluster]
+                magnitude = np.abs(value[tuple(members.T)])
+                priority = np.where(np.isnan(magnitude), np.inf, magnitude)
+                plug = _plug(inside, members, priority, change[cluster], limit)
                 if plug is None:
                     stats.plugs_too_large += 1
                 else:
                     plugs.append((plug, change[cluster]))
-            if not plugs:
-                continue
-            # a fill can enclose a pocket of air, a cut split off a piece of solid (rare: then plug by plug)
-            count = _components(inside, not fill)
-            if count > counts[not fill]:
-                _toggle(inside, [p for plug, _ in plugs for p in plug])
-                plugs = [(p, c) for p, c in plugs if _keeps_components(inside, p, not fill, counts[not fill])]
-                count = _components(inside, not fill)
-            counts[not fill] = count
-            stats.handles_removed += sum(int(round(c / 2)) for _, c in plugs)
-    flipped = inside ^ before
-    if not flipped.any():
+            # a fill must not enclose a pocket of air, a cut not split off a piece of solid
+            for plug, rise in plugs:
+                if ls.splits(inside, np.array(plug), solid=not fill):
+                    _toggle(inside, plug)
+                    continue
+                ls.toggle_packed(packed, np.array(plug))
+                flipped.symmetric_difference_update(plug)
+                stats.handles_removed += int(round(rise / 2))
+    if not flipped:
         return cells, values, stats
-    stats.points_filled = int((flipped & inside).sum())
-    stats.points_cut = int((flipped & ~inside).sum())
-    return (*_remarch(cells, values, inside, value, flipped, evaluate, stats), stats)
+    net = np.array(sorted(flipped))
+    now = inside[tuple(net.T)]
+    stats.points_filled = int(now.sum())
+    stats.points_cut = int((~now).sum())
+    return (*_remarch(cells, values, inside, value, net, evaluate, stats), stats)
 
 
 def _remarch(cells: np.ndarray, values: np.ndarray, inside: np.ndarray, value: np.ndarray, flipped: np.ndarray,
              evaluate: Evaluate, stats: RepairStats) -> tuple[np.ndarray, np.ndarray]:
-    """The cells touching a flipped point replaced by the sign-changing ones of the new signs, with values."""
+    """The cells touching a flipped point (N,3) replaced by the sign-changing ones of the new signs, with
+    values."""
     shape = inside.shape
-    touched = np.zeros(tuple(s - 1 for s in shape), bool)
-    for a, b, c in CORNERS:  # cell (i,j,k) has corner (i,j,k) + offset
-        touched |= flipped[a:a + touched.shape[0], b:b + touched.shape[1], c:c + touched.shape[2]]
-    keep = ~touched[tuple(cells.T)]
-    case = _cases(inside)
-    new = np.argwhere(touched & (case > 0) & (case < 255))
-    corners = new[:, None, :] + CORNERS[None]
-    unknown = np.unique(corners.reshape(-1, 3)[np.isnan(value[tuple(corners.reshape(-1, 3).T)])], axis=0)
+    touched = ls.touching_cells(flipped, shape)
+    cell_shape = tuple(s - 1 for s in shape)
+    keep = ~np.isin(ls.flat(cells.astype(np.int64), cell_shape), ls.flat(touched, cell_shape))
+    case = ls.cases(inside, touched)
+    new = touched[(case > 0) & (case < 255)]
+    corners = (new[:, None, :] + CORNERS[None]).reshape(-1, 3)
+    unknown = np.unique(corners[np.isnan(value[tuple(corners.T)])], axis=0)
     if len(unknown):
         value[tuple(unknown.T)] = evaluate(unknown)
         stats.points_evaluated = len(unknown)
-    v = np.abs(value[tuple(corners.reshape(-1, 3).T)]).reshape(-1, 8).astype(np.float32)
+    v = np.abs(value[tuple(corners.T)]).reshape(-1, 8).astype(np.float32)
     v = np.maximum(v, MIN_VALUE)
-    v = np.where(inside[tuple(corners.reshape(-1, 3).T)].reshape(-1, 8), -v, v)  # the lattice's (new) signs
+    v = np.where(inside[tuple(corners.T)].reshape(-1, 8), -v, v)  # the lattice's (new) signs
     return (np.concatenate([cells[keep], new.astype(cells.dtype)]),
             np.concatenate([values[keep], v.astype(values.dtype)]))
