@@ -62,6 +62,8 @@ def candidates(packed: np.ndarray, shape: tuple[int, ...], radius: int, fill: bo
     """Lattice points (N,3), in C order, that a closing (fill: air made solid) or an opening (solid made air) of
     `radius` by the cross changes, as scipy.ndimage computes them with air around the lattice; none on the
     lattice's faces (the mesh may end there)."""
+    if radius >= PAD:
+        raise ValueError(f"a closing of radius {radius} reaches past the packed lattice's {PAD} points of air")
     x = packed
     for grow in (fill, not fill):
         for _ in range(radius):
