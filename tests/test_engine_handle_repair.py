@@ -185,11 +185,16 @@ def _flip_and_count(inside: np.ndarray, plug: np.ndarray, solid: bool) -> bool:
     return reference._components(inside, solid) > before
 
 
+@pytest.mark.parametrize("small_boxes", [False, True])
 @pytest.mark.parametrize("radius", [12.0, 25.0, 41.0])
-def test_splits_match_counting_pieces_on_the_whole_lattice(radius):
+def test_splits_match_counting_pieces_on_the_whole_lattice(radius, small_boxes, monkeypatch):
     """A shell open at the top (closing its opening encloses air; closing half of it does not), a torus (a cut
     through it joins around the ring) and a dumbbell (a cut through its neck splits it): pieces and paths
-    inside the boxes around the plug and far beyond them."""
+    inside the boxes around the plug and far beyond them; with boxes too small to decide, on the whole
+    lattice."""
+    if small_boxes:
+        monkeypatch.setattr(ls, "SPLIT_MARGINS", (1,))
+        monkeypatch.setattr(ls, "WHOLE_PIECE_POINTS", 1000)
     n = 96
     x = np.indices((n, n, n)).transpose(1, 2, 3, 0) - n / 2 + 0.5
     r = np.linalg.norm(x, axis=3)
