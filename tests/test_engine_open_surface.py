@@ -118,6 +118,43 @@ def _strip(nx: int = 21, ny: int = 6) -> tuple[np.ndarray, np.ndarray]:
     return v, sm.unique_edges(faces)[0]
 
 
+def test_a_slit_on_two_sides_of_a_vertex_leaves_no_pinch():
+    """A saddle of the cut field on a cylinder: the slit passes on both sides of the saddle vertex with the
+    copies on its side at the vertex itself, so two fans of faces meet there (a pinch: its boundary has four
+    edges, the genus a half). split_pinches gives each fan a copy: a manifold of integer genus."""
+    nx, ny = 12, 9
+    a, y = np.meshgrid(np.arange(nx), np.arange(ny) - ny // 2, indexing="ij")
+    angle = 2 * np.pi * a.ravel() / nx
+    v = np.stack([np.cos(angle), y.ravel() / (nx / (2 * np.pi)), np.sin(angle)], 1) * nx / (2 * np.pi)
+    i = np.arange(nx * ny).reshape(nx, ny)
+    j = np.roll(i, -1, axis=0)
+    quads = np.stack([i[:, :-1], j[:, :-1], j[:, 1:], i[:, 1:]], -1).reshape(-1, 4)
+    faces = np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
+    phi = np.minimum(a, nx - a).ravel() ** 2 - y.ravel() ** 2 + 0.3  # saddle at column 0, row 0
+
+    def at_positive_end(e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        first_positive = phi[e[:, 0]] > 0
+        return np.where(first_positive, 0.0, 0.5), np.where(first_positive, 0.5, 1.0)
+
+    arrays = {"canonical": v, "vertices": v.copy(), "faces": faces, mesh_cut.NEW: np.zeros(len(v), bool)}
+    cut, opened = mesh_cut.slit(arrays, phi, lambda e: np.ones(len(e), bool), split_at=at_positive_end)
+
+    def boundary_degree(f: np.ndarray) -> np.ndarray:
+        edges, count = sm.unique_edges(f)
+        return np.bincount(edges[count == 1].ravel())
+
+    assert opened > 0 and boundary_degree(cut["faces"]).max() == 4 and sm.topology(cut["faces"]).genus == 0.5
+    out, split = mesh_cut.split_pinches(cut)
+    assert split == 1 and boundary_degree(out["faces"]).max() == 2
+    assert sm.topology(out["faces"]).genus == 0.0 and len(out["faces"]) == len(cut["faces"])
+    # the vertex gave way to two copies, moved apart (new: their attributes are taken again)
+    assert len(out["canonical"]) == len(cut["canonical"]) + 1
+    assert out[mesh_cut.NEW].sum() == cut[mesh_cut.NEW].sum() + 2
+    assert len(np.unique(out["canonical"], axis=0)) == len(out["canonical"])
+    again, none = mesh_cut.split_pinches(out)
+    assert none == 0 and again is out
+
+
 def test_local_level_crosses_the_jump_where_both_sides_move_less_than_the_middle():
     v, edges = _strip()
     # mm: in the middle of the mouth (x = 0) the lips move 5 and 45 (the zone's level: 25); toward the corner

@@ -22,6 +22,7 @@ from ..payloads import check_resolution
 from .components import drop_small_pieces
 from .extract_grid import Grid as Grid, SdfFn, _evaluate, _unkey, make_grid
 from .extract_sparse import CoarseSdf, ExtractStats, _extract_once
+from .handle_repair import repair_handles
 from .mc import marching_cubes_cells
 
 MIN_COMPONENT = 0.01  # pieces with fewer faces than this x the largest piece's are dropped (floaters) ...
@@ -45,13 +46,16 @@ def extract_mesh(
     min_component: float = MIN_COMPONENT,
     samples: list | None = None,
     coarse: CoarseSdf | None = None,
+    repair: bool = False,
 ) -> tuple[Mesh, ExtractStats]:
     """Sparse coarse-to-fine extraction (see module docstring). `lipschitz` is the floor L0 of the per-cell
     bound; pieces with fewer than `min_component` x the largest piece's faces are dropped. If `samples` is a
     list, (fine lattice index (N,3), value (N,)) pairs of every value taken as the SDF are appended to it (a
     `coarse` value only where |value| >= its exact_above). `coarse`: evaluates the levels above the last.
     `coarse_cells`: cells along the longest side of the first, dense lattice (default: 32 on CUDA, where a
-    level of the descent costs more in launches and syncs than evaluating ~30k more points, else 16)."""
+    level of the descent costs more in launches and syncs than evaluating ~30k more points, else 16).
+    `repair`: small handles are removed from the sign lattice before marching cubes (engine/handle_repair.py,
+    on the host)."""
     resolution = check_resolution(resolution)
     device = torch.device(device)
     if coarse_cells is None:
@@ -62,6 +66,9 @@ def extract_mesh(
         cells, corner_values, stats, grid = _extract_once(sdf_fn, resolution, device, lipschitz, coarse_cells,
                                                           chunk, samples, coarse)
         t1 = time.perf_counter()
+        if repair:
+            cells, corner_values = _repair(cells, corner_values, grid, sdf_fn, chunk, stats)
+        t_repair = time.perf_counter()
         verts, faces = marching_cubes_cells(cells, corner_values, grid.points_shape)
         verts = grid.to_world(verts, torch.float64).float()
         if device.type == "cuda":
@@ -71,8 +78,26 @@ def extract_mesh(
         verts, faces, stats.components_removed = drop_small_pieces(verts, faces, min_component,
                                                                    TOUCH_VOXELS * grid.voxel)
         mesh = _mesh_to_host(verts, faces)
-    stats.seconds = {"evaluate": t1 - t0, "marching_cubes": t2 - t1, "cleanup": time.perf_counter() - t2}
+    stats.seconds = {"evaluate": t1 - t0, "marching_cubes": t2 - t_repair, "cleanup": time.perf_counter() - t2}
+    if repair:
+        stats.seconds["handle_repair"] = t_repair - t1
     return mesh, stats
+
+
+def _repair(cells: torch.Tensor, corner_values: torch.Tensor, grid: Grid, sdf_fn: SdfFn, chunk: int,
+            stats: ExtractStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """handle_repair.repair_handles on the host, its result back on the cells' device."""
+    device = cells.device
+
+    def evaluate(index: np.ndarray) -> np.ndarray:
+        return _evaluate(sdf_fn, grid.to_world(torch.as_tensor(index, device=device)), chunk).cpu().numpy()
+
+    new_cells, new_values, repaired = repair_handles(cells.cpu().numpy(), corner_values.cpu().numpy(),
+                                                     grid.points_shape, grid.voxel, evaluate)
+    stats.handle_repair = repaired.to_dict()
+    stats.points_evaluated += repaired.points_evaluated
+    return (torch.as_tensor(new_cells, device=device),
+            torch.as_tensor(new_values, device=device, dtype=corner_values.dtype))
 
 
 _PINNED: dict[torch.device, torch.Tensor] = {}

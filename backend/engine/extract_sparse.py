@@ -70,6 +70,7 @@ class ExtractStats:
     points_evaluated: int = 0
     cells_marched: int = 0
     components_removed: int = 0
+    handle_repair: dict = field(default_factory=dict)  # handle_repair.RepairStats, when extract_mesh repaired
     seconds: dict[str, float] = field(default_factory=dict)
 
 

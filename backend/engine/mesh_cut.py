@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from .surface_metrics import edge_keys, unique_edges, vertex_components
 
@@ -212,6 +214,63 @@ def _split_ring(ring: list[tuple[int, float, int]]) -> np.ndarray:
             poly.pop()
         tris.extend([poly[0], poly[i], poly[i + 1]] for i in range(1, len(poly) - 1))
     return np.asarray(tris, np.int64).reshape(-1, 3)
+
+
+def split_pinches(arrays: dict[str, np.ndarray], pull: float = 0.05, key: str = "canonical"
+                  ) -> tuple[dict[str, np.ndarray], int]:
+    """Give each fan of faces around a vertex its own copy of it where several fans meet at the vertex (a
+    pinch: e.g. a slit passing on two sides of a vertex leaves two fans of it, each between two boundary
+    edges; the surface is not a manifold there). Fans: the faces around the vertex joined through edges that
+    two faces share; a vertex on an edge of more faces is left as it is. Each copy moves `pull` of the way
+    toward the mean of its fan's other corners (the copies differ in position). Returns the arrays and the
+    number of vertices split."""
+    faces = np.asarray(arrays["faces"], np.int64)
+    n = len(arrays[key])
+    vertex = faces.ravel()  # corner 3 f + j: face f's slot j, whose edge (slot j's edge id) joins slots j, j + 1
+    edges, fe = _edge_ids(faces)
+    count = np.bincount(fe.ravel(), minlength=len(edges))
+    occ = np.flatnonzero(count[fe.ravel()] == 2)
+    occ = occ[np.argsort(fe.ravel()[occ], kind="stable")]
+    p, q = occ[0::2], occ[1::2]  # an edge's two faces' slots
+    p1, q1 = _next_corner(p), _next_corner(q)
+    straight = vertex[p] == vertex[q]
+    joined = np.concatenate([np.where(straight, q, q1), np.where(straight, q1, q)])  # the same vertex's corners
+    graph = coo_matrix((np.ones(2 * len(p), np.int8), (np.concatenate([p, p1]), joined)),
+                       shape=(faces.size, faces.size))
+    fan = connected_components(graph, directed=False)[1]
+    fan_vertex = np.zeros(fan.max() + 1, np.int64)
+    fan_vertex[fan] = vertex
+    crowded = np.zeros(n, bool)
+    crowded[edges[count > 2].ravel()] = True
+    pinched_vertex = (np.bincount(fan_vertex, minlength=n) > 1) & ~crowded
+    if not pinched_vertex.any():
+        return arrays, 0
+    ids = np.flatnonzero(pinched_vertex[fan_vertex])  # the fans that get a copy: every fan of those vertices
+    new_id = np.full(len(fan_vertex), -1, np.int64)
+    new_id[ids] = n + np.arange(len(ids))
+    out = dict(arrays)
+    _append(out, per_vertex(arrays, n), fan_vertex[ids], fan_vertex[ids], np.zeros(len(ids)))
+    corner = np.flatnonzero(new_id[fan] >= 0)
+    copy = new_id[fan[corner]] - n
+    others = vertex[_next_corner(corner)], vertex[_next_corner(_next_corner(corner))]
+    for k in POSITIONS:
+        if k in out:
+            pos = out[k].astype(np.float64)
+            target = np.zeros((len(ids), 3))
+            np.add.at(target, copy, pos[others[0]] + pos[others[1]])
+            weight = np.bincount(copy, minlength=len(ids)) * 2.0
+            pos[n:] += pull * (target / weight[:, None] - pos[n:])
+            out[k] = pos.astype(arrays[k].dtype)
+    if NEW in out:
+        out[NEW][n:] = True
+    flat = vertex.copy()
+    flat[corner] = n + copy
+    out["faces"] = flat.reshape(-1, 3).astype(arrays["faces"].dtype)
+    return compact(out), int(pinched_vertex.sum())
+
+
+def _next_corner(c: np.ndarray) -> np.ndarray:
+    return c - c % 3 + (c + 1) % 3
 
 
 def compact(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

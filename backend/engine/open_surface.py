@@ -14,7 +14,8 @@ vertex attributes (each vertex's template position: its closest point on the mea
    its length: along the level of the motion halfway between the two sides' typical motion. The template's
    own lip line was tried first and does not work with the current correspondence head: near the contact it
    puts vertices that the warp moves with the upper lip on the lower lip (docs/surface.md);
-4. pieces: keeps only the largest connected piece (an inner mouth shell, floaters).
+4. pinches: where a slit passes on two sides of a vertex, its fans of faces get a copy each (a manifold);
+5. pieces: keeps only the largest connected piece (an inner mouth shell, floaters).
 
 A slit vertex becomes two, pulled slightly apart toward their own sides (mesh_cut.slit), and the deform op
 follows the path from weight 0 (deform.solve_continued), so each side keeps to its own root of the warp.
@@ -74,6 +75,7 @@ class OpenStats:
     eyelid_edges_opened: int  # by the template (upper lid - sclera)
     motion_edges_opened: int  # by the expressions' motion (lips under jawOpen, lids under eyeBlink)
     vertices_settled: int = 0  # vertices by a motion slit moved off a root that rounding can change (_settle)
+    pinches_split: int = 0  # vertices where fans of faces met (a slit on two sides of them), one copy per fan
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -129,11 +131,12 @@ class SurfaceOpener:
         arrays = mesh_cut.cut_plane(arrays, point, normal)
         arrays, lids = self._open_eyelids(arrays)
         arrays, moved, settled = self._open_by_motion(arrays, motion)
+        arrays, pinches = mesh_cut.split_pinches(arrays)
         arrays, dropped = mesh_cut.keep_largest_piece(arrays)
         for k in ("_tface", "_tbary"):
             arrays.pop(k)
         return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved,
-                                 settled)
+                                 settled, pinches)
 
     def _zone(self, arrays: dict[str, np.ndarray], regions: tuple[str, ...]) -> np.ndarray:
         """Vertices whose closest template triangle has a corner in one of the regions."""

@@ -78,6 +78,7 @@ class Session:
         self._aligner: Aligner | None = None
         self._vertex_sdf_cache: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}  # see cached_vertex_sdf
         self.open_surfaces = True  # False: meshes as extracted (closed lips, the model's own neck bottom)
+        self.repair_handles = True  # False: no handle removal on the sign lattice (engine/handle_repair.py)
 
     # ------------------------------------------------------------------ names
     def info(self) -> dict:
@@ -173,10 +174,11 @@ class Session:
         """The SDF as deform residuals evaluate it (RESIDUAL_DROP_TOL)."""
         return self.point_field(zr, k, self.residual_drop_tol).sdf
 
-    def canonical_mesh(self, zr: torch.Tensor, k: torch.Tensor, resolution: int, samples: list | None = None
-                       ) -> tuple[Mesh, ExtractStats, float]:
+    def canonical_mesh(self, zr: torch.Tensor, k: torch.Tensor, resolution: int, samples: list | None = None,
+                       repair: bool = False) -> tuple[Mesh, ExtractStats, float]:
         """Extract the canonical (neutral) surface; also returns the largest blend-weight mass left out.
-        self.topk None: all 39 regions everywhere on every device."""
+        self.topk None: all 39 regions everywhere on every device. `repair`: small handles removed
+        (engine/handle_repair.py)."""
         mode = "dense" if self.topk is None else self.extract_mode
         half = self.extract_half and mode == "dense"
         fn = HeadSdf(self.model, zr, k, mode=mode, drop_tol=EXTRACT_DROP_TOL,
@@ -184,7 +186,8 @@ class Session:
                      hidden_dtype=torch.float16 if half else torch.float32)
         coarse = CoarseSdf(fn.approximate, EXTRACT_COARSE_ERROR, fn.exact_below) if fn.is_approximate else None
         mesh, stats = extract_mesh(fn, resolution, device=self.device, lipschitz=EXTRACT_LIPSCHITZ,
-                                   chunk=for_device(EXTRACT_CHUNKS, self.device.type), samples=samples, coarse=coarse)
+                                   chunk=for_device(EXTRACT_CHUNKS, self.device.type), samples=samples, coarse=coarse,
+                                   repair=repair)
         return mesh, stats, fn.max_dropped
 
     def sdf_grad_template(self, x: np.ndarray, zr: torch.Tensor, k: torch.Tensor
@@ -217,7 +220,7 @@ class Session:
         """Canonical mesh of a head with every attribute, posed by the head's expression."""
         z_id, zr, k = self.decode(head)
         progress.report(PROGRESS_EXTRACT, "extracting the surface")
-        mesh, ext, dropped = self.canonical_mesh(zr, k, resolution)
+        mesh, ext, dropped = self.canonical_mesh(zr, k, resolution, repair=self.repair_handles)
         if len(mesh.faces) == 0:
             raise errors.BackendError("the model produced no surface inside the canonical box", code="empty_surface")
         check_cancel(progress)
@@ -351,4 +354,4 @@ def extract_stats(stats: ExtractStats, dropped: float, topk: int | None) -> dict
         "topk": topk,
         "max_dropped_blend_weight": dropped,
         "seconds": stats.seconds,
-    }
+    } | ({"handle_repair": stats.handle_repair} if stats.handle_repair else {})

@@ -1,0 +1,256 @@
+"""Removing small handles (tunnels) from an extraction's sign lattice before marching cubes (docs/surface.md).
+
+The model is not exact where the head is thin: the lips' corners, nostrils, ears and the mouth's inner shell
+get air passages through solid or thin solid bridges across air, each a handle of the surface (genus). A handle
+that a morphological closing (air passage) or opening (solid bridge) of radius r voxels removes is repaired by
+flipping the signs of a few lattice points, smallest radius first, then the smallest plug:
+
+1. the dense signs come from the sparse extraction: the sign-changing cells' corners are known, and along a
+   lattice line the sign changes only across those cells' edges (dense_signs);
+2. for r = 1..MAX_RADIUS, fills (closing minus the solid) then cuts (the solid minus the opening), computed on
+   a lattice packed 8 points a byte (engine/lattice_sparse.py; the rest of the work is on the candidate
+   points and the cells around them, not the volume): each 26-connected cluster of candidates is kept only if
+   flipping it raises the mesh's Euler characteristic (chi of marching cubes' own triangulation, summed per
+   cell from its case: `_chi_table`; +2 is one handle less). Of a kept cluster only a plug is flipped: its
+   points in order of |SDF| (the narrowest part of the passage or bridge first) until the Euler
+   characteristic has risen as much, at most MAX_PLUG_MM2 / voxel^2 points; a plug that splits off a piece of
+   solid or encloses a pocket of air is undone (lattice_sparse.splits);
+3. marching cubes then runs on the changed cells. Lattice edges without a flipped end keep their values, so
+   every vertex away from a plug is bitwise the one without the repair; a plug point's value is its SDF with
+   the sign flipped (points whose value was only certified are evaluated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage
+
+from . import lattice_sparse as ls
+from .mc import CORNERS, EDGES, _tables
+
+MAX_RADIUS = 3  # voxels: passages and bridges up to about 2 r + 1 voxels across
+MAX_PLUG_MM2 = 500.0  # a plug's points x voxel^2: larger plugs are not flipped (not a thin passage or bridge)
+PLUG_SEEDS = 4  # plugs grown from this many of a cluster's narrowest points (the smallest kept)
+MIN_VALUE = 1e-7  # m: a flipped value's smallest magnitude (a 0 would count as outside on both sides)
+# corner pairs (lower, upper) of a cell's 4 edges along axis 0
+_AXIS0_EDGES = [(int(a), int(b)) if CORNERS[a, 0] < CORNERS[b, 0] else (int(b), int(a))
+                for a, b in EDGES if CORNERS[a, 0] != CORNERS[b, 0]]
+
+Evaluate = Callable[[np.ndarray], np.ndarray]  # lattice indices (N,3) -> SDF values (N,)
+
+
+@dataclass
+class RepairStats:
+    handles_removed: int = 0  # Euler characteristic raised / 2
+    points_filled: int = 0  # air lattice points made solid
+    points_cut: int = 0  # solid lattice points made air
+    points_evaluated: int = 0  # certified-only lattice points whose value the changed cells needed
+    plugs_too_large: int = 0  # clusters that would have removed a handle with a plug above MAX_PLUG_MM2
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@lru_cache(maxsize=None)
+def _chi_table() -> np.ndarray:
+    """(256,) each marching-cubes case's share of the mesh's V - E + F: its triangles, minus its edges inside the
+    cell, minus half its edges on a cell face (two cells share them), plus a quarter of its vertices (each on a
+    lattice edge of four cells). Summed over the cells it is the mesh's Euler characteristic."""
+    tri = _tables()[0]
+    out = np.zeros(256)
+    for case in range(256):
+        t = tri[case][:15]
+        t = t[: int((t >= 0).sum())].reshape(-1, 3)
+        edges = {(min(p, q), max(p, q)) for a, b, c in t.tolist() for p, q in ((a, b), (b, c), (c, a))}
+        chi = len(t) + len(np.unique(t)) / 4
+        for p, q in edges:
+            ends = CORNERS[np.r_[EDGES[p], EDGES[q]]]
+            chi -= 0.5 if (ends == ends[0]).all(axis=0).any() else 1.0
+        out[case] = chi
+    return out
+
+
+def dense_signs(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int, int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Sign-changing cells (M,3) and their corner values (M,8) -> (inside (shape) bool, value (shape) float32,
+    NaN where only the sign is known). Along a lattice line the sign changes only across sign-changing edges,
+    whose ends are cells' corners: each line along axis 0 starts with its first corner's sign and flips at
+    those edges; a line without corners has the sign of the lines beside it (a point beside a corner has the
+    corner's sign, else both lie in one corner-free region)."""
+    value = np.full(shape, np.nan, np.float32)
+    corners = (cells[:, None, :] + CORNERS[None]).reshape(-1, 3)
+    value[tuple(corners.T)] = values.reshape(-1)
+    if len(cells) == 0:
+        return np.zeros(shape, bool), value
+    flip = np.zeros(shape, bool)
+    for lo, hi in _AXIS0_EDGES:  # the cells' edges along axis 0 whose ends differ in sign
+        change = (values[:, lo] < 0) != (values[:, hi] < 0)
+        flip[tuple((cells[change] + CORNERS[hi]).T)] = True
+    known = ~np.isnan(value)
+    first = known.argmax(axis=0)  # each line's first corner (0 if it has none)
+    line = np.ix_(np.arange(shape[1]), np.arange(shape[2]))
+    start = value[(first, *line)] < 0
+    empty = ~known.any(axis=0)
+    if empty.any():
+        start = _fill_empty_lines(start, empty)
+    return np.logical_xor.accumulate(flip, axis=0) ^ start, value
+
+
+def _fill_empty_lines(start: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """The starting signs (n1,n2) of lines without corners: one per 4-connected group of them, taken from a
+    line with corners beside the group."""
+    label, n = ndimage.label(empty)
+    sign = np.zeros(n + 1, bool)
+    for axis in (0, 1):
+        for step in (1, -1):
+            there = np.roll(np.arange(empty.shape[axis]), -step)  # index of the line beside, wrapping ...
+            inner = np.arange(empty.shape[axis]) + step
+            valid = (inner >= 0) & (inner < empty.shape[axis])  # ... which is only used inside the lattice
+            beside_empty = np.take(empty, there, axis=axis)
+            beside_start = np.take(start, there, axis=axis)
+            at = empty & ~beside_empty & np.expand_dims(valid, 1 - axis)
+            sign[label[at]] = beside_start[at]
+    return np.where(empty, sign[label], start)
+
+
+def _cluster_chi(inside: np.ndarray, points: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Per cluster (label (N,) 1..n of points (N,3)), the Euler characteristic change of flipping all of it
+    (cells touching a cluster touch only it: a cell's corners are 26-neighbours)."""
+    shape = inside.shape
+    cells = ls.touching_cells(points, shape)
+    corner_label = ls.lookup(cells[:, None, :] + CORNERS[None], ls.flat(points, shape), label, shape)
+    table = _chi_table()
+    change = table[ls.cases(inside, cells, corner_label > 0)] - table[ls.cases(inside, cells)]
+    return np.bincount(corner_label.max(axis=1), weights=change, minlength=int(label.max()) + 1)
+
+
+@lru_cache(maxsize=None)
+def _flip_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For flipping the centre of a 3x3x3 window: its 8 cells' corners as flat window indices (8,8), the
+    centre's corner number in each cell (8,), and each case's chi change from flipping corner c (256,8)."""
+    origins = CORNERS  # the cells' origins in the window, the centre (1,1,1) is corner 1 - origin of each
+    corners = ((origins[:, None, :] + CORNERS[None]) * [9, 3, 1]).sum(axis=2)
+    centre = np.array([int(np.flatnonzero((CORNERS == 1 - o).all(axis=1))[0]) for o in origins])
+    table = _chi_table()
+    case = np.arange(256)[:, None]
+    change = table[case ^ (1 << np.arange(8))[None]] - table[case]
+    return corners, centre, change
+
+
+def _flip_chi(inside: np.ndarray, point: tuple[int, int, int]) -> float:
+    """Euler characteristic change of flipping one lattice point off the lattice's faces (its 8 cells)."""
+    corners, centre, change = _flip_tables()
+    i, j, k = point
+    window = inside[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2].reshape(-1)
+    case = (window[corners].astype(np.int64) << np.arange(8)).sum(axis=1)
+    return float(change[case, centre].sum())
+
+
+def _plug(inside: np.ndarray, points: np.ndarray, priority: np.ndarray, target: float, limit: int
+          ) -> list[tuple[int, int, int]] | None:
+    """The smallest set of `points` (a cluster, C order) whose flip raises the Euler characteristic by
+    `target`, grown breadth-first through the cluster from each of its PLUG_SEEDS points of least priority
+    (|SDF|: the narrowest part); flipped in `inside`. None (nothing flipped) if no seed does it within `limit`
+    points."""
+    best: list[tuple[int, int, int]] | None = None
+    seeds = np.argsort(priority, kind="stable")[:PLUG_SEEDS]
+    depths = ls.hops(points, inside.shape, seeds)
+    for depth in depths:
+        order = _grow_order(depth, priority, limit)
+        rise, done = 0.0, []
+        for i in order[: limit if best is None else len(best) - 1]:
+            p = (int(points[i, 0]), int(points[i, 1]), int(points[i, 2]))
+            rise += _flip_chi(inside, p)
+            inside[p] ^= True
+            done.append(p)
+            if rise >= target:
+                best = list(done)
+                break
+        _toggle(inside, done)
+    if best is not None:
+        _toggle(inside, best)
+    return best
+
+
+def _grow_order(depth: np.ndarray, priority: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of a cluster's points in breadth-first order (depth: 26-neighbour hops from a seed), each layer
+    in order of priority; the layers up to the one that reaches `limit` points."""
+    counts = np.bincount(depth)
+    last = int(np.searchsorted(np.cumsum(counts), limit))  # the layer that reaches the limit (or past the end)
+    keep = np.flatnonzero(depth <= last)
+    return keep[np.lexsort((priority[keep], depth[keep]))]
+
+
+def _toggle(inside: np.ndarray, points: list[tuple[int, int, int]]) -> None:
+    for p in points:
+        inside[p] ^= True
+
+
+def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int, int], voxel: float,
+                   evaluate: Evaluate) -> tuple[np.ndarray, np.ndarray, RepairStats]:
+    """The sign-changing cells (M,3) and corner values (M,8) of an extraction (lattice of `shape` points,
+    `voxel` metres apart) with small handles removed (module docstring); `evaluate` gives the SDF at lattice
+    points whose value the sparse extraction only certified."""
+    stats = RepairStats()
+    inside, value = dense_signs(cells, values, shape)
+    packed = ls.pack(inside)
+    limit = max(1, int(MAX_PLUG_MM2 * 1e-6 / voxel**2))
+    flipped: set[tuple[int, int, int]] = set()  # net flips
+    for radius in range(1, MAX_RADIUS + 1):
+        for fill in (True, False):
+            points = ls.candidates(packed, shape, radius, fill)
+            label = ls.clusters(points, shape)
+            if len(points) == 0:
+                continue
+            change = _cluster_chi(inside, points, label)
+            plugs = []
+            for cluster in np.flatnonzero(change > 0):
+                members = points[label == cluster]
+                magnitude = np.abs(value[tuple(members.T)])
+                priority = np.where(np.isnan(magnitude), np.inf, magnitude)
+                plug = _plug(inside, members, priority, change[cluster], limit)
+                if plug is None:
+                    stats.plugs_too_large += 1
+                else:
+                    plugs.append((plug, change[cluster]))
+            # a fill must not enclose a pocket of air, a cut not split off a piece of solid
+            for plug, rise in plugs:
+                if ls.splits(inside, np.array(plug), solid=not fill):
+                    _toggle(inside, plug)
+                    continue
+                ls.toggle_packed(packed, np.array(plug))
+                flipped.symmetric_difference_update(plug)
+                stats.handles_removed += int(round(rise / 2))
+    if not flipped:
+        return cells, values, stats
+    net = np.array(sorted(flipped))
+    now = inside[tuple(net.T)]
+    stats.points_filled = int(now.sum())
+    stats.points_cut = int((~now).sum())
+    return (*_remarch(cells, values, inside, value, net, evaluate, stats), stats)
+
+
+def _remarch(cells: np.ndarray, values: np.ndarray, inside: np.ndarray, value: np.ndarray, flipped: np.ndarray,
+             evaluate: Evaluate, stats: RepairStats) -> tuple[np.ndarray, np.ndarray]:
+    """The cells touching a flipped point (N,3) replaced by the sign-changing ones of the new signs, with
+    values."""
+    shape = inside.shape
+    touched = ls.touching_cells(flipped, shape)
+    cell_shape = tuple(s - 1 for s in shape)
+    keep = ~np.isin(ls.flat(cells.astype(np.int64), cell_shape), ls.flat(touched, cell_shape))
+    case = ls.cases(inside, touched)
+    new = touched[(case > 0) & (case < 255)]
+    corners = (new[:, None, :] + CORNERS[None]).reshape(-1, 3)
+    unknown = np.unique(corners[np.isnan(value[tuple(corners.T)])], axis=0)
+    if len(unknown):
+        value[tuple(unknown.T)] = evaluate(unknown)
+        stats.points_evaluated = len(unknown)
+    v = np.abs(value[tuple(corners.T)]).reshape(-1, 8).astype(np.float32)
+    v = np.maximum(v, MIN_VALUE)
+    v = np.where(inside[tuple(corners.T)].reshape(-1, 8), -v, v)  # the lattice's (new) signs
+    return (np.concatenate([cells[keep], new.astype(cells.dtype)]),
+            np.concatenate([values[keep], v.astype(values.dtype)]))

@@ -1,0 +1,215 @@
+"""Handle removal on the extraction's sign lattice (engine/handle_repair.py): thin tunnels and thin bridges go,
+holes and handles wider than the repair's reach stay, pockets are not sealed, and vertices away from a plug
+are the unrepaired extraction's."""
+
+import numpy as np
+import pytest
+import reference_handle_repair as reference
+import torch
+from scipy import ndimage
+
+from backend.engine import handle_repair
+from backend.engine import lattice_sparse as ls
+from backend.engine import surface_metrics as sm
+from backend.engine.extract import extract_mesh
+from backend.engine.extract_grid import make_grid
+from backend.engine.mc import CORNERS, marching_cubes_cells
+
+RES = 64
+H = make_grid(RES).voxel  # 6.25 mm
+# a lattice column (x, y) for the thin tunnel's axis: its points are air, their neighbours solid
+THIN_X, AXIS_Y = -0.16 + 16 * H, -0.22 + 32 * H
+CENTRE_Z = -0.13 + 24 * H
+
+
+def _slab(x: torch.Tensor, holes: list[tuple[float, float]]) -> torch.Tensor:
+    """A slab 6 voxels thick with cylindrical holes (axis x, radius) along z through it."""
+    q = (x - torch.tensor([0.0, AXIS_Y, CENTRE_Z])).abs() - torch.tensor([0.12, 0.15, 3 * H])
+    d = q.clamp_min(0).norm(dim=1) + q.amax(dim=1).clamp_max(0)
+    for cx, r in holes:
+        d = torch.maximum(d, r - torch.hypot(x[:, 0] - cx, x[:, 1] - AXIS_Y))
+    return d
+
+
+def _extract(fn, repair: bool):
+    mesh, stats = extract_mesh(fn, RES, repair=repair, min_component=0.0)
+    return mesh, sm.topology(mesh.faces), stats
+
+
+def test_a_thin_tunnel_is_filled_and_a_wide_hole_stays():
+    fn = lambda x: _slab(x, [(THIN_X, 0.6 * H), (0.05, 6 * H)])  # noqa: E731
+    plain, before, _ = _extract(fn, False)
+    mesh, after, stats = _extract(fn, True)
+    assert before.genus == 2 and after.genus == 1
+    assert len(after.pieces) == 1 and stats.handle_repair["handles_removed"] == 1
+    # every vertex more than 3 voxels from the tunnel's axis is bitwise one of the unrepaired mesh's
+    far = np.hypot(mesh.vertices[:, 0] - THIN_X, mesh.vertices[:, 1] - AXIS_Y) > 3 * H
+    old = {tuple(v) for v in plain.vertices.tolist()}
+    assert far.sum() > 0.95 * len(mesh.vertices)
+    assert all(tuple(v) in old for v in mesh.vertices[far].tolist())
+    # the plug lies within a voxel of the slab's faces around the tunnel
+    near = ~far
+    assert np.abs(mesh.vertices[near, 2] - CENTRE_Z).max() <= 3 * H + 1e-6
+
+
+def test_a_thin_bridge_is_cut_and_a_thick_one_stays():
+    centre = torch.tensor([0.0, AXIS_Y, CENTRE_Z])
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        p = x - centre
+        ball = p.norm(dim=1) - 0.06
+        d = ball
+        for side, tube in ((1.0, 1.0 * H), (-1.0, 4 * H)):  # a ring through the ball on each side: a handle
+            q = p - torch.tensor([side * 0.07, 0.0, 0.0])
+            ring = torch.hypot(torch.hypot(q[:, 0], q[:, 1]) - 0.05, q[:, 2]) - tube
+            d = torch.minimum(d, ring)
+        return d
+
+    _, before, _ = _extract(fn, False)
+    _, after, stats = _extract(fn, True)
+    assert before.genus == 2 and after.genus == 1
+    assert len(after.pieces) == 1 and stats.handle_repair["points_cut"] >= 1
+
+
+def test_a_pocket_is_not_sealed():
+    """A hollow ball whose cavity opens through a thin channel: closing the channel raises the Euler
+    characteristic too (a new inner sphere), but encloses air: it is not a handle and stays open."""
+    centre = torch.tensor([THIN_X, AXIS_Y, CENTRE_Z])
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        p = x - centre
+        shell = torch.maximum(p.norm(dim=1) - 0.09, 0.05 - p.norm(dim=1))
+        channel = 0.6 * H - torch.hypot(x[:, 0] - THIN_X, x[:, 1] - AXIS_Y)
+        return torch.maximum(shell, torch.where(p[:, 2] > 0, channel, torch.full_like(channel, -1.0)))
+
+    plain, before, _ = _extract(fn, False)
+    mesh, after, stats = _extract(fn, True)
+    assert before.genus == 0 and len(before.pieces) == 1
+    assert after.genus == 0 and len(after.pieces) == 1
+    assert len(mesh.vertices) == len(plain.vertices)
+
+
+def test_the_chi_table_gives_marching_cubes_euler_characteristic():
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        field = rng.normal(size=(9, 10, 11)).astype(np.float32)
+        field[[0, -1]] = field[:, [0, -1]] = field[:, :, [0, -1]] = 1.0  # closed surfaces
+        cells = np.argwhere(np.ones(tuple(s - 1 for s in field.shape), bool))
+        values = field[tuple((cells[:, None, :] + CORNERS[None]).reshape(-1, 3).T)].reshape(-1, 8)
+        _, faces = marching_cubes_cells(torch.from_numpy(cells), torch.from_numpy(values), field.shape)
+        f = faces.numpy()
+        edges, _ = sm.unique_edges(f)
+        chi = len(np.unique(f)) - len(edges) + len(f)
+        table = handle_repair._chi_table()[reference._cases(field < 0)].sum()
+        assert table == chi
+
+
+def test_dense_signs_follow_the_sparse_band():
+    fn = lambda x: _slab(x, [(0.05, 6 * H)])  # noqa: E731
+    grid = make_grid(RES)
+    idx = np.argwhere(np.ones(grid.points_shape, bool))
+    field = fn(grid.to_world(torch.from_numpy(idx))).numpy().reshape(grid.points_shape)
+    case = reference._cases(field < 0)
+    cells = np.argwhere((case > 0) & (case < 255))
+    values = field[tuple((cells[:, None, :] + CORNERS[None]).reshape(-1, 3).T)].reshape(-1, 8)
+    inside, _ = handle_repair.dense_signs(cells, values, grid.points_shape)
+    assert np.array_equal(inside, field < 0)
+
+
+# ---------------------------------------------------------------- the fast version against the reference
+def _cells_of(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every sign-changing cell of a dense field and its corner values (what the sparse extraction returns)."""
+    case = reference._cases(field < 0)
+    cells = np.argwhere((case > 0) & (case < 255))
+    return cells, field[tuple((cells[:, None, :] + CORNERS[None]).reshape(-1, 3).T)].reshape(-1, 8)
+
+
+def _gyroid(n: int, seed: int, level: float) -> np.ndarray:
+    """A gyroid sheet (many handles, thin necks and bridges where |level| nears 1.4) cut to a ball, with a
+    random tilt; the lattice's far corners hold no surface (lines along axis 0 without a corner)."""
+    rng = np.random.default_rng(seed)
+    x = (np.indices((n, n, n)).reshape(3, -1).T - n / 2) / n
+    x = x @ np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    w = 2 * np.pi * rng.uniform(2.0, 3.0)
+    g = np.sin(w * x[:, 0]) * np.cos(w * x[:, 1]) + np.sin(w * x[:, 1]) * np.cos(w * x[:, 2]) \
+        + np.sin(w * x[:, 2]) * np.cos(w * x[:, 0])
+    d = np.maximum(g - level, np.linalg.norm(x, axis=1) - 0.4)
+    return (d * 0.01).reshape(n, n, n).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed,level", [(0, 1.2), (0, -1.2), (2, 0.9), (1, 1.35)])
+def test_same_cells_values_and_stats_as_the_reference(seed, level):
+    field = _gyroid(40, seed, level)
+    cells, values = _cells_of(field)
+    evaluate = lambda index: field[tuple(index.T)]  # noqa: E731
+    out = handle_repair.repair_handles(cells, values, field.shape, 0.003, evaluate)
+    ref = reference.repair_handles(cells, values, field.shape, 0.003, evaluate)
+    assert ref[2].handles_removed > 0
+    assert np.array_equal(out[0], ref[0]) and np.array_equal(out[1], ref[1])
+    assert out[2].to_dict() == ref[2].to_dict()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dense_signs_match_the_reference_with_lines_without_corners(seed):
+    rng = np.random.default_rng(seed)
+    field = np.ones((24, 21, 19), np.float32)
+    for _ in range(4):  # boxes (some hollow) in a lattice mostly free of surface
+        lo = rng.integers(1, 10, 3)
+        hi = lo + rng.integers(3, 9, 3)
+        field[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] *= -1
+    field *= rng.uniform(0.5, 1.5, field.shape).astype(np.float32)
+    cells, values = _cells_of(field)
+    inside, value = handle_repair.dense_signs(cells, values, field.shape)
+    ref_inside, ref_value = reference.dense_signs(cells, values, field.shape)
+    assert np.array_equal(inside, ref_inside) and np.array_equal(inside, field < 0)
+    assert np.array_equal(value, ref_value, equal_nan=True)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+@pytest.mark.parametrize("fill", [True, False])
+def test_packed_closing_and_opening_give_ndimage_candidates(radius, fill):
+    inside = _gyroid(30, radius, 0.8 if fill else -0.8) < 0
+    inside[:, :, -3:] = True  # solid through a face: the reach of the lattice's edge
+    points = ls.candidates(ls.pack(inside), inside.shape, radius, fill)
+    expected = np.argwhere(reference._candidates(inside, radius, fill))
+    assert len(expected) > 0 and np.array_equal(points, expected)
+    label = ls.clusters(points, inside.shape)
+    ref_label, _ = ndimage.label(reference._candidates(inside, radius, fill), np.ones((3, 3, 3)))
+    assert np.array_equal(label, ref_label[tuple(points.T)])
+
+
+def _flip_and_count(inside: np.ndarray, plug: np.ndarray, solid: bool) -> bool:
+    """Flip the plug; whether the pieces of solid (of air) grew in number, counted on the whole lattice."""
+    before = reference._components(inside, solid)
+    inside[tuple(plug.T)] ^= True
+    return reference._components(inside, solid) > before
+
+
+@pytest.mark.parametrize("small_boxes", [False, True])
+@pytest.mark.parametrize("radius", [12.0, 25.0, 41.0])
+def test_splits_match_counting_pieces_on_the_whole_lattice(radius, small_boxes, monkeypatch):
+    """A shell open at the top (closing its opening encloses air; closing half of it does not), a torus (a cut
+    through it joins around the ring) and a dumbbell (a cut through its neck splits it): pieces and paths
+    inside the boxes around the plug and far beyond them; with boxes too small to decide, on the whole
+    lattice."""
+    if small_boxes:
+        monkeypatch.setattr(ls, "SPLIT_MARGINS", (1,))
+        monkeypatch.setattr(ls, "WHOLE_PIECE_POINTS", 1000)
+    n = 96
+    x = np.indices((n, n, n)).transpose(1, 2, 3, 0) - n / 2 + 0.5
+    r = np.linalg.norm(x, axis=3)
+    shell = np.abs(r - radius) < 1.5
+    opening = shell & (x[..., 2] > radius - 3)
+    ring = np.hypot(np.hypot(x[..., 0], x[..., 1]) - radius, x[..., 2]) < 3
+    bells = min(radius, 30.0)
+    dumbbell = (np.linalg.norm(x - [0, 0, bells], axis=3) < 6) | (np.linalg.norm(x + [0, 0, bells], axis=3) < 6) \
+        | ((np.hypot(x[..., 0], x[..., 1]) < 2) & (np.abs(x[..., 2]) < bells))
+    cases = [(shell & ~opening, np.argwhere(opening), False, True),
+             (shell & ~opening, np.argwhere(opening & (x[..., 0] < 0)), False, False),
+             (ring, np.argwhere(ring & (np.abs(x[..., 0]) < 1) & (x[..., 1] > 0)), True, False),
+             (dumbbell, np.argwhere(dumbbell & (np.abs(x[..., 2]) < 1)), True, True)]
+    for inside, plug, solid, expected in cases:
+        inside = inside.copy()
+        assert len(plug) and (inside[tuple(plug.T)] == solid).all()  # in the set, then flipped out of it
+        assert _flip_and_count(inside, plug, solid) == expected
+        assert ls.splits(inside, plug, solid) == expected
