@@ -149,6 +149,17 @@ def test_same_cells_values_and_stats_as_the_reference(seed, level):
     assert out[2].to_dict() == ref[2].to_dict()
 
 
+def test_a_coarse_lattice_is_left_as_it_is():
+    """Beyond MAX_REACH_MM one flipped point is a large piece of surface: a 12.5 mm lattice (32 cells, a fit's
+    scan) is not repaired, while the same field at 3 mm loses handles."""
+    field = _gyroid(40, 0, 1.2)
+    cells, values = _cells_of(field)
+    evaluate = lambda index: field[tuple(index.T)]  # noqa: E731
+    out = handle_repair.repair_handles(cells, values, field.shape, 0.0125, evaluate)
+    assert out[0] is cells and out[1] is values and out[2].handles_removed == 0
+    assert handle_repair.repair_handles(cells, values, field.shape, 0.003, evaluate)[2].handles_removed > 0
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_dense_signs_match_the_reference_with_lines_without_corners(seed):
     rng = np.random.default_rng(seed)

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames of the 128^3 bake row (the add-on's chunked Bake; 0 skips it)")
     parser.add_argument("--capture-tracks", type=Path, default=None, metavar="FILE.npz",
                         help="tracked clips for the photo/video rows where mediapipe or PyAV is not installed "
-                             "(`python -m backend.capture.bench --save-tracks FILE.npz` writes them)")
+                             "(`python -m backend.capture.bench --save-tracks FILE.npz` writes them; "
+                             "default: none, the rows are skipped there)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start rows")
     parser.add_argument("--no-head", action="store_true",
                         help="skip the complete-head row (real Blender: the bpy module and scripts/bench_head.py)")

@@ -7,14 +7,14 @@ flipping the signs of a few lattice points, smallest radius first, then the smal
 
 1. the dense signs come from the sparse extraction: the sign-changing cells' corners are known, and along a
    lattice line the sign changes only across those cells' edges (dense_signs);
-2. for r = 1..MAX_RADIUS, fills (closing minus the solid) then cuts (the solid minus the opening), computed on
-   a lattice packed 8 points a byte (engine/lattice_sparse.py; the rest of the work is on the candidate
-   points and the cells around them, not the volume): each 26-connected cluster of candidates is kept only if
-   flipping it raises the mesh's Euler characteristic (chi of marching cubes' own triangulation, summed per
-   cell from its case: `_chi_table`; +2 is one handle less). Of a kept cluster only a plug is flipped: its
-   points in order of |SDF| (the narrowest part of the passage or bridge first) until the Euler
-   characteristic has risen as much, at most MAX_PLUG_MM2 / voxel^2 points; a plug that splits off a piece of
-   solid or encloses a pocket of air is undone (lattice_sparse.splits);
+2. for r = 1..MAX_RADIUS with r voxels <= MAX_REACH_MM, fills (closing minus the solid) then cuts (the solid minus
+   the opening), computed on a lattice packed 8 points a byte (engine/lattice_sparse.py; the rest of the work is
+   on the candidate points and the cells around them, not the volume): each 26-connected cluster of candidates is
+   kept only if flipping it raises the mesh's Euler characteristic (chi of marching cubes' own triangulation,
+   summed per cell from its case: `_chi_table`; +2 is one handle less). Of a kept cluster only a plug is flipped:
+   its points in order of |SDF| (the narrowest part of the passage or bridge first) until the Euler characteristic
+   has risen as much, at most MAX_PLUG_MM2 / voxel^2 points; a plug that splits off a piece of solid or encloses a
+   pocket of air is undone (lattice_sparse.splits);
 3. marching cubes then runs on the changed cells. Lattice edges without a flipped end keep their values, so
    every vertex away from a plug is bitwise the one without the repair; a plug point's value is its SDF with
    the sign flipped (points whose value was only certified are evaluated).
@@ -33,6 +33,9 @@ from . import lattice_sparse as ls
 from .mc import CORNERS, EDGES, _tables
 
 MAX_RADIUS = 3  # voxels: passages and bridges up to about 2 r + 1 voxels across
+# and at most this many mm: on a coarse lattice (a preview, a fit's scan at 32-64) one flipped point is a
+# large piece of surface, so the reach shrinks with the voxel and below ~100 cells nothing is repaired
+MAX_REACH_MM = 9.5
 MAX_PLUG_MM2 = 500.0  # a plug's points x voxel^2: larger plugs are not flipped (not a thin passage or bridge)
 PLUG_SEEDS = 4  # plugs grown from this many of a cluster's narrowest points (the smallest kept)
 MIN_VALUE = 1e-7  # m: a flipped value's smallest magnitude (a 0 would count as outside on both sides)
@@ -196,11 +199,14 @@ def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int,
     `voxel` metres apart) with small handles removed (module docstring); `evaluate` gives the SDF at lattice
     points whose value the sparse extraction only certified."""
     stats = RepairStats()
+    radii = [r for r in range(1, MAX_RADIUS + 1) if r * voxel * 1e3 <= MAX_REACH_MM]
+    if not radii:
+        return cells, values, stats
     inside, value = dense_signs(cells, values, shape)
     packed = ls.pack(inside)
     limit = max(1, int(MAX_PLUG_MM2 * 1e-6 / voxel**2))
     flipped: set[tuple[int, int, int]] = set()  # net flips
-    for radius in range(1, MAX_RADIUS + 1):
+    for radius in radii:
         for fill in (True, False):
             points = ls.candidates(packed, shape, radius, fill)
             label = ls.clusters(points, shape)
