@@ -132,17 +132,9 @@ def log(t0: float, msg: str) -> None:
     print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
 
-def neutral_mesh(s: Session, head: HeadSpec, res: int) -> tuple[np.ndarray, np.ndarray]:
-    """The canonical surface that `generate` returns as a neutral head's vertices and faces, without the
-    per-vertex attributes (template, UV, normals) that these pictures do not show: a third of the time."""
-    _, zr, k = s.decode(head)
-    mesh, _, _ = s.canonical_mesh(zr, k, res)
-    return mesh.vertices, mesh.faces
-
-
 def opened_mesh(s: Session, head: HeadSpec, res: int) -> tuple[np.ndarray, np.ndarray]:
-    """The canonical mesh that `generate` returns (neck cut, lips and lids slit: docs/surface.md), the one the
-    add-on poses."""
+    """The canonical mesh that `generate` returns (handles repaired, neck cut, lips and lids slit, one piece:
+    docs/surface.md), the one the add-on shows and poses."""
     _, arrays = s.generate({"head": head.to_dict(), "resolution": res}, {})
     return arrays["canonical"], arrays["faces"]
 
@@ -152,7 +144,7 @@ def heads_grid(s: Session, seeds: list[int], cols: int, res: int, t0: float) -> 
     rows = math.ceil(len(seeds) / cols)
     for n, seed in enumerate(seeds):
         r, c = divmod(n, cols)
-        verts, faces = neutral_mesh(s, HeadSpec(identity=s.sample_identity(seed)), res)
+        verts, faces = opened_mesh(s, HeadSpec(identity=s.sample_identity(seed)), res)
         x, z = (c - (cols - 1) / 2) * SPACING, ((rows - 1) / 2 - r) * ROW_SPACING
         panels.append(Panel(place(verts, x, z), cut_neck(verts, faces, GRID_CUT_Y), f"seed {seed}", row=r))
         log(t0, f"grid: seed {seed}: {len(verts)} vertices")
@@ -187,8 +179,8 @@ def expressions_row(s: Session, seed: int, res: int, t0: float) -> Picture:
 
 def region_swap(s: Session, seed_a: int, seed_b: int, res: int, t0: float) -> Picture:
     head_a, head_b = (HeadSpec(identity=s.sample_identity(seed)) for seed in (seed_a, seed_b))
-    a_v, a_f = neutral_mesh(s, head_a, res)
-    b_v, b_f = neutral_mesh(s, head_b, res)
+    a_v, a_f = opened_mesh(s, head_a, res)
+    b_v, b_f = opened_mesh(s, head_b, res)
     ops = [{"op": "swap", "regions": SWAP_REGIONS, "other": head_b.to_dict()}]
     _, a2 = s.edit({"head": head_a.to_dict(), "ops": ops, "resolution": res}, {})
     d_mm = surface_distance(a2["vertices"].astype(np.float64), a_v.astype(np.float64), a_f) * 1e3
