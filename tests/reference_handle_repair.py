@@ -4,54 +4,17 @@ values out, same stats)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable
-
 import numpy as np
 from scipy import ndimage
 
-from backend.engine.mc import CORNERS, EDGES, _tables
+# The constants, the stats and the per-case Euler characteristic are the fast version's own (the chi table is
+# tested against the meshes' V - E + F directly); the reference pins the lattice work.
+from backend.engine.handle_repair import (MAX_PLUG_MM2, MAX_RADIUS, MIN_VALUE, PLUG_SEEDS, Evaluate, RepairStats,
+                                          _chi_table, _toggle)
+from backend.engine.mc import CORNERS
 
-MAX_RADIUS = 3  # voxels: passages and bridges up to about 2 r + 1 voxels across
-MAX_PLUG_MM2 = 500.0  # a plug's points x voxel^2: larger plugs are not flipped (not a thin passage or bridge)
-PLUG_SEEDS = 4  # plugs grown from this many of a cluster's narrowest points (the smallest kept)
-MIN_VALUE = 1e-7  # m: a flipped value's smallest magnitude (a 0 would count as outside on both sides)
 _CUBE = np.ones((3, 3, 3), bool)
 _CROSS = ndimage.generate_binary_structure(3, 1)
-
-Evaluate = Callable[[np.ndarray], np.ndarray]  # lattice indices (N,3) -> SDF values (N,)
-
-
-@dataclass
-class RepairStats:
-    handles_removed: int = 0  # Euler characteristic raised / 2
-    points_filled: int = 0  # air lattice points made solid
-    points_cut: int = 0  # solid lattice points made air
-    points_evaluated: int = 0  # certified-only lattice points whose value the changed cells needed
-    plugs_too_large: int = 0  # clusters that would have removed a handle with a plug above MAX_PLUG_MM2
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@lru_cache(maxsize=None)
-def _chi_table() -> np.ndarray:
-    """(256,) each marching-cubes case's share of the mesh's V - E + F: its triangles, minus its edges inside the
-    cell, minus half its edges on a cell face (two cells share them), plus a quarter of its vertices (each on a
-    lattice edge of four cells). Summed over the cells it is the mesh's Euler characteristic."""
-    tri = _tables()[0]
-    out = np.zeros(256)
-    for case in range(256):
-        t = tri[case][:15]
-        t = t[: int((t >= 0).sum())].reshape(-1, 3)
-        edges = {(min(p, q), max(p, q)) for a, b, c in t.tolist() for p, q in ((a, b), (b, c), (c, a))}
-        chi = len(t) + len(np.unique(t)) / 4
-        for p, q in edges:
-            ends = CORNERS[np.r_[EDGES[p], EDGES[q]]]
-            chi -= 0.5 if (ends == ends[0]).all(axis=0).any() else 1.0
-        out[case] = chi
-    return out
 
 
 def _cases(inside: np.ndarray) -> np.ndarray:
@@ -163,11 +126,6 @@ def _grow_order(points: np.ndarray, priority: np.ndarray, seed: int, limit: int)
     depth = layer[tuple(local.T)]
     keep = np.flatnonzero(depth >= 0)
     return keep[np.lexsort((priority[keep], depth[keep]))]
-
-
-def _toggle(inside: np.ndarray, points: list[tuple[int, int, int]]) -> None:
-    for p in points:
-        inside[p] ^= True
 
 
 def _keeps_components(inside: np.ndarray, plug: list[tuple[int, int, int]], solid: bool, count: int) -> bool:
