@@ -22,7 +22,7 @@ from ..payloads import check_resolution
 from .components import drop_small_pieces
 from .extract_grid import Grid as Grid, SdfFn, _evaluate, _unkey, make_grid
 from .extract_sparse import CoarseSdf, ExtractStats, _extract_once
-from .handle_repair import repair_handles
+from .handle_repair import repair_handles, repair_radii
 from .mc import marching_cubes_cells
 
 MIN_COMPONENT = 0.01  # pieces with fewer faces than this x the largest piece's are dropped (floaters) ...
@@ -66,7 +66,7 @@ def extract_mesh(
         cells, corner_values, stats, grid = _extract_once(sdf_fn, resolution, device, lipschitz, coarse_cells,
                                                           chunk, samples, coarse)
         t1 = time.perf_counter()
-        if repair:
+        if repair and repair_radii(grid.voxel):  # (a coarse lattice is not repaired: no copy to the host)
             cells, corner_values = _repair(cells, corner_values, grid, sdf_fn, chunk, stats)
         t_repair = time.perf_counter()
         verts, faces = marching_cubes_cells(cells, corner_values, grid.points_shape)

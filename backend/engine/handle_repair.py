@@ -193,13 +193,18 @@ def _toggle(inside: np.ndarray, points: list[tuple[int, int, int]]) -> None:
         inside[p] ^= True
 
 
+def repair_radii(voxel: float) -> list[int]:
+    """The closing/opening radii (voxels) tried on a lattice `voxel` metres apart; none on a coarse one."""
+    return [r for r in range(1, MAX_RADIUS + 1) if r * voxel * 1e3 <= MAX_REACH_MM]
+
+
 def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int, int], voxel: float,
                    evaluate: Evaluate) -> tuple[np.ndarray, np.ndarray, RepairStats]:
     """The sign-changing cells (M,3) and corner values (M,8) of an extraction (lattice of `shape` points,
     `voxel` metres apart) with small handles removed (module docstring); `evaluate` gives the SDF at lattice
     points whose value the sparse extraction only certified."""
     stats = RepairStats()
-    radii = [r for r in range(1, MAX_RADIUS + 1) if r * voxel * 1e3 <= MAX_REACH_MM]
+    radii = repair_radii(voxel)
     if not radii:
         return cells, values, stats
     inside, value = dense_signs(cells, values, shape)
