@@ -2,6 +2,7 @@
 latent fitting recovers a sphere of the trained family."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from backend.train.export import code_statistics
 from backend.train.losses import TrainModule
 from backend.train.synthetic import SphereSource
 
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ARGS = ["--data", "synthetic", "--tiny", "--batch", "2", "--ns", "128", "--nq", "128", "--total-steps", "160",
         "--log-every", "40", "--warmup", "10", "--lr", "2e-3", "--code-lr", "1e-2", "--n-synthetic", "2",
         "--topk", "4", "--minutes", "10", "--step", "autograd", "--identities", "table"]
@@ -76,3 +78,53 @@ def test_fit_latents_recovers_a_sphere_of_the_trained_family(trained):
     after = float(res.final_abs_sdf[0])
     assert after < 0.5 * before and after < 2e-3, (after, before)
     assert res.z_exp.abs().max() == 0 and res.zr.shape == (1, 39, 32)
+
+
+def test_local_width_option_reaches_the_checkpoint(tmp_path, one_thread):
+    """--local-hidden sizes the local networks (capacity study): the saved config and tensors follow it."""
+    ck = tmp_path / "wide"
+    train.main(ARGS + ["--ckpt", str(ck), "--max-steps", "1", "--local-hidden", "40"])
+    src = SphereSource(2)
+    cfg = ImHeadConfig(**(train.TINY | {"local_hidden": 40}))
+    module = TrainModule(ImHead(cfg, anchor_init=src.anchor_init), src.n)
+    info = load_checkpoint(ck, module, None)
+    assert ImHeadConfig.from_json(info["config"]).local_hidden == 40
+    assert info["step"] == 1
+
+
+@pytest.mark.parametrize("bad", [["--n-train", "0"], ["--local-hidden", "0"]])
+def test_capacity_options_reject_bad_values(bad, tmp_path):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--ckpt", str(tmp_path / "x")] + bad)
+
+
+def test_widened_warm_start_computes_the_shipped_function(one_thread):
+    """Wider local networks warm-started from the shipped weights give the same SDF (capacity study: the wide
+    run starts where the shipped one stopped), and their new units are live (non-zero gradients)."""
+    from backend.weights import load_model
+
+    loaded = load_model(WEIGHTS)
+    cfg = loaded.config
+    wide_cfg = ImHeadConfig.from_json(cfg.to_json())
+    wide_cfg.local_hidden = cfg.local_hidden + 32
+    anchors = torch.zeros(cfg.n_regions, 3)
+    narrow = TrainModule(ImHead(cfg, anchor_init=anchors), 1, id_coeff_dim=100)
+    wide = TrainModule(ImHead(wide_cfg, anchor_init=anchors), 1, id_coeff_dim=100)
+    train.warm_start(narrow, WEIGHTS, seed=0)
+    train.warm_start(wide, WEIGHTS, seed=0)
+    assert wide.model.loc_wh[0].shape[-1] == cfg.local_hidden + 32
+    g = torch.Generator().manual_seed(3)
+    z = loaded.extras["id_mean"] + loaded.extras["id_chol"] @ torch.randn(cfg.id_dim, generator=g)
+    x = (torch.rand(1, 500, 3, generator=g) - 0.5) * 0.3
+    zr, k = narrow.model.decode(z[None])
+    ref = narrow.model.sdf(x, zr, k)
+    zr_w, k_w = wide.model.decode(z[None])
+    out = wide.model.sdf(x, zr_w, k_w)
+    assert (out - ref).abs().max() < 1e-6
+    out.sum().backward()
+    grad = wide.model.loc_wo.grad
+    assert grad is not None and grad[:, cfg.local_hidden:].abs().max() > 0   # the new units already learn
+    with pytest.raises(SystemExit):   # narrowing is not a warm start
+        small_cfg = ImHeadConfig.from_json(cfg.to_json())
+        small_cfg.local_hidden = cfg.local_hidden - 32
+        train.warm_start(TrainModule(ImHead(small_cfg, anchor_init=anchors), 1, id_coeff_dim=100), WEIGHTS, 0)

@@ -12,6 +12,7 @@ Logs: one JSON line per --log-every steps to stdout and <ckpt>.log.jsonl.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -46,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="if set, the LR schedule runs on cumulative training minutes instead of steps")
     p.add_argument("--max-steps", type=int, default=None, help="stop this piece after this global step")
     p.add_argument("--batch", type=int, default=16, help="identities per GPU per step")
+    p.add_argument("--n-train", type=int, default=4096,
+                   help="training identities of the ICT source's table (--identities table; default 4096; a "
+                        "few for a capacity study: can the network fit them at all)")
+    p.add_argument("--local-hidden", type=int, default=None,
+                   help="width of the local networks' hidden layers (default: the model's, 96)")
     p.add_argument("--ns", type=int, default=2048, help="surface points per identity")
     p.add_argument("--nq", type=int, default=2048, help="space points per identity")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -68,7 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start a new run from these shipped weights' network (no effect when resuming)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
     p.add_argument("--no-prefetch", action="store_true", help="draw each batch in the loop, not on a side thread")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.n_train < 1:
+        p.error(f"--n-train must be at least 1, got {args.n_train}")
+    if args.local_hidden is not None and args.local_hidden < 1:
+        p.error(f"--local-hidden must be at least 1, got {args.local_hidden}")
+    return args
 
 
 def build_source(args: argparse.Namespace, device: torch.device):
@@ -80,7 +91,7 @@ def build_source(args: argparse.Namespace, device: torch.device):
         return src, src.n, src.anchor_init, []
     from .ict_source import IctSource
 
-    ict = IctSource(args.ict, args.atlas, device)
+    ict = IctSource(args.ict, args.atlas, device, n_train=args.n_train)
     return ict, ict.n_train, ict.anchor_init, ict.mirror_pairs
 
 
@@ -95,6 +106,33 @@ def make_module(args: argparse.Namespace, cfg: ImHeadConfig, anchor_init: torch.
     return cls(ImHead(cfg, anchor_init=anchor_init), n_train, id_coeff_dim=coeff_dim)
 
 
+def widened_local_state(small: dict[str, torch.Tensor], wide: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict for a model with wider local networks that computes exactly what `small` computes: the new
+    hidden units keep `wide`'s random initialisation on their inputs, and what they feed into is zero (the
+    second layer's rows from new first-layer units, the output rows from new second-layer units), so every
+    new unit is active and gets gradients from the first step without changing the function."""
+    out = dict(wide)
+    for key, old in small.items():
+        new = wide[key]
+        if old.shape == new.shape:
+            out[key] = old.clone()
+            continue
+        h = old.shape[-1] if key.startswith(("loc_wx", "loc_wz", "loc_b", "loc_bh")) else old.shape[1]
+        grown = new.clone()
+        if key.startswith(("loc_wx", "loc_wz", "loc_b", "loc_bh")):   # (..., H): new columns keep their init
+            grown[..., :h] = old
+        elif key.startswith("loc_wh"):                                # (S, H, H): new units feed no old unit
+            grown[:, :h, :h] = old
+            grown[:, h:, :h] = 0
+        elif key.startswith("loc_wo"):                                # (S, H, F): rows from new units are zero
+            grown[:, :h] = old
+            grown[:, h:] = 0
+        else:
+            raise ValueError(f"cannot widen {key}: {tuple(old.shape)} -> {tuple(new.shape)}")
+        out[key] = grown
+    return out
+
+
 @torch.no_grad()
 def warm_start(module: TrainModule, weights_dir: Path, seed: int) -> None:
     """The network from shipped weights; an identity encoder starts as a random rank-100 map onto the
@@ -103,9 +141,14 @@ def warm_start(module: TrainModule, weights_dir: Path, seed: int) -> None:
     from ..weights import load_model
 
     loaded = load_model(weights_dir)
-    if loaded.config != module.model.cfg:
-        raise SystemExit(f"--init-weights config differs from this run's: {loaded.config} vs {module.model.cfg}")
-    module.model.load_state_dict(loaded.model.state_dict())
+    cfg = module.model.cfg
+    if loaded.config == cfg:
+        module.model.load_state_dict(loaded.model.state_dict())
+    elif dataclasses.replace(loaded.config, local_hidden=cfg.local_hidden) == cfg \
+            and loaded.config.local_hidden < cfg.local_hidden:
+        module.model.load_state_dict(widened_local_state(loaded.model.state_dict(), module.model.state_dict()))
+    else:
+        raise SystemExit(f"--init-weights config differs from this run's: {loaded.config} vs {cfg}")
     if module.encodes_identities:
         g = torch.Generator().manual_seed(seed)
         dim = module.model.cfg.id_dim
@@ -193,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     source, n_train, anchor_init, mirror_pairs = build_source(args, device)
-    cfg = ImHeadConfig(mirror_pairs=mirror_pairs, **(TINY if args.tiny else {}))
+    sizes = dict(TINY if args.tiny else {})
+    if args.local_hidden is not None:
+        sizes["local_hidden"] = args.local_hidden
+    cfg = ImHeadConfig(mirror_pairs=mirror_pairs, **sizes)
     module = make_module(args, cfg, anchor_init, n_train)
     resuming = (args.ckpt / "state.safetensors").exists()
     if args.init_weights is not None and not resuming:

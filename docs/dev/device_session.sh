@@ -6,6 +6,9 @@
 #   bash docs/dev/device_session.sh wait SECONDS                     # until the run ends or SECONDS pass
 #   bash docs/dev/device_session.sh eval IDENTITIES [WHICH]          # export the checkpoint, eval it (WHICH=new)
 #                                                                    # or it and the shipped weights (both, default)
+#   bash docs/dev/device_session.sh capacity MINUTES IDS WIDTH...    # capacity study (issue 13 point 2): per local
+#       width, a run warm-started from weights/ (wider nets start as the same function), MINUTES each, on IDS
+#       fixed training identities (a code table: can the network fit them at all?) or, with IDS=0, fresh ones
 set -u
 WORK=/tmp/imhead
 export PYTHONPATH=$PWD
@@ -43,6 +46,18 @@ eval)
         python -m backend eval --ict .data/ict.safetensors --weights "$dir" --identities "$2" --expressions 1 \
             --steps 300 --resolution 256 --batch-points 2048 --samples 200000 --locality-regions 3 \
             --json "$OUT/eval_$w.json" | tail -n 12
+    done
+    ;;
+capacity)
+    ids=(--identities encoder); [ "$3" != 0 ] && ids=(--identities table --n-train "$3")
+    for w in "${@:4}"; do
+        rm -rf "$WORK/cap$w" "$WORK/cap$w.log.jsonl"
+        python -m backend.train.train --data ict --ict .data/ict.safetensors --ckpt "$WORK/cap$w" \
+            --init-weights weights --local-hidden "$w" "${ids[@]}" --minutes "$2" --schedule-minutes "$2" \
+            --warmup 100 --batch 16 --lr 1e-4 --code-lr 5e-3 --topk 0 --step analytic --compile --log-every 100 \
+            >"$WORK/cap$w.out" 2>&1
+        echo "width $w: $(tail -n 1 "$WORK/cap$w.out")"
+        cp "$WORK/cap$w.log.jsonl" "$OUT/capacity_w$w.log.jsonl"
     done
     ;;
 *)
