@@ -151,3 +151,21 @@ def test_metrics_on_ict_heads(ict):
     # the neutral vs the expressive head of the same identity differ mostly in the face
     diff = metrics.evaluate_ict(gt[0], outer, gt[1], ict, n=n)
     assert diff["face"]["chamfer_l1"] > diff["head"]["chamfer_l1"] > 0.1
+
+
+def test_detail_weight_spends_samples_on_thin_parts(ict_path):
+    """detail_weight w multiplies the sampling density on DETAIL_REGIONS: a share f of surface samples there at
+    w = 1 becomes w f / (w f + 1 - f); a non-positive weight is refused."""
+    from backend.data.sampler import DETAIL_REGIONS, HeadSampler, SamplerConfig
+
+    shares = []
+    for w in (1.0, 4.0):
+        s = HeadSampler(ict_path, config=SamplerConfig(detail_weight=w))
+        detail = torch.as_tensor([s.atlas.names.index(n) for n in DETAIL_REGIONS])
+        b = s.batch(4, 4000, 16, torch.Generator().manual_seed(11))
+        shares.append(float(torch.isin(b["surf_region"], detail).float().mean()))
+    f = shares[0]
+    assert 0.03 < f < 0.3, f
+    assert abs(shares[1] - 4 * f / (4 * f + 1 - f)) < 0.03, shares
+    with pytest.raises(ValueError, match="detail_weight"):
+        HeadSampler(ict_path, config=SamplerConfig(detail_weight=0.0))

@@ -92,7 +92,7 @@ def test_local_width_option_reaches_the_checkpoint(tmp_path, one_thread):
     assert info["step"] == 1
 
 
-@pytest.mark.parametrize("bad", [["--n-train", "0"], ["--local-hidden", "0"]])
+@pytest.mark.parametrize("bad", [["--n-train", "0"], ["--local-hidden", "0"], ["--detail-weight", "0"]])
 def test_capacity_options_reject_bad_values(bad, tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--ckpt", str(tmp_path / "x")] + bad)

@@ -40,6 +40,11 @@ from .ict import closed_groups, load_ict
 
 
 EYE_MARGIN = 0.003    # metres from a sclera within which exposed head triangles are re-tested per mesh
+# thin, small parts whose defects show most (lip slits, nostril notches, lids, ears): SamplerConfig.detail_weight
+# multiplies their area for surface and near-surface samples
+DETAIL_REGIONS = ("upper lip", "lower lip", "left mouth corner", "right mouth corner", "nose tip", "left nostril",
+                  "right nostril", "left upper eyelid", "right upper eyelid", "left lower eyelid",
+                  "right lower eyelid", "left ear", "right ear")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class SamplerConfig:
     p_neutral: float = 0.1
     leaf: int = 32                                          # triangles per cluster (mesh.ClusteredMesh)
     k_exact: int = 8                                        # clusters evaluated exactly per point (mesh.py)
+    detail_weight: float = 1.0                              # sampling density on DETAIL_REGIONS' triangles
 
 
 class HeadSampler:
@@ -77,6 +83,10 @@ class HeadSampler:
         self.exposed = torch.as_tensor(ict.face_buried == 0, device=dev)
         self._init_eye_candidates(ict)
         self.region = torch.as_tensor(self.atlas.region, dtype=torch.long, device=dev)
+        if config.detail_weight <= 0:
+            raise ValueError(f"detail_weight must be positive, got {config.detail_weight}")
+        detail = np.isin(self.atlas.face_region(), [self.atlas.names.index(n) for n in DETAIL_REGIONS])
+        self.face_weight = torch.as_tensor(np.where(detail, config.detail_weight, 1.0), device=dev)
         self.anchor_vertex = torch.as_tensor(self.atlas.anchor_vertex, dtype=torch.long, device=dev)
         self.train_ids = torch.as_tensor(splits.train_identities(config.n_train, config.seed), device=dev)
         self.train_exps = torch.as_tensor(
@@ -150,7 +160,9 @@ class HeadSampler:
         posed, canon = self.meshes(id_coeffs, exp_weights)
 
         exposed_posed, exposed_canon = self.exposed_faces(posed), self.exposed_faces(canon)
-        face, bary = mesh.sample_surface(posed, self.faces, ns, gen, exposed_posed.to(posed.dtype))
+        weight_posed = exposed_posed.to(posed.dtype) * self.face_weight.to(posed.dtype)
+        weight_canon = exposed_canon.to(canon.dtype) * self.face_weight.to(canon.dtype)
+        face, bary = mesh.sample_surface(posed, self.faces, ns, gen, weight_posed)
         _, normals_posed = mesh.face_area_normals(posed, self.faces)
         _, normals_canon = mesh.face_area_normals(canon, self.faces)
         bidx = torch.arange(b, device=dev)[:, None]
@@ -165,9 +177,9 @@ class HeadSampler:
             "surf_region": self.region[corner],
             "anchors": canon[:, self.anchor_vertex],
         }
-        out["space_posed"] = self._space_points(posed, exposed_posed.to(posed.dtype), nq, gen)
+        out["space_posed"] = self._space_points(posed, weight_posed, nq, gen)
         out["space_sdf"] = self.signed_distance(out["space_posed"], posed, exposed_posed)
-        out["canon_space"] = self._space_points(canon, exposed_canon.to(canon.dtype), nq, gen)
+        out["canon_space"] = self._space_points(canon, weight_canon, nq, gen)
         out["canon_sdf"] = self.signed_distance(out["canon_space"], canon, exposed_canon)
         return out
 

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=4096,
                    help="training identities of the ICT source's table (--identities table; default 4096; a "
                         "few for a capacity study: can the network fit them at all)")
+    p.add_argument("--detail-weight", type=float, default=1.0,
+                   help="sampling density of surface and near-surface points on lips, mouth corners, nose tip, "
+                        "nostrils, lids and ears relative to elsewhere (default 1: uniform by area)")
     p.add_argument("--local-hidden", type=int, default=None,
                    help="width of the local networks' hidden layers (default: the model's, 96)")
     p.add_argument("--ns", type=int, default=2048, help="surface points per identity")
@@ -77,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.n_train < 1:
         p.error(f"--n-train must be at least 1, got {args.n_train}")
+    if not args.detail_weight > 0:
+        p.error(f"--detail-weight must be positive, got {args.detail_weight}")
     if args.local_hidden is not None and args.local_hidden < 1:
         p.error(f"--local-hidden must be at least 1, got {args.local_hidden}")
     return args
@@ -91,7 +96,7 @@ def build_source(args: argparse.Namespace, device: torch.device):
         return src, src.n, src.anchor_init, []
     from .ict_source import IctSource
 
-    ict = IctSource(args.ict, args.atlas, device, n_train=args.n_train)
+    ict = IctSource(args.ict, args.atlas, device, n_train=args.n_train, detail_weight=args.detail_weight)
     return ict, ict.n_train, ict.anchor_init, ict.mirror_pairs
 
 

@@ -2,7 +2,8 @@
 # Steps of one GPU piece on the lent device machine (docs/dev/gpu_notes.md). The committed training state
 # (training_state/run, resumed and replaced by every piece) travels with the tree; the machine re-syncs the
 # tree at every call, so the background run keeps its checkpoint in /tmp/imhead and each call copies it to $OUT.
-#   bash docs/dev/device_session.sh start MINUTES SCHEDULE_MINUTES  # resume training_state/run in the background
+#   bash docs/dev/device_session.sh start MINUTES SCHEDULE_MINUTES [TRAIN_ARGS...]  # resume training_state/run in
+#                                                                    # the background (e.g. --detail-weight 3)
 #   bash docs/dev/device_session.sh wait SECONDS                     # until the run ends or SECONDS pass
 #   bash docs/dev/device_session.sh eval IDENTITIES [WHICH]          # export the checkpoint, eval it (WHICH=new)
 #                                                                    # or it and the shipped weights (both, default)
@@ -20,7 +21,7 @@ start)
     cp training_state/run.log.jsonl "$WORK/run.log.jsonl"
     setsid nohup python -m backend.train.train --data ict --ict .data/ict.safetensors --ckpt "$WORK/run" \
         --minutes "$2" --save-every 3 --schedule-minutes "$3" --batch 16 --lr 3e-4 --code-lr 5e-3 --topk 0 \
-        --step analytic --identities encoder --compile >"$WORK/train.out" 2>&1 </dev/null &
+        --step analytic --identities encoder --compile "${@:4}" >"$WORK/train.out" 2>&1 </dev/null &
     echo $! >"$WORK/train.pid"
     sleep 90
     tail -n 3 "$WORK/train.out"
