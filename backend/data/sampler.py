@@ -15,7 +15,8 @@ shapes): 4,096 identities x 65,537 expressions. Held-out identities/expressions 
 seed streams. Vertices = neutral + c @ id_basis + w @ exp_basis, one matmul per batch.
 
 Geometry: the closed surface is head (+ ear-clipped neck cap) + both scleras (backend.data.ict). Surface
-points are area-weighted on the triangles that bound the union (exposed_faces: the mean head's
+points are area-weighted (times SamplerConfig.detail_weight on DETAIL_REGIONS, as are the near-surface
+space points) on the triangles that bound the union (exposed_faces: the mean head's
 face_buried mask, re-tested per mesh where lids meet the eyeballs); normals are the
 face normals; surf_canon / surf_template are the same barycentric point on the identity's neutral head /
 on the mean neutral head; surf_region is the atlas region of the triangle corner with the largest
