@@ -23,7 +23,8 @@ on the mean neutral head; surf_region is the atlas region of the triangle corner
 barycentric weight. Space points: fractions `space_fractions` of (surface + N(0, sigma_1^2)),
 (surface + N(0, sigma_2^2)) and uniform in the canonical box (constants.BBOX_*). Signed distance = exact
 distance to the nearest exposed triangle (ClusteredMesh; exact, see mesh.py) with the sign of the
-generalised winding number of the union (> 0.5 inside, negative SDF).
+generalised winding number of the union (> 0.5 inside, negative SDF). On CUDA both come from the fused
+Triton kernel of sdf_kernel.py (same answers; `sdf_impl` picks the implementation).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from ..constants import BBOX_MAX, BBOX_MIN
-from . import mesh, splits
+from . import mesh, sdf_kernel, splits
 from .atlas import Atlas, load_atlas
 from .ict import closed_groups, load_ict
 
@@ -63,11 +64,30 @@ class SamplerConfig:
     detail_weight: float = 1.0                              # sampling density on DETAIL_REGIONS' triangles
 
 
+SDF_IMPLS = ("auto", "torch", "triton")
+
+
+def resolve_sdf_impl(impl: str, device: torch.device) -> str:
+    """"auto" -> "triton" on a CUDA device with triton installed, else "torch"; "triton" where it cannot run
+    is an error."""
+    if impl not in SDF_IMPLS:
+        raise ValueError(f"sdf_impl must be one of {SDF_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and sdf_kernel.available(device) else "torch"
+    if impl == "triton" and not sdf_kernel.available(device):
+        raise ValueError(f"the triton SDF kernel cannot run on {device} (needs triton and CUDA, or TRITON_INTERPRET=1)")
+    return impl
+
+
 class HeadSampler:
     def __init__(self, ict_path: str | Path, atlas: Atlas | str | Path | None = None,
-                 device: str | torch.device = "cpu", config: SamplerConfig = SamplerConfig()):
+                 device: str | torch.device = "cpu", config: SamplerConfig = SamplerConfig(), sdf_impl: str = "auto"):
+        """sdf_impl: how distances and winding numbers are computed: "torch" (mesh.ClusteredMesh.query),
+        "triton" (the fused kernel of sdf_kernel.py; a CUDA device, or TRITON_INTERPRET=1 on the CPU), or
+        "auto": triton on CUDA where it is installed, else torch."""
         self.cfg = config
         self.device = torch.device(device)
+        self.sdf_impl = resolve_sdf_impl(sdf_impl, self.device)
         ict = load_ict(ict_path)
         self.atlas = atlas if isinstance(atlas, Atlas) else load_atlas(atlas)
         if not (np.array_equal(self.atlas.faces, ict.faces)
@@ -123,7 +143,7 @@ class HeadSampler:
         (see _init_eye_candidates): one whose centroid lies inside the other component(s) (winding
         number > 0.5) is buried. Lids closing over the eyeball (eyeBlink) are thus handled."""
         cent = verts[:, self.faces[self.eye_faces]].mean(2)                    # (B,E,3)
-        w = self.accel.query(cent, verts, k=self.cfg.k_exact, chunk=self._chunk(), need_distance=False)["winding"]
+        w = self._query(cent, verts, need_distance=False)["winding"]
         other = torch.where(self.eye_is_sclera, w[..., 0], w[..., 1:].sum(-1))
         exposed = self.exposed.expand(len(verts), -1).clone()
         exposed[:, self.eye_faces] = other < 0.5
@@ -134,8 +154,7 @@ class HeadSampler:
         """SDF (B,N) of points (B,N,3) to the closed union surface of meshes verts (B,V,3); negative inside.
         Distances are to `exposed` triangles (default: exposed_faces(verts))."""
         exposed = self.exposed_faces(verts) if exposed is None else exposed
-        r = self.accel.query(points, verts, k=self.cfg.k_exact, k_distance=self.cfg.k_exact, chunk=self._chunk(),
-                             face_mask=exposed)
+        r = self._query(points, verts, face_mask=exposed)
         inside = r["winding"].sum(-1) > 0.5
         return torch.where(inside, -r["distance"], r["distance"])
 
@@ -198,6 +217,13 @@ class HeadSampler:
         cand = np.flatnonzero((ict.face_buried == 0) & ((groups > 0) | near))
         self.eye_faces = torch.as_tensor(cand, device=self.device)
         self.eye_is_sclera = torch.as_tensor(groups[cand] > 0, device=self.device)
+
+    def _query(self, points: torch.Tensor, verts: torch.Tensor, face_mask: torch.Tensor | None = None,
+               need_distance: bool = True) -> dict[str, torch.Tensor]:
+        if self.sdf_impl == "triton":
+            return sdf_kernel.query(self.accel, points, verts, face_mask=face_mask, need_distance=need_distance)
+        return self.accel.query(points, verts, k=self.cfg.k_exact, k_distance=self.cfg.k_exact, chunk=self._chunk(),
+                                face_mask=face_mask, need_distance=need_distance)
 
     def _chunk(self) -> int:
         return 16384 if self.device.type == "cuda" else 2048
