@@ -143,8 +143,14 @@ class HeadSampler:
         (see _init_eye_candidates): one whose centroid lies inside the other component(s) (winding
         number > 0.5) is buried. Lids closing over the eyeball (eyeBlink) are thus handled."""
         cent = verts[:, self.faces[self.eye_faces]].mean(2)                    # (B,E,3)
-        w = self._query(cent, verts, need_distance=False)["winding"]
-        other = torch.where(self.eye_is_sclera, w[..., 0], w[..., 1:].sum(-1))
+        if self.sdf_impl == "triton":     # only the other component's winding number: head for sclera faces
+            other = torch.empty(cent.shape[:2], device=verts.device)
+            for pick, groups in ((self.eye_is_sclera, (0, 1)), (~self.eye_is_sclera, (1, self.accel.n_groups))):
+                w = sdf_kernel.query(self.accel, cent[:, pick], verts, need_distance=False, groups=groups)["winding"]
+                other[:, pick] = w.sum(-1)
+        else:
+            w = self._query(cent, verts, need_distance=False)["winding"]
+            other = torch.where(self.eye_is_sclera, w[..., 0], w[..., 1:].sum(-1))
         exposed = self.exposed.expand(len(verts), -1).clone()
         exposed[:, self.eye_faces] = other < 0.5
         return exposed

@@ -173,13 +173,13 @@ if triton is not None:
 
     @triton.jit
     def _sweep(px, py, pz, active, best2, b, tri_ptr, keep_ptr, valid_ptr, ctab_ptr, stab_ptr, sup_start_ptr,
-               grp_sup_ptr, wind_ptr, woffs, stats_ptr, n_clusters, n_supers, n_groups, beta2, amb_tol,
+               grp_sup_ptr, wind_ptr, woffs, stats_ptr, n_clusters, n_supers, g_lo, g_hi, beta2, amb_tol,
                S: tl.constexpr, NEED_D: tl.constexpr, NEED_W: tl.constexpr, COUNT: tl.constexpr):
         """Distance (into best2) and/or per-group winding numbers (stored where `active`); returns best2 and
         the points whose winding number is ambiguous for some group."""
         s = tl.arange(0, S)
         amb = px != px
-        for g in range(n_groups):
+        for g in range(g_lo, g_hi):
             s_lo = tl.load(grp_sup_ptr + g)
             s_hi = tl.load(grp_sup_ptr + g + 1)
             wg = tl.zeros_like(px)
@@ -243,11 +243,11 @@ if triton is not None:
                 amb = amb | (tl.abs(wg - tl.floor(wg + 0.5)) > amb_tol)
         return best2, amb & active
 
-    @triton.jit(do_not_specialize=["n_points", "n_clusters", "n_supers", "n_groups"])
+    @triton.jit(do_not_specialize=["n_points", "n_clusters", "n_supers", "n_groups", "g_lo", "g_hi"])
     def _query_kernel(pts_ptr, perm_ptr, tri_ptr, keep_ptr, valid_ptr, ctab_ptr, stab_ptr, sup_start_ptr,
-                      grp_sup_ptr, dist_ptr, wind_ptr, stats_ptr, n_points, n_clusters, n_supers, n_groups, beta2,
-                      amb_tol, S: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_C: tl.constexpr, NEED_D: tl.constexpr,
-                      NEED_W: tl.constexpr, COUNT: tl.constexpr):
+                      grp_sup_ptr, dist_ptr, wind_ptr, stats_ptr, n_points, n_clusters, n_supers, n_groups, g_lo,
+                      g_hi, beta2, amb_tol, S: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_C: tl.constexpr,
+                      NEED_D: tl.constexpr, NEED_W: tl.constexpr, COUNT: tl.constexpr):
         b = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < n_points
@@ -286,7 +286,7 @@ if triton is not None:
             best2 = tl.where(mask, best2, -1.0)     # padding lanes never ask for a visit
         woffs = prow * n_groups
         best2, amb = _sweep(px, py, pz, mask, best2, b, tri_ptr, keep_ptr, valid_ptr, ctab_ptr, stab_ptr,
-                            sup_start_ptr, grp_sup_ptr, wind_ptr, woffs, stats_ptr, n_clusters, n_supers, n_groups,
+                            sup_start_ptr, grp_sup_ptr, wind_ptr, woffs, stats_ptr, n_clusters, n_supers, g_lo, g_hi,
                             beta2, amb_tol, S, NEED_D, NEED_W, COUNT)
         if NEED_D:
             tl.store(dist_ptr + prow, tl.sqrt(tl.maximum(best2, 0.0)), mask=mask)
@@ -296,13 +296,13 @@ if triton is not None:
                 tl.atomic_add(stats_ptr + 0, n1)
                 best2, amb = _sweep(px, py, pz, amb, best2, b, tri_ptr, keep_ptr, valid_ptr, ctab_ptr, stab_ptr,
                                     sup_start_ptr, grp_sup_ptr, wind_ptr, woffs, stats_ptr, n_clusters, n_supers,
-                                    n_groups, beta2 * 16.0, amb_tol, S, False, True, COUNT)
+                                    g_lo, g_hi, beta2 * 16.0, amb_tol, S, False, True, COUNT)
                 n2 = tl.sum(amb.to(tl.int32), axis=0)
                 if n2 > 0:
                     tl.atomic_add(stats_ptr + 1, n2)
                     best2, amb = _sweep(px, py, pz, amb, best2, b, tri_ptr, keep_ptr, valid_ptr, ctab_ptr, stab_ptr,
                                         sup_start_ptr, grp_sup_ptr, wind_ptr, woffs, stats_ptr, n_clusters, n_supers,
-                                        n_groups, 3.0e38, amb_tol, S, False, True, COUNT)
+                                        g_lo, g_hi, 3.0e38, amb_tol, S, False, True, COUNT)
                     tl.atomic_add(stats_ptr + 2, tl.sum(amb.to(tl.int32), axis=0))
 
 
@@ -393,13 +393,14 @@ def morton_order(points: torch.Tensor, bits: int = 10) -> torch.Tensor:
 def query(accel: ClusteredMesh, points: torch.Tensor, verts: torch.Tensor, face_mask: torch.Tensor | None = None,
           need_winding: bool = True, need_distance: bool = True, beta: float | None = None, block: int | None = None,
           super_size: int | None = None, sort: bool = True, count: bool = False, num_warps: int | None = None,
-          ambiguous: float = 0.25) -> dict[str, torch.Tensor]:
+          ambiguous: float = 0.25, groups: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """ClusteredMesh.query's answers (float32): distance (B,N) to the nearest triangle with face_mask (B,F)
     True (all without a mask), winding (B,N,G) per group; plus retries (3,) int32: points recomputed with 4x
     beta, points recomputed with every triangle exact, points still ambiguous after that (on the surface).
     With `count`, `visits` (5,) int32 (slower: atomics in the loops): superclusters tested, entered; clusters
     tested, visited for the distance, visited for exact solid angles (over all blocks and sweeps).
-    `ambiguous`: how far from an integer a winding number must be to be recomputed (0: always, for tests)."""
+    `ambiguous`: how far from an integer a winding number must be to be recomputed (0: always, for tests).
+    `groups` (lo, hi): winding numbers of groups lo..hi-1 only (the others are 0)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if not need_winding and not need_distance:
@@ -416,12 +417,15 @@ def query(accel: ClusteredMesh, points: torch.Tensor, verts: torch.Tensor, face_
     perm = morton_order(pts) if sort else torch.arange(n, dtype=torch.int32, device=dev).expand(bsz, -1).contiguous()
     g = accel.n_groups
     dist = torch.empty(bsz, n, device=dev) if need_distance else torch.empty(1, device=dev)
-    wind = torch.empty(bsz, n, g, device=dev) if need_winding else torch.empty(1, device=dev)
+    g_lo, g_hi = (0, g) if groups is None else groups
+    if not 0 <= g_lo < g_hi <= g:
+        raise ValueError(f"groups {groups} outside 0..{g}")
+    wind = torch.zeros(bsz, n, g, device=dev) if need_winding else torch.empty(1, device=dev)
     stats = torch.zeros(8, dtype=torch.int32, device=dev)
     if n:
         _query_kernel[(triton.cdiv(n, block), bsz)](
             pts, perm, tabs["tri"], tabs["keep"], st["valid"], tabs["ctab"], tabs["stab"], st["sup_start"],
-            st["grp_sup"], dist, wind, stats, n, accel.n_clusters, st["n_supers"], g, float(beta) ** 2,
+            st["grp_sup"], dist, wind, stats, n, accel.n_clusters, st["n_supers"], g, g_lo, g_hi, float(beta) ** 2,
             float(ambiguous),
             S=st["S"], BLOCK_N=block, CHUNK_C=CHUNK, NEED_D=need_distance, NEED_W=need_winding,
             COUNT=count, num_warps=num_warps)
