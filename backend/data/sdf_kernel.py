@@ -10,15 +10,18 @@ first, so that a block is compact) and keeps everything on chip:
   block (a box distance is a lower bound on the distance to any triangle in it), so the minimum is exact.
 * winding number per closed group: per cluster, exact solid angles (Van Oosterom & Strackee) for points
   within `beta` cluster radii of its centre, else the first-order far-field (dipole) term (Barill et al.
-  2018). Clusters are grouped into superclusters of SUPER consecutive clusters (consecutive clusters are
-  neighbours: they come from a median-split tree) with their own box, centre, radius and dipole, so a
-  supercluster far from the whole block costs one dipole term. A point whose winding number for any group
-  is more than 0.25 away from an integer (where the far-field error could flip inside/outside) is
-  computed again with 4x beta and then, if still ambiguous, with exact solid angles for every triangle.
+  2018). A point whose winding number for any group is more than 0.25 away from an integer (where the
+  far-field error could flip inside/outside) is computed again with 4x beta and then, if still ambiguous,
+  with exact solid angles for every triangle (the torch path's rule, per group instead of the total).
 
-Both follow the torch path's formulas (mesh._pair_sq_dist, mesh._pair_solid_angle) in float32; atan2 is a
-polynomial (Cephes atanf, ~2e-7 relative) because Triton's interpreter has no libdevice. Under
-TRITON_INTERPRET=1 the kernel runs on the CPU (tests).
+Hierarchy: superclusters of SUPER consecutive clusters (consecutive clusters are neighbours: they come from a
+median-split tree, and never mix groups) with their own box, centre, radius and dipole. The main sweep tests
+SUPER_CHUNK superclusters at a time as one (BLOCK, SUPER_CHUNK) tile; one far from every point of the block
+(and beyond `best`) costs its dipole term; an entered one tests its clusters as one (BLOCK, SUPER) tile, and
+only clusters that need it load their S triangles. Both follow the torch path's formulas
+(mesh._pair_sq_dist, mesh._pair_solid_angle) in float32; atan2 is a polynomial (Cephes atanf, ~2e-7
+relative) because Triton's interpreter has no libdevice. Under TRITON_INTERPRET=1 the kernel runs on the CPU
+(tests).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ except ImportError:  # CPU-only installs: the sampler keeps the torch path
 BLOCK = 16     # points per program (see docs/dev/gpu_notes.md: not yet tuned on a GPU)
 CHUNK = 32     # cluster boxes per step of the upper-bound sweep
 SUPER = 8      # clusters per supercluster
+SUPER_CHUNK = 16   # superclusters tested at a time
 BETA = 2.0     # far-field criterion: |p - centre| > BETA * radius (Barill et al. use 2)
 NUM_WARPS = 4
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -154,90 +158,106 @@ if triton is not None:
         return dx * dx + dy * dy + dz * dz
 
     @triton.jit
-    def _far(px, py, pz, tab, active, beta2):
-        """(near mask, dipole term) of the cluster/supercluster whose table row starts at `tab`."""
-        rx = tl.load(tab + 6) - px
-        ry = tl.load(tab + 7) - py
-        rz = tl.load(tab + 8) - pz
+    def _rows(px, py, pz, tab, rmask, active, beta2):
+        """For table rows `tab` (K,) (clusters or superclusters; rmask: real rows): squared box distance, near
+        mask (within beta radii of the centre) and dipole term, each (BLOCK, K)."""
+        inf = float("inf")
+        lb2 = _box_sq(px[:, None], py[:, None], pz[:, None], tl.load(tab + 0, mask=rmask, other=inf)[None, :],
+                      tl.load(tab + 1, mask=rmask, other=inf)[None, :],
+                      tl.load(tab + 2, mask=rmask, other=inf)[None, :],
+                      tl.load(tab + 3, mask=rmask, other=-inf)[None, :],
+                      tl.load(tab + 4, mask=rmask, other=-inf)[None, :],
+                      tl.load(tab + 5, mask=rmask, other=-inf)[None, :])
+        rx = tl.load(tab + 6, mask=rmask, other=0.0)[None, :] - px[:, None]
+        ry = tl.load(tab + 7, mask=rmask, other=0.0)[None, :] - py[:, None]
+        rz = tl.load(tab + 8, mask=rmask, other=0.0)[None, :] - pz[:, None]
         d2 = rx * rx + ry * ry + rz * rz
-        r = tl.load(tab + 12)
-        near = (d2 <= beta2 * (r * r)) & active
-        dot = rx * tl.load(tab + 9) + ry * tl.load(tab + 10) + rz * tl.load(tab + 11)
-        far = dot / (12.566370614359172 * d2 * tl.sqrt(d2))
-        return near, far
-
-    @triton.jit
-    def _lower(px, py, pz, tab):
-        return _box_sq(px, py, pz, tl.load(tab + 0), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3),
-                       tl.load(tab + 4), tl.load(tab + 5))
+        r = tl.load(tab + 12, mask=rmask, other=0.0)[None, :]
+        near = (d2 <= beta2 * (r * r)) & active[:, None] & rmask[None, :]
+        dot = (rx * tl.load(tab + 9, mask=rmask, other=0.0)[None, :]
+               + ry * tl.load(tab + 10, mask=rmask, other=0.0)[None, :]
+               + rz * tl.load(tab + 11, mask=rmask, other=0.0)[None, :])
+        d2 = tl.where(d2 > 0, d2, 1.0)          # a point at a centre is near it; padding lanes sit at 0
+        far = tl.where(rmask[None, :], dot / (12.566370614359172 * d2 * tl.sqrt(d2)), 0.0)
+        return lb2, near, far
 
     @triton.jit
     def _sweep(px, py, pz, active, best2, b, tri_ptr, keep_ptr, valid_ptr, ctab_ptr, stab_ptr, sup_start_ptr,
                grp_sup_ptr, wind_ptr, woffs, stats_ptr, n_clusters, n_supers, g_lo, g_hi, beta2, amb_tol,
-               S: tl.constexpr, NEED_D: tl.constexpr, NEED_W: tl.constexpr, COUNT: tl.constexpr):
+               S: tl.constexpr, SP: tl.constexpr, SCH: tl.constexpr, NEED_D: tl.constexpr, NEED_W: tl.constexpr,
+               COUNT: tl.constexpr):
         """Distance (into best2) and/or per-group winding numbers (stored where `active`); returns best2 and
-        the points whose winding number is ambiguous for some group."""
+        the points whose winding number is ambiguous for some group. Superclusters are tested SCH at a time,
+        the clusters of an entered supercluster (at most SP) all at once; triangles one cluster at a time."""
         s = tl.arange(0, S)
+        ks = tl.arange(0, SCH)
+        kc = tl.arange(0, SP)
         amb = px != px
         for g in range(g_lo, g_hi):
             s_lo = tl.load(grp_sup_ptr + g)
             s_hi = tl.load(grp_sup_ptr + g + 1)
             wg = tl.zeros_like(px)
-            for si in range(s_lo, s_hi):
-                stab = stab_ptr + (b * n_supers + si) * 16
-                go = 0
+            for s0 in range(s_lo, s_hi, SCH):
+                sm = (s0 + ks) < s_hi
+                lb2s, near_s, far_s = _rows(px, py, pz, stab_ptr + (b * n_supers + s0 + ks) * 16, sm, active, beta2)
+                go = tl.zeros([SCH], tl.int32)
                 if NEED_D:
-                    go = go + tl.max((_lower(px, py, pz, stab) < best2).to(tl.int32), axis=0)
+                    go = go | tl.max((lb2s < best2[:, None]).to(tl.int32), axis=0)
                 if NEED_W:
-                    near_s, far_s = _far(px, py, pz, stab, active, beta2)
-                    go = go + tl.max(near_s.to(tl.int32), axis=0)
+                    go = go | tl.max(near_s.to(tl.int32), axis=0)
+                    wg += tl.sum(tl.where(go[None, :] > 0, 0.0, far_s), axis=1)
                 if COUNT:
-                    tl.atomic_add(stats_ptr + 3, 1)
-                    tl.atomic_add(stats_ptr + 4, tl.where(go > 0, 1, 0))
-                if go > 0:
-                    c_lo = tl.load(sup_start_ptr + si)
-                    c_hi = tl.load(sup_start_ptr + si + 1)
-                    for c in range(c_lo, c_hi):
-                        row = b * n_clusters + c
-                        ctab = ctab_ptr + row * 16
-                        visit_d = 0
-                        visit_w = 0
-                        if NEED_D:
-                            visit_d = tl.max((_lower(px, py, pz, ctab) < best2).to(tl.int32), axis=0)
-                        if NEED_W:
-                            near, far = _far(px, py, pz, ctab, active, beta2)
-                            visit_w = tl.max(near.to(tl.int32), axis=0)
-                        if COUNT:
-                            tl.atomic_add(stats_ptr + 5, 1)
-                            tl.atomic_add(stats_ptr + 6, tl.where(visit_d > 0, 1, 0))
-                            tl.atomic_add(stats_ptr + 7, tl.where(visit_w > 0, 1, 0))
-                        if visit_d + visit_w > 0:
-                            tb = tri_ptr + row * (9 * S) + s
-                            ax = tl.load(tb + 0 * S)[None, :]
-                            ay = tl.load(tb + 1 * S)[None, :]
-                            az = tl.load(tb + 2 * S)[None, :]
-                            bx = tl.load(tb + 3 * S)[None, :]
-                            by = tl.load(tb + 4 * S)[None, :]
-                            bz = tl.load(tb + 5 * S)[None, :]
-                            cx = tl.load(tb + 6 * S)[None, :]
-                            cy = tl.load(tb + 7 * S)[None, :]
-                            cz = tl.load(tb + 8 * S)[None, :]
-                            if NEED_D:
-                                if visit_d > 0:
-                                    keep = tl.load(keep_ptr + row * S + s)[None, :]
-                                    best2 = tl.minimum(best2, _sq_dist(px[:, None], py[:, None], pz[:, None], ax, ay,
-                                                                       az, bx, by, bz, cx, cy, cz, keep))
+                    tl.atomic_add(stats_ptr + 3, tl.sum(sm.to(tl.int32), axis=0))
+                    tl.atomic_add(stats_ptr + 4, tl.sum(go, axis=0))
+                if tl.max(go, axis=0) > 0:
+                    for j in range(0, SCH):
+                        if tl.sum(tl.where(ks == j, go, 0), axis=0) > 0:
+                            c_lo = tl.load(sup_start_ptr + s0 + j)
+                            c_hi = tl.load(sup_start_ptr + s0 + j + 1)
+                            cm = (c_lo + kc) < c_hi
+                            lb2c, near_c, far_c = _rows(px, py, pz, ctab_ptr + (b * n_clusters + c_lo + kc) * 16, cm,
+                                                        active, beta2)
                             if NEED_W:
-                                if visit_w > 0:
-                                    valid = tl.load(valid_ptr + c * S + s)[None, :]
-                                    exact = _solid(px[:, None], py[:, None], pz[:, None], ax, ay, az, bx, by, bz, cx,
-                                                   cy, cz, valid)
-                                    far = tl.where(near, exact, far)
-                        if NEED_W:
-                            wg += far
-                else:
-                    if NEED_W:
-                        wg += far_s
+                                wg += tl.sum(tl.where(near_c, 0.0, far_c), axis=1)
+                                any_near = tl.max(near_c.to(tl.int32), axis=0)
+                            for jj in range(0, c_hi - c_lo):
+                                col = kc[None, :] == jj
+                                visit_d = 0
+                                visit_w = 0
+                                if NEED_D:     # against the current best: it shrinks along the loop
+                                    lbj = tl.min(tl.where(col, lb2c, float("inf")), axis=1)
+                                    visit_d = tl.max((lbj < best2).to(tl.int32), axis=0)
+                                if NEED_W:
+                                    visit_w = tl.sum(tl.where(kc == jj, any_near, 0), axis=0)
+                                if COUNT:
+                                    tl.atomic_add(stats_ptr + 5, 1)
+                                    tl.atomic_add(stats_ptr + 6, tl.where(visit_d > 0, 1, 0))
+                                    tl.atomic_add(stats_ptr + 7, tl.where(visit_w > 0, 1, 0))
+                                if visit_d + visit_w > 0:
+                                    row = b * n_clusters + c_lo + jj
+                                    tb = tri_ptr + row * (9 * S) + s
+                                    ax = tl.load(tb + 0 * S)[None, :]
+                                    ay = tl.load(tb + 1 * S)[None, :]
+                                    az = tl.load(tb + 2 * S)[None, :]
+                                    bx = tl.load(tb + 3 * S)[None, :]
+                                    by = tl.load(tb + 4 * S)[None, :]
+                                    bz = tl.load(tb + 5 * S)[None, :]
+                                    cx = tl.load(tb + 6 * S)[None, :]
+                                    cy = tl.load(tb + 7 * S)[None, :]
+                                    cz = tl.load(tb + 8 * S)[None, :]
+                                    if NEED_D:
+                                        if visit_d > 0:
+                                            keep = tl.load(keep_ptr + row * S + s)[None, :]
+                                            d2 = _sq_dist(px[:, None], py[:, None], pz[:, None], ax, ay, az, bx, by,
+                                                          bz, cx, cy, cz, keep)
+                                            best2 = tl.minimum(best2, d2)
+                                    if NEED_W:
+                                        if visit_w > 0:
+                                            near = tl.max(tl.where(col, near_c.to(tl.int32), 0), axis=1) > 0
+                                            valid = tl.load(valid_ptr + (c_lo + jj) * S + s)[None, :]
+                                            exact = _solid(px[:, None], py[:, None], pz[:, None], ax, ay, az, bx, by,
+                                                           bz, cx, cy, cz, valid)
+                                            wg += tl.where(near, exact, 0.0)
             if NEED_W:
                 tl.store(wind_ptr + woffs + g, wg, mask=active)
                 amb = amb | (tl.abs(wg - tl.floor(wg + 0.5)) > amb_tol)
@@ -246,8 +266,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=["n_points", "n_clusters", "n_supers", "n_groups", "g_lo", "g_hi"])
     def _query_kernel(pts_ptr, perm_ptr, tri_ptr, keep_ptr, valid_ptr, ctab_ptr, stab_ptr, sup_start_ptr,
                       grp_sup_ptr, dist_ptr, wind_ptr, stats_ptr, n_points, n_clusters, n_supers, n_groups, g_lo,
-                      g_hi, beta2, amb_tol, S: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_C: tl.constexpr,
-                      NEED_D: tl.constexpr, NEED_W: tl.constexpr, COUNT: tl.constexpr):
+                      g_hi, beta2, amb_tol, S: tl.constexpr, SP: tl.constexpr, SCH: tl.constexpr,
+                      BLOCK_N: tl.constexpr, CHUNK_C: tl.constexpr, NEED_D: tl.constexpr, NEED_W: tl.constexpr,
+                      COUNT: tl.constexpr):
         b = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < n_points
@@ -287,7 +308,7 @@ if triton is not None:
         woffs = prow * n_groups
         best2, amb = _sweep(px, py, pz, mask, best2, b, tri_ptr, keep_ptr, valid_ptr, ctab_ptr, stab_ptr,
                             sup_start_ptr, grp_sup_ptr, wind_ptr, woffs, stats_ptr, n_clusters, n_supers, g_lo, g_hi,
-                            beta2, amb_tol, S, NEED_D, NEED_W, COUNT)
+                            beta2, amb_tol, S, SP, SCH, NEED_D, NEED_W, COUNT)
         if NEED_D:
             tl.store(dist_ptr + prow, tl.sqrt(tl.maximum(best2, 0.0)), mask=mask)
         if NEED_W:
@@ -296,13 +317,13 @@ if triton is not None:
                 tl.atomic_add(stats_ptr + 0, n1)
                 best2, amb = _sweep(px, py, pz, amb, best2, b, tri_ptr, keep_ptr, valid_ptr, ctab_ptr, stab_ptr,
                                     sup_start_ptr, grp_sup_ptr, wind_ptr, woffs, stats_ptr, n_clusters, n_supers,
-                                    g_lo, g_hi, beta2 * 16.0, amb_tol, S, False, True, COUNT)
+                                    g_lo, g_hi, beta2 * 16.0, amb_tol, S, SP, SCH, False, True, COUNT)
                 n2 = tl.sum(amb.to(tl.int32), axis=0)
                 if n2 > 0:
                     tl.atomic_add(stats_ptr + 1, n2)
                     best2, amb = _sweep(px, py, pz, amb, best2, b, tri_ptr, keep_ptr, valid_ptr, ctab_ptr, stab_ptr,
                                         sup_start_ptr, grp_sup_ptr, wind_ptr, woffs, stats_ptr, n_clusters, n_supers,
-                                        g_lo, g_hi, 3.0e38, amb_tol, S, False, True, COUNT)
+                                        g_lo, g_hi, 3.0e38, amb_tol, S, SP, SCH, False, True, COUNT)
                     tl.atomic_add(stats_ptr + 2, tl.sum(amb.to(tl.int32), axis=0))
 
 
@@ -427,7 +448,8 @@ def query(accel: ClusteredMesh, points: torch.Tensor, verts: torch.Tensor, face_
             pts, perm, tabs["tri"], tabs["keep"], st["valid"], tabs["ctab"], tabs["stab"], st["sup_start"],
             st["grp_sup"], dist, wind, stats, n, accel.n_clusters, st["n_supers"], g, g_lo, g_hi, float(beta) ** 2,
             float(ambiguous),
-            S=st["S"], BLOCK_N=block, CHUNK_C=CHUNK, NEED_D=need_distance, NEED_W=need_winding,
+            S=st["S"], SP=triton.next_power_of_2(super_size), SCH=SUPER_CHUNK, BLOCK_N=block, CHUNK_C=CHUNK,
+            NEED_D=need_distance, NEED_W=need_winding,
             COUNT=count, num_warps=num_warps)
     out = {"retries": stats[:3]}
     if count:
