@@ -140,7 +140,7 @@ def compare_synthetic(device: str, n_points: int = 96) -> dict:
     p32, v32, m = p64.float().to(device), v64.float().to(device), mask.to(device)
     out = {}
     configs: list[tuple[str, int, int, dict]] = [
-        ("leaf32", 32, n_points, {}), ("leaf24_unsorted", 24, n_points, {"sort": False, "block": 32}),
+        ("leaf32", 32, n_points, {}), ("leaf24_unsorted", 24, 48, {"sort": False, "block": 32}),
         ("forced_retries", 32, 32, {"ambiguous": 0.0})]      # every point takes all three sweeps
     for name, leaf, n, kw in configs:
         cm = mesh.ClusteredMesh(v, f, groups, leaf=leaf, device=device)
@@ -186,6 +186,7 @@ def compare_ict(device: str, n_points: int = 32, n_eye: int | None = 32) -> dict
     is_sclera = s.eye_is_sclera.cpu()[pick]
     # the sampler's own path, on the picked faces only (the interpreter is slow)
     s.eye_faces, s.eye_is_sclera = s.eye_faces[pick.to(device)], s.eye_is_sclera[pick.to(device)]
+    s.eye_sclera_idx, s.eye_head_idx = (torch.nonzero(x).flatten() for x in (s.eye_is_sclera, ~s.eye_is_sclera))
     exposed_kernel = s.exposed_faces(posed)[0, s.eye_faces].cpu()
     head = faces[torch.as_tensor(s.accel.cluster_faces[:s.accel.group_bounds[1]].flatten().unique().cpu())]
     sclera = faces[torch.as_tensor(s.accel.cluster_faces[s.accel.group_bounds[1]:].flatten().unique().cpu())]

@@ -145,8 +145,10 @@ class HeadSampler:
         cent = verts[:, self.faces[self.eye_faces]].mean(2)                    # (B,E,3)
         if self.sdf_impl == "triton":     # only the other component's winding number: head for sclera faces
             other = torch.empty(cent.shape[:2], device=verts.device)
-            for pick, groups in ((self.eye_is_sclera, (0, 1)), (~self.eye_is_sclera, (1, self.accel.n_groups))):
-                w = sdf_kernel.query(self.accel, cent[:, pick], verts, need_distance=False, groups=groups)["winding"]
+            tables = sdf_kernel.prepare(self.accel, verts)
+            for pick, groups in ((self.eye_sclera_idx, (0, 1)), (self.eye_head_idx, (1, self.accel.n_groups))):
+                w = sdf_kernel.query(self.accel, cent[:, pick], verts, need_distance=False, groups=groups,
+                                     tables=tables)["winding"]
                 other[:, pick] = w.sum(-1)
         else:
             w = self._query(cent, verts, need_distance=False)["winding"]
@@ -223,6 +225,8 @@ class HeadSampler:
         cand = np.flatnonzero((ict.face_buried == 0) & ((groups > 0) | near))
         self.eye_faces = torch.as_tensor(cand, device=self.device)
         self.eye_is_sclera = torch.as_tensor(groups[cand] > 0, device=self.device)
+        self.eye_sclera_idx = torch.as_tensor(np.flatnonzero(groups[cand] > 0), device=self.device)
+        self.eye_head_idx = torch.as_tensor(np.flatnonzero(groups[cand] == 0), device=self.device)
 
     def _query(self, points: torch.Tensor, verts: torch.Tensor, face_mask: torch.Tensor | None = None,
                need_distance: bool = True) -> dict[str, torch.Tensor]:

@@ -392,7 +392,8 @@ def prepare(accel: ClusteredMesh, verts: torch.Tensor, face_mask: torch.Tensor |
     if sp > s:
         tri = torch.nn.functional.pad(tri, (0, sp - s))
         keep = torch.nn.functional.pad(keep, (0, sp - s))
-    return {"tri": tri.contiguous(), "keep": keep.to(torch.int8).contiguous(), "ctab": ctab, "stab": stab}
+    return {"tri": tri.contiguous(), "keep": keep.to(torch.int8).contiguous(), "ctab": ctab, "stab": stab,
+            "super_size": SUPER if super_size is None else super_size, "face_mask": face_mask}
 
 
 def morton_order(points: torch.Tensor, bits: int = 10) -> torch.Tensor:
@@ -414,14 +415,16 @@ def morton_order(points: torch.Tensor, bits: int = 10) -> torch.Tensor:
 def query(accel: ClusteredMesh, points: torch.Tensor, verts: torch.Tensor, face_mask: torch.Tensor | None = None,
           need_winding: bool = True, need_distance: bool = True, beta: float | None = None, block: int | None = None,
           super_size: int | None = None, sort: bool = True, count: bool = False, num_warps: int | None = None,
-          ambiguous: float = 0.25, groups: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+          ambiguous: float = 0.25, groups: tuple[int, int] | None = None,
+          tables: dict | None = None) -> dict[str, torch.Tensor]:
     """ClusteredMesh.query's answers (float32): distance (B,N) to the nearest triangle with face_mask (B,F)
     True (all without a mask), winding (B,N,G) per group; plus retries (3,) int32: points recomputed with 4x
     beta, points recomputed with every triangle exact, points still ambiguous after that (on the surface).
     With `count`, `visits` (5,) int32 (slower: atomics in the loops): superclusters tested, entered; clusters
     tested, visited for the distance, visited for exact solid angles (over all blocks and sweeps).
     `ambiguous`: how far from an integer a winding number must be to be recomputed (0: always, for tests).
-    `groups` (lo, hi): winding numbers of groups lo..hi-1 only (the others are 0)."""
+    `groups` (lo, hi): winding numbers of groups lo..hi-1 only (the others are 0). `tables`: prepare()'s
+    output for these verts, to share between queries (its face mask is the one used)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if not need_winding and not need_distance:
@@ -433,7 +436,11 @@ def query(accel: ClusteredMesh, points: torch.Tensor, verts: torch.Tensor, face_
     bsz, n = points.shape[:2]
     dev = points.device
     st = _structure(accel, super_size)
-    tabs = prepare(accel, verts, face_mask if need_distance else None, super_size)
+    if tables is not None and tables["super_size"] != super_size:
+        raise ValueError(f"tables were prepared for superclusters of {tables['super_size']}, not {super_size}")
+    if tables is not None and tables["face_mask"] is not face_mask and need_distance:
+        raise ValueError("tables were prepared with another face mask")
+    tabs = tables or prepare(accel, verts, face_mask if need_distance else None, super_size)
     pts = points.float().contiguous()
     perm = morton_order(pts) if sort else torch.arange(n, dtype=torch.int32, device=dev).expand(bsz, -1).contiguous()
     g = accel.n_groups
