@@ -24,6 +24,8 @@ def _run(run_python, call: str) -> dict:
 
 
 def _check_synthetic(out: dict, dist_tol: float) -> None:
+    groups = out.pop("groups_1_2")
+    assert groups["group0_nonzero"] == 0 and groups["sign_differs"] == 0 and groups["n_inside"] > 4, groups
     for name, r in out.items():
         assert r["n_inside"] > 10 and r["n_outside"] > 10, (name, r)      # both outcomes occur
         assert r["n_decided"] > 0.9 * r["n"], (name, r)
@@ -146,6 +148,12 @@ def compare_synthetic(device: str, n_points: int = 96) -> dict:
         cm = mesh.ClusteredMesh(v, f, groups, leaf=leaf, device=device)
         r = sdf_kernel.query(cm, p32[:, :n], v32, face_mask=m, **kw)
         out[name] = _summary(r["distance"], r["winding"], d_ref[:, :n], w_ref[:, :n], r["retries"].tolist())
+    # winding numbers of groups 1 and 2 only (the exposure re-test's query); group 0 stays 0
+    r = sdf_kernel.query(cm, p32, v32, need_distance=False, groups=(1, 3))
+    w = r["winding"].double().cpu()
+    out["groups_1_2"] = {"group0_nonzero": int((w[..., 0] != 0).sum()),
+                         "sign_differs": int(((w[..., 1:] > 0.5) != (w_ref[..., 1:] > 0.5)).sum()),
+                         "n_inside": int((w_ref[..., 1:] > 0.5).sum())}
     return out
 
 
