@@ -64,6 +64,20 @@ def test_sdf_impl_choice():
             resolve_sdf_impl("triton", cpu)
     with pytest.raises(ValueError, match="sdf_impl"):
         resolve_sdf_impl("numpy", cpu)
+    # a kernel failure falls back to the torch path (with a warning) only where the kernel was chosen automatically
+    from backend.data.sampler import HeadSampler
+
+    def broken() -> int:
+        raise RuntimeError("no compile")
+
+    s = HeadSampler.__new__(HeadSampler)
+    s.sdf_impl, s._sdf_auto = "triton", True
+    with pytest.warns(UserWarning, match="torch path"):
+        assert s._with_fallback(broken, lambda: 5) == 5
+    assert s.sdf_impl == "torch" and s._with_fallback(broken, lambda: 6) == 6
+    s.sdf_impl, s._sdf_auto = "triton", False
+    with pytest.raises(RuntimeError, match="no compile"):
+        s._with_fallback(broken, lambda: 5)
 
 
 def test_kernel_on_a_gpu_matches_float64_reference():

@@ -29,8 +29,11 @@ Triton kernel of sdf_kernel.py (same answers; `sdf_impl` picks the implementatio
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ from .atlas import Atlas, load_atlas
 from .ict import closed_groups, load_ict
 
 
+T = TypeVar("T")
 EYE_MARGIN = 0.003    # metres from a sclera within which exposed head triangles are re-tested per mesh
 # thin, small parts whose defects show most (lip slits, nostril notches, lids, ears): SamplerConfig.detail_weight
 # multiplies their area for surface and near-surface samples
@@ -88,6 +92,7 @@ class HeadSampler:
         self.cfg = config
         self.device = torch.device(device)
         self.sdf_impl = resolve_sdf_impl(sdf_impl, self.device)
+        self._sdf_auto = sdf_impl == "auto"
         ict = load_ict(ict_path)
         self.atlas = atlas if isinstance(atlas, Atlas) else load_atlas(atlas)
         if not (np.array_equal(self.atlas.faces, ict.faces)
@@ -143,16 +148,21 @@ class HeadSampler:
         (see _init_eye_candidates): one whose centroid lies inside the other component(s) (winding
         number > 0.5) is buried. Lids closing over the eyeball (eyeBlink) are thus handled."""
         cent = verts[:, self.faces[self.eye_faces]].mean(2)                    # (B,E,3)
-        if self.sdf_impl == "triton":     # only the other component's winding number: head for sclera faces
+
+        def kernel() -> torch.Tensor:     # only the other component's winding number: head for sclera faces
             other = torch.empty(cent.shape[:2], device=verts.device)
             tables = sdf_kernel.prepare(self.accel, verts)
             for pick, groups in ((self.eye_sclera_idx, (0, 1)), (self.eye_head_idx, (1, self.accel.n_groups))):
                 w = sdf_kernel.query(self.accel, cent[:, pick], verts, need_distance=False, groups=groups,
                                      tables=tables)["winding"]
                 other[:, pick] = w.sum(-1)
-        else:
-            w = self._query(cent, verts, need_distance=False)["winding"]
-            other = torch.where(self.eye_is_sclera, w[..., 0], w[..., 1:].sum(-1))
+            return other
+
+        def torch_path() -> torch.Tensor:
+            w = self.accel.query(cent, verts, k=self.cfg.k_exact, chunk=self._chunk(), need_distance=False)["winding"]
+            return torch.where(self.eye_is_sclera, w[..., 0], w[..., 1:].sum(-1))
+
+        other = self._with_fallback(kernel, torch_path)
         exposed = self.exposed.expand(len(verts), -1).clone()
         exposed[:, self.eye_faces] = other < 0.5
         return exposed
@@ -228,12 +238,25 @@ class HeadSampler:
         self.eye_sclera_idx = torch.as_tensor(np.flatnonzero(groups[cand] > 0), device=self.device)
         self.eye_head_idx = torch.as_tensor(np.flatnonzero(groups[cand] == 0), device=self.device)
 
-    def _query(self, points: torch.Tensor, verts: torch.Tensor, face_mask: torch.Tensor | None = None,
-               need_distance: bool = True) -> dict[str, torch.Tensor]:
+    def _query(self, points: torch.Tensor, verts: torch.Tensor,
+               face_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self._with_fallback(
+            lambda: sdf_kernel.query(self.accel, points, verts, face_mask=face_mask),
+            lambda: self.accel.query(points, verts, k=self.cfg.k_exact, k_distance=self.cfg.k_exact,
+                                     chunk=self._chunk(), face_mask=face_mask))
+
+    def _with_fallback(self, kernel: Callable[[], T], torch_path: Callable[[], T]) -> T:
+        """The kernel where sdf_impl is "triton"; if it fails where it was only chosen automatically (say, a
+        GPU where it does not compile), warn once and use the torch path from then on."""
         if self.sdf_impl == "triton":
-            return sdf_kernel.query(self.accel, points, verts, face_mask=face_mask, need_distance=need_distance)
-        return self.accel.query(points, verts, k=self.cfg.k_exact, k_distance=self.cfg.k_exact, chunk=self._chunk(),
-                                face_mask=face_mask, need_distance=need_distance)
+            try:
+                return kernel()
+            except Exception as e:
+                if not self._sdf_auto:
+                    raise
+                warnings.warn(f"the Triton SDF kernel failed ({e!r}); the sampler uses the torch path", stacklevel=3)
+                self.sdf_impl = "torch"
+        return torch_path()
 
     def _chunk(self) -> int:
         return 16384 if self.device.type == "cuda" else 2048
