@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     impls = args.impl or (["torch", "triton"] if sdf_kernel.available(device) else ["torch"])
+    if "triton" in impls and not sdf_kernel.available(device):
+        p.error(f"the triton SDF kernel cannot run on {device} (needs triton and CUDA, or TRITON_INTERPRET=1)")
     sampler = HeadSampler(args.ict, args.atlas, device=device, sdf_impl="torch")
     sdf_kernel.BLOCK, sdf_kernel.NUM_WARPS, sdf_kernel.BETA, sdf_kernel.SUPER = (args.block, args.warps, args.beta,
                                                                                  args.super)
