@@ -57,6 +57,10 @@ JITTER, JITTER_TRIES = 2e-6, 2  # m, tries: where copies go, the motion must not
 ROBUST_TOL = 0.1  # of the edge's length: the motion at a moved point counts as the same
 COPY_STRETCH = 2.0  # a copy's edge to its own end stretches at most this much under the expression
 SETTLE_STEP, SETTLE_TRIES = 0.25, 3  # a vertex with a non-robust root moves this much toward its neighbours' mean
+# m: the jitters _settle tests a vertex's root with (one try each). Beside the slit the other lip's root can
+# take over anywhere within ~0.3 mm of a vertex (docs/surface.md), which 2 um tries alone do not see.
+SETTLE_JITTERS = (JITTER,) * 4 + (2e-5,) * 8 + (5e-5,) * 4
+STRETCH_LIMIT = 3.0  # issue 13's limit: a settled vertex keeps most of its edges within it under the expression
 LEVEL_RINGS = 2  # edge rings around a vertex that set its own cut level (_local_level)
 MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut (the expression does not part them)
 # Vertices whose template point is within this of the MOTION_CUTS zones' template vertices follow the expression
@@ -209,14 +213,14 @@ class SurfaceOpener:
         return arrays, opened
 
 
-def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """The motion at points (P,3) and whether it stays within tol (P,) when the points move by JITTER, in each of
-    JITTER_TRIES tries: near the lips' contact the backward warp has nearly singular roots, and which one the root
+def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol: np.ndarray,
+            jitters: tuple[float, ...] = (JITTER,) * JITTER_TRIES) -> tuple[np.ndarray, np.ndarray]:
+    """The motion at points (P,3) and whether it stays within tol (P,) when the points move by each of `jitters`
+    (m, one try each): near the lips' contact the backward warp has nearly singular roots, and which one the root
     finder takes can change with its float rounding (the batch of points, the threads, the device)."""
     flat = np.asarray(points, np.float32)
     rng = np.random.default_rng(0)
-    tries = [flat] + [flat + rng.normal(0.0, JITTER, flat.shape).astype(np.float32) for _ in range(JITTER_TRIES)]
+    tries = [flat] + [flat + rng.normal(0.0, j, flat.shape).astype(np.float32) for j in jitters]
     # One root-finding call for all tries: on a GPU its cost is the iteration count, not the points.
     d, *moved = np.split(motion(np.concatenate(tries)), len(tries))
     robust = np.ones(len(flat), bool)
@@ -227,10 +231,12 @@ def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol:
 
 def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
             ) -> tuple[dict[str, np.ndarray], int]:
-    """Move the zone's vertices on or next to the mesh boundary whose root is not robust (_robust) a step toward
-    their neighbours' mean (SETTLE_STEP of the way, up to SETTLE_TRIES times), away from the contact where the
-    root is ambiguous, and keep the first robust position (else the vertex stays). Their attributes are then
-    recomputed (mesh_cut.NEW). Returns the arrays and how many vertices moved."""
+    """Move the zone's vertices on or next to the mesh boundary whose root is not robust (_robust with
+    SETTLE_JITTERS) or parts from most of their neighbours' (an edge to them would stretch beyond STRETCH_LIMIT: the
+    other lip's root) a step toward their neighbours' mean (SETTLE_STEP of the way, up to SETTLE_TRIES times),
+    away from the contact where the root is ambiguous, and keep the first position that is robust and follows
+    the neighbours (else the vertex stays). Their attributes are then recomputed (mesh_cut.NEW). Returns the
+    arrays and how many vertices moved."""
     faces = np.asarray(arrays["faces"], np.int64)
     edges, count = unique_edges(faces)
     n = len(arrays["canonical"])
@@ -251,15 +257,53 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
         np.add.at(reach, a, np.linalg.norm(canon[a] - canon[b], axis=1))
     mean = total / np.maximum(degree, 1)[:, None]
     tol = ROBUST_TOL * reach / np.maximum(degree, 1)
-    # The vertex itself (step 0) and every trial position tested in one _robust call.
-    steps = np.minimum(1.0, np.arange(SETTLE_TRIES + 1) * SETTLE_STEP)
-    trials = canon[cand][None] + steps[:, None, None] * (mean[cand] - canon[cand])[None]
-    _, ok = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand], len(steps)))
-    ok = ok.reshape(len(steps), len(cand))
-    first = np.argmax(ok, axis=0)  # the first robust position; 0: the vertex is robust where it is
-    fix = (first > 0) & ok[first, np.arange(len(cand))]
+    # The motion of the candidates (tested) and of their other neighbours (once), then each candidate's edges
+    is_cand = np.zeros(n, bool)
+    is_cand[cand] = True
+    ring = np.zeros(n, bool)
+    ring[edges[is_cand[edges[:, 0]], 1]] = True
+    ring[edges[is_cand[edges[:, 1]], 0]] = True
+    ring &= ~is_cand
+    others = np.flatnonzero(ring)
+    d, ok0 = _robust(canon[cand], motion, tol[cand], SETTLE_JITTERS)
+    disp = np.zeros((n, 3))
+    disp[cand] = d
+    if len(others):
+        disp[others] = motion(canon[others])
+    pairs = edges[is_cand[edges[:, 0]] | is_cand[edges[:, 1]]]
+    pairs = np.concatenate([pairs, pairs[:, ::-1]])
+    pairs = pairs[is_cand[pairs[:, 0]]]  # (candidate, neighbour)
+
+    def follows(v: np.ndarray, pos: np.ndarray, dv: np.ndarray) -> np.ndarray:
+        """Whether candidates v at positions pos moving dv keep at least half their edges within STRETCH_LIMIT."""
+        slot = np.full(n, -1, np.int64)
+        slot[v] = np.arange(len(v))  # v: distinct vertices
+        p = pairs[slot[pairs[:, 0]] >= 0]
+        i = slot[p[:, 0]]
+        rest = np.linalg.norm(pos[i] - canon[p[:, 1]], axis=1)
+        now = np.linalg.norm(pos[i] + dv[i] - canon[p[:, 1]] - disp[p[:, 1]], axis=1)
+        good = np.bincount(i, now <= STRETCH_LIMIT * rest, minlength=len(v))
+        return good >= 0.5 * np.bincount(i, minlength=len(v))
+
+    ok0 &= follows(cand, canon[cand], d)
+    bad = np.flatnonzero(~ok0)
+    steps = np.minimum(1.0, np.arange(1, SETTLE_TRIES + 1) * SETTLE_STEP)
+    trials = canon[cand[bad]][None] + steps[:, None, None] * (mean[cand[bad]] - canon[cand[bad]])[None]
+    ok = np.zeros((len(steps), len(bad)), bool)
+    if len(bad):
+        dt, okt = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand[bad]], len(steps)), SETTLE_JITTERS)
+        ok = okt.reshape(len(steps), len(bad))
+        dt = dt.reshape(len(steps), len(bad), 3)
+        for j in range(len(steps)):
+            ok[j] &= follows(cand[bad], trials[j], dt[j])
+    first = np.argmax(ok, axis=0)  # the first position that is robust and follows the neighbours
+    good = ok[first, np.arange(len(bad))]
+    fix = np.zeros(len(cand), bool)
+    fix[bad[good]] = True
+    trials_of = np.zeros((len(cand), 3))
+    trials_of[bad[good]] = trials[first[good], np.flatnonzero(good)]
     pos = canon.copy()
-    pos[cand[fix]] = trials[first[fix], np.flatnonzero(fix)]
+    pos[cand[fix]] = trials_of[fix]
     moved = np.zeros(n, bool)
     moved[cand[fix]] = True
     if not moved.any():
