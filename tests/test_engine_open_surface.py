@@ -218,6 +218,20 @@ def test_settle_moves_a_boundary_vertex_off_the_other_sides_root():
     posed = out["canonical"] + motion(out["canonical"])
     assert sm.edge_stretch(out["canonical"], posed, faces).max() < 1.01
 
+    def unsolved(p: np.ndarray) -> np.ndarray:  # no root near the vertex (NaN: ExpressionMotion.solved)
+        near = np.linalg.norm(p - canon[v], axis=1) < 0.0005
+        return np.where(near[:, None], np.nan, [0.0, -0.001, 0.0])
+
+    out, moved = open_surface._settle(arrays, np.ones(25, bool), unsolved)
+    assert moved == 1 and np.isfinite(unsolved(out["canonical"])).all()
+
+    def fragile(p: np.ndarray) -> np.ndarray:  # as `unsolved`, and every root moves 2 mm with rounding
+        flip = (np.asarray(p, np.float32)[:, 0] * 1e7) % 2 > 1
+        return unsolved(p) + np.where(flip[:, None], [0.0, 0.002, 0.0], 0.0)
+
+    out, moved = open_surface._settle(arrays, np.ones(25, bool), fragile)
+    assert out[mesh_cut.NEW][v] and np.isfinite(unsolved(out["canonical"])).all()  # solved, though not robust
+
 
 def test_solve_continued_with_one_step_is_solve():
     torch.manual_seed(0)

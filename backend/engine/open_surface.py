@@ -59,7 +59,7 @@ COPY_STRETCH = 2.0  # a copy's edge to its own end stretches at most this much u
 SETTLE_STEP, SETTLE_TRIES = 0.25, 3  # a vertex with a non-robust root moves this much toward its neighbours' mean
 # m: the jitters _settle tests a vertex's root with (one try each). Beside the slit the other lip's root can
 # take over anywhere within ~0.3 mm of a vertex (docs/surface.md), which 2 um tries alone do not see.
-SETTLE_JITTERS = (JITTER,) * 4 + (2e-5,) * 8 + (5e-5,) * 4
+SETTLE_JITTERS = (JITTER,) * 2 + (2e-5,) * 2 + (5e-5,) * 2
 STRETCH_LIMIT = 3.0  # issue 13's limit: a settled vertex keeps most of its edges within it under the expression
 LEVEL_RINGS = 2  # edge rings around a vertex that set its own cut level (_local_level)
 MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut (the expression does not part them)
@@ -134,8 +134,9 @@ class SurfaceOpener:
         point, normal = self.neck_plane
         arrays = mesh_cut.cut_plane(arrays, point, normal)
         arrays, lids = self._open_eyelids(arrays)
-        arrays, moved, settled = self._open_by_motion(arrays, motion)
-        arrays, pinches = mesh_cut.split_pinches(arrays)
+        arrays, moved, settled, pinches = self._open_by_motion(arrays, motion)
+        arrays, more = mesh_cut.split_pinches(arrays)
+        pinches += more
         arrays, dropped = mesh_cut.keep_largest_piece(arrays)
         for k in ("_tface", "_tbary"):
             arrays.pop(k)
@@ -148,13 +149,13 @@ class SurfaceOpener:
         return np.isin(self.atlas.region[self.faces[arrays["_tface"]]], ids).any(1)
 
     def _open_by_motion(self, arrays: dict[str, np.ndarray], motion: Motion
-                        ) -> tuple[dict[str, np.ndarray], int, int]:
+                        ) -> tuple[dict[str, np.ndarray], int, int, int]:
         """For each MOTION_CUTS expression: its displacement |D| of the zone's vertices (and two rings around them)
         at weight 1, phi = |D| - tau with tau halfway between the medians of the two sides' vertices; a bridge
         is an edge of two zone vertices across phi = 0 whose ends move apart by more than (STRETCH_CUT - 1) x its
         length. The mesh is slit there (mesh_cut.slit), then vertices by the slit whose root is not robust are
-        moved (_settle). Returns the arrays, the opened edges and the moved vertices."""
-        opened = settled = 0
+        moved (_settle). Returns the arrays, the opened edges, the moved vertices and the pinches split."""
+        opened = settled = pinches = 0
         for expression, zone_regions, side_a, side_b in MOTION_CUTS:
             zone = self._zone(arrays, zone_regions)
             if not zone.any():
@@ -187,12 +188,17 @@ class SurfaceOpener:
             arrays, count = mesh_cut.slit(arrays, phi, is_bridge, split_at=split_at)
             opened += count
             if count:
-                def along(p: np.ndarray, expression: str = expression) -> np.ndarray:
-                    return motion(p, expression)
+                # pinches first: their copies are new positions, whose roots _settle checks too
+                arrays, split = mesh_cut.split_pinches(arrays)
+                pinches += split
+                solved = getattr(motion, "solved", motion)  # NaN where not converged, if the motion tells
+
+                def along(p: np.ndarray, expression: str = expression, solved: Motion = solved) -> np.ndarray:
+                    return solved(p, expression)
 
                 arrays, moved = _settle(arrays, self._zone(arrays, zone_regions), along)
                 settled += moved
-        return arrays, opened, settled
+        return arrays, opened, settled, pinches
 
     def _open_eyelids(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """Slit each upper lid from its eyeball where an edge joins a vertex on the template's upper lid to one on
@@ -232,11 +238,11 @@ def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol:
 def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
             ) -> tuple[dict[str, np.ndarray], int]:
     """Move the zone's vertices on or next to the mesh boundary whose root is not robust (_robust with
-    SETTLE_JITTERS) or parts from most of their neighbours' (an edge to them would stretch beyond STRETCH_LIMIT: the
-    other lip's root) a step toward their neighbours' mean (SETTLE_STEP of the way, up to SETTLE_TRIES times),
-    away from the contact where the root is ambiguous, and keep the first position that is robust and follows
-    the neighbours (else the vertex stays). Their attributes are then recomputed (mesh_cut.NEW). Returns the
-    arrays and how many vertices moved."""
+    SETTLE_JITTERS; `motion` may give NaN rows where it has no root: not robust) or parts from most of their
+    neighbours' (an edge to them would stretch beyond STRETCH_LIMIT: the other lip's root) a step toward their
+    neighbours' mean (SETTLE_STEP of the way, up to SETTLE_TRIES times), away from the contact where the root is
+    ambiguous, and keep the first position that is robust and follows the neighbours (else the vertex stays).
+    Their attributes are then recomputed (mesh_cut.NEW). Returns the arrays and how many vertices moved."""
     faces = np.asarray(arrays["faces"], np.int64)
     edges, count = unique_edges(faces)
     n = len(arrays["canonical"])
@@ -282,8 +288,9 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
         i = slot[p[:, 0]]
         rest = np.linalg.norm(pos[i] - canon[p[:, 1]], axis=1)
         now = np.linalg.norm(pos[i] + dv[i] - canon[p[:, 1]] - disp[p[:, 1]], axis=1)
-        good = np.bincount(i, now <= STRETCH_LIMIT * rest, minlength=len(v))
-        return good >= 0.5 * np.bincount(i, minlength=len(v))
+        known = np.isfinite(disp[p[:, 1]]).all(1)  # unsolved neighbours do not count
+        good = np.bincount(i, (now <= STRETCH_LIMIT * rest) & known, minlength=len(v))
+        return good >= 0.5 * np.bincount(i, known, minlength=len(v))
 
     ok0 &= follows(cand, canon[cand], d)
     bad = np.flatnonzero(~ok0)
@@ -294,9 +301,12 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
         dt, okt = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand[bad]], len(steps)), SETTLE_JITTERS)
         ok = okt.reshape(len(steps), len(bad))
         dt = dt.reshape(len(steps), len(bad), 3)
-        for j in range(len(steps)):
-            ok[j] &= follows(cand[bad], trials[j], dt[j])
-    first = np.argmax(ok, axis=0)  # the first position that is robust and follows the neighbours
+        unsolved = ~np.isfinite(d[bad]).all(1)
+        with_root = np.stack([follows(cand[bad], trials[j], dt[j]) for j in range(len(steps))])  # finite too
+        # robust positions first; an unsolved vertex, failing those, takes the first solved one that follows
+        ok = np.concatenate([ok & with_root, with_root & unsolved[None]])
+        trials = np.concatenate([trials, trials])
+    first = np.argmax(ok, axis=0)
     good = ok[first, np.arange(len(bad))]
     fix = np.zeros(len(cand), bool)
     fix[bad[good]] = True
@@ -362,18 +372,35 @@ def _motion_jump(a: np.ndarray, b: np.ndarray, motion: Callable[[np.ndarray], np
     return t[i_a], t[i_b]
 
 
-def expression_motion(session, z_id: torch.Tensor) -> Motion:
-    """Motion for a session's head: the deform op's root finding (deform.solve_continued) at weight 1."""
-    names = session.expression_names
+class ExpressionMotion:
+    """Motion for a session's head: the deform op's root finding (deform.solve_continued) at weight 1; where it
+    does not converge, its best iterate (as the deform op returns it). `solved` gives NaN rows there instead
+    (_settle moves such vertices: the deform op would report them unsolved)."""
 
-    def motion(points: np.ndarray, expression: str) -> np.ndarray:
+    def __init__(self, session, z_id: torch.Tensor):
+        self.session, self.z_id = session, z_id
+
+    def _solve(self, points: np.ndarray, expression: str) -> tuple[np.ndarray, np.ndarray]:
+        session, names = self.session, self.session.expression_names
         e = torch.zeros((1, len(names)), device=session.device)
         e[0, names.index(expression)] = 1.0
         x_c = torch.as_tensor(points, device=session.device, dtype=torch.float32)
-        res = deform.solve_continued(lambda t: session.warp_fn(z_id, e * t), x_c, 1, deform.continuation_steps(e))
-        return (res.vertices[0] - x_c).cpu().numpy().astype(np.float64)
+        res = deform.solve_continued(lambda t: session.warp_fn(self.z_id, e * t), x_c, 1,
+                                     deform.continuation_steps(e))
+        return (res.vertices[0] - x_c).cpu().numpy().astype(np.float64), res.converged[0].cpu().numpy()
 
-    return motion
+    def __call__(self, points: np.ndarray, expression: str) -> np.ndarray:
+        return self._solve(points, expression)[0]
+
+    def solved(self, points: np.ndarray, expression: str) -> np.ndarray:
+        d, converged = self._solve(points, expression)
+        d[~converged] = np.nan
+        return d
+
+
+def expression_motion(session, z_id: torch.Tensor) -> Motion:
+    """ExpressionMotion of a session's head."""
+    return ExpressionMotion(session, z_id)
 
 
 def open_head(session, arrays: dict[str, np.ndarray], z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor
