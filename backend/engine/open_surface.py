@@ -241,8 +241,10 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     SETTLE_JITTERS; `motion` may give NaN rows where it has no root: not robust) or parts from most of their
     neighbours' (an edge to them would stretch beyond STRETCH_LIMIT: the other lip's root) a step toward their
     neighbours' mean (SETTLE_STEP of the way, up to SETTLE_TRIES times), away from the contact where the root is
-    ambiguous, and keep the first position that is robust and follows the neighbours (else the vertex stays).
-    Their attributes are then recomputed (mesh_cut.NEW). Returns the arrays and how many vertices moved."""
+    ambiguous, and keep the first position that is robust and follows the neighbours; a vertex that is unsolved
+    or does not follow them takes, failing that, the first position that follows (on the CPU the opener's roots
+    are the deform op's: deform.MIN_ROWS); else the vertex stays. Their attributes are then recomputed
+    (mesh_cut.NEW). Returns the arrays and how many vertices moved."""
     faces = np.asarray(arrays["faces"], np.int64)
     edges, count = unique_edges(faces)
     n = len(arrays["canonical"])
@@ -292,8 +294,8 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
         good = np.bincount(i, (now <= STRETCH_LIMIT * rest) & known, minlength=len(v))
         return good >= 0.5 * np.bincount(i, known, minlength=len(v))
 
-    ok0 &= follows(cand, canon[cand], d)
-    bad = np.flatnonzero(~ok0)
+    follows0 = follows(cand, canon[cand], d)  # False where unsolved too
+    bad = np.flatnonzero(~(ok0 & follows0))
     steps = np.minimum(1.0, np.arange(1, SETTLE_TRIES + 1) * SETTLE_STEP)
     trials = canon[cand[bad]][None] + steps[:, None, None] * (mean[cand[bad]] - canon[cand[bad]])[None]
     ok = np.zeros((len(steps), len(bad)), bool)
@@ -301,10 +303,10 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
         dt, okt = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand[bad]], len(steps)), SETTLE_JITTERS)
         ok = okt.reshape(len(steps), len(bad))
         dt = dt.reshape(len(steps), len(bad), 3)
-        unsolved = ~np.isfinite(d[bad]).all(1)
+        misplaced = ~follows0[bad]  # unsolved or on the other side's root
         with_root = np.stack([follows(cand[bad], trials[j], dt[j]) for j in range(len(steps))])  # finite too
-        # robust positions first; an unsolved vertex, failing those, takes the first solved one that follows
-        ok = np.concatenate([ok & with_root, with_root & unsolved[None]])
+        # robust positions first; a misplaced vertex, failing those, takes the first one that follows
+        ok = np.concatenate([ok & with_root, with_root & misplaced[None]])
         trials = np.concatenate([trials, trials])
     first = np.argmax(ok, axis=0)
     good = ok[first, np.arange(len(bad))]
