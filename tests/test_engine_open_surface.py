@@ -232,6 +232,13 @@ def test_settle_moves_a_boundary_vertex_off_the_other_sides_root():
     out, moved = open_surface._settle(arrays, np.ones(25, bool), fragile)
     assert out[mesh_cut.NEW][v] and np.isfinite(unsolved(out["canonical"])).all()  # solved, though not robust
 
+    def fragile_wrong(p: np.ndarray) -> np.ndarray:  # as `motion` (the other side's root), no position robust
+        flip = (np.asarray(p, np.float32)[:, 0] * 1e7) % 2 > 1
+        return motion(p) + np.where(flip[:, None], [0.0, 0.002, 0.0], 0.0)
+
+    out, _ = open_surface._settle(arrays, np.ones(25, bool), fragile_wrong)
+    assert out[mesh_cut.NEW][v] and np.linalg.norm(out["canonical"][v] - canon[v]) >= 0.0005
+
 
 def test_solve_continued_with_one_step_is_solve():
     torch.manual_seed(0)
