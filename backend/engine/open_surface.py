@@ -152,7 +152,8 @@ class SurfaceOpener:
                         ) -> tuple[dict[str, np.ndarray], int, int, int]:
         """For each MOTION_CUTS expression: its displacement |D| of the zone's vertices (and two rings around them)
         at weight 1, phi = |D| - tau with tau halfway between the medians of the two sides' vertices; a bridge
-        is an edge of two zone vertices across phi = 0 whose ends move apart by more than (STRETCH_CUT - 1) x its
+        is an edge of two of those vertices (the zone and two rings: the jump can run past the mouth regions at a
+        corner) across phi = 0 whose ends move apart by more than (STRETCH_CUT - 1) x its
         length. The mesh is slit there (mesh_cut.slit), then vertices by the slit whose root is not robust are
         moved (_settle). Returns the arrays, the opened edges, the moved vertices and the pinches split."""
         opened = settled = pinches = 0
@@ -177,7 +178,7 @@ class SurfaceOpener:
                 continue
             phi = np.where(near, size - _local_level(size, edges, near, 0.5 * (med_a + med_b)), 1.0)
 
-            def is_bridge(e: np.ndarray, zone=zone, disp=disp) -> np.ndarray:
+            def is_bridge(e: np.ndarray, zone=near, disp=disp) -> np.ndarray:
                 a, b = e[:, 0], e[:, 1]
                 apart = np.linalg.norm(disp[a] - disp[b], axis=1)
                 return zone[a] & zone[b] & (apart > (STRETCH_CUT - 1) * np.linalg.norm(canon[a] - canon[b], axis=1))
