@@ -196,6 +196,50 @@ def test_slit_copies_avoid_roots_that_move_with_rounding():
     assert 0 < t_a[0] and np.linalg.norm(d[1] - d[0]) <= (open_surface.COPY_STRETCH - 1) * t_a[0] * length
 
 
+def test_settle_moves_a_boundary_vertex_off_the_other_sides_root():
+    """A vertex on the slit whose root is the other lip's within 0.5 mm of it (robust to the jitters) would
+    stretch its edges 10x: it moves toward its neighbours, out of that root's reach; the others stay."""
+    h = 0.003
+    ij = np.stack(np.meshgrid(np.arange(5), np.arange(5), indexing="ij"), -1).reshape(-1, 2)
+    canon = np.concatenate([ij * h, np.zeros((25, 1))], 1).astype(np.float32)
+    quads = [(i * 5 + j, (i + 1) * 5 + j, (i + 1) * 5 + j + 1, i * 5 + j + 1) for i in range(4) for j in range(4)]
+    faces = np.array([f for a, b, c, d in quads for f in ((a, b, c), (a, c, d))], np.int32)
+    v = 2  # on the boundary x = 0
+    arrays = {"canonical": canon, "vertices": canon.copy(), "faces": faces, mesh_cut.NEW: np.zeros(25, bool)}
+
+    def motion(p: np.ndarray) -> np.ndarray:
+        wrong = np.linalg.norm(p - canon[v], axis=1) < 0.0005
+        return np.where(wrong[:, None], [0.0, -0.03, 0.0], [0.0, -0.001, 0.0])
+
+    out, moved = open_surface._settle(arrays, np.ones(25, bool), motion)
+    assert moved == 1 and out[mesh_cut.NEW].sum() == 1 and out[mesh_cut.NEW][v]
+    assert np.linalg.norm(out["canonical"][v] - canon[v]) >= 0.0005
+    assert np.array_equal(np.delete(out["canonical"], v, 0), np.delete(canon, v, 0))
+    posed = out["canonical"] + motion(out["canonical"])
+    assert sm.edge_stretch(out["canonical"], posed, faces).max() < 1.01
+
+    def unsolved(p: np.ndarray) -> np.ndarray:  # no root near the vertex (NaN: ExpressionMotion.solved)
+        near = np.linalg.norm(p - canon[v], axis=1) < 0.0005
+        return np.where(near[:, None], np.nan, [0.0, -0.001, 0.0])
+
+    out, moved = open_surface._settle(arrays, np.ones(25, bool), unsolved)
+    assert moved == 1 and np.isfinite(unsolved(out["canonical"])).all()
+
+    def fragile(p: np.ndarray) -> np.ndarray:  # as `unsolved`, and every root moves 2 mm with rounding
+        flip = (np.asarray(p, np.float32)[:, 0] * 1e7) % 2 > 1
+        return unsolved(p) + np.where(flip[:, None], [0.0, 0.002, 0.0], 0.0)
+
+    out, moved = open_surface._settle(arrays, np.ones(25, bool), fragile)
+    assert out[mesh_cut.NEW][v] and np.isfinite(unsolved(out["canonical"])).all()  # solved, though not robust
+
+    def fragile_wrong(p: np.ndarray) -> np.ndarray:  # as `motion` (the other side's root), no position robust
+        flip = (np.asarray(p, np.float32)[:, 0] * 1e7) % 2 > 1
+        return motion(p) + np.where(flip[:, None], [0.0, 0.002, 0.0], 0.0)
+
+    out, _ = open_surface._settle(arrays, np.ones(25, bool), fragile_wrong)
+    assert out[mesh_cut.NEW][v] and np.linalg.norm(out["canonical"][v] - canon[v]) >= 0.0005
+
+
 def test_solve_continued_with_one_step_is_solve():
     torch.manual_seed(0)
     w = torch.randn(3, 3) * 0.1

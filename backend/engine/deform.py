@@ -36,6 +36,10 @@ from torch import nn
 # warp(x (P,3), frame (P,) long) -> dx (P,3): the backward warp of each point under its frame's expression.
 WarpFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# Matrix products of fewer rows round differently on the CPU (measured: 1-11 rows with two threads, none from
+# 12); the warp pads smaller batches to this many rows, so a point's root does not depend on which other points
+# are solved with it (the surface opener's motion is then the deform op's: docs/surface.md)
+MIN_ROWS = 32
 JACOBIAN_AFTER = 5  # Broyden iterations before a still-unconverged point gets the exact Jacobian
 CONTINUATION_STEP = 0.25  # largest expression weight change per solve_continued step (continuation_steps)
 
@@ -95,11 +99,15 @@ def model_warp(model, z_id: torch.Tensor, expressions: torch.Tensor, chunk: int)
         out = []
         for s in range(0, x.shape[0], chunk):
             xs, fs = x[s : s + chunk], frame[s : s + chunk]
+            rows = xs.shape[0]
+            if rows < MIN_ROWS:  # a few points: padded, so each point's warp is the same in any batch
+                xs = torch.cat([xs, xs[:1].expand(MIN_ROWS - rows, -1)])
+                fs = torch.cat([fs, fs[:1].expand(MIN_ROWS - rows)])
             enc = positional_encoding(xs.to(w_enc.dtype), cfg.warp_pe_freqs, cfg.global_pe_scale)
             h = silu(torch.addmm(bias1[fs], enc, w_enc.T), inplace=inplace)
             for layer in hidden:
                 h = silu(torch.addmm(layer.bias, h, layer.weight.T), inplace=inplace)
-            out.append(head(h, fs).to(x.dtype))
+            out.append(head(h, fs)[:rows].to(x.dtype))
         return torch.cat(out) if out else x.new_zeros((0, 3))
 
     return warp

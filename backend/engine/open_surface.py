@@ -57,6 +57,10 @@ JITTER, JITTER_TRIES = 2e-6, 2  # m, tries: where copies go, the motion must not
 ROBUST_TOL = 0.1  # of the edge's length: the motion at a moved point counts as the same
 COPY_STRETCH = 2.0  # a copy's edge to its own end stretches at most this much under the expression
 SETTLE_STEP, SETTLE_TRIES = 0.25, 3  # a vertex with a non-robust root moves this much toward its neighbours' mean
+# m: the jitters _settle tests a vertex's root with (one try each). Beside the slit the other lip's root can
+# take over anywhere within ~0.3 mm of a vertex (docs/surface.md), which 2 um tries alone do not see.
+SETTLE_JITTERS = (JITTER,) * 2 + (2e-5,) * 2 + (5e-5,) * 2
+STRETCH_LIMIT = 3.0  # issue 13's limit: a settled vertex keeps most of its edges within it under the expression
 LEVEL_RINGS = 2  # edge rings around a vertex that set its own cut level (_local_level)
 MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut (the expression does not part them)
 # Vertices whose template point is within this of the MOTION_CUTS zones' template vertices follow the expression
@@ -130,8 +134,9 @@ class SurfaceOpener:
         point, normal = self.neck_plane
         arrays = mesh_cut.cut_plane(arrays, point, normal)
         arrays, lids = self._open_eyelids(arrays)
-        arrays, moved, settled = self._open_by_motion(arrays, motion)
-        arrays, pinches = mesh_cut.split_pinches(arrays)
+        arrays, moved, settled, pinches = self._open_by_motion(arrays, motion)
+        arrays, more = mesh_cut.split_pinches(arrays)
+        pinches += more
         arrays, dropped = mesh_cut.keep_largest_piece(arrays)
         for k in ("_tface", "_tbary"):
             arrays.pop(k)
@@ -144,13 +149,14 @@ class SurfaceOpener:
         return np.isin(self.atlas.region[self.faces[arrays["_tface"]]], ids).any(1)
 
     def _open_by_motion(self, arrays: dict[str, np.ndarray], motion: Motion
-                        ) -> tuple[dict[str, np.ndarray], int, int]:
+                        ) -> tuple[dict[str, np.ndarray], int, int, int]:
         """For each MOTION_CUTS expression: its displacement |D| of the zone's vertices (and two rings around them)
         at weight 1, phi = |D| - tau with tau halfway between the medians of the two sides' vertices; a bridge
-        is an edge of two zone vertices across phi = 0 whose ends move apart by more than (STRETCH_CUT - 1) x its
+        is an edge of two of those vertices (the zone and two rings: the jump can run past the mouth regions at a
+        corner) across phi = 0 whose ends move apart by more than (STRETCH_CUT - 1) x its
         length. The mesh is slit there (mesh_cut.slit), then vertices by the slit whose root is not robust are
-        moved (_settle). Returns the arrays, the opened edges and the moved vertices."""
-        opened = settled = 0
+        moved (_settle). Returns the arrays, the opened edges, the moved vertices and the pinches split."""
+        opened = settled = pinches = 0
         for expression, zone_regions, side_a, side_b in MOTION_CUTS:
             zone = self._zone(arrays, zone_regions)
             if not zone.any():
@@ -172,7 +178,7 @@ class SurfaceOpener:
                 continue
             phi = np.where(near, size - _local_level(size, edges, near, 0.5 * (med_a + med_b)), 1.0)
 
-            def is_bridge(e: np.ndarray, zone=zone, disp=disp) -> np.ndarray:
+            def is_bridge(e: np.ndarray, zone=near, disp=disp) -> np.ndarray:
                 a, b = e[:, 0], e[:, 1]
                 apart = np.linalg.norm(disp[a] - disp[b], axis=1)
                 return zone[a] & zone[b] & (apart > (STRETCH_CUT - 1) * np.linalg.norm(canon[a] - canon[b], axis=1))
@@ -183,12 +189,17 @@ class SurfaceOpener:
             arrays, count = mesh_cut.slit(arrays, phi, is_bridge, split_at=split_at)
             opened += count
             if count:
-                def along(p: np.ndarray, expression: str = expression) -> np.ndarray:
-                    return motion(p, expression)
+                # pinches first: their copies are new positions, whose roots _settle checks too
+                arrays, split = mesh_cut.split_pinches(arrays)
+                pinches += split
+                solved = getattr(motion, "solved", motion)  # NaN where not converged, if the motion tells
+
+                def along(p: np.ndarray, expression: str = expression, solved: Motion = solved) -> np.ndarray:
+                    return solved(p, expression)
 
                 arrays, moved = _settle(arrays, self._zone(arrays, zone_regions), along)
                 settled += moved
-        return arrays, opened, settled
+        return arrays, opened, settled, pinches
 
     def _open_eyelids(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """Slit each upper lid from its eyeball where an edge joins a vertex on the template's upper lid to one on
@@ -209,14 +220,14 @@ class SurfaceOpener:
         return arrays, opened
 
 
-def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """The motion at points (P,3) and whether it stays within tol (P,) when the points move by JITTER, in each of
-    JITTER_TRIES tries: near the lips' contact the backward warp has nearly singular roots, and which one the root
+def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol: np.ndarray,
+            jitters: tuple[float, ...] = (JITTER,) * JITTER_TRIES) -> tuple[np.ndarray, np.ndarray]:
+    """The motion at points (P,3) and whether it stays within tol (P,) when the points move by each of `jitters`
+    (m, one try each): near the lips' contact the backward warp has nearly singular roots, and which one the root
     finder takes can change with its float rounding (the batch of points, the threads, the device)."""
     flat = np.asarray(points, np.float32)
     rng = np.random.default_rng(0)
-    tries = [flat] + [flat + rng.normal(0.0, JITTER, flat.shape).astype(np.float32) for _ in range(JITTER_TRIES)]
+    tries = [flat] + [flat + rng.normal(0.0, j, flat.shape).astype(np.float32) for j in jitters]
     # One root-finding call for all tries: on a GPU its cost is the iteration count, not the points.
     d, *moved = np.split(motion(np.concatenate(tries)), len(tries))
     robust = np.ones(len(flat), bool)
@@ -227,10 +238,14 @@ def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol:
 
 def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
             ) -> tuple[dict[str, np.ndarray], int]:
-    """Move the zone's vertices on or next to the mesh boundary whose root is not robust (_robust) a step toward
-    their neighbours' mean (SETTLE_STEP of the way, up to SETTLE_TRIES times), away from the contact where the
-    root is ambiguous, and keep the first robust position (else the vertex stays). Their attributes are then
-    recomputed (mesh_cut.NEW). Returns the arrays and how many vertices moved."""
+    """Move the zone's vertices on or next to the mesh boundary whose root is not robust (_robust with
+    SETTLE_JITTERS; `motion` may give NaN rows where it has no root: not robust) or parts from most of their
+    neighbours' (an edge to them would stretch beyond STRETCH_LIMIT: the other lip's root) a step toward their
+    neighbours' mean (SETTLE_STEP of the way, up to SETTLE_TRIES times), away from the contact where the root is
+    ambiguous, and keep the first position that is robust and follows the neighbours; a vertex that is unsolved
+    or does not follow them takes, failing that, the first position that follows (on the CPU the opener's roots
+    are the deform op's: deform.MIN_ROWS); else the vertex stays. Their attributes are then recomputed
+    (mesh_cut.NEW). Returns the arrays and how many vertices moved."""
     faces = np.asarray(arrays["faces"], np.int64)
     edges, count = unique_edges(faces)
     n = len(arrays["canonical"])
@@ -251,15 +266,57 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
         np.add.at(reach, a, np.linalg.norm(canon[a] - canon[b], axis=1))
     mean = total / np.maximum(degree, 1)[:, None]
     tol = ROBUST_TOL * reach / np.maximum(degree, 1)
-    # The vertex itself (step 0) and every trial position tested in one _robust call.
-    steps = np.minimum(1.0, np.arange(SETTLE_TRIES + 1) * SETTLE_STEP)
-    trials = canon[cand][None] + steps[:, None, None] * (mean[cand] - canon[cand])[None]
-    _, ok = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand], len(steps)))
-    ok = ok.reshape(len(steps), len(cand))
-    first = np.argmax(ok, axis=0)  # the first robust position; 0: the vertex is robust where it is
-    fix = (first > 0) & ok[first, np.arange(len(cand))]
+    # The motion of the candidates (tested) and of their other neighbours (once), then each candidate's edges
+    is_cand = np.zeros(n, bool)
+    is_cand[cand] = True
+    ring = np.zeros(n, bool)
+    ring[edges[is_cand[edges[:, 0]], 1]] = True
+    ring[edges[is_cand[edges[:, 1]], 0]] = True
+    ring &= ~is_cand
+    others = np.flatnonzero(ring)
+    d, ok0 = _robust(canon[cand], motion, tol[cand], SETTLE_JITTERS)
+    disp = np.zeros((n, 3))
+    disp[cand] = d
+    if len(others):
+        disp[others] = motion(canon[others])
+    pairs = edges[is_cand[edges[:, 0]] | is_cand[edges[:, 1]]]
+    pairs = np.concatenate([pairs, pairs[:, ::-1]])
+    pairs = pairs[is_cand[pairs[:, 0]]]  # (candidate, neighbour)
+
+    def follows(v: np.ndarray, pos: np.ndarray, dv: np.ndarray) -> np.ndarray:
+        """Whether candidates v at positions pos moving dv keep at least half their edges within STRETCH_LIMIT."""
+        slot = np.full(n, -1, np.int64)
+        slot[v] = np.arange(len(v))  # v: distinct vertices
+        p = pairs[slot[pairs[:, 0]] >= 0]
+        i = slot[p[:, 0]]
+        rest = np.linalg.norm(pos[i] - canon[p[:, 1]], axis=1)
+        now = np.linalg.norm(pos[i] + dv[i] - canon[p[:, 1]] - disp[p[:, 1]], axis=1)
+        known = np.isfinite(disp[p[:, 1]]).all(1)  # unsolved neighbours do not count
+        good = np.bincount(i, (now <= STRETCH_LIMIT * rest) & known, minlength=len(v))
+        return good >= 0.5 * np.bincount(i, known, minlength=len(v))
+
+    follows0 = follows(cand, canon[cand], d)  # False where unsolved too
+    bad = np.flatnonzero(~(ok0 & follows0))
+    steps = np.minimum(1.0, np.arange(1, SETTLE_TRIES + 1) * SETTLE_STEP)
+    trials = canon[cand[bad]][None] + steps[:, None, None] * (mean[cand[bad]] - canon[cand[bad]])[None]
+    ok = np.zeros((len(steps), len(bad)), bool)
+    if len(bad):
+        dt, okt = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand[bad]], len(steps)), SETTLE_JITTERS)
+        ok = okt.reshape(len(steps), len(bad))
+        dt = dt.reshape(len(steps), len(bad), 3)
+        misplaced = ~follows0[bad]  # unsolved or on the other side's root
+        with_root = np.stack([follows(cand[bad], trials[j], dt[j]) for j in range(len(steps))])  # finite too
+        # robust positions first; a misplaced vertex, failing those, takes the first one that follows
+        ok = np.concatenate([ok & with_root, with_root & misplaced[None]])
+        trials = np.concatenate([trials, trials])
+    first = np.argmax(ok, axis=0)
+    good = ok[first, np.arange(len(bad))]
+    fix = np.zeros(len(cand), bool)
+    fix[bad[good]] = True
+    trials_of = np.zeros((len(cand), 3))
+    trials_of[bad[good]] = trials[first[good], np.flatnonzero(good)]
     pos = canon.copy()
-    pos[cand[fix]] = trials[first[fix], np.flatnonzero(fix)]
+    pos[cand[fix]] = trials_of[fix]
     moved = np.zeros(n, bool)
     moved[cand[fix]] = True
     if not moved.any():
@@ -318,18 +375,35 @@ def _motion_jump(a: np.ndarray, b: np.ndarray, motion: Callable[[np.ndarray], np
     return t[i_a], t[i_b]
 
 
-def expression_motion(session, z_id: torch.Tensor) -> Motion:
-    """Motion for a session's head: the deform op's root finding (deform.solve_continued) at weight 1."""
-    names = session.expression_names
+class ExpressionMotion:
+    """Motion for a session's head: the deform op's root finding (deform.solve_continued) at weight 1; where it
+    does not converge, its best iterate (as the deform op returns it). `solved` gives NaN rows there instead
+    (_settle moves such vertices: the deform op would report them unsolved)."""
 
-    def motion(points: np.ndarray, expression: str) -> np.ndarray:
+    def __init__(self, session, z_id: torch.Tensor):
+        self.session, self.z_id = session, z_id
+
+    def _solve(self, points: np.ndarray, expression: str) -> tuple[np.ndarray, np.ndarray]:
+        session, names = self.session, self.session.expression_names
         e = torch.zeros((1, len(names)), device=session.device)
         e[0, names.index(expression)] = 1.0
         x_c = torch.as_tensor(points, device=session.device, dtype=torch.float32)
-        res = deform.solve_continued(lambda t: session.warp_fn(z_id, e * t), x_c, 1, deform.continuation_steps(e))
-        return (res.vertices[0] - x_c).cpu().numpy().astype(np.float64)
+        res = deform.solve_continued(lambda t: session.warp_fn(self.z_id, e * t), x_c, 1,
+                                     deform.continuation_steps(e))
+        return (res.vertices[0] - x_c).cpu().numpy().astype(np.float64), res.converged[0].cpu().numpy()
 
-    return motion
+    def __call__(self, points: np.ndarray, expression: str) -> np.ndarray:
+        return self._solve(points, expression)[0]
+
+    def solved(self, points: np.ndarray, expression: str) -> np.ndarray:
+        d, converged = self._solve(points, expression)
+        d[~converged] = np.nan
+        return d
+
+
+def expression_motion(session, z_id: torch.Tensor) -> Motion:
+    """ExpressionMotion of a session's head."""
+    return ExpressionMotion(session, z_id)
 
 
 def open_head(session, arrays: dict[str, np.ndarray], z_id: torch.Tensor, zr: torch.Tensor, k: torch.Tensor
