@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
             dt = time.time() - t_log
             rec = {"step": step, "lr": opt.param_groups[0]["lr"], "step_s": dt / (step - s_log),
                    "samples_per_s": (step - s_log) * args.batch * world / dt, "world": world}
+            sampler = getattr(source, "sampler", None)
+            if sampler is not None:
+                rec["sdf_impl"] = sampler.sdf_impl
             rec.update({k: float(v) for k, v in zip(acc.keys(), vals.tolist())})
             if rank == 0:
                 line = json.dumps(rec)
