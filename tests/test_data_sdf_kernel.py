@@ -210,7 +210,7 @@ def compare_ict(device: str, n_points: int = 32, n_eye: int | None = 32) -> dict
     w[0, s.expressions.index("eyeBlink_L")] = 1.0
     posed, _ = s.meshes(s.train_ids[3:4], w)
     exposed_torch = s.exposed_faces(posed)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     pts = s._space_points(posed, exposed_torch.float(), n_points, g)
     s.sdf_impl = "triton"
     sdf = s.signed_distance(pts, posed, exposed_torch)

@@ -92,6 +92,16 @@ def test_local_width_option_reaches_the_checkpoint(tmp_path, one_thread):
     assert info["step"] == 1
 
 
+def test_schedule_on_minutes_is_not_cut_by_total_steps(tmp_path, one_thread):
+    """With --schedule-minutes a piece runs to --max-steps (or --minutes) past --total-steps: a GPU piece was
+    once cut at the default 20,000 steps, minutes before its time."""
+    ck = tmp_path / "minutes"
+    train.main(ARGS + ["--ckpt", str(ck), "--schedule-minutes", "5", "--total-steps", "2", "--max-steps", "4"])
+    src = SphereSource(2)
+    module = TrainModule(ImHead(ImHeadConfig(**train.TINY), anchor_init=src.anchor_init), src.n)
+    assert load_checkpoint(ck, module, None)["step"] == 4
+
+
 @pytest.mark.parametrize("bad", [["--n-train", "0"], ["--local-hidden", "0"], ["--detail-weight", "0"]])
 def test_capacity_options_reject_bad_values(bad, tmp_path):
     with pytest.raises(SystemExit):

@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this piece")
     p.add_argument("--save-every", type=float, default=3.0, help="minutes between checkpoints")
-    p.add_argument("--total-steps", type=int, default=20000, help="length of the LR schedule (steps)")
+    p.add_argument("--total-steps", type=int, default=20000,
+                   help="length of the LR schedule in steps, where the run stops (default: 20000; ignored with "
+                        "--schedule-minutes)")
     p.add_argument("--schedule-minutes", type=float, default=None,
                    help="if set, the LR schedule runs on cumulative training minutes instead of steps")
     p.add_argument("--max-steps", type=int, default=None, help="stop this piece after this global step")
@@ -281,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     t_save = t_start
     t_log, s_log, n_log = time.time(), step, 0
     acc: dict[str, float] = {}
-    stop_step = args.total_steps if args.max_steps is None else min(args.max_steps, args.total_steps)
+    # A schedule on training minutes ends a piece by --minutes alone: --total-steps shapes a schedule on steps.
+    step_limits = [s for s in (args.max_steps, None if args.schedule_minutes else args.total_steps) if s is not None]
+    stop_step = min(step_limits) if step_limits else math.inf
 
     def save() -> None:
         if rank == 0:
