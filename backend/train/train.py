@@ -124,14 +124,15 @@ def widened_local_state(small: dict[str, torch.Tensor], wide: dict[str, torch.Te
         if old.shape == new.shape:
             out[key] = old.clone()
             continue
-        h = old.shape[-1] if key.startswith(("loc_wx", "loc_wz", "loc_b", "loc_bh")) else old.shape[1]
         grown = new.clone()
         if key.startswith(("loc_wx", "loc_wz", "loc_b", "loc_bh")):   # (..., H): new columns keep their init
-            grown[..., :h] = old
+            grown[..., :old.shape[-1]] = old
         elif key.startswith("loc_wh"):                                # (S, H, H): new units feed no old unit
+            h = old.shape[1]
             grown[:, :h, :h] = old
             grown[:, h:, :h] = 0
         elif key.startswith("loc_wo"):                                # (S, H, F): rows from new units are zero
+            h = old.shape[1]
             grown[:, :h] = old
             grown[:, h:] = 0
         else:
