@@ -10,7 +10,7 @@ import torch
 from backend.model import ImHead, ImHeadConfig
 from backend.model.inversion import fit_latents
 from backend.train import train
-from backend.train.checkpoint import load_checkpoint
+from backend.train.checkpoint import load_checkpoint, read_info
 from backend.train.export import code_statistics
 from backend.train.losses import TrainModule
 from backend.train.synthetic import SphereSource
@@ -102,21 +102,53 @@ def test_schedule_on_minutes_is_not_cut_by_total_steps(tmp_path, one_thread):
     assert load_checkpoint(ck, module, None)["step"] == 4
 
 
-@pytest.mark.parametrize("bad", [["--n-train", "0"], ["--local-hidden", "0"], ["--detail-weight", "0"]])
+def test_grown_warp_encoding_computes_the_same_warp(one_thread):
+    """Finer warp octaves (--warp-pe-freqs) start as the same function: the new sin/cos inputs get zero weights."""
+    torch.manual_seed(0)
+    small = ImHead(ImHeadConfig(**(train.TINY | {"warp_pe_freqs": 6})))
+    for p in small.warp_net.parameters():  # the last layer starts at zero: make every layer matter
+        torch.nn.init.normal_(p, std=0.3)
+    big = ImHead(ImHeadConfig(**(train.TINY | {"warp_pe_freqs": 8})))
+    state = {k: train.grown_warp_input(v, 6, 8) if k == "warp_net.0.weight" else v
+             for k, v in small.state_dict().items()}
+    big.load_state_dict(state)
+    x = torch.rand(2, 500, 3) * 0.4 - 0.2
+    z_exp, z_id = torch.rand(2, small.cfg.n_expressions), torch.randn(2, small.cfg.id_dim)
+    with torch.no_grad():
+        ref, got = small.warp(x, z_exp, z_id), big.warp(x, z_exp, z_id)
+    assert ref.abs().mean() > 1e-3
+    assert torch.allclose(got, ref, atol=1e-6, rtol=0)
+
+
+def test_resume_grows_the_warp_encoding(tmp_path, one_thread):
+    """A checkpoint resumes with more warp octaves (weights and Adam moments grown), then keeps them."""
+    ck = tmp_path / "warp"
+    train.main(ARGS + ["--ckpt", str(ck), "--max-steps", "1"])
+    train.main(ARGS + ["--ckpt", str(ck), "--max-steps", "2", "--warp-pe-freqs", "8"])
+    train.main(ARGS + ["--ckpt", str(ck), "--max-steps", "3"])  # no flag: the checkpoint's octaves
+    info = read_info(ck)
+    assert ImHeadConfig.from_json(info["config"]).warp_pe_freqs == 8 and info["step"] == 3
+    with pytest.raises(SystemExit):  # fewer octaves would drop what was learned
+        train.main(ARGS + ["--ckpt", str(ck), "--max-steps", "4", "--warp-pe-freqs", "6"])
+
+
+@pytest.mark.parametrize("bad", [["--n-train", "0"], ["--local-hidden", "0"], ["--detail-weight", "0"],
+                                 ["--warp-pe-freqs", "-1"]])
 def test_capacity_options_reject_bad_values(bad, tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--ckpt", str(tmp_path / "x")] + bad)
 
 
 def test_widened_warm_start_computes_the_shipped_function(one_thread):
-    """Wider local networks warm-started from the shipped weights give the same SDF (capacity study: the wide
-    run starts where the shipped one stopped), and their new units are live (non-zero gradients)."""
+    """Wider local networks and finer warp octaves warm-started from the shipped weights give the same SDF and
+    warp (capacity study: the wide run starts where the shipped one stopped), and the new units are live."""
     from backend.weights import load_model
 
     loaded = load_model(WEIGHTS)
     cfg = loaded.config
     wide_cfg = ImHeadConfig.from_json(cfg.to_json())
     wide_cfg.local_hidden = cfg.local_hidden + 32
+    wide_cfg.warp_pe_freqs = cfg.warp_pe_freqs + 2
     anchors = torch.zeros(cfg.n_regions, 3)
     narrow = TrainModule(ImHead(cfg, anchor_init=anchors), 1, id_coeff_dim=100)
     wide = TrainModule(ImHead(wide_cfg, anchor_init=anchors), 1, id_coeff_dim=100)
@@ -131,6 +163,10 @@ def test_widened_warm_start_computes_the_shipped_function(one_thread):
     zr_w, k_w = wide.model.decode(z[None])
     out = wide.model.sdf(x, zr_w, k_w)
     assert (out - ref).abs().max() < 1e-6
+    z_exp = torch.rand(1, cfg.n_expressions, generator=g)
+    with torch.no_grad():   # finer warp octaves: the same expression warp
+        w_ref, w_out = narrow.model.warp(x, z_exp, z[None]), wide.model.warp(x, z_exp, z[None])
+    assert w_ref.abs().max() > 1e-3 and (w_out - w_ref).abs().max() < 1e-7
     out.sum().backward()
     grad = wide.model.loc_wo.grad
     assert grad is not None and grad[:, cfg.local_hidden:].abs().max() > 0   # the new units already learn

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -52,12 +53,16 @@ def save_checkpoint(folder: Path, module: nn.Module, opt: torch.optim.Optimizer,
         tmp.rename(folder)
 
 
-def load_checkpoint(folder: Path, module: nn.Module, opt: torch.optim.Optimizer | None) -> dict:
-    """Restore module (and optimizer moments if given) in place; returns the saved info dict."""
+def load_checkpoint(folder: Path, module: nn.Module, opt: torch.optim.Optimizer | None,
+                    adapt: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict:
+    """Restore module (and optimizer moments if given) in place; returns the saved info dict. `adapt(name,
+    tensor)` may reshape a saved parameter (and, with the same name, its Adam moments) for a grown module."""
     folder = Path(folder)
     state = load_file(folder / "state.safetensors")
     rng_cpu = state.pop("rng.cpu", None)
     rng_cuda = state.pop("rng.cuda", None)
+    if adapt is not None:
+        state = {k: adapt(k, v) for k, v in state.items()}
     module.load_state_dict(state, strict=True)
     if rng_cpu is not None:
         torch.set_rng_state(rng_cpu)
@@ -72,12 +77,17 @@ def load_checkpoint(folder: Path, module: nn.Module, opt: torch.optim.Optimizer 
                 if f"{n}.exp_avg" not in saved:
                     continue
                 on_device = group.get("fused") or group.get("capturable")
-                opt.state[p] = {
-                    "step": saved[f"{n}.step"].reshape(()).to(p.device if on_device else "cpu"),
-                    "exp_avg": saved[f"{n}.exp_avg"].to(p.device, p.dtype),
-                    "exp_avg_sq": saved[f"{n}.exp_avg_sq"].to(p.device, p.dtype),
-                }
-    with open(folder / "state.safetensors", "rb") as f:
+                moments = {m: saved[f"{n}.{m}"] for m in ("exp_avg", "exp_avg_sq")}
+                if adapt is not None:
+                    moments = {m: adapt(n, v.float()) for m, v in moments.items()}
+                opt.state[p] = {"step": saved[f"{n}.step"].reshape(()).to(p.device if on_device else "cpu")}
+                opt.state[p].update({m: v.to(p.device, p.dtype) for m, v in moments.items()})
+    return read_info(folder)
+
+
+def read_info(folder: Path) -> dict:
+    """A checkpoint's info dict (step, samples, config JSON, ...) without loading its tensors."""
+    with open(Path(folder) / "state.safetensors", "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
     return json.loads(header["__metadata__"]["train"])

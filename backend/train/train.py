@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from ..model import ImHead, ImHeadConfig
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..model.encoding import encoded_dim
+from .checkpoint import load_checkpoint, read_info, save_checkpoint
 from .fast_step import FastTrainModule
 from .losses import LossWeights, TrainModule
 
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "nostrils, lids and ears relative to elsewhere (default 1: uniform by area)")
     p.add_argument("--local-hidden", type=int, default=None,
                    help="width of the local networks' hidden layers (default: the model's, 96)")
+    p.add_argument("--warp-pe-freqs", type=int, default=None,
+                   help="octaves of the expression warp's positional encoding (default: the checkpoint's when "
+                        "resuming, else the model's, 6); more than a checkpoint's grows it, computing the same warp")
     p.add_argument("--ns", type=int, default=2048, help="surface points per identity")
     p.add_argument("--nq", type=int, default=2048, help="space points per identity")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -86,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--detail-weight must be positive, got {args.detail_weight}")
     if args.local_hidden is not None and args.local_hidden < 1:
         p.error(f"--local-hidden must be at least 1, got {args.local_hidden}")
+    if args.warp_pe_freqs is not None and not 0 <= args.warp_pe_freqs <= 12:
+        p.error(f"--warp-pe-freqs must be 0..12, got {args.warp_pe_freqs}")
     return args
 
 
@@ -141,6 +147,22 @@ def widened_local_state(small: dict[str, torch.Tensor], wide: dict[str, torch.Te
     return out
 
 
+WARP_INPUT = "model.warp_net.0.weight"
+
+
+def grown_warp_input(w: torch.Tensor, old: int, new: int) -> torch.Tensor:
+    """The warp network's first-layer weight (H, 3 + 6*old + C) for an encoding of `new` >= `old` octaves.
+    The encoding is [x, sin (octave-major, 3 per octave), cos (likewise)], then C conditioning inputs; the new
+    octaves' columns are zero, so the grown network computes the same warp and learns the finer octaves."""
+    hidden, width = w.shape
+    e_old, e_new = encoded_dim(old), encoded_dim(new)
+    out = w.new_zeros(hidden, e_new + width - e_old)
+    out[:, : 3 + 3 * old] = w[:, : 3 + 3 * old]                        # x and the old octaves' sines
+    out[:, 3 + 3 * new : 3 + 3 * new + 3 * old] = w[:, 3 + 3 * old : e_old]  # the old octaves' cosines
+    out[:, e_new:] = w[:, e_old:]                                      # expression weights and identity
+    return out
+
+
 @torch.no_grad()
 def warm_start(module: TrainModule, weights_dir: Path, seed: int) -> None:
     """The network from shipped weights; an identity encoder starts as a random rank-100 map onto the
@@ -149,14 +171,17 @@ def warm_start(module: TrainModule, weights_dir: Path, seed: int) -> None:
     from ..weights import load_model
 
     loaded = load_model(weights_dir)
-    cfg = module.model.cfg
-    if loaded.config == cfg:
-        module.model.load_state_dict(loaded.model.state_dict())
-    elif dataclasses.replace(loaded.config, local_hidden=cfg.local_hidden) == cfg \
-            and loaded.config.local_hidden < cfg.local_hidden:
-        module.model.load_state_dict(widened_local_state(loaded.model.state_dict(), module.model.state_dict()))
-    else:
-        raise SystemExit(f"--init-weights config differs from this run's: {loaded.config} vs {cfg}")
+    cfg, old = module.model.cfg, loaded.config
+    if dataclasses.replace(old, local_hidden=cfg.local_hidden, warp_pe_freqs=cfg.warp_pe_freqs) != cfg \
+            or old.local_hidden > cfg.local_hidden or old.warp_pe_freqs > cfg.warp_pe_freqs:
+        raise SystemExit(f"--init-weights config differs from this run's: {old} vs {cfg}")
+    state = loaded.model.state_dict()
+    if old.warp_pe_freqs < cfg.warp_pe_freqs:
+        key = WARP_INPUT.removeprefix("model.")
+        state[key] = grown_warp_input(state[key], old.warp_pe_freqs, cfg.warp_pe_freqs)
+    if old.local_hidden < cfg.local_hidden:
+        state = widened_local_state(state, module.model.state_dict())
+    module.model.load_state_dict(state)
     if module.encodes_identities:
         g = torch.Generator().manual_seed(seed)
         dim = module.model.cfg.id_dim
@@ -247,9 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = dict(TINY if args.tiny else {})
     if args.local_hidden is not None:
         sizes["local_hidden"] = args.local_hidden
+    resuming = (args.ckpt / "state.safetensors").exists()
+    saved_cfg = ImHeadConfig.from_json(read_info(args.ckpt)["config"]) if resuming else None
+    if args.warp_pe_freqs is not None:
+        sizes["warp_pe_freqs"] = args.warp_pe_freqs
+    elif saved_cfg is not None:
+        sizes["warp_pe_freqs"] = saved_cfg.warp_pe_freqs
     cfg = ImHeadConfig(mirror_pairs=mirror_pairs, **sizes)
     module = make_module(args, cfg, anchor_init, n_train)
-    resuming = (args.ckpt / "state.safetensors").exists()
     if args.init_weights is not None and not resuming:
         warm_start(module, args.init_weights, args.seed)
     module = module.to(device)
@@ -262,11 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         betas=(0.9, 0.99),
     )
     info: dict[str, Any] = {"step": 0, "samples": 0, "elapsed_s": 0.0, "pieces": 0}
-    if resuming:
-        info = load_checkpoint(args.ckpt, module, opt)
-        saved_cfg = ImHeadConfig.from_json(info["config"])
-        if saved_cfg != cfg:
+    if saved_cfg is not None:
+        old, new = saved_cfg.warp_pe_freqs, cfg.warp_pe_freqs
+        if dataclasses.replace(saved_cfg, warp_pe_freqs=new) != cfg or new < old:
             raise SystemExit(f"checkpoint config differs from this run's: {saved_cfg} vs {cfg}")
+
+        def adapt(name: str, t: torch.Tensor) -> torch.Tensor:
+            return grown_warp_input(t, old, new) if name == WARP_INPUT and new > old else t
+
+        info = load_checkpoint(args.ckpt, module, opt, adapt)
         if rank == 0:
             print(f"resumed from {args.ckpt} at step {info['step']}", flush=True)
     net: Callable[..., Any] = module  # the module, compiled or wrapped for DDP
