@@ -23,7 +23,7 @@ follows the path from weight 0 (deform.solve_continued), so each side keeps to i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
@@ -32,7 +32,7 @@ import torch
 
 from .. import errors
 from ..data.atlas import Atlas
-from . import deform, mesh_cut
+from . import deform, handle_cut, mesh_cut
 from .surface_metrics import unique_edges
 
 if TYPE_CHECKING:  # scipy.spatial is imported where the tree is built: it is most of a cold start's scipy time
@@ -80,6 +80,8 @@ class OpenStats:
     motion_edges_opened: int  # by the expressions' motion (lips under jawOpen, lids under eyeBlink)
     vertices_settled: int = 0  # vertices by a motion slit moved off a root that rounding can change (_settle)
     pinches_split: int = 0  # vertices where fans of faces met (a slit on two sides of them), one copy per fan
+    handles_cut: int = 0  # handles the lattice repair left, cut along a short loop and capped (handle_cut)
+    handle_loops_mm: list[float] = field(default_factory=list)  # those loops' lengths
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -138,10 +140,11 @@ class SurfaceOpener:
         arrays, more = mesh_cut.split_pinches(arrays)
         pinches += more
         arrays, dropped = mesh_cut.keep_largest_piece(arrays)
+        arrays, cuts = handle_cut.cut_handles(arrays)
         for k in ("_tface", "_tbary"):
             arrays.pop(k)
         return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved,
-                                 settled, pinches)
+                                 settled, pinches, cuts.handles_cut, cuts.loops_mm)
 
     def _zone(self, arrays: dict[str, np.ndarray], regions: tuple[str, ...]) -> np.ndarray:
         """Vertices whose closest template triangle has a corner in one of the regions."""
