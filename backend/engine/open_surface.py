@@ -200,7 +200,11 @@ class SurfaceOpener:
                 def along(p: np.ndarray, expression: str = expression, solved: Motion = solved) -> np.ndarray:
                     return solved(p, expression)
 
-                arrays, moved = _settle(arrays, self._zone(arrays, zone_regions), along)
+                zone_now = self._zone(arrays, zone_regions)
+                arrays, moved, left = _settle(arrays, zone_now, along)
+                if left.any():  # again, with their neighbours where the first pass moved them
+                    arrays, again, _ = _settle(arrays, zone_now & left, along)
+                    moved += again
                 settled += moved
         return arrays, opened, settled, pinches
 
@@ -240,7 +244,7 @@ def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol:
 
 
 def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
-            ) -> tuple[dict[str, np.ndarray], int]:
+            ) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
     """Move the zone's vertices on or next to the mesh boundary whose root is not robust (_robust with
     SETTLE_JITTERS; `motion` may give NaN rows where it has no root: not robust) or parts from most of their
     neighbours' (an edge to them would stretch beyond STRETCH_LIMIT: the other lip's root) a step toward their
@@ -248,7 +252,8 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     ambiguous, and keep the first position that is robust and follows the neighbours; a vertex that is unsolved
     or does not follow them takes, failing that, the first position that follows (on the CPU the opener's roots
     are the deform op's: deform.MIN_ROWS); else the vertex stays. Their attributes are then recomputed
-    (mesh_cut.NEW). Returns the arrays and how many vertices moved."""
+    (mesh_cut.NEW). Returns the arrays, how many vertices moved and which vertices (N,) bool needed a move and
+    found no position (a second pass, after their neighbours moved, may)."""
     faces = np.asarray(arrays["faces"], np.int64)
     edges, count = unique_edges(faces)
     n = len(arrays["canonical"])
@@ -259,8 +264,9 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     near[edges[on_boundary[edges[:, 0]], 1]] = True
     near[edges[on_boundary[edges[:, 1]], 0]] = True
     cand = np.flatnonzero(near & zone)
+    left = np.zeros(n, bool)
     if not len(cand):
-        return arrays, 0
+        return arrays, 0, left
     degree = np.bincount(edges.ravel(), minlength=n).astype(np.float64)
     total = np.zeros((n, 3))
     reach = np.zeros(n)
@@ -322,15 +328,16 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     pos[cand[fix]] = trials_of[fix]
     moved = np.zeros(n, bool)
     moved[cand[fix]] = True
+    left[cand[bad[~good]]] = True
     if not moved.any():
-        return arrays, 0
+        return arrays, 0, left
     out = dict(arrays)
     for key in mesh_cut.POSITIONS:
         if key in out:
             out[key] = pos.astype(arrays[key].dtype)
     if mesh_cut.NEW in out:  # moved: their attributes are no longer theirs
         out[mesh_cut.NEW] = out[mesh_cut.NEW] | moved
-    return out, int(moved.sum())
+    return out, int(moved.sum()), left
 
 
 def _local_level(size: np.ndarray, edges: np.ndarray, near: np.ndarray, level: float) -> np.ndarray:
