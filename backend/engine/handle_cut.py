@@ -58,9 +58,8 @@ def cut_handles(arrays: dict[str, np.ndarray], key: str = "canonical") -> tuple[
     separate the surface."""
     stats = CutStats()
     genus = topology(arrays["faces"]).genus
-    tried: set[tuple] = set()
     while genus >= 1 and stats.handles_cut < MAX_HANDLES:
-        loops = _find_loops(arrays[key].astype(np.float64), np.asarray(arrays["faces"], np.int64), tried)
+        loops = _find_loops(arrays[key].astype(np.float64), np.asarray(arrays["faces"], np.int64))
         while loops:
             out = _cut_and_cap(arrays, loops, key)
             after = topology(out["faces"]).genus
@@ -135,7 +134,7 @@ def _cube_pieces(pos: np.ndarray, faces: np.ndarray, stride: float
     return out
 
 
-def _find_loops(pos: np.ndarray, faces: np.ndarray, tried: set[tuple]) -> list[np.ndarray]:
+def _find_loops(pos: np.ndarray, faces: np.ndarray) -> list[np.ndarray]:
     """Short non-separating loops (vertex indices in order) that the cut may use, from the smallest cubes with a
     handle: apart (no loop touches another's vertices or their neighbours) and together not separating."""
     edges, fe = mesh_cut._edge_ids(faces)
@@ -144,17 +143,18 @@ def _find_loops(pos: np.ndarray, faces: np.ndarray, tried: set[tuple]) -> list[n
     banned = np.zeros(n, bool)  # the surface's boundary and non-manifold edges' vertices
     banned[edges[count != 2].ravel()] = True
     for stride in CUBE_STRIDES_MM:
-        chosen: list[np.ndarray] = []
-        taken = np.zeros(n, bool)
+        found = []
         for piece in _cube_pieces(pos, faces, stride * 1e-3):
-            loop = _shortest_loop(pos, faces[piece], banned | taken)
+            loop = _shortest_loop(pos, faces[piece], banned)
             if loop is None:
                 continue
-            sig = tuple(sorted(loop.tolist()))
-            if sig in tried or _length(pos, loop) > MAX_LOOP_MM * 1e-3:
-                continue
-            tried.add(sig)
-            if _separates(faces, edges, fe, count, [*chosen, loop], n):
+            if _length(pos, loop) <= MAX_LOOP_MM * 1e-3:
+                found.append(loop)
+        # shortest first; a loop by one already taken waits for the next round (after the cut)
+        chosen: list[np.ndarray] = []
+        taken = np.zeros(n, bool)
+        for loop in sorted(found, key=lambda lp: _length(pos, lp)):
+            if taken[loop].any() or _separates(faces, edges, fe, count, [*chosen, loop], n):
                 continue
             chosen.append(loop)
             ring = np.zeros(n, bool)
