@@ -6,7 +6,7 @@ import pytest
 import torch
 from skimage.measure import marching_cubes
 
-from backend.engine import deform, mesh_cut, open_surface
+from backend.engine import deform, handle_cut, mesh_cut, open_surface
 from backend.engine import surface_metrics as sm
 from backend.engine.session import Session
 
@@ -289,6 +289,9 @@ def test_generated_head_is_one_piece_with_a_planar_neck(session, opened_head):
     stats = params["stats"]["surface"]
     topo = sm.topology(arrays["faces"])
     assert len(topo.pieces) == 1 and topo.nonmanifold_edges == 0
+    assert topo.genus == 0  # handles the lattice repair leaves (two here) are cut and capped
+    assert len(stats["handle_loops_mm"]) == stats["handles_cut"]
+    assert all(0 < mm <= handle_cut.MAX_LOOP_MM for mm in stats["handle_loops_mm"])
     assert topo.boundary_loops >= 4  # neck, mouth, two upper lids
     loop = sm.neck_loop(arrays["canonical"], arrays["faces"])
     assert loop.planarity_m < 1e-6 and loop.smoothness < 1.1
