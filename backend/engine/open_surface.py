@@ -252,8 +252,8 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     ambiguous, and keep the first position that is robust and follows the neighbours; a vertex that is unsolved
     or does not follow them takes, failing that, the first position that follows (on the CPU the opener's roots
     are the deform op's: deform.MIN_ROWS); else the vertex stays. Their attributes are then recomputed
-    (mesh_cut.NEW). Returns the arrays, how many vertices moved and which vertices (N,) bool needed a move and
-    found no position (a second pass, after their neighbours moved, may)."""
+    (mesh_cut.NEW). Returns the arrays, how many vertices moved and which vertices (N,) bool are unsolved or do not
+    follow their neighbours and found no position (a second pass, after their neighbours moved, may)."""
     faces = np.asarray(arrays["faces"], np.int64)
     edges, count = unique_edges(faces)
     n = len(arrays["canonical"])
@@ -328,7 +328,7 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     pos[cand[fix]] = trials_of[fix]
     moved = np.zeros(n, bool)
     moved[cand[fix]] = True
-    left[cand[bad[~good]]] = True
+    left[cand[bad[~good & ~follows0[bad]]]] = True  # unsolved or on the other side's root, still
     if not moved.any():
         return arrays, 0, left
     out = dict(arrays)
