@@ -6,7 +6,7 @@ import pytest
 import torch
 from skimage.measure import marching_cubes
 
-from backend.engine import deform, mesh_cut, open_surface
+from backend.engine import deform, handle_cut, mesh_cut, open_surface
 from backend.engine import surface_metrics as sm
 from backend.engine.session import Session
 
@@ -211,7 +211,7 @@ def test_settle_moves_a_boundary_vertex_off_the_other_sides_root():
         wrong = np.linalg.norm(p - canon[v], axis=1) < 0.0005
         return np.where(wrong[:, None], [0.0, -0.03, 0.0], [0.0, -0.001, 0.0])
 
-    out, moved = open_surface._settle(arrays, np.ones(25, bool), motion)
+    out, moved, _ = open_surface._settle(arrays, np.ones(25, bool), motion)
     assert moved == 1 and out[mesh_cut.NEW].sum() == 1 and out[mesh_cut.NEW][v]
     assert np.linalg.norm(out["canonical"][v] - canon[v]) >= 0.0005
     assert np.array_equal(np.delete(out["canonical"], v, 0), np.delete(canon, v, 0))
@@ -222,22 +222,42 @@ def test_settle_moves_a_boundary_vertex_off_the_other_sides_root():
         near = np.linalg.norm(p - canon[v], axis=1) < 0.0005
         return np.where(near[:, None], np.nan, [0.0, -0.001, 0.0])
 
-    out, moved = open_surface._settle(arrays, np.ones(25, bool), unsolved)
+    out, moved, _ = open_surface._settle(arrays, np.ones(25, bool), unsolved)
     assert moved == 1 and np.isfinite(unsolved(out["canonical"])).all()
 
     def fragile(p: np.ndarray) -> np.ndarray:  # as `unsolved`, and every root moves 2 mm with rounding
         flip = (np.asarray(p, np.float32)[:, 0] * 1e7) % 2 > 1
         return unsolved(p) + np.where(flip[:, None], [0.0, 0.002, 0.0], 0.0)
 
-    out, moved = open_surface._settle(arrays, np.ones(25, bool), fragile)
+    out, moved, _ = open_surface._settle(arrays, np.ones(25, bool), fragile)
     assert out[mesh_cut.NEW][v] and np.isfinite(unsolved(out["canonical"])).all()  # solved, though not robust
 
     def fragile_wrong(p: np.ndarray) -> np.ndarray:  # as `motion` (the other side's root), no position robust
         flip = (np.asarray(p, np.float32)[:, 0] * 1e7) % 2 > 1
         return motion(p) + np.where(flip[:, None], [0.0, 0.002, 0.0], 0.0)
 
-    out, _ = open_surface._settle(arrays, np.ones(25, bool), fragile_wrong)
+    out, _, _ = open_surface._settle(arrays, np.ones(25, bool), fragile_wrong)
     assert out[mesh_cut.NEW][v] and np.linalg.norm(out["canonical"][v] - canon[v]) >= 0.0005
+
+
+def test_settle_reports_the_vertices_it_could_not_place():
+    """A slit vertex with no root within reach of its trial positions stays and is reported (the opener tries it
+    again once its neighbours have moved); a vertex that found a position is not."""
+    h = 0.003
+    ij = np.stack(np.meshgrid(np.arange(5), np.arange(5), indexing="ij"), -1).reshape(-1, 2)
+    canon = np.concatenate([ij * h, np.zeros((25, 1))], 1).astype(np.float32)
+    quads = [(i * 5 + j, (i + 1) * 5 + j, (i + 1) * 5 + j + 1, i * 5 + j + 1) for i in range(4) for j in range(4)]
+    faces = np.array([f for a, b, c, d in quads for f in ((a, b, c), (a, c, d))], np.int32)
+    arrays = {"canonical": canon, "vertices": canon.copy(), "faces": faces, mesh_cut.NEW: np.zeros(25, bool)}
+
+    def unsolved(p: np.ndarray, radius: float) -> np.ndarray:
+        near = np.linalg.norm(p - canon[2], axis=1) < radius
+        return np.where(near[:, None], np.nan, [0.0, -0.001, 0.0])
+
+    out, moved, left = open_surface._settle(arrays, np.ones(25, bool), lambda p: unsolved(p, 0.0025))
+    assert moved == 0 and out is arrays and np.flatnonzero(left).tolist() == [2]
+    out, moved, left = open_surface._settle(arrays, np.ones(25, bool), lambda p: unsolved(p, 0.0005))
+    assert moved == 1 and not left.any()
 
 
 def test_solve_continued_with_one_step_is_solve():
@@ -269,6 +289,9 @@ def test_generated_head_is_one_piece_with_a_planar_neck(session, opened_head):
     stats = params["stats"]["surface"]
     topo = sm.topology(arrays["faces"])
     assert len(topo.pieces) == 1 and topo.nonmanifold_edges == 0
+    assert topo.genus == 0  # handles the lattice repair leaves (two here) are cut and capped
+    assert len(stats["handle_loops_mm"]) == stats["handles_cut"]
+    assert all(0 < mm <= handle_cut.MAX_LOOP_MM for mm in stats["handle_loops_mm"])
     assert topo.boundary_loops >= 4  # neck, mouth, two upper lids
     loop = sm.neck_loop(arrays["canonical"], arrays["faces"])
     assert loop.planarity_m < 1e-6 and loop.smoothness < 1.1

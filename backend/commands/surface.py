@@ -67,7 +67,8 @@ def measure(session, seed: int, resolution: int) -> dict:
            "genus": topo.genus, "boundary_loops": topo.boundary_loops, "pieces": len(topo.pieces),
            "second_piece_fraction": topo.second_piece_fraction, "nonmanifold_edges": topo.nonmanifold_edges,
            "neck_planarity_m": None if neck is None else neck.planarity_m,
-           "neck_smoothness": None if neck is None else neck.smoothness, "generate_s": seconds}
+           "neck_smoothness": None if neck is None else neck.smoothness, "generate_s": seconds,
+           "handles_cut": out["stats"].get("surface", {}).get("handles_cut", 0)}
     for i, name in enumerate(EXPRESSIONS):
         stretch = sm.edge_stretch(canonical, posed["vertices"][i], faces)
         row[name] = {"unsolved": int((posed["converged"][i] == 0).sum()),

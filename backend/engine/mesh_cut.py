@@ -216,20 +216,25 @@ def _split_ring(ring: list[tuple[int, float, int]]) -> np.ndarray:
     return np.asarray(tris, np.int64).reshape(-1, 3)
 
 
-def split_pinches(arrays: dict[str, np.ndarray], pull: float = 0.05, key: str = "canonical"
-                  ) -> tuple[dict[str, np.ndarray], int]:
+def split_pinches(arrays: dict[str, np.ndarray], pull: float = 0.05, key: str = "canonical",
+                  cut: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Give each fan of faces around a vertex its own copy of it where several fans meet at the vertex (a
     pinch: e.g. a slit passing on two sides of a vertex leaves two fans of it, each between two boundary
     edges; the surface is not a manifold there). Fans: the faces around the vertex joined through edges that
     two faces share; a vertex on an edge of more faces is left as it is. Each copy moves `pull` of the way
-    toward the mean of its fan's other corners (the copies differ in position). Returns the arrays and the
-    number of vertices split."""
+    toward the mean of its fan's other corners (the copies differ in position). `cut` (K,2): edges (vertex pairs)
+    that do not join fans either (the mesh opens along them). Returns the arrays and the number of vertices
+    split."""
     faces = np.asarray(arrays["faces"], np.int64)
     n = len(arrays[key])
     vertex = faces.ravel()  # corner 3 f + j: face f's slot j, whose edge (slot j's edge id) joins slots j, j + 1
     edges, fe = _edge_ids(faces)
     count = np.bincount(fe.ravel(), minlength=len(edges))
-    occ = np.flatnonzero(count[fe.ravel()] == 2)
+    joins = count == 2
+    if cut is not None and len(cut):
+        keys = edge_keys(edges[:, 0], edges[:, 1], n)
+        joins &= ~np.isin(keys, edge_keys(cut[:, 0], cut[:, 1], n))
+    occ = np.flatnonzero(joins[fe.ravel()])
     occ = occ[np.argsort(fe.ravel()[occ], kind="stable")]
     p, q = occ[0::2], occ[1::2]  # an edge's two faces' slots
     p1, q1 = _next_corner(p), _next_corner(q)

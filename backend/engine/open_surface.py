@@ -23,7 +23,7 @@ follows the path from weight 0 (deform.solve_continued), so each side keeps to i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
 
@@ -32,7 +32,7 @@ import torch
 
 from .. import errors
 from ..data.atlas import Atlas
-from . import deform, mesh_cut
+from . import deform, handle_cut, mesh_cut
 from .surface_metrics import unique_edges
 
 if TYPE_CHECKING:  # scipy.spatial is imported where the tree is built: it is most of a cold start's scipy time
@@ -80,6 +80,8 @@ class OpenStats:
     motion_edges_opened: int  # by the expressions' motion (lips under jawOpen, lids under eyeBlink)
     vertices_settled: int = 0  # vertices by a motion slit moved off a root that rounding can change (_settle)
     pinches_split: int = 0  # vertices where fans of faces met (a slit on two sides of them), one copy per fan
+    handles_cut: int = 0  # handles the lattice repair left, cut along a short loop and capped (handle_cut)
+    handle_loops_mm: list[float] = field(default_factory=list)  # those loops' lengths
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -138,10 +140,11 @@ class SurfaceOpener:
         arrays, more = mesh_cut.split_pinches(arrays)
         pinches += more
         arrays, dropped = mesh_cut.keep_largest_piece(arrays)
+        arrays, cuts = handle_cut.cut_handles(arrays)
         for k in ("_tface", "_tbary"):
             arrays.pop(k)
         return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved,
-                                 settled, pinches)
+                                 settled, pinches, cuts.handles_cut, cuts.loops_mm)
 
     def _zone(self, arrays: dict[str, np.ndarray], regions: tuple[str, ...]) -> np.ndarray:
         """Vertices whose closest template triangle has a corner in one of the regions."""
@@ -197,7 +200,11 @@ class SurfaceOpener:
                 def along(p: np.ndarray, expression: str = expression, solved: Motion = solved) -> np.ndarray:
                     return solved(p, expression)
 
-                arrays, moved = _settle(arrays, self._zone(arrays, zone_regions), along)
+                zone_now = self._zone(arrays, zone_regions)
+                arrays, moved, left = _settle(arrays, zone_now, along)
+                if left.any():  # again, with their neighbours where the first pass moved them
+                    arrays, again, _ = _settle(arrays, zone_now & left, along)
+                    moved += again
                 settled += moved
         return arrays, opened, settled, pinches
 
@@ -237,7 +244,7 @@ def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol:
 
 
 def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
-            ) -> tuple[dict[str, np.ndarray], int]:
+            ) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
     """Move the zone's vertices on or next to the mesh boundary whose root is not robust (_robust with
     SETTLE_JITTERS; `motion` may give NaN rows where it has no root: not robust) or parts from most of their
     neighbours' (an edge to them would stretch beyond STRETCH_LIMIT: the other lip's root) a step toward their
@@ -245,7 +252,8 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     ambiguous, and keep the first position that is robust and follows the neighbours; a vertex that is unsolved
     or does not follow them takes, failing that, the first position that follows (on the CPU the opener's roots
     are the deform op's: deform.MIN_ROWS); else the vertex stays. Their attributes are then recomputed
-    (mesh_cut.NEW). Returns the arrays and how many vertices moved."""
+    (mesh_cut.NEW). Returns the arrays, how many vertices moved and which vertices (N,) bool are unsolved or do not
+    follow their neighbours and found no position (a second pass, after their neighbours moved, may)."""
     faces = np.asarray(arrays["faces"], np.int64)
     edges, count = unique_edges(faces)
     n = len(arrays["canonical"])
@@ -256,8 +264,9 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     near[edges[on_boundary[edges[:, 0]], 1]] = True
     near[edges[on_boundary[edges[:, 1]], 0]] = True
     cand = np.flatnonzero(near & zone)
+    left = np.zeros(n, bool)
     if not len(cand):
-        return arrays, 0
+        return arrays, 0, left
     degree = np.bincount(edges.ravel(), minlength=n).astype(np.float64)
     total = np.zeros((n, 3))
     reach = np.zeros(n)
@@ -319,15 +328,16 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     pos[cand[fix]] = trials_of[fix]
     moved = np.zeros(n, bool)
     moved[cand[fix]] = True
+    left[cand[bad[~good & ~follows0[bad]]]] = True  # unsolved or on the other side's root, still
     if not moved.any():
-        return arrays, 0
+        return arrays, 0, left
     out = dict(arrays)
     for key in mesh_cut.POSITIONS:
         if key in out:
             out[key] = pos.astype(arrays[key].dtype)
     if mesh_cut.NEW in out:  # moved: their attributes are no longer theirs
         out[mesh_cut.NEW] = out[mesh_cut.NEW] | moved
-    return out, int(moved.sum())
+    return out, int(moved.sum()), left
 
 
 def _local_level(size: np.ndarray, edges: np.ndarray, near: np.ndarray, level: float) -> np.ndarray:

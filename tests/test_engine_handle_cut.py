@@ -1,0 +1,99 @@
+"""Handles cut along a short non-separating loop and capped on the mesh (engine/handle_cut.py)."""
+
+import numpy as np
+from skimage.measure import marching_cubes
+
+from backend.engine import handle_cut, mesh_cut
+from backend.engine import surface_metrics as sm
+
+H = 0.0015  # m: lattice spacing of the test shapes (a head at 128 cells has about 3 mm)
+
+
+def _mc(field: np.ndarray, origin: float) -> dict[str, np.ndarray]:
+    v, f, _, _ = marching_cubes(field, 0.0, spacing=(H, H, H))
+    v = (v + origin).astype(np.float32)
+    f = f[:, ::-1].astype(np.int32)  # outward for a field negative inside
+    return {"vertices": v, "canonical": v.copy(), "faces": f, mesh_cut.NEW: np.zeros(len(v), bool)}
+
+
+def _torus_field(p: np.ndarray, centre: tuple[float, float, float], big: float, small: float) -> np.ndarray:
+    q = p - np.asarray(centre)
+    return np.hypot(np.linalg.norm(q[..., :2], axis=-1) - big, q[..., 2]) - small
+
+
+def _lattice(half: float) -> tuple[np.ndarray, float]:
+    t = np.arange(-half, half + H / 2, H) + 0.37 * H  # no lattice point on the surface (no pinched vertices)
+    return np.stack(np.meshgrid(t, t, t, indexing="ij"), -1), float(t[0])
+
+
+def torus(big: float = 0.02, small: float = 0.004) -> dict[str, np.ndarray]:
+    p, origin = _lattice(big + small + 3 * H)
+    return _mc(_torus_field(p, (0, 0, 0), big, small), origin)
+
+
+def _oriented(faces: np.ndarray) -> bool:
+    """Every edge of two faces is used once in each direction (consistent winding)."""
+    f = np.asarray(faces, np.int64)
+    a, b = f.ravel(), f[:, [1, 2, 0]].ravel()
+    n = int(f.max()) + 1
+    directed = np.unique(a * n + b, return_counts=True)
+    return bool((directed[1] == 1).all())
+
+
+def _kept(before: np.ndarray, after: np.ndarray) -> int:
+    """How many of `before`'s vertices are in `after` bitwise."""
+    rows = lambda x: np.ascontiguousarray(x).view([("", x.dtype)] * 3).ravel()  # noqa: E731
+    return int(np.isin(rows(before), rows(after)).sum())
+
+
+def test_a_thin_handle_is_cut_along_its_waist_and_capped():
+    t = torus()
+    assert sm.topology(t["faces"]).genus == 1
+    out, stats = handle_cut.cut_handles(t)
+    topo = sm.topology(out["faces"])
+    assert (topo.genus, topo.boundary_loops, len(topo.pieces), topo.nonmanifold_edges) == (0, 0, 1, 0)
+    assert _oriented(out["faces"])
+    assert stats.handles_cut == 1 and stats.handles_left == 0
+    # the waist (2 pi 4 mm = 25 mm), not the way around the hole (2 pi 16 mm = 100 mm)
+    assert 22 < stats.loops_mm[0] < 35
+    # every vertex off the loop stays where it was; the loop's copies and the two caps' centres are new
+    new = int(out[mesh_cut.NEW].sum())
+    assert _kept(t["canonical"], out["canonical"]) == len(t["canonical"]) - (new - 2) // 2
+    assert len(out["canonical"]) == len(t["canonical"]) + (new - 2) // 2 + 2
+    for key in ("vertices", "canonical"):
+        assert len(out[key]) == len(out[mesh_cut.NEW])
+
+
+def test_two_handles_are_both_cut_and_a_surface_without_one_is_left_alone():
+    p, origin = _lattice(0.05)
+    two = _mc(np.minimum(_torus_field(p, (-0.022, 0, 0), 0.02, 0.004),
+                         _torus_field(p, (0.022, 0, 0), 0.02, 0.004)), origin)
+    assert sm.topology(two["faces"]).genus == 2
+    out, stats = handle_cut.cut_handles(two)
+    assert sm.topology(out["faces"]).genus == 0 and len(sm.topology(out["faces"]).pieces) == 1
+    assert stats.handles_cut == 2 and all(20 < mm < 40 for mm in stats.loops_mm)
+    again, none = handle_cut.cut_handles(out)
+    assert again is out and none.handles_cut == 0 and none.handles_left == 0
+
+
+def test_a_fat_handle_is_not_cut():
+    t = torus(0.03, 0.011)  # waist 2 pi 11 mm = 69 mm, inner equator 2 pi 19 mm: both > MAX_LOOP_MM
+    out, stats = handle_cut.cut_handles(t)
+    assert out is t and stats.handles_cut == 0 and stats.handles_left == 1
+
+
+def test_the_loop_keeps_off_the_surface_boundary():
+    t = torus()
+    centre = t["canonical"][t["faces"]].mean(1)
+    # a hole in the tube's outer side: the surface has a boundary loop there
+    keep = np.linalg.norm(centre - [0.024, 0, 0], axis=1) > 0.003
+    holed = mesh_cut.compact(dict(t, faces=t["faces"][keep]))
+    before = sm.topology(holed["faces"])
+    assert (before.genus, before.boundary_loops) == (1, 1)
+    edges, count = sm.unique_edges(holed["faces"])
+    rim = holed["canonical"][np.unique(edges[count == 1])]
+    out, stats = handle_cut.cut_handles(holed)
+    after = sm.topology(out["faces"])
+    assert (after.genus, after.boundary_loops, stats.handles_cut) == (0, 1, 1)
+    edges, count = sm.unique_edges(out["faces"])
+    assert _kept(rim, out["canonical"][np.unique(edges[count == 1])]) == len(rim)  # the same rim, untouched
