@@ -73,6 +73,9 @@ class FitSettings:
     # landmarks and its prior only, the image terms fit pose and expressions (docs/capture.md: their identity
     # gradients pulled the code away from the true head on the known-answer clips)
     image_terms_fit_identity: bool = False
+    # the returned identity is the mean of the identity's iterates from this fraction of the network stage on
+    # (1: the last iterate): the random silhouette rays and Adam's steps keep it moving about its optimum
+    id_average_from: float = 0.5
     # the network stage's learning rates fall along a cosine to this fraction: Adam's steps stay near the rate
     # however small the gradient, so without it the pose keeps stepping around the optimum to the end
     anneal_to: float = 1.0
@@ -326,8 +329,11 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
                 + ([(log_f, 0.005)] if fit_focal else [])
                 + ([(bias, 0.0005)] if bias is not None else []), settings.steps, settings.anneal_to)
     iou = None
+    u_sum, n_sum = torch.zeros_like(u), 0
     for i in range(settings.steps):
         report(0.1 + 0.9 * i / settings.steps, f"fitting identity and expressions ({i}/{settings.steps})")
+        if i > 0 and i >= settings.id_average_from * settings.steps:
+            u_sum, n_sum = u_sum + u.detach(), n_sum + 1
         opt.zero_grad()
         z = p.id_mean[None] + u @ p.id_chol.T
         rot = rotvec_to_matrix(rvec)
@@ -353,7 +359,7 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
         losses.append(float(loss.detach()))
 
     with torch.no_grad():
-        z = p.id_mean[None] + u @ p.id_chol.T
+        z = p.id_mean[None] + (u_sum / n_sum if n_sum else u) @ p.id_chol.T
         rot = rotvec_to_matrix(rvec)
     pts = p.landmarks(z, e.detach(), bias).detach()[:, : p.L]
     with torch.no_grad():
