@@ -69,7 +69,7 @@ def test_visibility_and_skin_points():
         photometric.prepare(np.zeros((2, 8, 8), np.uint8), torch.device("cpu"))
 
 
-def _problem(s, frames: np.ndarray, points: int = 12):
+def _problem(s, frames: np.ndarray, points: int = 12, identity: bool = True):
     from backend.capture.fit import FitSettings, _Problem
 
     targets = s.atlas.vertices[correspondence.template_vertices()]
@@ -78,7 +78,7 @@ def _problem(s, frames: np.ndarray, points: int = 12):
     observed = np.full((T, len(targets), 2), W / 2, np.float32)
     observed[:, correspondence.USED.index(36), 0] -= 40  # eye distance for the landmark scale
     return _Problem(s.model, s.extras, targets, observed, np.ones(T, bool), None, W, H, True,
-                    FitSettings(photometric=1.0), images=frames, skin=skin)
+                    FitSettings(photometric=1.0, image_terms_fit_identity=identity), images=frames, skin=skin)
 
 
 def test_photometric_term_through_the_fit_problem(monkeypatch):
@@ -107,8 +107,8 @@ def test_photometric_term_through_the_fit_problem(monkeypatch):
     z0 = s.extras["id_mean"][None].float()
     e = torch.zeros(2, 53)
 
-    def value(trans: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        p = _problem(s, frames)
+    def value(trans: torch.Tensor, u: torch.Tensor, identity: bool = True) -> torch.Tensor:
+        p = _problem(s, frames, identity=identity)
         z = z0 + u @ p.id_chol.T
         pts = p.landmarks(z, e)
         return p.photometric_loss(pts, rot, trans, focal)
@@ -132,6 +132,10 @@ def test_photometric_term_through_the_fit_problem(monkeypatch):
         fd_u = (value(trans, u + hu * d) - value(trans, u - hu * d)) / (2 * hu)
     assert float(g_u.norm()) > 0
     assert float((g_u * d).sum()) == pytest.approx(float(fd_u), rel=0.05)
+    # by default (image_terms_fit_identity False) the term moves the pose, not the identity
+    g_t0, g_u0 = torch.autograd.grad(value(trans, u, identity=False), [trans, u], allow_unused=True)
+    assert g_u0 is None or float(g_u0.abs().max()) == 0.0
+    assert torch.allclose(g_t0, g_t)
 
 
 def test_fit_adds_the_term_on_videos_only():
