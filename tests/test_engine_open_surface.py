@@ -71,6 +71,25 @@ def test_cut_plane_leaves_one_planar_smooth_loop():
     assert len(cut["canonical"]) == len(cut["vertices"]) == len(cut["region"])
 
 
+def test_a_piece_cut_off_the_head_is_kept_unlike_floaters():
+    """keep_largest_piece drops floaters, but keeps a piece of the head (marked before the cut) that is large
+    enough: a fitted head once lost its mouth and chin to the slits that way."""
+    big, small = sphere(), sphere()
+    n = len(big["canonical"])
+    small["canonical"] = small["canonical"] * 0.5 + 3.0
+    both = {"canonical": np.concatenate([big["canonical"], small["canonical"]]),
+            "faces": np.concatenate([big["faces"], small["faces"] + n])}
+    m = len(small["canonical"])
+    assert mesh_cut.largest_piece_mask(both).sum() == n
+    dropped = mesh_cut.keep_largest_piece(both)
+    assert len(dropped[0]["canonical"]) == n and dropped[1] == 1
+    was_head = np.r_[np.zeros(n, bool), np.ones(m, bool)]
+    kept = mesh_cut.keep_largest_piece(both, keep_from=was_head, min_size=m)
+    assert len(kept[0]["canonical"]) == n + m and kept[1] == 0
+    too_small = mesh_cut.keep_largest_piece(both, keep_from=was_head, min_size=m + 1)
+    assert len(too_small[0]["canonical"]) == n and too_small[1] == 1
+
+
 def test_saw_tooth_loop_is_not_smooth():
     t = np.linspace(0, 2 * np.pi, 200, endpoint=False)
     r = 1 + 0.05 * (np.arange(200) % 2)

@@ -292,14 +292,28 @@ def compact(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def keep_largest_piece(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-    """Only the connected piece with the most vertices; returns how many other pieces were dropped."""
+def largest_piece_mask(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """(N,) bool: the vertices of the connected piece with the most vertices."""
+    faces = np.asarray(arrays["faces"], np.int64)
+    label = vertex_components(len(arrays["canonical"]), unique_edges(faces)[0])
+    return label == int(np.argmax(np.bincount(label[np.unique(faces)])))
+
+
+def keep_largest_piece(arrays: dict[str, np.ndarray], keep_from: np.ndarray | None = None,
+                       min_size: int = 0) -> tuple[dict[str, np.ndarray], int]:
+    """The connected piece with the most vertices, plus every piece of at least `min_size` vertices that has a
+    vertex in `keep_from` (N,) bool (a part of the surface that a cut separated, not a floater); returns how
+    many pieces were dropped."""
     faces = np.asarray(arrays["faces"], np.int64)
     edges, _ = unique_edges(faces)
     label = vertex_components(len(arrays["canonical"]), edges)
     used = np.unique(faces)
-    sizes = np.bincount(label[used])
-    main = int(np.argmax(sizes))
+    sizes = np.bincount(label[used], minlength=int(label.max()) + 1)
+    kept = np.zeros(len(sizes), bool)
+    kept[int(np.argmax(sizes))] = True
+    if keep_from is not None:
+        kept[np.unique(label[used][keep_from[used]])] |= True
+        kept &= (sizes >= min_size) | (np.arange(len(sizes)) == int(np.argmax(sizes)))
     out = dict(arrays)
-    out["faces"] = arrays["faces"][label[faces[:, 0]] == main]
-    return compact(out), int((sizes > 0).sum() - 1)
+    out["faces"] = arrays["faces"][kept[label[faces[:, 0]]]]
+    return compact(out), int((sizes > 0).sum() - kept.sum())

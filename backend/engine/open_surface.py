@@ -15,7 +15,8 @@ vertex attributes (each vertex's template position: its closest point on the mea
    own lip line was tried first and does not work with the current correspondence head: near the contact it
    puts vertices that the warp moves with the upper lip on the lower lip (docs/surface.md);
 4. pinches: where a slit passes on two sides of a vertex, its fans of faces get a copy each (a manifold);
-5. pieces: keeps only the largest connected piece (an inner mouth shell, floaters).
+5. pieces: keeps the largest connected piece (drops an inner mouth shell, floaters, slivers the slits cut
+   off), and any piece of at least KEPT_PIECE of the vertices that was part of the head before the slits.
 
 A slit vertex becomes two, pulled slightly apart toward their own sides (mesh_cut.slit), and the deform op
 follows the path from weight 0 (deform.solve_continued), so each side keeps to its own root of the warp.
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # scipy.spatial is imported where the tree is built: it is mo
     from scipy.spatial import cKDTree
 
 NECK_MARGIN = 0.05  # m above the template's neck opening (its plane, along its normal)
+KEPT_PIECE = 0.005  # a piece the slits cut off the head is kept from this fraction of the vertices up
 HEAD_FACES_END = 28120  # atlas faces [0, 28120): head and neck cap; then the two scleras (backend/data/ict.py)
 NECK_CAP_FACES = 52  # the last head faces: the ear-clipped 54-vertex neck loop
 EYELID_PULL = 0.05  # the two sides of a lid slit: 0.1 of the edge apart (no motion has to tell them apart)
@@ -136,12 +138,16 @@ class SurfaceOpener:
         point, normal = self.neck_plane
         arrays = mesh_cut.cut_plane(arrays, point, normal)
         arrays, lids = self._open_eyelids(arrays)
+        # The head as one piece before the lips are slit: a slit that cuts a real part off (a fitted head lost its
+        # mouth and chin so, docs/capture.md) must not delete it with the floaters.
+        arrays["_head"] = mesh_cut.largest_piece_mask(arrays).astype(np.float32)
         arrays, moved, settled, pinches = self._open_by_motion(arrays, motion)
         arrays, more = mesh_cut.split_pinches(arrays)
         pinches += more
-        arrays, dropped = mesh_cut.keep_largest_piece(arrays)
+        arrays, dropped = mesh_cut.keep_largest_piece(arrays, keep_from=arrays["_head"] > 0.5,
+                                                      min_size=int(KEPT_PIECE * len(arrays["canonical"])))
         arrays, cuts = handle_cut.cut_handles(arrays)
-        for k in ("_tface", "_tbary"):
+        for k in ("_tface", "_tbary", "_head"):
             arrays.pop(k)
         return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved,
                                  settled, pinches, cuts.handles_cut, cuts.loops_mm)
