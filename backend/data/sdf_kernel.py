@@ -78,6 +78,11 @@ if triton is not None:
         return qx * qx + qy * qy + qz * qz
 
     @triton.jit
+    def _corner_offsets(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz):
+        """p - a, p - b, p - c, component by component (shared by the distance and the solid angle)."""
+        return px - ax, py - ay, pz - az, px - bx, py - by, pz - bz, px - cx, py - cy, pz - cz
+
+    @triton.jit
     def _sq_dist(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz, keep):
         """min over triangles (axis 1) of the squared distance; p (BLOCK,1), corners (1,S) or (BLOCK,S)."""
         abx = bx - ax
@@ -98,15 +103,7 @@ if triton is not None:
         iab = 1.0 / tl.maximum(abx * abx + aby * aby + abz * abz, tiny)
         ibc = 1.0 / tl.maximum(bcx * bcx + bcy * bcy + bcz * bcz, tiny)
         ica = 1.0 / tl.maximum(cax * cax + cay * cay + caz * caz, tiny)
-        apx = px - ax
-        apy = py - ay
-        apz = pz - az
-        bpx = px - bx
-        bpy = py - by
-        bpz = pz - bz
-        cpx = px - cx
-        cpy = py - cy
-        cpz = pz - cz
+        apx, apy, apz, bpx, bpy, bpz, cpx, cpy, cpz = _corner_offsets(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
         # in-plane edge normals n x edge point into the triangle
         s1 = apx * (ny * abz - nz * aby) + apy * (nz * abx - nx * abz) + apz * (nx * aby - ny * abx)
         s2 = bpx * (ny * bcz - nz * bcy) + bpy * (nz * bcx - nx * bcz) + bpz * (nx * bcy - ny * bcx)
@@ -132,15 +129,7 @@ if triton is not None:
         nx = aby * acz - abz * acy
         ny = abz * acx - abx * acz
         nz = abx * acy - aby * acx
-        apx = px - ax
-        apy = py - ay
-        apz = pz - az
-        bpx = px - bx
-        bpy = py - by
-        bpz = pz - bz
-        cpx = px - cx
-        cpy = py - cy
-        cpz = pz - cz
+        apx, apy, apz, bpx, bpy, bpz, cpx, cpy, cpz = _corner_offsets(px, py, pz, ax, ay, az, bx, by, bz, cx, cy, cz)
         la = tl.sqrt(apx * apx + apy * apy + apz * apz)
         lb = tl.sqrt(bpx * bpx + bpy * bpy + bpz * bpz)
         lc = tl.sqrt(cpx * cpx + cpy * cpy + cpz * cpz)
