@@ -292,11 +292,18 @@ def compact(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def largest_piece_mask(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """(N,) bool: the vertices of the connected piece with the most vertices."""
+def _pieces(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Connected pieces: each vertex's label, the vertices used by faces, and the pieces' vertex counts."""
     faces = np.asarray(arrays["faces"], np.int64)
     label = vertex_components(len(arrays["canonical"]), unique_edges(faces)[0])
-    return label == int(np.argmax(np.bincount(label[np.unique(faces)])))
+    used = np.unique(faces)
+    return label, used, np.bincount(label[used], minlength=int(label.max()) + 1)
+
+
+def largest_piece_mask(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """(N,) bool: the vertices of the connected piece with the most vertices."""
+    label, _, sizes = _pieces(arrays)
+    return label == int(np.argmax(sizes))
 
 
 def keep_largest_piece(arrays: dict[str, np.ndarray], keep_from: np.ndarray | None = None,
@@ -304,16 +311,12 @@ def keep_largest_piece(arrays: dict[str, np.ndarray], keep_from: np.ndarray | No
     """The connected piece with the most vertices, plus every piece of at least `min_size` vertices that has a
     vertex in `keep_from` (N,) bool (a part of the surface that a cut separated, not a floater); returns how
     many pieces were dropped."""
-    faces = np.asarray(arrays["faces"], np.int64)
-    edges, _ = unique_edges(faces)
-    label = vertex_components(len(arrays["canonical"]), edges)
-    used = np.unique(faces)
-    sizes = np.bincount(label[used], minlength=int(label.max()) + 1)
-    kept = np.zeros(len(sizes), bool)
-    kept[int(np.argmax(sizes))] = True
+    label, used, sizes = _pieces(arrays)
+    kept = np.arange(len(sizes)) == int(np.argmax(sizes))
     if keep_from is not None:
-        kept[np.unique(label[used][keep_from[used]])] |= True
-        kept &= (sizes >= min_size) | (np.arange(len(sizes)) == int(np.argmax(sizes)))
+        marked = np.zeros(len(sizes), bool)
+        marked[label[used][keep_from[used]]] = True
+        kept |= marked & (sizes >= min_size)
     out = dict(arrays)
-    out["faces"] = arrays["faces"][kept[label[faces[:, 0]]]]
+    out["faces"] = arrays["faces"][kept[label[np.asarray(arrays["faces"], np.int64)[:, 0]]]]
     return compact(out), int((sizes > 0).sum() - kept.sum())
