@@ -176,23 +176,23 @@ def test_named_expression_errors_score_a_still_warp_at_ict_motion(ict):
     moving skin, and the shipped warp does far better on jawOpen (it learned the jaw)."""
     from types import SimpleNamespace
 
-    from backend.commands.eval import MOTION_MIN, SKIN_PARTS, named_expression_errors
+    from backend.commands.eval import MOTION_MIN, named_expression_errors, skin_vertices
     from backend.weights import load_model
 
     lm = load_model(None)
-    verts = np.unique(ict.faces[np.isin(ict.face_part, [ict.face_parts.index(n) for n in SKIN_PARTS])])
-    coeffs = np.zeros(ict.id_basis.shape[0])
+    verts = skin_vertices(ict)
+    neutral = ict.vertices(np.zeros(ict.id_basis.shape[0]), None)
     z = lm.extras["id_mean"][None].float()
 
     def tens(a):
         return torch.as_tensor(np.asarray(a, np.float32))
 
     still = SimpleNamespace(warp=lambda x, w, z_id: torch.zeros_like(x))
-    zero = named_expression_errors(still, z, ict, coeffs, verts, tens)
+    zero = named_expression_errors(still, z, ict, neutral, verts, tens)
     for e, name in enumerate(ict.expressions):
         m = np.linalg.norm(ict.exp_basis[e][verts].astype(np.float64), axis=1)
         if (m > MOTION_MIN).any():
             assert zero[name] == pytest.approx(m[m > MOTION_MIN].mean() * 1e3, rel=1e-5)
-    real = named_expression_errors(lm.model, z, ict, coeffs, verts, tens)
+    real = named_expression_errors(lm.model, z, ict, neutral, verts, tens)
     assert real.keys() == zero.keys()
     assert real["jawOpen"] < 0.1 * zero["jawOpen"]

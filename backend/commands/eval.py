@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     exps = splits.heldout_expressions(list(ict.expressions))[1 : 1 + args.expressions]  # row 0 is neutral
     exposed = (ict.face_buried == 0).astype(np.float64)
     exposed_verts = np.unique(ict.faces[ict.face_buried == 0])
-    skin_verts = np.unique(ict.faces[np.isin(ict.face_part, [ict.face_parts.index(n) for n in SKIN_PARTS])])
+    skin_verts = skin_vertices(ict)
     motions: list[dict[str, float]] = []
     t_start = time.time()
 
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         row = {"identity": i, "cd_l1_mm": m["head"]["chamfer_l1"], "nc": m["head"]["normal_consistency"],
                "f1mm": m["head"]["f_score@1mm"], "face_cd_l1_mm": m["face"]["chamfer_l1"],
                "corr_mm": corr * 1e3, "fit_abs_sdf_mm": float(res.final_abs_sdf[0]) * 1e3}
-        motion = named_expression_errors(model, res.z_id, ict, c, skin_verts, tens)
+        motion = named_expression_errors(model, res.z_id, ict, gt, skin_verts, tens)
         motions.append(motion)
         row["motion_err_mm"] = float(np.mean(list(motion.values())))
         row["blink_err_mm"] = float(np.mean([motion["eyeBlink_L"], motion["eyeBlink_R"]]))
@@ -176,12 +176,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def named_expression_errors(model, z_id: torch.Tensor, ict, coeffs: np.ndarray, verts: np.ndarray,
+def skin_vertices(ict) -> np.ndarray:
+    """The ICT vertices of the face and head/neck surfaces (not sockets, eyeballs or the neck cap)."""
+    return np.unique(ict.faces[np.isin(ict.face_part, [ict.face_parts.index(n) for n in SKIN_PARTS])])
+
+
+def named_expression_errors(model, z_id: torch.Tensor, ict, neutral_mesh: np.ndarray, verts: np.ndarray,
                             tens) -> dict[str, float]:
     """Per named expression at weight 1: the mean distance (mm) from each skin vertex's ground-truth neutral
-    position to where the model's backward warp sends its ground-truth posed position, over the vertices ICT
-    moves more than MOTION_MIN. A warp that ignores an expression scores about ICT's own motion there."""
-    neutral = ict.vertices(coeffs, None)[verts]
+    position (neutral_mesh (V,3), the identity's ICT vertices) to where the model's backward warp sends its
+    ground-truth posed position, over the vertices `verts` that ICT moves more than MOTION_MIN. A warp that
+    ignores an expression scores about ICT's own motion there."""
+    neutral = neutral_mesh[verts]
     out: dict[str, float] = {}
     with torch.no_grad():
         for e, name in enumerate(ict.expressions):
