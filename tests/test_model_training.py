@@ -90,6 +90,9 @@ def test_local_width_option_reaches_the_checkpoint(tmp_path, one_thread):
     info = load_checkpoint(ck, module, None)
     assert ImHeadConfig.from_json(info["config"]).local_hidden == 40
     assert info["step"] == 1
+    train.main(ARGS + ["--ckpt", str(ck), "--max-steps", "2"])  # resumed without the flag: the checkpoint's width
+    info = read_info(ck)
+    assert ImHeadConfig.from_json(info["config"]).local_hidden == 40 and info["step"] == 2
 
 
 def test_schedule_on_minutes_is_not_cut_by_total_steps(tmp_path, one_thread):

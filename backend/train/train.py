@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sampling density of surface and near-surface points on lips, mouth corners, nose tip, "
                         "nostrils, lids and ears relative to elsewhere (default 1: uniform by area)")
     p.add_argument("--local-hidden", type=int, default=None,
-                   help="width of the local networks' hidden layers (default: the model's, 96)")
+                   help="width of the local networks' hidden layers (default: the checkpoint's when resuming, "
+                        "else the model's, 96)")
     p.add_argument("--warp-pe-freqs", type=int, default=None,
                    help="octaves of the expression warp's positional encoding (default: the checkpoint's when "
                         "resuming, else the model's, 6); more than a checkpoint's grows it, computing the same warp")
@@ -270,14 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     source, n_train, anchor_init, mirror_pairs = build_source(args, device)
     sizes = dict(TINY if args.tiny else {})
-    if args.local_hidden is not None:
-        sizes["local_hidden"] = args.local_hidden
     resuming = (args.ckpt / "state.safetensors").exists()
     saved_cfg = ImHeadConfig.from_json(read_info(args.ckpt)["config"]) if resuming else None
-    if args.warp_pe_freqs is not None:
-        sizes["warp_pe_freqs"] = args.warp_pe_freqs
-    elif saved_cfg is not None:
-        sizes["warp_pe_freqs"] = saved_cfg.warp_pe_freqs
+    for name in ("local_hidden", "warp_pe_freqs"):  # given, else the checkpoint's when resuming, else the model's
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
+        elif saved_cfg is not None:
+            sizes[name] = getattr(saved_cfg, name)
     cfg = ImHeadConfig(mirror_pairs=mirror_pairs, **sizes)
     module = make_module(args, cfg, anchor_init, n_train)
     if args.init_weights is not None and not resuming:
