@@ -4,6 +4,9 @@
 # tree at every call, so the background run keeps its checkpoint in /tmp/imhead and each call copies it to $OUT.
 #   bash docs/dev/device_session.sh start MINUTES SCHEDULE_MINUTES [TRAIN_ARGS...]  # resume training_state/run in
 #                                                                    # the background (e.g. --detail-weight 3)
+#   bash docs/dev/device_session.sh piece MINUTES SCHEDULE_MINUTES [TRAIN_ARGS...]  # the same in the foreground,
+#       resuming /tmp/imhead/run if this machine still has it, else training_state/run; checkpoint to $OUT (a
+#       machine lost between calls then costs only the call in flight)
 #   bash docs/dev/device_session.sh wait SECONDS                     # until the run ends or SECONDS pass
 #   bash docs/dev/device_session.sh eval IDENTITIES [WHICH]          # export the checkpoint, eval it (WHICH=new)
 #                                                                    # or it and the shipped weights (both, default)
@@ -26,6 +29,20 @@ start)
     sleep 90
     tail -n 3 "$WORK/train.out"
     nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv
+    ;;
+piece)
+    mkdir -p "$WORK" "$OUT/run"
+    if [ ! -f "$WORK/run/state.safetensors" ]; then
+        rm -rf "$WORK/run"
+        cp -r training_state/run "$WORK/run"
+        cp training_state/run.log.jsonl "$WORK/run.log.jsonl"
+    fi
+    python -m backend.train.train --data ict --ict .data/ict.safetensors --ckpt "$WORK/run" \
+        --minutes "$2" --save-every 3 --schedule-minutes "$3" --batch 16 --lr 3e-4 --code-lr 5e-3 --topk 0 \
+        --step analytic --identities encoder --compile "${@:4}" >"$WORK/train.out" 2>&1 </dev/null
+    tail -n 2 "$WORK/train.out"
+    cp "$WORK"/run/*.safetensors "$OUT/run/"
+    cp "$WORK/run.log.jsonl" "$OUT/"
     ;;
 wait)
     end=$((SECONDS + $2))
