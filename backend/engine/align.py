@@ -4,20 +4,20 @@ head surface.
 
 Method: orientation hypotheses from the input's principal axes (all 24 proper rotations that map them onto
 the template's principal axes) x scale hypotheses around the RMS-radius ratio x head positions along the
-longest axis, each run through three iterations of symmetric trimmed ICP on a small subsample; the best 24 get
-8 more iterations (both stages against a 2000-point subset of the template), the best 3 are refined on 4000
-points, first 5 point-to-point iterations, then point-to-plane (Gauss-Newton on scale, rotation, translation,
-until converged) for fast convergence. Symmetric
-trimmed ICP pairs every input point with its nearest template point and every template point with its
-nearest input point, keeps the closest `keep` fraction of each direction (clutter such as shoulders drops out
-of the first, holes and missing backs out of the second; input pairs also beyond INLIER_SPREAD times the
-INLIER_QUANTILE pair cost, as clutter can be more than 1 - keep of the input), and solves the similarity in
-closed form (Umeyama).
+longest axis, plus UNIFORM_STARTS rotations spread evenly over all orientations; each runs through three
+iterations of symmetric trimmed ICP on a small subsample; the best 24 get 8 more iterations (both stages
+against a 2000-point subset of the template), the best 3 are refined on 4000 points, first 5 point-to-point
+iterations, then point-to-plane (Gauss-Newton on scale, rotation, translation, until converged) for fast
+convergence. Symmetric trimmed ICP pairs every input point with its nearest template point and every template
+point with its nearest input point, keeps the closest `keep` fraction of each direction (clutter such as
+shoulders drops out of the first, holes and missing backs out of the second; input pairs also beyond
+INLIER_SPREAD times the INLIER_QUANTILE pair cost, as clutter can be more than 1 - keep of the input), and
+solves the similarity in closed form (Umeyama).
 Pairing both ways stops the scale from collapsing onto a patch. With user landmarks (>= 3 pairs) the
 hypotheses are replaced by their Umeyama fit, and the landmark pairs stay in every ICP solve.
 With known units the scale is fixed (rigid ICP): the head's true size is then left to the identity code.
 All hypotheses of a stage run together (one batched nearest-neighbour query per tree and iteration, on
-every core): the same math as one ICP run per hypothesis, without 288 x 3 small queries from Python.
+every core): the same math as one ICP run per hypothesis, without 1,312 x 3 small queries from Python.
 
 Beyond ~60% clutter no whole-input hypothesis starts near the head and trimming cannot recover, so a
 result whose coverage (median distance from the template's face to the input surface, blind to whatever
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
 
 from .. import errors
 from .similarity import Similarity, _plane_steps, _umeyama_batch, axis_rotations, plane_step as plane_step, umeyama
@@ -49,6 +50,16 @@ def _principal_axes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if np.linalg.det(vecs) < 0:
         vecs[:, 2] *= -1
     return c, vecs
+
+
+def super_fibonacci_rotations(n: int) -> np.ndarray:
+    """n rotations (n,3,3) spread evenly over SO(3): the super-Fibonacci spiral of unit quaternions (Alexa,
+    CVPR 2022)."""
+    s = np.arange(n) + 0.5
+    r, big_r = np.sqrt(s / n), np.sqrt(1.0 - s / n)
+    alpha, beta = 2.0 * np.pi * s / np.sqrt(2.0), 2.0 * np.pi * s / 1.533751168755204288118041
+    xyzw = np.stack([r * np.sin(alpha), r * np.cos(alpha), big_r * np.sin(beta), big_r * np.cos(beta)], 1)
+    return Rotation.from_quat(xyzw).as_matrix()
 
 
 def _flat(x: np.ndarray) -> bool:
@@ -88,6 +99,16 @@ COVER_OK = 0.0025
 # ~1.8 m standing figure (under 20%) and about half of a bust; larger crops bring the shoulders.
 CROP_FRACTIONS = (0.2, 0.35, 0.5)
 CROP_KEEP = 2  # crop results refined on the re-cropped input
+# Principal axes fix a head's orientation only roughly (the mean head's two shorter axes are about equally
+# long; a scan's longest axis tilts with its neck cut), so every axis-map start can be too far off for the
+# coarse ICP (docs/benchmarks.md, "Alignment starts"): UNIFORM_STARTS rotations spread evenly over all
+# orientations (super-Fibonacci spiral) start as well, on whole inputs.
+UNIFORM_STARTS = 512
+# The mean head reaches further down the neck than most scans, so the RMS-radius scale is too large and the
+# centroid lands above the template's: the uniform starts use UNIFORM_SCALE times that scale and put the
+# centroid at the template centre raised by these factors of its RMS radius (model +Y).
+UNIFORM_SCALE = 0.85
+UNIFORM_RAISE = (0.0, 0.5)
 BOX_MARGIN = 0.03  # metres around the template's box: the input points the re-cropped refinement sees
 
 Pairing = tuple[np.ndarray, np.ndarray, cKDTree, np.ndarray]
@@ -119,6 +140,7 @@ class Aligner:
         self.keep = keep
         self.t_center, self.t_axes = _principal_axes(self.target)
         self.t_radius = float(np.sqrt(((self.target - self.t_center) ** 2).sum(1).mean()))
+        self.uniform = super_fibonacci_rotations(UNIFORM_STARTS)
         self.cover = np.random.default_rng(1).permutation(self.reliable)[:COARSE_POINTS]
         self.box = (self.target.min(0) - BOX_MARGIN, self.target.max(0) + BOX_MARGIN)
 
@@ -189,9 +211,10 @@ class Aligner:
         return [(Similarity(float(scale[h]), rot[h], trans[h]), float(score[h])) for h in range(H)]
 
     def _starts(self, x: np.ndarray, fixed_scale: float | None, scale_factors: tuple[float, ...],
-                shift_factors: tuple[float, ...]) -> list[Similarity]:
+                shift_factors: tuple[float, ...], uniform: bool = False) -> list[Similarity]:
         """Hypotheses mapping x's principal axes onto the template's (24 ways) x scales around the RMS-radius
-        ratio x centres shifted along x's longest axis (factors of its RMS radius)."""
+        ratio x centres shifted along x's longest axis (factors of its RMS radius); with `uniform`, also the
+        UNIFORM_STARTS rotations."""
         c, axes = _principal_axes(x)
         radius = float(np.sqrt(((x - c) ** 2).sum(1).mean()))
         s0 = fixed_scale if fixed_scale is not None else self.t_radius / radius
@@ -201,7 +224,11 @@ class Aligner:
         for rot_axes in axis_rotations():
             rot = self.t_axes @ rot_axes @ axes.T
             starts += [Similarity(s, rot, self.t_center - s * rot @ centre) for s in scales for centre in centres]
-        return starts
+        if not uniform:
+            return starts
+        s1 = fixed_scale if fixed_scale is not None else UNIFORM_SCALE * s0
+        targets = [self.t_center + np.array([0.0, f * self.t_radius, 0.0]) for f in UNIFORM_RAISE]
+        return starts + [Similarity(s1, rot, t - s1 * rot @ c) for rot in self.uniform for t in targets]
 
     def _stages(self, pool: list[tuple[Similarity, float]], sample: Sampler,
                 stages: list[tuple[int, int, int | None, bool]],
@@ -307,7 +334,7 @@ class Aligner:
         else:
             # Clutter (shoulders, torso) inflates the radius and pulls the centroid away from the head:
             # larger scales and head positions shifted along the input's longest axis are tried as well.
-            starts = self._starts(x_all, fixed_scale, (0.8, 1.15, 1.6, 2.2), (0.0, 0.6, -0.6))
+            starts = self._starts(x_all, fixed_scale, (0.8, 1.15, 1.6, 2.2), (0.0, 0.6, -0.6), uniform=True)
         pool, _ = self._stages([(s, np.inf) for s in starts], everything, COARSE_STAGES, fixed_scale, landmarks, rng)
         sim, score, x = self._refine(pool, everything, fixed_scale, landmarks, rng)
         hypotheses = len(starts)
