@@ -59,22 +59,19 @@ def test_alignment_recovers_random_similarity(session, head_points, seed):
     assert sim.scale * true.scale == pytest.approx(1.0, rel=2e-3)
 
 
-# The outcome depends on the alignment's seed (its random subsamples), not on the frame (the method is frame
-# invariant). Seeds that failed before the input-pair cutoff (align.INLIER_SPREAD): 202 and 207 gave a wrong
-# pose (~172 mm off), 216 a 3.6 mm median error; with it, the worst of seeds 200-231 was 0.27 mm.
 def test_uniform_starts_cover_every_orientation():
     rots = Rotation.from_matrix(super_fibonacci_rotations(UNIFORM_STARTS))
     assert np.allclose(np.linalg.det(rots.as_matrix()), 1.0)
     probes = Rotation.random(2000, random_state=0)
     nearest = np.array([np.degrees((rots * p.inv()).magnitude().min()) for p in probes])
-    # measured: farthest 26.7 deg, median 15.2; 512 random rotations leave gaps of 35.6 deg
+    # just above the spiral's measured spread (docs/benchmarks.md, "Alignment starts"); random sets leave wider gaps
     assert nearest.max() < 28.0 and np.median(nearest) < 16.0
 
 
 @pytest.mark.parametrize("seed, resolution", [(2, 64), (4, 40)])
 def test_alignment_of_generated_heads_in_any_orientation(session, seed, resolution):
-    """Generated heads (neck cut, no shoulders) that the principal-axis starts alone aligned 22.7 and 171 degrees
-    off (docs/benchmarks.md, "Alignment starts")."""
+    """Generated heads (neck cut, no shoulders) that the principal-axis starts alone aligned far off
+    (docs/benchmarks.md, "Alignment starts")."""
     _, mesh = session.generate({"seed": seed, "resolution": resolution}, {})
     turn = Rotation.random(random_state=seed * 7 + resolution).as_matrix()
     x = mesh["vertices"].astype(np.float64) * 100.0 @ turn.T + np.array([100.0, 200.0, 50.0])
@@ -84,6 +81,9 @@ def test_alignment_of_generated_heads_in_any_orientation(session, seed, resoluti
     assert sim.scale == pytest.approx(0.01, rel=0.1)
 
 
+# The outcome depends on the alignment's seed (its random subsamples), not on the frame (the method is frame
+# invariant). Seeds that failed before the input-pair cutoff (align.INLIER_SPREAD): 202 and 207 gave a wrong
+# pose (~172 mm off), 216 a 3.6 mm median error; with it, the worst of seeds 200-231 was 0.27 mm.
 @pytest.mark.parametrize("seed", [202, 207, 216])
 def test_alignment_ignores_shoulders(session, head_points, seed):
     # A head on a torso of 43% of the points: more clutter than the 40% each ICP direction trims.
