@@ -171,6 +171,34 @@ def test_detail_weight_spends_samples_on_thin_parts(ict_path):
         HeadSampler(ict_path, config=SamplerConfig(detail_weight=0.0))
 
 
+def test_named_expressions_put_single_shapes_at_full_weight(ict_path):
+    """p_named: that share of the non-neutral samples is one named shape at weight 1 (and half the time its
+    _L/_R partner); p_named = 0 leaves the batches as they were; out of [0, 1]
+    is refused."""
+    from backend.data import splits
+    from backend.data.sampler import HeadSampler, SamplerConfig
+
+    plain = HeadSampler(ict_path).batch(64, 8, 8, torch.Generator().manual_seed(3))["exp_weights"]
+    again = HeadSampler(ict_path, config=SamplerConfig(p_named=0.0)).batch(64, 8, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, again["exp_weights"])
+    s = HeadSampler(ict_path, config=SamplerConfig(p_named=1.0, p_neutral=0.0))
+    b = s.batch(256, 8, 8, torch.Generator().manual_seed(3))
+    w = b["exp_weights"]
+    assert set(w.unique().tolist()) == {0.0, 1.0}
+    partner = splits.mirror_partners(s.expressions)
+    paired = torch.as_tensor(partner != range(len(partner)))
+    for row in w:
+        on = row.nonzero().flatten().tolist()
+        assert len(on) in (1, 2), on
+        if len(on) == 2:
+            assert partner[on[0]] == on[1]
+    two = (w.sum(1) == 2).float().sum() / (w[:, paired].sum(1) > 0).float().sum()
+    assert 0.35 < float(two) < 0.65, float(two)                   # partner half the time, for paired shapes
+    assert len(w.argmax(1).unique()) > 40                          # every shape comes up
+    with pytest.raises(ValueError, match="p_named"):
+        HeadSampler(ict_path, config=SamplerConfig(p_named=1.5))
+
+
 def test_named_expression_errors_score_a_still_warp_at_ict_motion(ict):
     """The eval's named-expression check: a warp that moves nothing scores exactly ICT's own motion on the
     moving skin, and the shipped warp does far better on jawOpen (it learned the jaw)."""

@@ -11,8 +11,11 @@ Batch (all on the sampler's device, float32 unless noted; docs/architecture.md "
 Data: identity i of n_train gets the coefficients row i of splits.train_identities (N(0, I), seeded);
 each sample takes a uniformly random training identity and, with probability p_neutral, the neutral
 expression, else a uniformly random row of splits.train_expressions (65,536 sparse combinations of the 53
-shapes): 4,096 identities x 65,537 expressions. Held-out identities/expressions (splits.py) are other
-seed streams. Vertices = neutral + c @ id_basis + w @ exp_basis, one matmul per batch.
+shapes): 4,096 identities x 65,537 expressions. With SamplerConfig.p_named > 0, that fraction of the
+non-neutral samples is instead one named shape at weight 1 (with p_symmetric its _L/_R partner too): the
+extremes artists key (eyeBlink closes the lids only near 1), which the mixtures reach rarely.
+Held-out identities/expressions (splits.py) are other seed streams.
+Vertices = neutral + c @ id_basis + w @ exp_basis, one matmul per batch.
 
 Geometry: the closed surface is head (+ ear-clipped neck cap) + both scleras (backend.data.ict). Surface
 points are area-weighted (times SamplerConfig.detail_weight on DETAIL_REGIONS, as are the near-surface
@@ -66,6 +69,7 @@ class SamplerConfig:
     leaf: int = 32                                          # triangles per cluster (mesh.ClusteredMesh)
     k_exact: int = 8                                        # clusters evaluated exactly per point (mesh.py)
     detail_weight: float = 1.0                              # sampling density on DETAIL_REGIONS' triangles
+    p_named: float = 0.0                                    # share of one-shape-at-weight-1 expressions
 
 
 SDF_IMPLS = ("auto", "torch", "triton")
@@ -113,6 +117,9 @@ class HeadSampler:
             raise ValueError(f"detail_weight must be positive, got {config.detail_weight}")
         detail = np.isin(self.atlas.face_region(), [self.atlas.names.index(n) for n in DETAIL_REGIONS])
         self.face_weight = torch.as_tensor(np.where(detail, config.detail_weight, 1.0), device=dev)
+        if not 0.0 <= config.p_named <= 1.0:
+            raise ValueError(f"p_named must be in [0, 1], got {config.p_named}")
+        self.partner = torch.as_tensor(splits.mirror_partners(self.expressions), device=dev)
         self.anchor_vertex = torch.as_tensor(self.atlas.anchor_vertex, dtype=torch.long, device=dev)
         self.train_ids = torch.as_tensor(splits.train_identities(config.n_train, config.seed), device=dev)
         self.train_exps = torch.as_tensor(
@@ -194,7 +201,16 @@ class HeadSampler:
             id_index = torch.full_like(id_index, -1)
         else:
             id_coeffs = self.train_ids[id_index]
-        exp_weights = self.train_exps[rows] * (~neutral)[:, None]
+        exp_weights = self.train_exps[rows]
+        if self.cfg.p_named > 0:  # drawn only when asked, so runs without it keep their batches
+            named = torch.rand(b, device=dev, generator=gen) < self.cfg.p_named
+            shape = torch.randint(len(self.expressions), (b,), device=dev, generator=gen)
+            both = torch.rand(b, device=dev, generator=gen) < splits.ExpressionRecipe().p_symmetric
+            one = torch.zeros_like(exp_weights)
+            one[torch.arange(b, device=dev), shape] = 1.0
+            one[torch.arange(b, device=dev)[both], self.partner[shape[both]]] = 1.0
+            exp_weights = torch.where(named[:, None], one, exp_weights)
+        exp_weights = exp_weights * (~neutral)[:, None]
         posed, canon = self.meshes(id_coeffs, exp_weights)
 
         exposed_posed, exposed_canon = self.exposed_faces(posed), self.exposed_faces(canon)

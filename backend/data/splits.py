@@ -45,14 +45,19 @@ def heldout_identities(n: int = 50, seed: int = DEFAULT_SEED) -> np.ndarray:
     return _rng(seed, 3).standard_normal((n, N_ID)).astype(np.float32)
 
 
+def mirror_partners(names: list[str]) -> np.ndarray:
+    """Index of each shape's _L/_R partner (itself for unpaired shapes)."""
+    return np.array([names.index(s[:-1] + ("R" if s.endswith("_L") else "L")) if s[-2:] in ("_L", "_R") else i
+                     for i, s in enumerate(names)])
+
+
 def random_expressions(rng: np.random.Generator, n: int, names: list[str],
                        recipe: ExpressionRecipe = ExpressionRecipe()) -> np.ndarray:
     m = len(names)
     k = rng.integers(1, recipe.max_active + 1, size=n)
     rank = np.argsort(rng.random((n, m)), axis=1).argsort(axis=1)     # random permutation per row
     w = np.where(rank < k[:, None], rng.random((n, m)), 0.0)
-    partner = np.array([names.index(s[:-1] + ("R" if s.endswith("_L") else "L")) if s[-2:] in ("_L", "_R") else i
-                        for i, s in enumerate(names)])
+    partner = mirror_partners(names)
     sym = rng.random(n) < recipe.p_symmetric
     mirrored = w[:, partner] * rng.uniform(0.7, 1.0, size=(n, m))
     w = np.where(sym[:, None], np.maximum(w, mirrored), w)

@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--detail-weight", type=float, default=1.0,
                    help="sampling density of surface and near-surface points on lips, mouth corners, nose tip, "
                         "nostrils, lids and ears relative to elsewhere (default 1: uniform by area)")
+    p.add_argument("--named-expressions", type=float, default=0.0,
+                   help="share of expression samples that are one named shape at weight 1 (its _L/_R partner "
+                        "too half the time) instead of a random mixture (default 0): the extremes, e.g. closed "
+                        "lids at eyeBlink 1, that mixtures reach rarely")
     p.add_argument("--local-hidden", type=int, default=None,
                    help="width of the local networks' hidden layers (default: the checkpoint's when resuming, "
                         "else the model's, 96)")
@@ -89,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--n-train must be at least 1, got {args.n_train}")
     if not args.detail_weight > 0:
         p.error(f"--detail-weight must be positive, got {args.detail_weight}")
+    if not 0.0 <= args.named_expressions <= 1.0:
+        p.error(f"--named-expressions must be in [0, 1], got {args.named_expressions}")
     if args.local_hidden is not None and args.local_hidden < 1:
         p.error(f"--local-hidden must be at least 1, got {args.local_hidden}")
     if args.warp_pe_freqs is not None and not 0 <= args.warp_pe_freqs <= 12:
@@ -105,7 +111,8 @@ def build_source(args: argparse.Namespace, device: torch.device):
         return src, src.n, src.anchor_init, []
     from .ict_source import IctSource
 
-    ict = IctSource(args.ict, args.atlas, device, n_train=args.n_train, detail_weight=args.detail_weight)
+    ict = IctSource(args.ict, args.atlas, device, n_train=args.n_train, detail_weight=args.detail_weight,
+                    p_named=args.named_expressions)
     return ict, ict.n_train, ict.anchor_init, ict.mirror_pairs
 
 
