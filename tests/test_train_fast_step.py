@@ -55,6 +55,23 @@ def test_analytic_step_equals_autograd_step(encoder):
         assert err < 1e-9, (name, err)
 
 
+def test_deform_motion_weights_the_warp_error_by_ict_motion():
+    """deform_motion: the mean of each surface point's warp error times its ICT motion in cm, added to the total
+    with its weight (zero by default: the total is the plain recipe's)."""
+    torch.manual_seed(0)
+    src = SphereSource(2)
+    module = FastTrainModule(ImHead(ImHeadConfig(mirror_pairs=MIRROR, **train.TINY), src.anchor_init), src.n).double()
+    batch = _posed_batch(src, 2, 32, seed=5)
+    step = torch.nn.functional.normalize(torch.randn(batch["surf_canon"].shape, dtype=torch.float64), dim=-1)
+    batch["surf_posed"] = batch["surf_canon"] + 0.004 * step          # every point moves 0.4 cm
+    loss, terms = module(batch, LossWeights(), None)
+    loss_m, terms_m = module(batch, LossWeights(deform_motion=7.0), None)
+    assert terms["deform"] > 0
+    assert torch.allclose(terms["deform_motion"], 0.4 * terms["deform"], rtol=1e-9)
+    assert torch.allclose(terms_m["deform_motion"], terms["deform_motion"])
+    assert torch.allclose(loss_m, loss + 7.0 * terms["deform_motion"], rtol=1e-12)
+
+
 def test_analytic_step_refuses_topk():
     src = SphereSource(2)
     fast = FastTrainModule(ImHead(ImHeadConfig(**train.TINY), src.anchor_init), src.n)

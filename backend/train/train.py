@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of expression samples that are one named shape at weight 1 (its _L/_R partner "
                         "too half the time) instead of a random mixture (default 0): the extremes, e.g. closed "
                         "lids at eyeBlink 1, that mixtures reach rarely")
+    p.add_argument("--deform-motion-weight", type=float, default=0.0,
+                   help="also weight each surface point's warp error by its ICT motion in cm, times this factor "
+                        "(default 0: the plain mean): lids and lips that move far get their share of the loss")
     p.add_argument("--local-hidden", type=int, default=None,
                    help="width of the local networks' hidden layers (default: the checkpoint's when resuming, "
                         "else the model's, 96)")
@@ -95,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--detail-weight must be positive, got {args.detail_weight}")
     if not 0.0 <= args.named_expressions <= 1.0:
         p.error(f"--named-expressions must be in [0, 1], got {args.named_expressions}")
+    if not args.deform_motion_weight >= 0:
+        p.error(f"--deform-motion-weight must be >= 0, got {args.deform_motion_weight}")
     if args.local_hidden is not None and args.local_hidden < 1:
         p.error(f"--local-hidden must be at least 1, got {args.local_hidden}")
     if args.warp_pe_freqs is not None and not 0 <= args.warp_pe_freqs <= 12:
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         net = torch.compile(module)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[local] if device.type == "cuda" else None)
-    weights = LossWeights()
+    weights = LossWeights(deform_motion=args.deform_motion_weight * LossWeights.deform)
     topk = args.topk if args.topk > 0 else None
 
     step, samples = int(info["step"]), int(info["samples"])
