@@ -71,10 +71,9 @@ class HeadReply(Reply):
     OPEN = True  # the subclasses' keys
     head: dict[str, Any] = required("the HeadSpec made")
     stats: dict[str, Any] = required("extraction, attribute and opening measurements")
-    vertices: np.ndarray = required("shown positions, posed by the head's expression", array="(N,3) f32")
+    vertices: np.ndarray = required("posed by the head's expression", array="(N,3) f32")
     faces: np.ndarray = required(MESH_DOC, array="(F,3) i32")
-    canonical: np.ndarray = required("neutral positions deform solves from (off `vertices` near slits)",
-                                     array="(N,3) f32")
+    canonical: np.ndarray = required("neutral positions", array="(N,3) f32")
     template: np.ndarray = required("template-space positions", array="(N,3) f32")
     region: np.ndarray = required("region per vertex", array="(N,) i32")
     normals: np.ndarray = required(MESH_DOC, array="(N,3) f32")
@@ -112,7 +111,7 @@ class DeformReply(Reply):
     OPEN = True  # solver measurements
     non_converged: int = required("vertex-frames the root finder left unsolved")
     residual_p99_m: float = required("p99 of the residual (posed-space SDF magnitude)")
-    vertices: np.ndarray = required("roots per frame; shown: plus the mesh's vertices - canonical", array="(T,N,3) f32")
+    vertices: np.ndarray = required("posed vertices per frame", array="(T,N,3) f32")
     residual: np.ndarray = required("posed-space SDF magnitude per vertex-frame", array="(T,N) f32")
     converged: np.ndarray = required("1 where solved", array="(T,N) u1")
 

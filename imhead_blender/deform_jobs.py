@@ -113,9 +113,7 @@ def _chunk_done(chain: Chain, arrays: dict[str, np.ndarray]) -> None:
     if obj is None or obj.type != "MESH" or _token(obj) != chain.token:
         print(f"[imhead] {chain.label}: '{chain.name}' changed while it ran; nothing applied", file=sys.stderr)
         return
-    # the deform op's roots, shown with each vertex's rest offset (as live deform shows them)
-    chain.on_complete(obj, axes.backend_to_blender(np.concatenate(chain.results))
-                      + mesh_build.rest_offset(mesh_build.mesh_of(obj)))
+    chain.on_complete(obj, axes.backend_to_blender(np.concatenate(chain.results)))
 
 
 def _failed(chain: Chain, exc) -> None:

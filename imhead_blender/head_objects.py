@@ -29,8 +29,7 @@ def head_spec(obj: bpy.types.Object) -> dict:
 def create_head_object(scene: bpy.types.Scene, name: str, head: dict, arrays: dict[str, np.ndarray], *,
                        seed: int, resolution: int, location=(0.0, 0.0, 0.0),
                        vertices_in_backend_axes: bool = True) -> bpy.types.Object:
-    mesh = mesh_build.build_mesh(name, arrays, vertices_in_backend_axes=vertices_in_backend_axes,
-                                 at_rest=_neutral(head))
+    mesh = mesh_build.build_mesh(name, arrays, vertices_in_backend_axes=vertices_in_backend_axes)
     obj = bpy.data.objects.new(name, mesh)
     obj.location = location
     scene.collection.objects.link(obj)
@@ -45,7 +44,7 @@ def replace_head_mesh(obj: bpy.types.Object, head: dict, arrays: dict[str, np.nd
     slots and animation stay; the old mesh datablock is dropped when nothing else uses it."""
     old = mesh_build.mesh_of(obj)
     name = old.name
-    mesh = mesh_build.build_mesh(name, arrays, at_rest=_neutral(head))
+    mesh = mesh_build.build_mesh(name, arrays)
     for material in old.materials:
         mesh.materials.append(material)
     obj.data = mesh
@@ -56,11 +55,6 @@ def replace_head_mesh(obj: bpy.types.Object, head: dict, arrays: dict[str, np.nd
     add_parts(obj)
     live_deform.forget(obj.name)
     live_deform.request_for_object(obj)
-
-
-def _neutral(head: dict) -> bool:
-    """Whether a reply's vertices are the head's rest positions: the backend poses them by its expression."""
-    return not any((head.get("expression") or {}).values())
 
 
 def store_head(obj: bpy.types.Object, head: dict, *, seed: int, resolution: int) -> None:

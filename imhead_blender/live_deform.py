@@ -72,8 +72,8 @@ def request_for_object(obj: bpy.types.Object) -> None:
         return
     cached = _state.cache.get(name, OrderedDict()).get(key)
     if cached is None and not weights.any():
-        # Neutral is the rest surface itself: what generate/edit return and show (the slits closed).
-        cached = mesh_build.rest_positions(mesh_build.mesh_of(obj))
+        # Neutral is the canonical surface itself: that is what generate/edit return and show.
+        cached = mesh_build.read_point_vector(mesh_build.mesh_of(obj), mesh_build.CANONICAL)
     if cached is not None:
         mesh_build.set_positions(mesh_build.mesh_of(obj), cached)
         _state.shown[name] = key
@@ -170,7 +170,7 @@ def _positions_from_reply(obj: bpy.types.Object, arrays: dict[str, np.ndarray], 
     if verts.shape != (frames, n, 3):
         raise ValueError(f"deform reply 'vertices' should be ({frames},{n},3), got {verts.shape}; "
                          "the mesh changed while the request was running")
-    return axes.backend_to_blender(verts) + mesh_build.rest_offset(mesh_build.mesh_of(obj))
+    return axes.backend_to_blender(verts)
 
 
 def _record_stats(name: str, arrays: dict[str, np.ndarray]) -> None:
@@ -272,7 +272,7 @@ def frame_weights(scene: bpy.types.Scene, obj: bpy.types.Object, frames: list[in
 
 def pose_now(obj: bpy.types.Object, weights: np.ndarray, timeout: float) -> None:
     """Put `weights` on the mesh before returning (a render is about to draw it): from the cache, the
-    rest surface, or one deform waited for. Raises BackendUnavailable, TimeoutError, BackendFailure."""
+    canonical surface, or one deform waited for. Raises BackendUnavailable, TimeoutError, BackendFailure."""
     from . import backend_service
 
     name, key = obj.name, weights_key(weights)
@@ -281,7 +281,7 @@ def pose_now(obj: bpy.types.Object, weights: np.ndarray, timeout: float) -> None
         _state.tokens[name] = _token(obj)
     positions = _state.cache.get(name, OrderedDict()).get(key)
     if positions is None and not weights.any():
-        positions = mesh_build.rest_positions(mesh_build.mesh_of(obj))
+        positions = mesh_build.read_point_vector(mesh_build.mesh_of(obj), mesh_build.CANONICAL)
     if positions is None:
         reply: dict = {}
 

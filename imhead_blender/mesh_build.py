@@ -2,8 +2,6 @@
 
 Point attributes written (all in Blender axes where they are positions):
   imhead_canonical  FLOAT_VECTOR  position on this identity's neutral canonical head (what `deform` moves)
-  imhead_rest       FLOAT_VECTOR  the neutral position shown; differs from imhead_canonical near the slits only
-                                  (a pose is shown at deform(canonical) + rest - canonical: docs/protocol.md)
   imhead_template   FLOAT_VECTOR  position on the mean neutral template (cross-identity correspondence)
   imhead_region     INT           atlas region id in [0, 39)
 plus the UV map "UVMap" (ICT layout). The backend's SDF-gradient normals are not set as custom normals:
@@ -19,7 +17,6 @@ import numpy as np
 from . import axes
 
 CANONICAL = "imhead_canonical"
-REST = "imhead_rest"
 TEMPLATE = "imhead_template"
 REGION = "imhead_region"
 UV_NAME = "UVMap"
@@ -52,21 +49,17 @@ def validate_arrays(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarr
     return verts, faces
 
 
-def build_mesh(name: str, arrays: dict[str, np.ndarray], *, vertices_in_backend_axes: bool = True,
-               at_rest: bool = True) -> bpy.types.Mesh:
+def build_mesh(name: str, arrays: dict[str, np.ndarray], *, vertices_in_backend_axes: bool = True) -> bpy.types.Mesh:
     """A new mesh datablock from backend arrays. `vertices_in_backend_axes=False` for fit results that are
-    already in the input object's own frame (only canonical/template are converted then); `at_rest=False` for
-    vertices posed by an expression (they are not the rest positions then)."""
+    already in the input object's own frame (only canonical/template are converted then)."""
     verts, faces = validate_arrays(arrays)
     mesh = bpy.data.meshes.new(name)
-    fill_mesh(mesh, verts, faces, arrays, vertices_in_backend_axes, at_rest)
+    fill_mesh(mesh, verts, faces, arrays, vertices_in_backend_axes)
     return mesh
 
 
 def fill_mesh(mesh: bpy.types.Mesh, verts: np.ndarray, faces: np.ndarray, arrays: dict[str, np.ndarray],
-              vertices_in_backend_axes: bool = True, at_rest: bool = True) -> None:
-    """The mesh's geometry and point attributes; REST is the vertices themselves when they are the neutral head's
-    (`at_rest`) in backend axes (generate, edit), else missing (rest_positions falls back to CANONICAL)."""
+              vertices_in_backend_axes: bool = True) -> None:
     mesh.clear_geometry()
     co = axes.backend_to_blender(verts) if vertices_in_backend_axes else verts.astype(np.float32)
     mesh.vertices.add(len(co))
@@ -80,8 +73,6 @@ def fill_mesh(mesh: bpy.types.Mesh, verts: np.ndarray, faces: np.ndarray, arrays
 
     if "canonical" in arrays:
         _point_vector(mesh, CANONICAL, axes.backend_to_blender(arrays["canonical"]))
-        if at_rest and vertices_in_backend_axes:
-            _point_vector(mesh, REST, co)
     if "template" in arrays:
         _point_vector(mesh, TEMPLATE, axes.backend_to_blender(arrays["template"]))
     if "region" in arrays:
@@ -107,19 +98,6 @@ def read_point_vector(mesh: bpy.types.Mesh, name: str) -> np.ndarray:
     out = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
     attr.data.foreach_get("vector", out)
     return out.reshape(-1, 3)
-
-
-def rest_positions(mesh: bpy.types.Mesh) -> np.ndarray:
-    """(N,3) neutral positions as shown (Blender axes): REST, or CANONICAL on meshes without it (fits, files
-    saved before REST existed)."""
-    return read_point_vector(mesh, REST if REST in mesh.attributes else CANONICAL)
-
-
-def rest_offset(mesh: bpy.types.Mesh) -> np.ndarray:
-    """(N,3) REST - CANONICAL in Blender axes, added to each deform root to show it (zeros without REST)."""
-    if REST not in mesh.attributes:
-        return np.zeros((len(mesh.vertices), 3), np.float32)
-    return read_point_vector(mesh, REST) - read_point_vector(mesh, CANONICAL)
 
 
 def set_positions(mesh: bpy.types.Mesh, positions_blender: np.ndarray) -> None:

@@ -1,7 +1,7 @@
 """Shape keys computed by the model: the 52 ARKit expression keys (a standard Blender face rig) and the exact
 per-frame bake. Both come from `deform` chains (deform_jobs), so they are the model's own poses, not guesses.
 
-ARKit keys: Basis = the head's neutral rest mesh (slits closed); key "eyeBlinkLeft" = the model's deform at
+ARKit keys: Basis = the head's neutral canonical mesh; key "eyeBlinkLeft" = the model's deform at
 eyeBlink_L = 1 (browInnerUp / cheekPuff: both ICT sides at 1; tongueOut: empty, equal to the Basis). Each key's
 value is driven by the head's expression controls (an AVERAGE driver: the one ICT control, or the mean of the
 two sides), so keyframed controls play, render and export through FBX with no backend. glTF's exporter reads
@@ -32,13 +32,13 @@ def has_arkit_keys(obj: bpy.types.Object) -> bool:
 
 
 def _ensure_basis(obj: bpy.types.Object) -> np.ndarray:
-    """The Basis key (created from the rest mesh when missing); returns the rest positions."""
+    """The Basis key (created from the canonical mesh when missing); returns the canonical positions."""
     mesh = mesh_build.mesh_of(obj)
-    rest = mesh_build.rest_positions(mesh)
+    canonical = mesh_build.read_point_vector(mesh, mesh_build.CANONICAL)
     if mesh.shape_keys is None:
-        mesh_build.set_positions(mesh, rest)
+        mesh_build.set_positions(mesh, canonical)
         obj.shape_key_add(name=BASIS, from_mix=False)
-    return rest
+    return canonical
 
 
 def _write_key(obj: bpy.types.Object, name: str, positions: np.ndarray) -> bpy.types.ShapeKey:

@@ -167,23 +167,3 @@ def test_generate_writes_obj_and_glb(tmp_path, capsys):
     assert len(obj.vertices) > 500 and set(attrs) == {"POSITION", "NORMAL", "TEXCOORD_0"}
     np.testing.assert_allclose(attrs["POSITION"], obj.vertices, atol=1e-6)
     np.testing.assert_array_equal(indices.reshape(-1, 3), obj.faces)
-
-
-def test_animate_shows_the_rest_mesh_at_neutral_and_adds_the_rest_offset(tmp_path, capsys):
-    """animate's frames are the deform op's roots plus each vertex's rest offset: a neutral frame is the mesh
-    generate writes (the slits closed), not the canonical positions the roots are solved from."""
-    from backend.engine.meshio import read_ply
-
-    head = tmp_path / "h.json"
-    assert main(["generate", "--seed", "0", "--resolution", "48", "--device", "cpu", "-o", str(tmp_path / "h.ply"),
-                 "--head", str(head)]) == 0
-    frames = tmp_path / "frames.json"
-    frames.write_text(json.dumps([{}, {"jawOpen": 0.5}]))
-    assert main(["animate", str(head), str(frames), "-o", str(tmp_path / "out"), "--resolution", "48",
-                 "--device", "cpu"]) == 0
-    rest = read_ply(tmp_path / "h.ply")
-    neutral, posed = (read_ply(tmp_path / "out" / f"frame_{t:04d}.ply") for t in (0, 1))
-    canonical = rest.attributes["canonical"]
-    assert np.abs(rest.vertices - canonical).max() > 0  # the slits' copies: shown apart from where they solve
-    np.testing.assert_allclose(neutral.vertices, rest.vertices, atol=1e-7)
-    assert np.abs(posed.vertices - rest.vertices).max() > 1e-3

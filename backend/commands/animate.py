@@ -1,8 +1,7 @@
 """`imhead animate head.json frames.json -o outdir [--resolution R]`: extract the head's canonical
 mesh once, deform it through every frame (root finding through the backward warp, one fixed topology) and
-write outdir/frame_0000.ply, ... (binary PLY; vertex i is the same point in every frame, shown as the deform
-op's root plus the vertex's rest offset (docs/protocol.md), with `canonical`, `residual` (|posed-space SDF| at
-the vertex's root, m) and `converged` columns).
+write outdir/frame_0000.ply, ... (binary PLY; vertex i is the same point in every frame, with `canonical`,
+`residual` (|posed-space SDF| at the vertex, m) and `converged` columns).
 
 frames.json: a JSON list with one object per frame mapping ICT expression names to weights,
 e.g. [{"jawOpen": 0.0}, {"jawOpen": 0.5, "mouthSmile_L": 0.3}]; names not given are 0."""
@@ -68,10 +67,9 @@ def run(args: argparse.Namespace) -> int:
     _, mesh = session.generate({"head": neutral.to_dict(), "resolution": args.resolution}, {}, PrintProgress())
     out, res = session.deform({"head": neutral.to_dict()}, {"canonical": mesh["canonical"], "expressions": expressions},
                               PrintProgress())
-    offset = mesh["vertices"] - mesh["canonical"]  # rest minus solve position: nonzero by the slits only
     args.output.mkdir(parents=True, exist_ok=True)
     for t in range(len(expressions)):
-        write_ply(args.output / f"frame_{t:04d}.ply", res["vertices"][t] + offset, mesh["faces"],
+        write_ply(args.output / f"frame_{t:04d}.ply", res["vertices"][t], mesh["faces"],
                   {"canonical": mesh["canonical"], "residual": res["residual"][t], "converged": res["converged"][t]})
     print(f"wrote {len(expressions)} frames of {len(mesh['canonical'])} vertices to {args.output}; "
           f"non-converged vertex-frames: {out['non_converged']}, residual p99 {out['residual_p99_m'] * 1e3:.4f} mm")

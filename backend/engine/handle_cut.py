@@ -19,9 +19,8 @@ bridge's waist, so the caps are small.
    in a piece is non-separating on the whole surface; it must not touch the surface's boundary or a
    non-manifold edge and be at most MAX_LOOP_MM long;
 3. the cut: the loop's vertices get one copy per side (mesh_cut.split_pinches with the loop's edges cut, each
-   copy's canonical position moved a little toward its side; at rest the copies stay together) and each side's
-   new boundary loop a fan around its centroid (per position key). The copies and the fans' centres are new
-   vertices (attributes from the network at their positions).
+   copy moved a little toward its side) and each side's new boundary loop a fan around its centroid. The
+   copies and the fans' centres are new vertices (attributes from the network at their positions).
 """
 
 from __future__ import annotations
@@ -323,11 +322,13 @@ def _cut_and_cap(arrays: dict[str, np.ndarray], loops: list[np.ndarray], key: st
     centre_of = np.full(m, -1, np.int64)
     first = [int(ra[label[ra] == g][0]) for g in groups]
     mesh_cut._append(out, keys, np.array(first), np.array(first), np.zeros(len(groups)))
+    pos = out[key].astype(np.float64)
     for i, g in enumerate(groups):
         ring = np.unique(np.r_[ra[label[ra] == g], rb[label[rb] == g]])
-        for k in mesh_cut.POSITIONS:  # each key's own centre: the rest and solve rings can differ
+        centre = pos[ring].mean(0)
+        for k in mesh_cut.POSITIONS:
             if k in out:
-                out[k][m + i] = out[k][ring].astype(np.float64).mean(0)
+                out[k][m + i] = centre.astype(out[k].dtype)
         centre_of[ring] = m + i
     if mesh_cut.NEW in out:
         out[mesh_cut.NEW][:m][on] = True

@@ -14,8 +14,7 @@ from scipy.sparse.csgraph import connected_components
 from .surface_metrics import edge_keys, unique_edges, vertex_components
 
 NEW = "_new"  # optional per-vertex bool array: True for every vertex a cut adds
-POSITIONS = ("vertices", "canonical")  # per-vertex arrays that are positions (interpolated along a cut edge)
-REST = "vertices"  # the positions shown at rest: a slit's two copies meet there (the deform op solves from "canonical")
+POSITIONS = ("vertices", "canonical")  # per-vertex arrays that are positions (a slit pulls their copies apart)
 SNAP = 0.15  # a plane crossing nearer an edge end than this fraction of the edge moves that end onto the plane
 
 
@@ -110,8 +109,7 @@ def slit(arrays: dict[str, np.ndarray], phi: np.ndarray, is_bridge: Callable[[np
     picks, among edges whose ends have opposite signs of phi, those to open. Faces with a bridge edge are split
     along phi = 0 (their other crossing edges too, and the neighbours' faces on those edges); each bridge
     edge's crossing becomes two vertices, one per side, pulled `pull` of the way toward their own end (so
-    the two sides also differ in position) and taking that end's non-position attributes; their REST positions
-    meet (_close_at_rest), so only the solve positions differ. Other crossings
+    the two sides also differ in position) and taking that end's non-position attributes. Other crossings
     stay single vertices: the slit closes there. Gaps of up to `close` crossing edges between bridges along the
     zero line are opened too (one slit, not a chain of slits pinched together). Returns the new arrays and the
     number of opened edges. `split_at(edges (K,2)) -> (t_first, t_second)`, if given, places each bridge
@@ -147,14 +145,12 @@ def slit(arrays: dict[str, np.ndarray], phi: np.ndarray, is_bridge: Callable[[np
     second[idx] = base + len(idx) + np.arange(len(idx))
     a, b, t = edges[idx, 0], edges[idx, 1], s[idx]
     t_first, t_second = (t * (1 - pull), 1 - (1 - t) * (1 - pull)) if split_at is None else split_at(edges[idx])
-    attributes = tuple(k for k in keys if k not in POSITIONS)
-    _append(out, keys, a, b, t_first, copy_keys=attributes)
-    _append(out, keys, b, a, 1 - t_second, copy_keys=attributes)
+    rest = tuple(k for k in keys if k not in POSITIONS)
+    _append(out, keys, a, b, t_first, copy_keys=rest)
+    _append(out, keys, b, a, 1 - t_second, copy_keys=rest)
     # a copy at its end is that end (the unused new vertex goes in compact)
     first[idx] = np.where(t_first <= 0, a, first[idx])
     second[idx] = np.where(t_second >= 1, b, second[idx])
-    if REST in out:
-        _close_at_rest(out[REST], first[idx], second[idx], t_first <= 0, t_second >= 1)
     sign = np.sign(phi)
     touched = cut[fe].any(1)
     new_faces = [faces[~touched]]
@@ -179,24 +175,6 @@ def slit(arrays: dict[str, np.ndarray], phi: np.ndarray, is_bridge: Callable[[np
         new_faces.append(_split_ring(ring))
     out["faces"] = np.concatenate(new_faces).astype(arrays["faces"].dtype)
     return compact(out), int(bridge.sum())
-
-
-def _close_at_rest(rest: np.ndarray, first: np.ndarray, second: np.ndarray, first_is_end: np.ndarray,
-                   second_is_end: np.ndarray) -> None:
-    """Put each pair of bridge copies at one rest point (in place): their midpoint, or the end vertex where one
-    copy is its end (that vertex stays), so the slit shows closed at rest while the copies' solve positions stay
-    apart, on their own sides of the warp's jump. An end vertex that is the copy of several bridges keeps the
-    other copies at the midpoints: meeting it, two of them would share a face edge of length zero. Where both
-    copies are their ends the pair stays apart."""
-    end = np.where(first_is_end, first, np.where(second_is_end, second, -1))
-    ends, count = np.unique(end[end >= 0], return_counts=True)
-    alone = np.zeros(len(rest) + 1, bool)  # index -1 (no end) stays False
-    alone[ends[count == 1]] = True
-    at_end = alone[end] & (first_is_end != second_is_end)
-    mid = 0.5 * (rest[first].astype(np.float64) + rest[second])
-    meet = np.where(at_end[:, None], rest[end], mid)
-    rest[first[~first_is_end]] = meet[~first_is_end]
-    rest[second[~second_is_end]] = meet[~second_is_end]
 
 
 def _close_gaps(bridge: np.ndarray, crossing: np.ndarray, fe: np.ndarray, steps: int) -> np.ndarray:
@@ -243,9 +221,8 @@ def split_pinches(arrays: dict[str, np.ndarray], pull: float = 0.05, key: str = 
     """Give each fan of faces around a vertex its own copy of it where several fans meet at the vertex (a
     pinch: e.g. a slit passing on two sides of a vertex leaves two fans of it, each between two boundary
     edges; the surface is not a manifold there). Fans: the faces around the vertex joined through edges that
-    two faces share; a vertex on an edge of more faces is left as it is. Each copy's `key` position moves `pull`
-    of the way toward the mean of its fan's other corners (the copies differ where the deform op solves from
-    them); other positions (REST: shown at rest) stay the vertex's. `cut` (K,2): edges (vertex pairs)
+    two faces share; a vertex on an edge of more faces is left as it is. Each copy moves `pull` of the way
+    toward the mean of its fan's other corners (the copies differ in position). `cut` (K,2): edges (vertex pairs)
     that do not join fans either (the mesh opens along them). Returns the arrays and the number of vertices
     split."""
     faces = np.asarray(arrays["faces"], np.int64)
@@ -281,12 +258,14 @@ def split_pinches(arrays: dict[str, np.ndarray], pull: float = 0.05, key: str = 
     corner = np.flatnonzero(new_id[fan] >= 0)
     copy = new_id[fan[corner]] - n
     others = vertex[_next_corner(corner)], vertex[_next_corner(_next_corner(corner))]
-    pos = out[key].astype(np.float64)
-    target = np.zeros((len(ids), 3))
-    np.add.at(target, copy, pos[others[0]] + pos[others[1]])
-    weight = np.bincount(copy, minlength=len(ids)) * 2.0
-    pos[n:] += pull * (target / weight[:, None] - pos[n:])
-    out[key] = pos.astype(arrays[key].dtype)
+    for k in POSITIONS:
+        if k in out:
+            pos = out[k].astype(np.float64)
+            target = np.zeros((len(ids), 3))
+            np.add.at(target, copy, pos[others[0]] + pos[others[1]])
+            weight = np.bincount(copy, minlength=len(ids)) * 2.0
+            pos[n:] += pull * (target / weight[:, None] - pos[n:])
+            out[k] = pos.astype(arrays[k].dtype)
     if NEW in out:
         out[NEW][n:] = True
     flat = vertex.copy()

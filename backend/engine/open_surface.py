@@ -20,9 +20,6 @@ vertex attributes (each vertex's template position: its closest point on the mea
 
 A slit vertex becomes two, pulled slightly apart toward their own sides (mesh_cut.slit), and the deform op
 follows the path from weight 0 (deform.solve_continued), so each side keeps to its own root of the warp.
-Only the solve positions ("canonical") move apart, there and wherever the opener moves vertices (pinch copies,
-_settle): the shown rest positions ("vertices") keep the slit closed and the surface as extracted, and a posed
-vertex is shown at deform(canonical) + (vertices - canonical) (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -260,8 +257,7 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     neighbours' mean (SETTLE_STEP of the way, up to SETTLE_TRIES times), away from the contact where the root is
     ambiguous, and keep the first position that is robust and follows the neighbours; a vertex that is unsolved
     or does not follow them takes, failing that, the first position that follows (on the CPU the opener's roots
-    are the deform op's: deform.MIN_ROWS); else the vertex stays. Only the canonical (solve) position moves: the
-    rest position stays, so the offset between them keeps the shown surface. Their attributes are then recomputed
+    are the deform op's: deform.MIN_ROWS); else the vertex stays. Their attributes are then recomputed
     (mesh_cut.NEW). Returns the arrays, how many vertices moved and which vertices (N,) bool are unsolved or do not
     follow their neighbours and found no position (a second pass, after their neighbours moved, may)."""
     faces = np.asarray(arrays["faces"], np.int64)
@@ -342,7 +338,9 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     if not moved.any():
         return arrays, 0, left
     out = dict(arrays)
-    out["canonical"] = pos.astype(arrays["canonical"].dtype)  # the rest surface (mesh_cut.REST) stays as it is
+    for key in mesh_cut.POSITIONS:
+        if key in out:
+            out[key] = pos.astype(arrays[key].dtype)
     if mesh_cut.NEW in out:  # moved: their attributes are no longer theirs
         out[mesh_cut.NEW] = out[mesh_cut.NEW] | moved
     return out, int(moved.sum()), left

@@ -237,8 +237,7 @@ class Session:
             canonical = arrays["canonical"]
             res = self.pose(canonical, z_id, zr, k, weights[None], exact_residual=False,
                             canonical_sdf=self.cached_vertex_sdf(canonical, zr, k))
-            # shown as the rest surface is: the solved point plus its rest offset (docs/protocol.md)
-            arrays["vertices"] = res["vertices"][0] + (arrays["vertices"] - canonical)
+            arrays["vertices"] = res["vertices"][0]
             arrays["normals"] = self.posed_normals(res["vertices"][0], z_id, zr, k, weights)
             stats["deform"] = {key: v for key, v in res.items() if key not in ("vertices", "residual", "converged")}
         progress.report(1.0, "done")
