@@ -207,8 +207,9 @@ class HeadSampler:
             shape = torch.randint(len(self.expressions), (b,), device=dev, generator=gen)
             both = torch.rand(b, device=dev, generator=gen) < splits.ExpressionRecipe().p_symmetric
             one = torch.zeros_like(exp_weights)
-            one[torch.arange(b, device=dev), shape] = 1.0
-            one[torch.arange(b, device=dev)[both], self.partner[shape[both]]] = 1.0
+            sample = torch.arange(b, device=dev)
+            one[sample, shape] = 1.0
+            one[sample[both], self.partner[shape[both]]] = 1.0
             exp_weights = torch.where(named[:, None], one, exp_weights)
         exp_weights = exp_weights * (~neutral)[:, None]
         posed, canon = self.meshes(id_coeffs, exp_weights)
