@@ -3,11 +3,13 @@
     python -m backend.train.bench_step --batch 16 --ns 2048 --nq 2048 [--init-weights weights]
 
 Rows: the sampler's batch; the original step (double backward through autograd, eager); the analytic-gradient
-step eager and under torch.compile; and the training loop as `train.py` runs it (compiled step, batches
-prefetched on a side stream). Columns: step ms (median), samples/s, SDF queries/s, peak GPU memory, matmul
+step eager and under torch.compile; the training loop as `train.py` runs it (compiled step, batches
+prefetched on a side stream); and the same two for the fused-kernel step (`--step fused`: fused_local's Triton
+kernels for the local networks; its FLOP column repeats the analytic step's count, which the flop counter
+cannot see inside the kernels). Columns: step ms (median), samples/s, SDF queries/s, peak GPU memory, matmul
 FLOPs per step (torch's flop counter, forward + backward) and the fraction of the bf16 matmul rate measured
 on this GPU. Before the table, both steps' losses from the same weights on the same batches over --steps
-Adam steps ("equal loss per step").
+Adam steps ("equal loss per step"), and the fused step's against the analytic one's.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..model import ImHead, ImHeadConfig
+from . import fused_local
 from .fast_step import FastTrainModule
 from .ict_source import IctSource
 from .losses import LossWeights, TrainModule
@@ -49,9 +54,10 @@ def bf16_matmul_rate(device: torch.device) -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
-def make(cls: type[TrainModule], src: IctSource, init: Path | None, device: torch.device) -> TrainModule:
+def make(cls: type[TrainModule], src: IctSource, init: Path | None, device: torch.device,
+         **kw: Any) -> TrainModule:
     module = cls(ImHead(ImHeadConfig(mirror_pairs=src.mirror_pairs), src.anchor_init), src.n_train,
-                 id_coeff_dim=ID_COEFFS)
+                 id_coeff_dim=ID_COEFFS, **kw)
     if init is not None:
         warm_start(module, init, seed=0)
     return module.to(device)
@@ -89,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="Adam steps of the equal-loss comparison")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--fused-config", default=None, metavar="FB,FW,BB,BW,BP",
+                   help="fused kernels' forward block and warps, backward block, warps and points per program "
+                        f"(default {','.join(str(v) for v in fused_local.CONFIG.values())})")
+    p.add_argument("--no-fused", action="store_true", help="leave out the fused-kernel rows")
     args = p.parse_args(argv)
+    if args.fused_config is not None:
+        fused_local.CONFIG.update(zip(fused_local.CONFIG, (int(v) for v in args.fused_config.split(","))))
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     src = IctSource(args.ict, None, dev)
@@ -105,41 +117,71 @@ def main(argv: list[str] | None = None) -> int:
 
     # Equal loss per step: the same weights and batches through both steps.
     curves = {}
-    for label, cls in (("autograd", TrainModule), ("analytic", FastTrainModule)):
+    variants: list[tuple[str, type[TrainModule], dict[str, Any]]] = [
+        ("autograd", TrainModule, {}), ("analytic", FastTrainModule, {})]
+    if not args.no_fused:
+        variants.append(("fused", FastTrainModule, {"fused": True}))
+    for label, cls, kw in variants:
         torch.manual_seed(0)
-        module = make(cls, src, args.init_weights, dev)
+        module = make(cls, src, args.init_weights, dev, **kw)
         opt = torch.optim.Adam(module.parameters(), 1e-4, betas=(0.9, 0.99))
         it = iter(batches)
         step = step_fn(module, opt, module, lambda: next(it), w)
-        curves[label] = [float(step()) for _ in batches]
-    print("step | loss autograd | loss analytic | relative difference")
+        try:
+            curves[label] = [float(step()) for _ in batches]
+        except Exception:  # a failing fused kernel should not cost the other rows on a lent GPU
+            traceback.print_exc()
+            curves[label] = [float("nan")] * len(batches)
+    print("step | loss autograd | loss analytic | relative difference"
+          + ("" if args.no_fused else " | loss fused | fused vs analytic"))
     for i, (a, b) in enumerate(zip(curves["autograd"], curves["analytic"])):
         if i % max(1, args.steps // 5) == 0 or i == args.steps - 1:
-            print(f"{i:4d} | {a:.6g} | {b:.6g} | {abs(a - b) / abs(a):.2e}")
+            line = f"{i:4d} | {a:.6g} | {b:.6g} | {abs(a - b) / abs(a):.2e}"
+            if not args.no_fused:
+                c = curves["fused"][i]
+                line += f" | {c:.6g} | {abs(c - b) / abs(b):.2e}"
+            print(line)
 
     rows: list[tuple[str, float, float | None, int | None]] = []  # (what, ms, matmul FLOPs, peak bytes)
     fixed = batches[0]
     rows.append(("sampler batch", _median_ms(lambda: draw(0), args.warmup, args.repeat), None, None))
-    for label, cls, compiled in (("original step (autograd double backward, eager)", TrainModule, False),
-                                 ("analytic-gradient step, eager", FastTrainModule, False),
-                                 ("analytic-gradient step, torch.compile", FastTrainModule, True)):
-        module = make(cls, src, args.init_weights, dev)
-        flops = count_flops(module, fixed, w)
-        opt = torch.optim.Adam(module.parameters(), 1e-4, betas=(0.9, 0.99))
-        net = torch.compile(module) if compiled else module
-        torch.cuda.reset_peak_memory_stats(dev)
-        ms = _median_ms(step_fn(module, opt, net, lambda: fixed, w), args.warmup + (3 if compiled else 0), args.repeat)
-        rows.append((label, ms, flops, torch.cuda.max_memory_allocated(dev)))
-        print(rows[-1], flush=True)
-        if compiled:
-            state = iter(range(10**9))
-            pre = Prefetcher(draw, dev, 0)
+    configs: list[tuple[str, type[TrainModule], bool, str | None]] = [
+        ("original step (autograd double backward, eager)", TrainModule, False, None),
+        ("analytic-gradient step, eager", FastTrainModule, False, None),
+        ("analytic-gradient step, torch.compile", FastTrainModule, True,
+         "training loop: compiled step + prefetched batches")]
+    if not args.no_fused:
+        configs.append(("fused-kernel step, torch.compile", FastTrainModule, True,
+                        "training loop: fused step + prefetched batches"))
+    analytic_flops = None
+    for label, cls, compiled, loop_label in configs:
+        fused = label.startswith("fused")
+        module = make(cls, src, args.init_weights, dev, **({"fused": True} if fused else {}))
+        try:
+            # the flop counter cannot see inside Triton kernels: the fused step does the analytic step's products
+            flops = analytic_flops if fused and analytic_flops is not None else count_flops(module, fixed, w)
+            if cls is FastTrainModule and not fused:
+                analytic_flops = flops
+            opt = torch.optim.Adam(module.parameters(), 1e-4, betas=(0.9, 0.99))
+            net = torch.compile(module) if compiled else module
             torch.cuda.reset_peak_memory_stats(dev)
-            loop_ms = _median_ms(step_fn(module, opt, net, lambda: pre.get(next(state)), w), args.warmup, args.repeat)
-            pre.close()
-            rows.append(("training loop: compiled step + prefetched batches", loop_ms, flops,
-                         torch.cuda.max_memory_allocated(dev)))
-        del module, opt, net
+            ms = _median_ms(step_fn(module, opt, net, lambda: fixed, w), args.warmup + (3 if compiled else 0),
+                            args.repeat)
+            rows.append((label, ms, flops, torch.cuda.max_memory_allocated(dev)))
+            print(rows[-1], flush=True)
+            if loop_label is not None:
+                state = iter(range(10**9))
+                pre = Prefetcher(draw, dev, 0)
+                torch.cuda.reset_peak_memory_stats(dev)
+                loop_ms = _median_ms(step_fn(module, opt, net, lambda: pre.get(next(state)), w), args.warmup,
+                                     args.repeat)
+                pre.close()
+                rows.append((loop_label, loop_ms, flops, torch.cuda.max_memory_allocated(dev)))
+        except Exception:
+            if not fused:
+                raise
+            traceback.print_exc()  # keep the other rows
+        del module
         torch.cuda.empty_cache()
 
     queries = args.batch * 2 * (args.ns + args.nq)

@@ -15,7 +15,7 @@ fusion and template heads in float32).
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -101,9 +101,14 @@ def features_with_jacobian(m: ImHead, x: Tensor, zr: Tensor, k: Tensor) -> tuple
     return feat, tfeat
 
 
-def sdf_with_gradient(m: ImHead, x: Tensor, zr: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """SDF (B, N), its gradient (B, N, 3) and the blended features (B, N, F) at canonical points x."""
-    feat, tfeat = features_with_jacobian(m, x, zr, k)
+Features = Callable[[ImHead, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def sdf_with_gradient(m: ImHead, x: Tensor, zr: Tensor, k: Tensor, features: Features = features_with_jacobian
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """SDF (B, N), its gradient (B, N, 3) and the blended features (B, N, F) at canonical points x;
+    `features` computes (feat, tfeat) (fused_local's kernels can stand in for the torch layers)."""
+    feat, tfeat = features(m, x, zr, k)
     with torch.autocast(x.device.type, enabled=False):  # fusion head in float32, as ImHead does
         dt = cast(nn.Linear, m.fusion[0]).weight.dtype
         res, tres = _mlp_with_tangents(m.fusion, feat.to(dt), tfeat.to(dt))
@@ -137,7 +142,21 @@ def warp_with_jacobian(m: ImHead, x: Tensor, z_exp: Tensor, z_id: Tensor) -> tup
 
 
 class FastTrainModule(TrainModule):
-    """TrainModule whose forward computes spatial gradients analytically (all 39 regions, no topk)."""
+    """TrainModule whose forward computes spatial gradients analytically (all 39 regions, no topk). With
+    `fused`, the local networks and their blend run in fused_local's Triton kernels (CUDA, the shipped local
+    architecture); the same numbers up to the kernels' rounding."""
+
+    def __init__(self, model: ImHead, n_train: int, code_std: float = 0.01, id_coeff_dim: int | None = None,
+                 fused: bool = False):
+        super().__init__(model, n_train, code_std=code_std, id_coeff_dim=id_coeff_dim)
+        self.features: Features = features_with_jacobian
+        if fused:
+            from . import fused_local  # imports Triton: only when asked for
+
+            reason = fused_local.unsupported_reason(model)
+            if reason is not None:
+                raise ValueError(reason)
+            self.features = fused_local.fused_features_with_jacobian
 
     def forward(self, batch: dict[str, Tensor], w: LossWeights, topk: int | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -151,7 +170,7 @@ class FastTrainModule(TrainModule):
         xp = torch.cat([batch["surf_posed"], batch["space_posed"]], 1)
         dx, jac = warp_with_jacobian(m, xp, z_exp, z_id)
         q = torch.cat([xc, xp + dx], 1)
-        s, grad, feat = sdf_with_gradient(m, q, zr, k)
+        s, grad, feat = sdf_with_gradient(m, q, zr, k, self.features)
         nc = xc.shape[1]
         gc = grad[:, :nc]
         gq = grad[:, nc:]

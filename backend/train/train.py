@@ -81,9 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-synthetic", type=int, default=8, help="identities of the synthetic source")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--step", choices=["analytic", "autograd"], default="analytic",
-                   help="spatial gradients: analytic (forward-mode, one backward; needs --topk 0) or autograd "
-                        "(double backward, the original step)")
+    p.add_argument("--step", choices=["analytic", "fused", "autograd"], default="analytic",
+                   help="spatial gradients: analytic (the default: forward-mode, one backward; needs --topk 0), "
+                        "fused (the analytic step with the local networks in Triton kernels, forward and "
+                        "backward; CUDA and the shipped local architecture only) or autograd (double backward, "
+                        "the original step)")
     p.add_argument("--identities", choices=["encoder", "table"], default="encoder",
                    help="identity codes: a linear encoder of fresh ICT coefficients each step, or an "
                         "auto-decoder table of the sampler's training identities")
@@ -125,11 +127,16 @@ ID_COEFFS = 100  # ICT identity modes
 
 
 def make_module(args: argparse.Namespace, cfg: ImHeadConfig, anchor_init: torch.Tensor, n_train: int) -> TrainModule:
-    cls = FastTrainModule if args.step == "analytic" else TrainModule
-    if args.step == "analytic" and args.topk > 0:
-        raise SystemExit("--step analytic evaluates all regions: use --topk 0 (or --step autograd)")
+    if args.step != "autograd" and args.topk > 0:
+        raise SystemExit(f"--step {args.step} evaluates all regions: use --topk 0 (or --step autograd)")
     coeff_dim = ID_COEFFS if args.identities == "encoder" else None
-    return cls(ImHead(cfg, anchor_init=anchor_init), n_train, id_coeff_dim=coeff_dim)
+    model = ImHead(cfg, anchor_init=anchor_init)
+    if args.step == "autograd":
+        return TrainModule(model, n_train, id_coeff_dim=coeff_dim)
+    try:
+        return FastTrainModule(model, n_train, id_coeff_dim=coeff_dim, fused=args.step == "fused")
+    except ValueError as e:  # the fused kernels' architecture limits
+        raise SystemExit(f"--step fused: {e}") from e
 
 
 def widened_local_state(small: dict[str, torch.Tensor], wide: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -295,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_weights is not None and not resuming:
         warm_start(module, args.init_weights, args.seed)
     module = module.to(device)
+    if args.step == "fused":
+        from .fused_local import unsupported_reason
+
+        reason = unsupported_reason(module.model, device)
+        if reason is not None:
+            raise SystemExit(f"--step fused: {reason}")
     code_params = module.id_encoder.parameters() if module.encodes_identities else module.codes.parameters()
     opt = torch.optim.Adam(
         [
