@@ -224,3 +224,39 @@ def test_named_expression_errors_score_a_still_warp_at_ict_motion(ict):
     real = named_expression_errors(lm.model, z, ict, neutral, verts, tens)
     assert real.keys() == zero.keys()
     assert real["jawOpen"] < 0.1 * zero["jawOpen"]
+
+
+def test_motion_weight_spends_samples_where_the_expression_moves_the_skin(ict_path):
+    """motion_weight F scales each triangle's density by 1 + F x its motion in cm: with eyeBlink_L at weight 1
+    the moving upper-lid skin gets its expected share of surface samples (from the weights, not assumed);
+    F = 0 leaves batches bit for bit as they were; a negative F is refused."""
+    from backend.data import mesh
+    from backend.data.sampler import MOTION_UNIT, HeadSampler, SamplerConfig
+
+    plain = HeadSampler(ict_path).batch(8, 64, 64, torch.Generator().manual_seed(5))
+    again = HeadSampler(ict_path, config=SamplerConfig(motion_weight=0.0)).batch(8, 64, 64,
+                                                                                 torch.Generator().manual_seed(5))
+    for key in plain:
+        assert torch.equal(plain[key], again[key]), key
+
+    s = HeadSampler(ict_path, config=SamplerConfig(motion_weight=4.0, p_neutral=0.0))
+    w = torch.zeros(1, len(s.expressions), dtype=torch.float64)
+    w[0, s.expressions.index("eyeBlink_L")] = 1.0
+    posed, canon = s.meshes(torch.zeros(1, s.train_ids.shape[1], dtype=torch.float64), w)
+    moved = s.face_motion(posed, canon)[0]
+    motion_cm = (posed - canon).norm(dim=-1)[0, s.faces].mean(-1) / MOTION_UNIT
+    assert torch.allclose(moved, 1 + 4.0 * motion_cm)
+    lid = motion_cm > 0.5                                       # triangles the blink moves more than 5 mm
+    assert 0 < int(lid.sum()) < 0.05 * len(lid)
+    area, _ = mesh.face_area_normals(posed, s.faces)
+    density = s.exposed_faces(posed)[0].to(area.dtype) * s.face_weight.to(area.dtype)
+    base = area[0] * density
+    expected = float((base * moved)[lid].sum() / (base * moved).sum())
+    uniform = float(base[lid].sum() / base.sum())
+    assert expected > 3 * uniform                               # the lid gets several times its area's share
+    gen = torch.Generator().manual_seed(0)
+    face, _ = mesh.sample_surface(posed, s.faces, 20000, gen, (density * moved)[None])
+    share = float(lid[face[0]].float().mean())
+    assert abs(share - expected) < 4 * (expected * (1 - expected) / 20000) ** 0.5 + 1e-3, (share, expected)
+    with pytest.raises(ValueError, match="motion_weight"):
+        HeadSampler(ict_path, config=SamplerConfig(motion_weight=-1.0))

@@ -13,7 +13,9 @@ each sample takes a uniformly random training identity and, with probability p_n
 expression, else a uniformly random row of splits.train_expressions (65,536 sparse combinations of the 53
 shapes): 4,096 identities x 65,537 expressions. With SamplerConfig.p_named > 0, that fraction of the
 non-neutral samples is instead one named shape at weight 1 (with p_symmetric its _L/_R partner too): the
-extremes artists key (eyeBlink closes the lids only near 1), which the mixtures reach rarely.
+extremes artists key (eyeBlink closes the lids only near 1), which the mixtures reach rarely. With
+SamplerConfig.motion_weight > 0, every triangle's sampling density is also scaled by how far the expression
+moves it (HeadSampler.face_motion).
 Held-out identities/expressions (splits.py) are other seed streams.
 Vertices = neutral + c @ id_basis + w @ exp_basis, one matmul per batch.
 
@@ -49,6 +51,7 @@ from .ict import closed_groups, load_ict
 
 T = TypeVar("T")
 EYE_MARGIN = 0.003    # metres from a sclera within which exposed head triangles are re-tested per mesh
+MOTION_UNIT = 0.01    # m: SamplerConfig.motion_weight counts a triangle's expression motion in cm
 # thin, small parts whose defects show most (lip slits, nostril notches, lids, ears): SamplerConfig.detail_weight
 # multiplies their area for surface and near-surface samples
 DETAIL_REGIONS = ("upper lip", "lower lip", "left mouth corner", "right mouth corner", "nose tip", "left nostril",
@@ -70,6 +73,7 @@ class SamplerConfig:
     k_exact: int = 8                                        # clusters evaluated exactly per point (mesh.py)
     detail_weight: float = 1.0                              # sampling density on DETAIL_REGIONS' triangles
     p_named: float = 0.0                                    # share of one-shape-at-weight-1 expressions
+    motion_weight: float = 0.0                              # extra density per cm a triangle moves (posed - canon)
 
 
 SDF_IMPLS = ("auto", "torch", "triton")
@@ -119,6 +123,8 @@ class HeadSampler:
         self.face_weight = torch.as_tensor(np.where(detail, config.detail_weight, 1.0), device=dev)
         if not 0.0 <= config.p_named <= 1.0:
             raise ValueError(f"p_named must be in [0, 1], got {config.p_named}")
+        if not config.motion_weight >= 0.0:
+            raise ValueError(f"motion_weight must be >= 0, got {config.motion_weight}")
         self.partner = torch.as_tensor(splits.mirror_partners(self.expressions), device=dev)
         self.anchor_vertex = torch.as_tensor(self.atlas.anchor_vertex, dtype=torch.long, device=dev)
         self.train_ids = torch.as_tensor(splits.train_identities(config.n_train, config.seed), device=dev)
@@ -217,6 +223,10 @@ class HeadSampler:
         exposed_posed, exposed_canon = self.exposed_faces(posed), self.exposed_faces(canon)
         weight_posed = exposed_posed.to(posed.dtype) * self.face_weight.to(posed.dtype)
         weight_canon = exposed_canon.to(canon.dtype) * self.face_weight.to(canon.dtype)
+        if self.cfg.motion_weight > 0:  # skipped at 0 so that runs without it keep their batches bit for bit
+            moved = self.face_motion(posed, canon)
+            weight_posed = weight_posed * moved
+            weight_canon = weight_canon * moved
         face, bary = mesh.sample_surface(posed, self.faces, ns, gen, weight_posed)
         _, normals_posed = mesh.face_area_normals(posed, self.faces)
         _, normals_canon = mesh.face_area_normals(canon, self.faces)
@@ -237,6 +247,13 @@ class HeadSampler:
         out["canon_space"] = self._space_points(canon, weight_canon, nq, gen)
         out["canon_sdf"] = self.signed_distance(out["canon_space"], canon, exposed_canon)
         return out
+
+    def face_motion(self, posed: torch.Tensor, canon: torch.Tensor) -> torch.Tensor:
+        """Sampling factor (B, F) 1 + motion_weight * (the triangle's mean vertex motion in cm): where an
+        expression moves the skin far (a closing lid moves ~1 cm over a few mm of skin), the warp has the most
+        to learn from the fewest area-weighted samples."""
+        motion = (posed - canon).norm(dim=-1)[:, self.faces].mean(-1)
+        return 1.0 + self.cfg.motion_weight * motion / MOTION_UNIT
 
     # ----------------------------------------------------------------------------------------- private
     def _init_eye_candidates(self, ict) -> None:

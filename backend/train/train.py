@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deform-motion-weight", type=float, default=0.0,
                    help="also weight each surface point's warp error by its ICT motion in cm, times this factor "
                         "(default 0: the plain mean): lids and lips that move far get their share of the loss")
+    p.add_argument("--motion-sampling", type=float, default=0.0,
+                   help="extra sampling density per cm an expression moves a triangle: weight 1 + F x motion in "
+                        "cm on surface and near-surface points (default 0: by area only); a closing lid moves "
+                        "~1 cm over a few mm of skin that area-weighted samples barely reach")
     p.add_argument("--local-hidden", type=int, default=None,
                    help="width of the local networks' hidden layers (default: the checkpoint's when resuming, "
                         "else the model's, 96)")
@@ -102,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--named-expressions must be in [0, 1], got {args.named_expressions}")
     if not args.deform_motion_weight >= 0:
         p.error(f"--deform-motion-weight must be >= 0, got {args.deform_motion_weight}")
+    if not args.motion_sampling >= 0.0:
+        p.error(f"--motion-sampling must be >= 0, got {args.motion_sampling}")
     if args.local_hidden is not None and args.local_hidden < 1:
         p.error(f"--local-hidden must be at least 1, got {args.local_hidden}")
     if args.warp_pe_freqs is not None and not 0 <= args.warp_pe_freqs <= 12:
@@ -119,7 +125,7 @@ def build_source(args: argparse.Namespace, device: torch.device):
     from .ict_source import IctSource
 
     ict = IctSource(args.ict, args.atlas, device, n_train=args.n_train, detail_weight=args.detail_weight,
-                    p_named=args.named_expressions)
+                    p_named=args.named_expressions, motion_weight=args.motion_sampling)
     return ict, ict.n_train, ict.anchor_init, ict.mirror_pairs
 
 
