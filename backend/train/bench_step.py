@@ -6,27 +6,30 @@ Rows: the sampler's batch; the original step (double backward through autograd, 
 step eager and under torch.compile; the training loop as `train.py` runs it (compiled step, batches
 prefetched on a side stream); and the same two for the fused-kernel step (`--step fused`: fused_local's Triton
 kernels for the local networks; its FLOP column repeats the analytic step's count, which the flop counter
-cannot see inside the kernels). Columns: step ms (median), samples/s, SDF queries/s, peak GPU memory, matmul
-FLOPs per step (torch's flop counter, forward + backward) and the fraction of the bf16 matmul rate measured
-on this GPU. Before the table, both steps' losses from the same weights on the same batches over --steps
-Adam steps ("equal loss per step"), and the fused step's against the analytic one's.
+cannot see inside the kernels); then the local networks alone, torch.compile against the fused kernels
+(forward under bf16 autocast and backward; samples/s there is the batch over that time). Columns: step ms
+(median), samples/s, SDF queries/s, peak GPU memory, matmul FLOPs per step (torch's flop counter, forward +
+backward) and the fraction of the bf16 matmul rate measured on this GPU. Before the table, both steps' losses
+from the same weights on the same batches over --steps Adam steps ("equal loss per step"), and the fused
+step's against the analytic one's.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..model import ImHead, ImHeadConfig
 from . import fused_local
-from .fast_step import FastTrainModule
+from .fast_step import FastTrainModule, features_with_jacobian
 from .ict_source import IctSource
 from .losses import LossWeights, TrainModule
 from .train import ID_COEFFS, Prefetcher, warm_start
@@ -54,10 +57,21 @@ def bf16_matmul_rate(device: torch.device) -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
+@functools.cache
+def _sizes(init: Path | None) -> dict[str, Any]:
+    """The widths warm_start lets differ from the defaults, as the --init-weights file has them."""
+    if init is None:
+        return {}
+    from ..weights import load_model
+
+    cfg = load_model(init).config
+    return {"local_hidden": cfg.local_hidden, "warp_pe_freqs": cfg.warp_pe_freqs}
+
+
 def make(cls: type[TrainModule], src: IctSource, init: Path | None, device: torch.device,
          **kw: Any) -> TrainModule:
-    module = cls(ImHead(ImHeadConfig(mirror_pairs=src.mirror_pairs), src.anchor_init), src.n_train,
-                 id_coeff_dim=ID_COEFFS, **kw)
+    cfg = ImHeadConfig(mirror_pairs=src.mirror_pairs, **_sizes(init))
+    module = cls(ImHead(cfg, src.anchor_init), src.n_train, id_coeff_dim=ID_COEFFS, **kw)
     if init is not None:
         warm_start(module, init, seed=0)
     return module.to(device)
@@ -85,6 +99,47 @@ def count_flops(module: TrainModule, batch: dict, w: LossWeights) -> float:
     return float(counter.get_total_flops())
 
 
+def _cfg_name(fc: dict[str, int]) -> str:
+    return ",".join(str(v) for v in fc.values())
+
+
+def features_rows(src: IctSource, args: argparse.Namespace, dev: torch.device, fused_configs: list[dict[str, int]]
+                  ) -> list[tuple[str, float, float | None, int | None]]:
+    """The local networks alone (features_with_jacobian, forward under bf16 autocast and backward): torch.compile
+    against the fused kernels, on a step's worth of queries around the anchors."""
+    m = make(FastTrainModule, src, args.init_weights, dev).model
+    g = torch.Generator(device=dev).manual_seed(0)
+    B, Q = args.batch, 2 * (args.ns + args.nq)
+    with torch.no_grad():
+        zr, k = m.decode(0.05 * torch.randn(B, m.cfg.id_dim, device=dev, generator=g))
+        x = torch.gather(k, 1, torch.randint(0, m.cfg.n_regions, (B, Q, 1), device=dev, generator=g).expand(-1, -1, 3))
+        x = x + 0.02 * torch.randn(x.shape, device=dev, generator=g)
+    gf = torch.randn(B, Q, m.cfg.feat_dim, device=dev, generator=g)
+    gt = torch.randn(B, Q, 3, m.cfg.feat_dim, device=dev, generator=g)
+    xr = x.requires_grad_()
+
+    def timed(fn: Callable) -> float:
+        def once() -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                f, t = fn(m, xr, zr, k)
+            ((f * gf).sum() + (t * gt).sum()).backward()
+        return _median_ms(once, args.warmup + 2, args.repeat)
+
+    out: list[tuple[str, float, float | None, int | None]] = []
+    try:
+        out.append(("local features fwd+bwd only: torch.compile", timed(torch.compile(features_with_jacobian)),
+                    None, None))
+        for fc in fused_configs:
+            fused_local.CONFIG.update(fc)
+            out.append((f"local features fwd+bwd only: fused kernels, config {_cfg_name(fc)}",
+                        timed(fused_local.fused_features_with_jacobian), None, None))
+            print(out[-1], flush=True)
+    except Exception:
+        traceback.print_exc()
+    fused_local.CONFIG.update(fused_configs[0])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ict", type=Path, default=Path(".data/ict.safetensors"))
@@ -95,13 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="Adam steps of the equal-loss comparison")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--fused-config", default=None, metavar="FB,FW,BB,BW,BP",
+    p.add_argument("--fused-config", action="append", default=None, metavar="FB,FW,BB,BW,BP",
                    help="fused kernels' forward block and warps, backward block, warps and points per program "
-                        f"(default {','.join(str(v) for v in fused_local.CONFIG.values())})")
+                        f"(default {','.join(str(v) for v in fused_local.CONFIG.values())}); repeat it for one "
+                        "step row and one features row per configuration (the first one is used elsewhere)")
     p.add_argument("--no-fused", action="store_true", help="leave out the fused-kernel rows")
     args = p.parse_args(argv)
-    if args.fused_config is not None:
-        fused_local.CONFIG.update(zip(fused_local.CONFIG, (int(v) for v in args.fused_config.split(","))))
+    fused_configs = [dict(zip(fused_local.CONFIG, (int(v) for v in c.split(",")))) for c in args.fused_config or []]
+    if any(len(c) != len(fused_local.CONFIG) for c in fused_configs):
+        p.error("--fused-config takes 5 integers")
+    fused_configs = fused_configs or [dict(fused_local.CONFIG)]
+    fused_local.CONFIG.update(fused_configs[0])
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     src = IctSource(args.ict, None, dev)
@@ -145,27 +204,33 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, float, float | None, int | None]] = []  # (what, ms, matmul FLOPs, peak bytes)
     fixed = batches[0]
     rows.append(("sampler batch", _median_ms(lambda: draw(0), args.warmup, args.repeat), None, None))
-    configs: list[tuple[str, type[TrainModule], bool, str | None]] = [
-        ("original step (autograd double backward, eager)", TrainModule, False, None),
-        ("analytic-gradient step, eager", FastTrainModule, False, None),
+    configs: list[tuple[str, type[TrainModule], bool, str | None, dict[str, int] | None]] = [
+        ("original step (autograd double backward, eager)", TrainModule, False, None, None),
+        ("analytic-gradient step, eager", FastTrainModule, False, None, None),
         ("analytic-gradient step, torch.compile", FastTrainModule, True,
-         "training loop: compiled step + prefetched batches")]
+         "training loop: compiled step + prefetched batches", None)]
     if not args.no_fused:
-        configs.append(("fused-kernel step, torch.compile", FastTrainModule, True,
-                        "training loop: fused step + prefetched batches"))
+        for i, fused_cfg in enumerate(fused_configs):
+            configs.append(("fused-kernel step, torch.compile"
+                            + ("" if i == 0 else f", config {_cfg_name(fused_cfg)}"), FastTrainModule, True,
+                            "training loop: fused step + prefetched batches" if i == 0 else None, fused_cfg))
     analytic_flops = None
-    for label, cls, compiled, loop_label in configs:
-        fused = label.startswith("fused")
+    row_opt: Any = None
+    row_net: Any = None
+    for label, cls, compiled, loop_label, fc in configs:
+        fused = fc is not None
+        if fc is not None:
+            fused_local.CONFIG.update(fc)
         module = make(cls, src, args.init_weights, dev, **({"fused": True} if fused else {}))
         try:
             # the flop counter cannot see inside Triton kernels: the fused step does the analytic step's products
             flops = analytic_flops if fused and analytic_flops is not None else count_flops(module, fixed, w)
             if cls is FastTrainModule and not fused:
                 analytic_flops = flops
-            opt = torch.optim.Adam(module.parameters(), 1e-4, betas=(0.9, 0.99))
-            net = torch.compile(module) if compiled else module
+            row_opt = torch.optim.Adam(module.parameters(), 1e-4, betas=(0.9, 0.99))
+            row_net = torch.compile(module) if compiled else module
             torch.cuda.reset_peak_memory_stats(dev)
-            ms = _median_ms(step_fn(module, opt, net, lambda: fixed, w), args.warmup + (3 if compiled else 0),
+            ms = _median_ms(step_fn(module, row_opt, row_net, lambda: fixed, w), args.warmup + (3 if compiled else 0),
                             args.repeat)
             rows.append((label, ms, flops, torch.cuda.max_memory_allocated(dev)))
             print(rows[-1], flush=True)
@@ -173,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 state = iter(range(10**9))
                 pre = Prefetcher(draw, dev, 0)
                 torch.cuda.reset_peak_memory_stats(dev)
-                loop_ms = _median_ms(step_fn(module, opt, net, lambda: pre.get(next(state)), w), args.warmup,
+                loop_ms = _median_ms(step_fn(module, row_opt, row_net, lambda: pre.get(next(state)), w), args.warmup,
                                      args.repeat)
                 pre.close()
                 rows.append((loop_label, loop_ms, flops, torch.cuda.max_memory_allocated(dev)))
@@ -182,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             traceback.print_exc()  # keep the other rows
         del module
+        row_opt = row_net = None
         torch.cuda.empty_cache()
+    fused_local.CONFIG.update(fused_configs[0])
+    if not args.no_fused:
+        rows.extend(features_rows(src, args, dev, fused_configs))
 
     queries = args.batch * 2 * (args.ns + args.nq)
     base = rows[1][1]
@@ -192,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
           "| of bf16 rate |")
     print("|---|---|---|---|---|---|---|---|")
     for label, row_ms, row_flops, peak in rows:
-        if row_flops is None or peak is None:  # the sampler's row
+        if row_flops is None or peak is None:  # the sampler's and the features-only rows
             print(f"| {label} | {row_ms:.1f} | {args.batch / row_ms * 1e3:.0f} | | | | | |")
             continue
         print(f"| {label} | {row_ms:.1f} | {args.batch / row_ms * 1e3:.0f} | {queries / row_ms * 1e3 / 1e6:.1f} M "
