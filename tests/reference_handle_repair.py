@@ -1,16 +1,17 @@
 """The handle repair's first version (commit 3794f7b of backend/engine/handle_repair.py), dense lattice work
-throughout: the reference that tests/test_engine_handle_repair.py holds the fast version to (same cells and
-values out, same stats)."""
+throughout, with the later test that a cut opens no passage through a sheet: the reference that
+tests/test_engine_handle_repair.py holds the fast version to (same cells and values out, same stats)."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
-# The constants, the stats and the per-case Euler characteristic are the fast version's own (the chi table is
-# tested against the meshes' V - E + F directly); the reference pins the lattice work.
+# The constants, the stats, the per-case Euler characteristic and the sheet test (a small box around a cut plug)
+# are the fast version's own (the chi table is tested against the meshes' V - E + F directly, the sheet test on its
+# own lattice); the reference pins the lattice work.
 from backend.engine.handle_repair import (MAX_PLUG_MM2, MAX_RADIUS, MIN_VALUE, PLUG_SEEDS, Evaluate, RepairStats,
-                                          _chi_table, _toggle)
+                                          _chi_table, _through_sheet, _toggle)
 from backend.engine.mc import CORNERS
 
 _CUBE = np.ones((3, 3, 3), bool)
@@ -162,6 +163,9 @@ def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int,
                 plug = _plug(inside, points, magnitude[tuple(points.T)], change[cluster], limit)
                 if plug is None:
                     stats.plugs_too_large += 1
+                elif not fill and _through_sheet(inside, np.array(plug), value):
+                    _toggle(inside, plug)
+                    stats.plugs_through_sheet += 1
                 else:
                     plugs.append((plug, change[cluster]))
             if not plugs:

@@ -224,3 +224,59 @@ def test_splits_match_counting_pieces_on_the_whole_lattice(radius, small_boxes, 
         assert len(plug) and (inside[tuple(plug.T)] == solid).all()  # in the set, then flipped out of it
         assert _flip_and_count(inside, plug, solid) == expected
         assert ls.splits(inside, plug, solid) == expected
+
+
+# ---------------------------------------------------------------- no cut through a sheet
+def _creased_box(voxel: float) -> np.ndarray:
+    """SDF (metres) of a hollow box, walls two lattice points thick, whose front wall is folded like closed lips:
+    its lower half stands one point further back and meets the upper half along a crease. The halves share
+    lattice faces along the crease, except at x = 6-7 and 10-11 where they touch only along an edge (as a lip
+    meets the other where the field is thin): marching cubes lets air through there, two passages into the
+    cavity and so a handle. The opening finds the whole wall; the repair used to cut a 31-point hole through it
+    beside the crease."""
+    inside = np.zeros((18, 18, 14), bool)
+    inside[3:15, 3:15, 3:11] = True
+    inside[5:13, 5:13, 5:9] = False  # the cavity
+    inside[5:13, 5:9, 9:11] = False  # the front wall's lower half one point back ...
+    inside[5:13, 5:9, 8:10] = True
+    inside[5:13, 8, 9] = False  # ... its top row one point thick, meeting the upper half (y 9, z 9) at an edge
+    inside[[5, 8, 9, 12], 8, 9] = True  # the crease shares faces apart from x = 6-7 and 10-11
+    outside_depth = ndimage.distance_transform_edt(~inside)
+    inside_depth = ndimage.distance_transform_edt(inside)
+    return (np.where(inside, 0.5 - inside_depth, outside_depth - 0.5) * voxel).astype(np.float32)
+
+
+def _repair(field: np.ndarray, voxel: float, fn=handle_repair.repair_handles):
+    cells, values = _cells_of(field)
+    return cells, values, fn(cells, values, field.shape, voxel, lambda index: field[tuple(index.T)])
+
+
+def test_a_cut_through_a_sheet_is_not_made(monkeypatch):
+    """Seed 6 at 96 lost a piece of its lower lip this way (docs/surface.md, 2026-12-07): the cut's plug joins
+    the air in front of the wall with the cavity's where they are apart around it, 2-4 mm deep in the wall.
+    At 4 mm (radii 1-2, as at 96) nothing else removes the handle: it is left for the mesh's handle cut; at 3 mm
+    a closing of radius 3 plugs it from inside the cavity. A wall at most MAX_SHEET_MM thick (the values a
+    quarter: the plug at most 1 mm deep) is still cut, as the film where the lips touch."""
+    field = _creased_box(0.004)
+    assert handle_repair._chi_table()[reference._cases(field < 0)].sum() == 0  # one surface, one handle
+    cells, values, (new_cells, new_values, stats) = _repair(field, 0.004)
+    assert stats.plugs_through_sheet == 1 and stats.points_cut == 0 and stats.handles_removed == 0
+    assert new_cells is cells and new_values is values  # nothing flipped: the extraction as it came
+
+    field = _creased_box(0.003)
+    cells, values, (new_cells, new_values, stats) = _repair(field, 0.003)
+    assert stats.plugs_through_sheet == 1 and stats.points_cut == 0
+    assert stats.handles_removed == 1 and stats.points_filled > 0
+    inside, _ = handle_repair.dense_signs(new_cells, new_values, field.shape)
+    filled = np.argwhere(inside & (field >= 0))
+    assert (filled[:, 2] <= 8).all()  # in the cavity, behind the front wall
+    ref = _repair(field, 0.003, reference.repair_handles)[2]  # (the reference has no reach limit: radii 1-3)
+    assert np.array_equal(ref[0], new_cells) and np.array_equal(ref[1], new_values)
+    assert ref[2].to_dict() == stats.to_dict()
+
+    thin = _repair(_creased_box(0.004) * 0.25, 0.004)[2][2]
+    assert thin.plugs_through_sheet == 0 and thin.points_cut == 31 and thin.handles_removed == 1
+
+    monkeypatch.setattr(handle_repair, "MAX_SHEET_MM", float("inf"))  # the repair before the sheet test
+    old = _repair(_creased_box(0.004), 0.004)[2][2]
+    assert old.points_cut == 31 and old.handles_removed == 1 and old.plugs_through_sheet == 0

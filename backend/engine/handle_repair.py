@@ -14,7 +14,10 @@ flipping the signs of a few lattice points, smallest radius first, then the smal
    summed per cell from its case: `_chi_table`; +2 is one handle less). Of a kept cluster only a plug is flipped:
    its points in order of |SDF| (the narrowest part of the passage or bridge first) until the Euler characteristic
    has risen as much, at most MAX_PLUG_MM2 / voxel^2 points; a plug that splits off a piece of solid or encloses a
-   pocket of air is undone (lattice_sparse.splits);
+   pocket of air is undone (lattice_sparse.splits), and so is a cut that opens a passage through a sheet thicker
+   than MAX_SHEET_MM (_through_sheet: where a lip meets the other only diagonally, marching cubes' own passages
+   make a handle that a cut through the lip beside them removes; that leaves a hole in the lip, while the mesh's
+   handle cut, engine/handle_cut.py, removes the same handle along a loop of a few mm);
 3. marching cubes then runs on the changed cells. Lattice edges without a flipped end keep their values, so
    every vertex away from a plug is bitwise the one without the repair; a plug point's value is its SDF with
    the sign flipped (points whose value was only certified are evaluated).
@@ -39,6 +42,12 @@ MAX_REACH_MM = 9.5
 MAX_PLUG_MM2 = 500.0  # a plug's points x voxel^2: larger plugs are not flipped (not a thin passage or bridge)
 PLUG_SEEDS = 4  # plugs grown from this many of a cluster's narrowest points (the smallest kept)
 MIN_VALUE = 1e-7  # m: a flipped value's smallest magnitude (a 0 would count as outside on both sides)
+# a cut may open a passage through a sheet (join air that is apart around it) only where the sheet is at most this
+# thick, twice its deepest point's |SDF|: the film where the lips touch, not a lip or a nostril's wall
+MAX_SHEET_MM = 2.0
+SHEET_MARGIN = 2  # voxels around a cut plug in which the air on its sides is apart or joined
+_CROSS = ndimage.generate_binary_structure(3, 1)
+_STEPS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
 # corner pairs (lower, upper) of a cell's 4 edges along axis 0
 _AXIS0_EDGES = [(int(a), int(b)) if CORNERS[a, 0] < CORNERS[b, 0] else (int(b), int(a))
                 for a, b in EDGES if CORNERS[a, 0] != CORNERS[b, 0]]
@@ -53,6 +62,7 @@ class RepairStats:
     points_cut: int = 0  # solid lattice points made air
     points_evaluated: int = 0  # certified-only lattice points whose value the changed cells needed
     plugs_too_large: int = 0  # clusters that would have removed a handle with a plug above MAX_PLUG_MM2
+    plugs_through_sheet: int = 0  # cuts not made: they would have opened a passage through a sheet (MAX_SHEET_MM)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -179,6 +189,26 @@ def _plug(inside: np.ndarray, points: np.ndarray, priority: np.ndarray, target: 
     return best
 
 
+def _through_sheet(inside: np.ndarray, plug: np.ndarray, value: np.ndarray) -> bool:
+    """Whether a cut plug (points (P,3), air now in `inside`) opened a passage through a sheet thicker than
+    MAX_SHEET_MM: before the cut, the air beside its points lay in two or more pieces (6-connected) within
+    SHEET_MARGIN voxels of it, and its deepest point lay more than MAX_SHEET_MM / 2 inside (`value`, NaN where
+    only the sign is known: deep). A cut through a bridge has air around it in one piece."""
+    depth = np.abs(value[tuple(plug.T)])
+    if np.where(np.isnan(depth), np.inf, depth).max() * 2e3 <= MAX_SHEET_MM:
+        return False
+    lo = np.maximum(plug.min(axis=0) - SHEET_MARGIN, 0)
+    hi = np.minimum(plug.max(axis=0) + SHEET_MARGIN + 1, inside.shape)
+    air = ~inside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    local = plug - lo
+    air[tuple(local.T)] = False  # the plug's points as they were: solid
+    label = ndimage.label(air, _CROSS)[0]
+    beside = (local[:, None, :] + _STEPS[None]).reshape(-1, 3)
+    beside = beside[((beside >= 0) & (beside < hi - lo)).all(axis=1)]
+    pieces = np.unique(label[tuple(beside.T)])
+    return int((pieces > 0).sum()) >= 2
+
+
 def _grow_order(depth: np.ndarray, priority: np.ndarray, limit: int) -> np.ndarray:
     """Indices of a cluster's points in breadth-first order (depth: 26-neighbour hops from a seed), each layer
     in order of priority; the layers up to the one that reaches `limit` points."""
@@ -226,6 +256,9 @@ def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int,
                 plug = _plug(inside, members, priority, change[cluster], limit)
                 if plug is None:
                     stats.plugs_too_large += 1
+                elif not fill and _through_sheet(inside, np.array(plug), value):
+                    _toggle(inside, plug)
+                    stats.plugs_through_sheet += 1
                 else:
                     plugs.append((plug, change[cluster]))
             # a fill must not enclose a pocket of air, a cut not split off a piece of solid
