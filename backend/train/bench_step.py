@@ -103,10 +103,11 @@ def _cfg_name(fc: dict[str, int]) -> str:
     return ",".join(str(v) for v in fc.values())
 
 
-def features_rows(src: IctSource, args: argparse.Namespace, dev: torch.device, fused_configs: list[dict[str, int]]
-                  ) -> list[tuple[str, float, float | None, int | None]]:
+def features_rows(src: IctSource, args: argparse.Namespace, dev: torch.device, fused_configs: list[dict[str, int]],
+                  check: bool = False) -> list[tuple[str, float, float | None, int | None]]:
     """The local networks alone (features_with_jacobian, forward under bf16 autocast and backward): torch.compile
-    against the fused kernels, on a step's worth of queries around the anchors."""
+    against the fused kernels, on a step's worth of queries around the anchors. With `check`, each fused
+    configuration's feat, tfeat and x gradient are also compared with torch.compile's (relative norm)."""
     m = make(FastTrainModule, src, args.init_weights, dev).model
     g = torch.Generator(device=dev).manual_seed(0)
     B, Q = args.batch, 2 * (args.ns + args.nq)
@@ -118,24 +119,40 @@ def features_rows(src: IctSource, args: argparse.Namespace, dev: torch.device, f
     gt = torch.randn(B, Q, 3, m.cfg.feat_dim, device=dev, generator=g)
     xr = x.requires_grad_()
 
+    def once(fn: Callable) -> list[torch.Tensor]:
+        xr.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            f, t = fn(m, xr, zr, k)
+        ((f * gf).sum() + (t * gt).sum()).backward()
+        return [f.detach(), t.detach(), xr.grad]
+
     def timed(fn: Callable) -> float:
-        def once() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                f, t = fn(m, xr, zr, k)
-            ((f * gf).sum() + (t * gt).sum()).backward()
-        return _median_ms(once, args.warmup + 2, args.repeat)
+        return _median_ms(lambda: once(fn), args.warmup + 2, args.repeat)
 
     out: list[tuple[str, float, float | None, int | None]] = []
+    compiled = torch.compile(features_with_jacobian)
     try:
-        out.append(("local features fwd+bwd only: torch.compile", timed(torch.compile(features_with_jacobian)),
-                    None, None))
-        for fc in fused_configs:
-            fused_local.CONFIG.update(fc)
-            out.append((f"local features fwd+bwd only: fused kernels, config {_cfg_name(fc)}",
-                        timed(fused_local.fused_features_with_jacobian), None, None))
-            print(out[-1], flush=True)
+        out.append(("local features fwd+bwd only: torch.compile", timed(compiled), None, None))
+        print(out[-1], flush=True)
     except Exception:
         traceback.print_exc()
+    ref = once(compiled) if check else []
+    for fc in fused_configs:
+        fused_local.CONFIG.update(fc)
+        try:  # one failing configuration (e.g. out of shared memory) should not cost the others
+            t0 = time.perf_counter()
+            got = once(fused_local.fused_features_with_jacobian)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            label = f"local features fwd+bwd only: fused kernels, config {_cfg_name(fc)}"
+            if check:
+                errs = [float((a - b).norm() / b.norm()) for a, b in zip(got, ref)]
+                label += f" (first call incl. compile {first:.0f} s; vs torch.compile feat/tfeat/dx " + \
+                    "/".join(f"{e:.1e}" for e in errs) + ")"
+            out.append((label, timed(fused_local.fused_features_with_jacobian), None, None))
+            print(out[-1], flush=True)
+        except Exception:
+            traceback.print_exc()
     fused_local.CONFIG.update(fused_configs[0])
     return out
 
@@ -150,20 +167,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="Adam steps of the equal-loss comparison")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
-    p.add_argument("--fused-config", action="append", default=None, metavar="FB,FW,BB,BW,BP",
-                   help="fused kernels' forward block and warps, backward block, warps and points per program "
-                        f"(default {','.join(str(v) for v in fused_local.CONFIG.values())}); repeat it for one "
-                        "step row and one features row per configuration (the first one is used elsewhere)")
+    p.add_argument("--fused-config", action="append", default=None, metavar="FB,FW,BB,BW,BP[,SPLIT,HC,STAGES]",
+                   help="fused kernels' forward block and warps, backward block, warps and points per program, "
+                        "backward in two passes (1) or one (0), forward hidden chunk, pipelining stages (default "
+                        f"{','.join(str(v) for v in fused_local.CONFIG.values())}; left-out trailing values keep "
+                        "the default); repeat it for one step row and one features row per configuration (the "
+                        "first one is used elsewhere)")
     p.add_argument("--no-fused", action="store_true", help="leave out the fused-kernel rows")
+    p.add_argument("--local-only", action="store_true",
+                   help="only the local features fwd+bwd rows (torch.compile and each --fused-config), each "
+                        "fused configuration also checked against torch.compile's output")
     args = p.parse_args(argv)
-    fused_configs = [dict(zip(fused_local.CONFIG, (int(v) for v in c.split(",")))) for c in args.fused_config or []]
-    if any(len(c) != len(fused_local.CONFIG) for c in fused_configs):
-        p.error("--fused-config takes 5 integers")
-    fused_configs = fused_configs or [dict(fused_local.CONFIG)]
+    default = dict(fused_local.CONFIG)
+    fused_configs = [{**default, **dict(zip(default, (int(v) for v in c.split(","))))}
+                     for c in args.fused_config or []]
+    if any(not 5 <= len(c.split(",")) <= len(default) for c in args.fused_config or []):
+        p.error(f"--fused-config takes 5 to {len(default)} integers")
+    fused_configs = fused_configs or [default]
     fused_local.CONFIG.update(fused_configs[0])
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     src = IctSource(args.ict, None, dev)
+    if args.local_only:
+        for label, row_ms, _, _ in features_rows(src, args, dev, fused_configs, check=True):
+            print(f"| {label} | {row_ms:.1f} ms |")
+        return 0
     w = LossWeights()
     name = torch.cuda.get_device_name(dev)
     rate = bf16_matmul_rate(dev)

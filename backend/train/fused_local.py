@@ -7,15 +7,20 @@ hidden touches global memory:
 
 - forward: one program per BLOCK points of one head; a cheap first pass over the regions' distances gives the
   softmax statistics (nearest distance, log normaliser, and m = sum_r w_r dlogit_r/dx), then a loop over the
-  regions runs encoding, the three layers with their tangents and the blend on chip. Out: feat (B, N, F),
-  tfeat (B, N, 3, F) and the per-point statistics (B, N, 5).
+  regions runs encoding and input layer (value and 3 tangents, cast to the hidden layer's operand type at
+  once), then the hidden layer in chunks of HC outputs, each fed straight into the output layer with the blend
+  folded into its operand (feat += (w h2) @ Wo, tfeat_a += (dw_a h2 + w u2_a) @ Wo), so only the blended
+  outputs are accumulated. Out: feat (B, N, F), tfeat (B, N, 3, F) and the per-point statistics (B, N, 5).
 - backward: one program per (region, head, chunk of points) looping over point blocks: it recomputes the
   region's forward, back-propagates through the blend (including dw and its own derivative in x and k) and the
   layers (including the silu'' terms of the tangent path), accumulates the weight, bias and code-bias
   gradients in registers (float32) and adds them once per program (atomics: mirrored regions share a slot).
-  The cross-region sums the softmax backward needs reduce to per-point products of the forward's outputs
-  with the incoming gradients (`_blend_terms`), so every (region, point) is independent; the per-region
-  position gradient goes to a (R, B, N, 3) buffer summed in torch into dL/dx and dL/dk.
+  With CONFIG["bwd_split"] this runs as two passes (PART 1: output and hidden weight gradients; PART 2: input
+  layer, code bias and positions), each recomputing the forward, so that a program holds fewer accumulators
+  (offline sm_90 compiles: far fewer spills). The cross-region sums the softmax backward needs reduce to
+  per-point products of the forward's outputs with the incoming gradients (`_blend_terms`), so every
+  (region, point) is independent; the per-region position gradient goes to a (R, B, N, 3) buffer summed in
+  torch into dL/dx and dL/dk.
 
 Precision (`lowp`, on under autocast as in the training loop): the input layer's value product in "tf32x3"
 (three TF32 products, float32 accurate: fast_step keeps that layer in float32 because bf16 would cut x to
@@ -49,9 +54,12 @@ except ImportError:  # CPU-only installs: the torch step is used
 ENC_PAD = 64
 HIDDEN_PAD = 128
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# (forward block, forward warps, backward block, backward warps, backward points per program); bench_step's
-# --fused-config overrides them for tuning on a GPU
-CONFIG = {"fwd_block": 32, "fwd_warps": 8, "bwd_block": 16, "bwd_warps": 8, "bwd_points": 4096}
+# forward block and warps, backward block, warps and points per program, backward in two passes (1) or one (0),
+# forward hidden-layer chunk, software-pipelining stages; bench_step's --fused-config overrides them for tuning.
+# Default: the least spilling configuration compiled offline for sm_90 (docs/dev/gpu_notes.md): forward 128
+# points on 8 warps (two warpgroups, wgmma without duplicated rows), backward 16 points on 8 warps in two passes.
+CONFIG = {"fwd_block": 128, "fwd_warps": 8, "bwd_block": 16, "bwd_warps": 8, "bwd_points": 4096, "bwd_split": 1,
+          "fwd_chunk": 32, "stages": 1}
 
 
 def unsupported_reason(m: ImHead, device: torch.device | None = None) -> str | None:
@@ -101,6 +109,38 @@ if triton is not None:
             return tl.dot(a, b, input_precision=PREC)
 
     @triton.jit
+    def _op(a, LOWP: tl.constexpr):
+        """A float32 activation as a hidden/output-layer operand: bf16 when LOWP == 1 (rounded to bf16 and kept
+        float32 when LOWP == 2, the interpreter's stand-in), else float32."""
+        if LOWP == 1:
+            return a.to(tl.bfloat16)
+        elif LOWP == 2:
+            return a.to(tl.bfloat16).to(tl.float32)
+        else:
+            return a
+
+    @triton.jit
+    def _dot(a, b, LOWP: tl.constexpr, PREC: tl.constexpr):
+        """a @ b, a already an operand (_op), b a weight tile of the operand type; float32 accumulation."""
+        if LOWP == 1:
+            return tl.dot(a, b)
+        elif LOWP == 2:
+            return tl.dot(a, b.to(tl.bfloat16).to(tl.float32), input_precision=PREC)
+        else:
+            return tl.dot(a, b, input_precision=PREC)
+
+    @triton.jit
+    def _dot_acc(a, b, acc, LOWP: tl.constexpr, PREC: tl.constexpr):
+        """acc + a @ b, a a float32 activation (cast here), b a weight tile of the operand type."""
+        if LOWP == 1:
+            return tl.dot(a.to(tl.bfloat16), b, acc)
+        elif LOWP == 2:
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
+                          input_precision=PREC)
+        else:
+            return tl.dot(a, b, acc, input_precision=PREC)
+
+    @triton.jit
     def _local_forward(enc, den, col_axis, w1, b1, w2, b2, wo, bo,
                        LOWP: tl.constexpr, PREC_V: tl.constexpr, PREC_T: tl.constexpr, PREC: tl.constexpr):
         """One region's network on a block of points with its 3 tangent columns. Returns the pre-activations,
@@ -130,8 +170,8 @@ if triton is not None:
                     w1_ptr, w2_ptr, b2_ptr, wo_ptr, bo_ptr, feat_ptr, tfeat_ptr, stats_ptr,
                     n_points, inv_sigma, pe_scale,
                     R: tl.constexpr, RP: tl.constexpr, EP: tl.constexpr, HP: tl.constexpr, FD: tl.constexpr,
-                    BLOCK_N: tl.constexpr, LOWP: tl.constexpr, PREC_V: tl.constexpr, PREC_T: tl.constexpr,
-                    PREC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, HC: tl.constexpr, LOWP: tl.constexpr, PREC_V: tl.constexpr,
+                    PREC_T: tl.constexpr, PREC: tl.constexpr):
         pid = tl.program_id(0)
         b = tl.program_id(1)
         offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,18 +230,34 @@ if triton is not None:
             dw2 = w * (c * lz - m2)
             enc, den, _ = _encode(lx, ly, lz, tl.load(flip_ptr + r * 3 + 0), tl.load(flip_ptr + r * 3 + 1),
                                   tl.load(flip_ptr + r * 3 + 2), col_freq, col_axis, col_kind, pe_scale)
+            # input layer: value ("tf32x3") and tangents, cast at once to the next layer's operand type
             w1 = tl.load(w1_ptr + s * EP * HP + ci[:, None] * HP + hi[None, :])
-            w2 = tl.load(w2_ptr + s * HP * HP + hi[:, None] * HP + hi[None, :])
-            wo = tl.load(wo_ptr + s * HP * FD + hi[:, None] * FD + fi[None, :])
-            b1 = tl.load(cb_ptr + (b * R + r) * HP + hi)[None, :]
-            b2 = tl.load(b2_ptr + s * HP + hi)[None, :]
+            a1 = tl.dot(enc, w1, input_precision=PREC_V) + tl.load(cb_ptr + (b * R + r) * HP + hi)[None, :]
+            sg = tl.sigmoid(a1)
+            s1 = sg * (1 + a1 * (1 - sg))
+            h1 = _op(a1 * sg, LOWP)
+            u10 = _op(tl.dot(tl.where(col_axis[None, :] == 0, den, 0.0), w1, input_precision=PREC_T) * s1, LOWP)
+            u11 = _op(tl.dot(tl.where(col_axis[None, :] == 1, den, 0.0), w1, input_precision=PREC_T) * s1, LOWP)
+            u12 = _op(tl.dot(tl.where(col_axis[None, :] == 2, den, 0.0), w1, input_precision=PREC_T) * s1, LOWP)
+            # hidden layer in chunks of HC outputs, each fed straight into the output layer with the blend
+            # folded in: feat += (w h2) @ wo + w bo, tfeat_a += (dw_a h2 + w u2_a) @ wo + dw_a bo
+            for c in tl.static_range(HP // HC):
+                hc = c * HC + tl.arange(0, HC)
+                w2 = tl.load(w2_ptr + s * HP * HP + hi[:, None] * HP + hc[None, :])
+                a2 = _dot(h1, w2, LOWP, PREC) + tl.load(b2_ptr + s * HP + hc)[None, :]
+                sg = tl.sigmoid(a2)
+                s2 = sg * (1 + a2 * (1 - sg))
+                h2 = a2 * sg
+                wo = tl.load(wo_ptr + s * HP * FD + hc[:, None] * FD + fi[None, :])
+                feat = _dot_acc(w[:, None] * h2, wo, feat, LOWP, PREC)
+                tf0 = _dot_acc(dw0[:, None] * h2 + w[:, None] * (_dot(u10, w2, LOWP, PREC) * s2), wo, tf0, LOWP, PREC)
+                tf1 = _dot_acc(dw1[:, None] * h2 + w[:, None] * (_dot(u11, w2, LOWP, PREC) * s2), wo, tf1, LOWP, PREC)
+                tf2 = _dot_acc(dw2[:, None] * h2 + w[:, None] * (_dot(u12, w2, LOWP, PREC) * s2), wo, tf2, LOWP, PREC)
             bo = tl.load(bo_ptr + s * FD + fi)[None, :]
-            _a1, _t10, _t11, _t12, _a2, _t20, _t21, _t22, g, tg0, tg1, tg2 = _local_forward(
-                enc, den, col_axis, w1, b1, w2, b2, wo, bo, LOWP, PREC_V, PREC_T, PREC)
-            feat += w[:, None] * g
-            tf0 += dw0[:, None] * g + w[:, None] * tg0
-            tf1 += dw1[:, None] * g + w[:, None] * tg1
-            tf2 += dw2[:, None] * g + w[:, None] * tg2
+            feat += w[:, None] * bo
+            tf0 += dw0[:, None] * bo
+            tf1 += dw1[:, None] * bo
+            tf2 += dw2[:, None] * bo
         fo = pbase[:, None] * FD + fi[None, :]
         tl.store(feat_ptr + fo, feat, mask=mask[:, None])
         to = pbase[:, None] * (3 * FD) + fi[None, :]
@@ -224,8 +280,8 @@ if triton is not None:
                     dd_ptr, dw1_ptr, dw2_ptr, db2_ptr, dwo_ptr, dbo_ptr, dcb_ptr,
                     n_points, points_per_program, inv_sigma, pe_scale,
                     R: tl.constexpr, EP: tl.constexpr, HP: tl.constexpr, FD: tl.constexpr,
-                    BLOCK_N: tl.constexpr, LOWP: tl.constexpr, PREC_V: tl.constexpr, PREC_T: tl.constexpr,
-                    PREC: tl.constexpr):
+                    BLOCK_N: tl.constexpr, PART: tl.constexpr, LOWP: tl.constexpr, PREC_V: tl.constexpr,
+                    PREC_T: tl.constexpr, PREC: tl.constexpr):
         r = tl.program_id(0)
         b = tl.program_id(1)
         chunk = tl.program_id(2)
@@ -318,11 +374,12 @@ if triton is not None:
             sg = tl.sigmoid(a2)
             h2 = a2 * sg
             s2 = sg * (1 + a2 * (1 - sg))
-            acc_wo = _mm_acc(h2, gg, acc_wo, LOWP, PREC)
-            acc_wo = _mm_acc(t20 * s2, gtg0, acc_wo, LOWP, PREC)
-            acc_wo = _mm_acc(t21 * s2, gtg1, acc_wo, LOWP, PREC)
-            acc_wo = _mm_acc(t22 * s2, gtg2, acc_wo, LOWP, PREC)
-            acc_bo += tl.sum(gg, axis=0)
+            if PART != 2:  # output layer's weight gradient
+                acc_wo = _mm_acc(h2, gg, acc_wo, LOWP, PREC)
+                acc_wo = _mm_acc(t20 * s2, gtg0, acc_wo, LOWP, PREC)
+                acc_wo = _mm_acc(t21 * s2, gtg1, acc_wo, LOWP, PREC)
+                acc_wo = _mm_acc(t22 * s2, gtg2, acc_wo, LOWP, PREC)
+                acc_bo += tl.sum(gg, axis=0)
             wot = tl.trans(wo)
             ga2, gt20, gt21, gt22 = _silu_back(_mm(gg, wot, LOWP, PREC), _mm(gtg0, wot, LOWP, PREC),
                                                _mm(gtg1, wot, LOWP, PREC), _mm(gtg2, wot, LOWP, PREC),
@@ -331,44 +388,48 @@ if triton is not None:
             sg = tl.sigmoid(a1)
             h1 = a1 * sg
             s1 = sg * (1 + a1 * (1 - sg))
-            acc_w2 = _mm_acc(h1, ga2, acc_w2, LOWP, PREC)
-            acc_w2 = _mm_acc(t10 * s1, gt20, acc_w2, LOWP, PREC)
-            acc_w2 = _mm_acc(t11 * s1, gt21, acc_w2, LOWP, PREC)
-            acc_w2 = _mm_acc(t12 * s1, gt22, acc_w2, LOWP, PREC)
-            acc_b2 += tl.sum(ga2, axis=0)
-            w2t = tl.trans(w2)
-            ga1, gt10, gt11, gt12 = _silu_back(_mm(ga2, w2t, LOWP, PREC), _mm(gt20, w2t, LOWP, PREC),
-                                               _mm(gt21, w2t, LOWP, PREC), _mm(gt22, w2t, LOWP, PREC),
-                                               a1, t10, t11, t12)
-            # input layer (float32 operands: TF32 under LOWP)
-            te0 = tl.where(col_axis[None, :] == 0, den, 0.0)
-            te1 = tl.where(col_axis[None, :] == 1, den, 0.0)
-            te2 = tl.where(col_axis[None, :] == 2, den, 0.0)
-            acc_w1 = tl.dot(tl.trans(enc), ga1, acc_w1, input_precision=PREC_T)
-            acc_w1 = tl.dot(tl.trans(te0), gt10, acc_w1, input_precision=PREC_T)
-            acc_w1 = tl.dot(tl.trans(te1), gt11, acc_w1, input_precision=PREC_T)
-            acc_w1 = tl.dot(tl.trans(te2), gt12, acc_w1, input_precision=PREC_T)
-            acc_b1 += tl.sum(ga1, axis=0)
-            w1t = tl.trans(w1)
-            genc = tl.dot(ga1, w1t, input_precision=PREC_T)
-            gte = tl.where(col_axis[None, :] == 0, tl.dot(gt10, w1t, input_precision=PREC_T),
-                           tl.where(col_axis[None, :] == 1, tl.dot(gt11, w1t, input_precision=PREC_T),
-                                    tl.dot(gt12, w1t, input_precision=PREC_T)))
-            v = genc * den + gte * d2  # dL/dx_c(e) through column e's value and its tangent
-            dd0 += tl.sum(tl.where(col_axis[None, :] == 0, v, 0.0), axis=1)
-            dd1 += tl.sum(tl.where(col_axis[None, :] == 1, v, 0.0), axis=1)
-            dd2 += tl.sum(tl.where(col_axis[None, :] == 2, v, 0.0), axis=1)
-            do = ((r * tl.num_programs(1) + b) * n_points + offs).to(tl.int64) * 3
-            tl.store(dd_ptr + do + 0, dd0, mask=mask)
-            tl.store(dd_ptr + do + 1, dd1, mask=mask)
-            tl.store(dd_ptr + do + 2, dd2, mask=mask)
+            if PART != 2:  # hidden layer's weight gradient
+                acc_w2 = _mm_acc(h1, ga2, acc_w2, LOWP, PREC)
+                acc_w2 = _mm_acc(t10 * s1, gt20, acc_w2, LOWP, PREC)
+                acc_w2 = _mm_acc(t11 * s1, gt21, acc_w2, LOWP, PREC)
+                acc_w2 = _mm_acc(t12 * s1, gt22, acc_w2, LOWP, PREC)
+                acc_b2 += tl.sum(ga2, axis=0)
+            if PART != 1:  # back through the hidden and input layers: dW1, code bias, positions
+                w2t = tl.trans(w2)
+                ga1, gt10, gt11, gt12 = _silu_back(_mm(ga2, w2t, LOWP, PREC), _mm(gt20, w2t, LOWP, PREC),
+                                                   _mm(gt21, w2t, LOWP, PREC), _mm(gt22, w2t, LOWP, PREC),
+                                                   a1, t10, t11, t12)
+                # input layer (float32 operands: TF32 under LOWP)
+                te0 = tl.where(col_axis[None, :] == 0, den, 0.0)
+                te1 = tl.where(col_axis[None, :] == 1, den, 0.0)
+                te2 = tl.where(col_axis[None, :] == 2, den, 0.0)
+                acc_w1 = tl.dot(tl.trans(enc), ga1, acc_w1, input_precision=PREC_T)
+                acc_w1 = tl.dot(tl.trans(te0), gt10, acc_w1, input_precision=PREC_T)
+                acc_w1 = tl.dot(tl.trans(te1), gt11, acc_w1, input_precision=PREC_T)
+                acc_w1 = tl.dot(tl.trans(te2), gt12, acc_w1, input_precision=PREC_T)
+                acc_b1 += tl.sum(ga1, axis=0)
+                w1t = tl.trans(w1)
+                genc = tl.dot(ga1, w1t, input_precision=PREC_T)
+                gte = tl.where(col_axis[None, :] == 0, tl.dot(gt10, w1t, input_precision=PREC_T),
+                               tl.where(col_axis[None, :] == 1, tl.dot(gt11, w1t, input_precision=PREC_T),
+                                        tl.dot(gt12, w1t, input_precision=PREC_T)))
+                v = genc * den + gte * d2  # dL/dx_c(e) through column e's value and its tangent
+                dd0 += tl.sum(tl.where(col_axis[None, :] == 0, v, 0.0), axis=1)
+                dd1 += tl.sum(tl.where(col_axis[None, :] == 1, v, 0.0), axis=1)
+                dd2 += tl.sum(tl.where(col_axis[None, :] == 2, v, 0.0), axis=1)
+                do = ((r * tl.num_programs(1) + b) * n_points + offs).to(tl.int64) * 3
+                tl.store(dd_ptr + do + 0, dd0, mask=mask)
+                tl.store(dd_ptr + do + 1, dd1, mask=mask)
+                tl.store(dd_ptr + do + 2, dd2, mask=mask)
         # once per program: mirrored regions share a slot, chunks of one head share a code bias
-        tl.atomic_add(dw1_ptr + s * EP * HP + ci[:, None] * HP + hi[None, :], acc_w1)
-        tl.atomic_add(dw2_ptr + s * HP * HP + hi[:, None] * HP + hi[None, :], acc_w2)
-        tl.atomic_add(dwo_ptr + s * HP * FD + hi[:, None] * FD + fi[None, :], acc_wo)
-        tl.atomic_add(db2_ptr + s * HP + hi, acc_b2)
-        tl.atomic_add(dbo_ptr + s * FD + fi, acc_bo)
-        tl.atomic_add(dcb_ptr + (b * R + r) * HP + hi, acc_b1)
+        if PART != 1:
+            tl.atomic_add(dw1_ptr + s * EP * HP + ci[:, None] * HP + hi[None, :], acc_w1)
+            tl.atomic_add(dcb_ptr + (b * R + r) * HP + hi, acc_b1)
+        if PART != 2:
+            tl.atomic_add(dw2_ptr + s * HP * HP + hi[:, None] * HP + hi[None, :], acc_w2)
+            tl.atomic_add(dwo_ptr + s * HP * FD + hi[:, None] * FD + fi[None, :], acc_wo)
+            tl.atomic_add(db2_ptr + s * HP + hi, acc_b2)
+            tl.atomic_add(dbo_ptr + s * FD + fi, acc_bo)
 
     @triton.jit
     def _mm_acc(a, b, acc, LOWP: tl.constexpr, PREC: tl.constexpr):
@@ -448,8 +509,8 @@ def fused_local_fwd(x: Tensor, k: Tensor, cb: Tensor, w1: Tensor, w2: Tensor, b2
     _fwd_kernel[(triton.cdiv(N, block), B)](
         o["x"], o["k"], o["cb"], slot.int().contiguous(), flip.float().contiguous(), o["freq"], o["axis"], o["kind"],
         o["w1"], o["w2"], o["b2"], o["wo"], o["bo"], feat, tfeat, stats, N, 1.0 / sigma, pe_scale,
-        R=R, RP=triton.next_power_of_2(R), EP=ENC_PAD, HP=HIDDEN_PAD, FD=Fd, BLOCK_N=block,
-        num_warps=CONFIG["fwd_warps"], **_precisions(lowp))
+        R=R, RP=triton.next_power_of_2(R), EP=ENC_PAD, HP=HIDDEN_PAD, FD=Fd, BLOCK_N=block, HC=CONFIG["fwd_chunk"],
+        num_warps=CONFIG["fwd_warps"], num_stages=CONFIG["stages"], **_precisions(lowp))
     return feat, tfeat, stats
 
 
@@ -500,12 +561,17 @@ def fused_local_bwd(gf: Tensor, gt: Tensor, feat: Tensor, tfeat: Tensor, stats: 
     if N > 0:
         block = CONFIG["bwd_block"]
         per = max(block, min(triton.cdiv(N, block) * block, CONFIG["bwd_points"] // block * block))
-        _bwd_kernel[(R, B, triton.cdiv(N, per))](
-            o["x"], o["k"], o["cb"], slot.int().contiguous(), flip.float().contiguous(), o["freq"], o["axis"],
-            o["kind"], o["w1"], o["w2"], o["b2"], o["wo"], o["bo"], stats.contiguous(), gf, gt, blend,
-            dd, dw1, dw2, db2, dwo, dbo, dcb, N, per, 1.0 / sigma, pe_scale,
-            R=R, EP=ENC_PAD, HP=HIDDEN_PAD, FD=Fd, BLOCK_N=block, num_warps=CONFIG["bwd_warps"],
-            **_precisions(lowp))
+        # bwd_split: two passes (outer layers' weight gradients; then the input layer, code bias and positions),
+        # each recomputing the forward, so that fewer accumulators are held a program. bf16 (autocast) only: with
+        # float32 weights the first pass needs 260 KB of shared memory at 16 points / 8 warps (over sm_90's 227
+        # KB), the single pass 128 KB
+        for part in (1, 2) if CONFIG["bwd_split"] and lowp else (0,):
+            _bwd_kernel[(R, B, triton.cdiv(N, per))](
+                o["x"], o["k"], o["cb"], slot.int().contiguous(), flip.float().contiguous(), o["freq"], o["axis"],
+                o["kind"], o["w1"], o["w2"], o["b2"], o["wo"], o["bo"], stats.contiguous(), gf, gt, blend,
+                dd, dw1, dw2, db2, dwo, dbo, dcb, N, per, 1.0 / sigma, pe_scale,
+                R=R, EP=ENC_PAD, HP=HIDDEN_PAD, FD=Fd, BLOCK_N=block, PART=part, num_warps=CONFIG["bwd_warps"],
+                num_stages=CONFIG["stages"], **_precisions(lowp))
     dx = dd.sum(0)
     dk = -dd.sum(2).transpose(0, 1)
     return (dx, dk.contiguous(), dcb[..., :H].contiguous(), dw1[:, :E, :H].contiguous(),
