@@ -97,3 +97,53 @@ def test_the_loop_keeps_off_the_surface_boundary():
     assert (after.genus, after.boundary_loops, stats.handles_cut) == (0, 1, 1)
     edges, count = sm.unique_edges(out["faces"])
     assert _kept(rim, out["canonical"][np.unique(edges[count == 1])]) == len(rim)  # the same rim, untouched
+
+
+def folded_plates(n: int = 21, h: float = 0.004, d: float = 0.002) -> dict[str, np.ndarray]:
+    """Two plates of n x n points h apart (z = +d and -d) joined along their last column (a fold, like lips at a
+    mouth corner) and through the ring of their centre cell's 4 corners (z = 0, shared by both: a handle whose
+    waist is that ring, as marching cubes makes round a lattice point where lips touch), the upper plate's cell
+    diagonally beside one ring corner left out (a hole, like a slit's rim, touching the ring at that corner)."""
+    c = n // 2
+    ring = {(c, c): 0, (c + 1, c): 1, (c + 1, c + 1): 2, (c, c + 1): 3}
+    pos = [(float(i), float(j), 0.0) for i, j in ring]
+    ids: dict[tuple[int, int, int], int] = {}
+
+    def vid(side: int, i: int, j: int) -> int:
+        if (i, j) in ring:
+            return ring[(i, j)]
+        key = (1 if i == n - 1 else side, i, j)  # the fold: the last column is one
+        if key not in ids:
+            ids[key] = len(pos)
+            pos.append((float(i), float(j), key[0] * d / h))
+        return ids[key]
+
+    faces = []
+    for side in (1, -1):
+        for i in range(n - 1):
+            for j in range(n - 1):
+                if (i, j) == (c, c) or (side == 1 and (i, j) == (c - 1, c - 1)):
+                    continue
+                a, b, e, f = vid(side, i, j), vid(side, i + 1, j), vid(side, i + 1, j + 1), vid(side, i, j + 1)
+                faces += [(a, b, e), (a, e, f)] if side == 1 else [(a, e, b), (a, f, e)]
+    p = (np.array(pos) * h).astype(np.float32)
+    return {"vertices": p, "canonical": p.copy(), "faces": np.array(faces, np.int32),
+            mesh_cut.NEW: np.zeros(len(p), bool)}
+
+
+def test_a_handle_whose_waist_touches_the_boundary_is_cut_round_it():
+    """Seed 1's lips with piece 12's weights: the handle's short loops all pass through a vertex of the slit's rim,
+    which a cut may not use; the loop goes round that vertex through its faces away from the boundary."""
+    m = folded_plates()
+    before = sm.topology(m["faces"])
+    assert (before.genus, before.boundary_loops, before.nonmanifold_edges) == (1, 2, 0) and _oriented(m["faces"])
+    edges, count = sm.unique_edges(m["faces"])
+    assert 0 in edges[count == 1]  # the ring corner is on the hole's rim
+    out, stats = handle_cut.cut_handles(m)
+    after = sm.topology(out["faces"])
+    assert (after.genus, after.boundary_loops, len(after.pieces), stats.handles_cut) == (0, 2, 1, 1)
+    assert _oriented(out["faces"])
+    assert 16 < stats.loops_mm[0] < 40  # round the ring (16 mm) and the corner's faces, not the fold (> 80 mm)
+    rim = m["canonical"][np.unique(edges[count == 1])]
+    edges, count = sm.unique_edges(out["faces"])
+    assert _kept(rim, out["canonical"][np.unique(edges[count == 1])]) == len(rim)

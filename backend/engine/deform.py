@@ -42,6 +42,10 @@ WarpFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MIN_ROWS = 32
 JACOBIAN_AFTER = 5  # Broyden iterations before a still-unconverged point gets the exact Jacobian
 CONTINUATION_STEP = 0.25  # largest expression weight change per solve_continued step (continuation_steps)
+# The deform op (session_pose) and the surface opener's motion: a point that the path leaves unconverged in a frame
+# follows paths of 2x, then 4x the steps there (near a fold of the warp, the mouth corners under jawOpen, a step of
+# 0.25 can leave the root's basin)
+REFINE_PATH = 2
 
 
 @dataclass
@@ -238,14 +242,18 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
 
 
 def solve_continued(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch.Tensor, n_frames: int,
-                    steps: int | torch.Tensor, path_points: torch.Tensor | None = None, **kwargs) -> DeformResult:
+                    steps: int | torch.Tensor, path_points: torch.Tensor | None = None, refine: int = 0,
+                    **kwargs) -> DeformResult:
     """solve() along the path t = 1/steps, 2/steps, ..., 1 of expressions t x e, each solve starting from the
     last one's positions (make_warp(t): the warp of the expressions scaled by t). Where surfaces that touch in
     the canonical head part (lips under jawOpen), the backward warp has several roots near a contact point, and
     a start from x_c can land on the other side's; following the path keeps each point on its own side.
     `steps` per frame ((T,) tensor): frame i follows its own path, t_i = min(1, k / steps_i) as a (T, 1)
     tensor, so a frame's pose does not depend on the other frames of its request (a bake equals live poses).
-    Iterations and stats are summed over the steps.
+    refine: a point the path leaves unconverged in a frame follows paths of 2x, 4x, ... the steps (the deform op:
+    REFINE_PATH, 2x and 4x); the frame takes the first that converges there (every converged point's root is the
+    one of `steps`). Iterations and
+    stats are summed over the steps (stats["refined_points"]: points that followed a finer path).
 
     path_points: optional (N,) bool, the points that follow the path (those near a contact); every other point
     is solved once at the full weights, and any of them not converged in some frame follows the path after all
@@ -257,12 +265,12 @@ def solve_continued(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: to
             raise ValueError(f"path_points: shape {tuple(path.shape)} for {x_c.shape[0]} points")
         if (int(steps.max()) if isinstance(steps, torch.Tensor) and steps.numel() else steps) > 1 \
                 and not bool(path.all()):
-            return _solve_split(make_warp, x_c, n_frames, steps, path, kwargs)
-    return _solve_path(make_warp, x_c, n_frames, steps, **kwargs)
+            return _solve_split(make_warp, x_c, n_frames, steps, path, refine, kwargs)
+    return _solve_path(make_warp, x_c, n_frames, steps, refine, **kwargs)
 
 
 def _solve_split(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch.Tensor, n_frames: int,
-                 steps: int | torch.Tensor, path: torch.Tensor, kwargs: dict) -> DeformResult:
+                 steps: int | torch.Tensor, path: torch.Tensor, refine: int, kwargs: dict) -> DeformResult:
     """solve_continued with path_points: one solve at the full weights for the other points, the path for the
     path points and for those of the others not converged in some frame."""
     if isinstance(steps, torch.Tensor):
@@ -273,7 +281,7 @@ def _solve_split(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch
     direct = solve(make_warp(full), x_c[rest], n_frames, **kwargs)
     redo = ~direct.converged.all(0)
     keep, follow = rest[~redo], torch.sort(torch.cat([torch.nonzero(path).squeeze(1), rest[redo]])).values
-    cont = _solve_path(make_warp, x_c[follow], n_frames, steps, **kwargs) if follow.numel() else None
+    cont = _solve_path(make_warp, x_c[follow], n_frames, steps, refine, **kwargs) if follow.numel() else None
     n = x_c.shape[0]
     vertices = x_c.new_empty((n_frames, n, 3))
     residual = x_c.new_empty((n_frames, n))
@@ -295,8 +303,33 @@ def _solve_split(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch
 
 
 def _solve_path(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch.Tensor, n_frames: int,
-                steps: int | torch.Tensor, **kwargs) -> DeformResult:
-    """solve_continued for every point."""
+                steps: int | torch.Tensor, refine: int = 0, **kwargs) -> DeformResult:
+    """solve_continued for every point; a point not converged in some frame then follows a path of twice the
+    steps (up to `refine` times), and each frame where it was not converged takes that path's root where it
+    converges (a frame's pose stays independent of the other frames')."""
+    result = _solve_steps(make_warp, x_c, n_frames, steps, **kwargs)
+    redo = torch.nonzero(~result.converged.all(0)).squeeze(1)
+    if refine <= 0 or not redo.numel():
+        return result
+    finer = _solve_path(make_warp, x_c[redo], n_frames, steps * 2, refine - 1, **kwargs)
+    assert result.root_vector is not None and finer.root_vector is not None
+    take = finer.converged & ~result.converged[:, redo]  # (T, R)
+    for whole, part in ((result.vertices, finer.vertices), (result.root_residual, finer.root_residual),
+                        (result.converged, finer.converged), (result.root_vector, finer.root_vector)):
+        mask = take if whole.dim() == 2 else take[:, :, None]
+        whole[:, redo] = torch.where(mask, part, whole[:, redo])
+    result.iterations += finer.iterations
+    stats = result.stats if result.stats is not None else {}
+    for key in ("warp_points", "jacobian_points", "refined_points"):  # the work; stopped_at_x0 is the first path's
+        stats[key] = stats.get(key, 0) + (finer.stats or {}).get(key, 0)
+    stats["refined_points"] += int(redo.numel())
+    result.stats = stats
+    return result
+
+
+def _solve_steps(make_warp: Callable[[float | torch.Tensor], WarpFn], x_c: torch.Tensor, n_frames: int,
+                 steps: int | torch.Tensor, **kwargs) -> DeformResult:
+    """solve() along the path of `steps` steps, each from the last one's positions."""
     total_steps = int(steps.max()) if isinstance(steps, torch.Tensor) else steps
     result, start, iters = None, None, 0
     total: dict[str, int] = {}

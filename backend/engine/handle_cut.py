@@ -199,9 +199,12 @@ class _Greedy:
         # loops may not use the surface's boundary (nor the piece's: a cap is not surface)
         self.banned = banned[used]
         self.banned[edges[bnd].ravel()] = True
+        self.faces = f
+        self.detour = False  # loops through banned vertices go round them (_detour) instead of being skipped
 
     def loops(self, root: int) -> tuple[float, np.ndarray | None]:
-        """The shortest loop of the greedy system from `root` (local index) that avoids banned vertices."""
+        """The shortest loop of the greedy system from `root` (local index) that avoids banned vertices (with
+        `detour`, a loop through some goes round them if it can)."""
         edges = self.edges
         dist, pred = dijkstra(self.graph, directed=False, indices=root, return_predecessors=True)
         a, b = edges[:, 0], edges[:, 1]
@@ -222,9 +225,65 @@ class _Greedy:
         best: tuple[float, np.ndarray | None] = (np.inf, None)
         for e in left[np.argsort(sig[left])]:
             loop = _tree_loop(pred, int(a[e]), int(b[e]))
-            if loop is not None and not self.banned[loop].any():
+            if loop is None:
+                continue
+            if not self.banned[loop].any():
                 return float(sig[e]), loop
+            if self.detour:
+                around = self._detour(loop)
+                if around is not None:
+                    return float(sig[e]) + _length(self.pos, around) - _length(self.pos, loop), around
         return best
+
+    def _detour(self, loop: np.ndarray) -> np.ndarray | None:
+        """The loop with each banned vertex v (between loop neighbours u and w that are not) replaced by the
+        path from u to w through v's link (the other corners of v's faces) that avoids banned vertices: the
+        same loop moved across some of v's faces. At a vertex of the surface's boundary the link is a path
+        whose ends are on the boundary, so that is the side of v away from the boundary. None where there is
+        no such path or the loop would cross itself."""
+        out: list[int] = []
+        for i, v in enumerate(loop.tolist()):
+            if not self.banned[v]:
+                out.append(v)
+                continue
+            u, w = int(loop[i - 1]), int(loop[(i + 1) % len(loop)])
+            if self.banned[u] or self.banned[w]:
+                return None
+            path = self._link_path(v, u, w)
+            if path is None:
+                return None
+            out.extend(path)
+        if len(set(out)) != len(out):
+            return None
+        return np.asarray(out, np.int64)
+
+    def _link_path(self, v: int, u: int, w: int) -> list[int] | None:
+        """The vertices strictly between u and w on the fewest-hop path through v's link that avoids banned
+        vertices (breadth-first), or None."""
+        around = self.faces[(self.faces == v).any(axis=1)]
+        nbrs: dict[int, list[int]] = {}
+        for face in around.tolist():
+            p, q = (x for x in face if x != v)
+            nbrs.setdefault(p, []).append(q)
+            nbrs.setdefault(q, []).append(p)
+        prev = {u: u}
+        frontier = [u]
+        while frontier and w not in prev:
+            nxt = []
+            for x in frontier:
+                for y in nbrs.get(x, []):
+                    if y not in prev and (y == w or not self.banned[y]):
+                        prev[y] = x
+                        nxt.append(y)
+            frontier = nxt
+        if w not in prev:
+            return None
+        path = []
+        x = prev[w]
+        while x != u:
+            path.append(x)
+            x = prev[x]
+        return path[::-1]
 
 
 def _tree_loop(pred: np.ndarray, u: int, v: int) -> np.ndarray | None:
@@ -246,9 +305,22 @@ def _tree_loop(pred: np.ndarray, u: int, v: int) -> np.ndarray | None:
 
 
 def _shortest_loop(pos: np.ndarray, faces: np.ndarray, banned: np.ndarray) -> np.ndarray | None:
+    """The piece's shortest loop found that keeps off banned vertices; where there is none within MAX_LOOP_MM, the
+    shortest loop that goes round the banned vertices it would pass through if that is shorter (_Greedy._detour: a
+    handle whose short loop passes through a vertex of a slit's rim, seed 1's lips with piece 12's weights)."""
     g = _Greedy(pos, faces, banned)
     if not g.ok:
         return None
+    loop = _greedy_loop(g)
+    if loop is None or _length(g.pos, loop) > MAX_LOOP_MM * 1e-3:
+        g.detour = True
+        around = _greedy_loop(g)
+        if around is not None and (loop is None or _length(g.pos, around) < _length(g.pos, loop)):
+            loop = around
+    return None if loop is None else g.used[loop]
+
+
+def _greedy_loop(g: _Greedy) -> np.ndarray | None:
     # roots: farthest-point order over the piece, then the best loop's own vertices until it no longer shortens
     roots = [int(np.argmin(g.pos[:, 0]))]
     d = np.linalg.norm(g.pos - g.pos[roots[0]], axis=1)
@@ -273,7 +345,7 @@ def _shortest_loop(pos: np.ndarray, faces: np.ndarray, banned: np.ndarray) -> np
                 break
         if not improved:
             break
-    return None if best[1] is None else g.used[best[1]]
+    return best[1]
 
 
 def _separates(faces: np.ndarray, edges: np.ndarray, fe: np.ndarray, count: np.ndarray, loops: list[np.ndarray],

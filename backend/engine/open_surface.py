@@ -392,9 +392,11 @@ def _motion_jump(a: np.ndarray, b: np.ndarray, motion: Callable[[np.ndarray], np
 
 
 class ExpressionMotion:
-    """Motion for a session's head: the deform op's root finding (deform.solve_continued) at weight 1; where it
-    does not converge, its best iterate (as the deform op returns it). `solved` gives NaN rows there instead
-    (_settle moves such vertices: the deform op would report them unsolved)."""
+    """Motion for a session's head: the deform op's root finding (deform.solve_continued with its finer paths for
+    points the path leaves unconverged, deform.REFINE_PATH: the slits and the settle must see the roots the deform
+    op will find, docs/surface.md 2026-12-07) at weight 1; where it does not converge, its best iterate (as the
+    deform op returns it). `solved` gives NaN rows there instead (_settle moves such vertices: the deform op would
+    report them unsolved)."""
 
     def __init__(self, session, z_id: torch.Tensor):
         self.session, self.z_id = session, z_id
@@ -405,7 +407,7 @@ class ExpressionMotion:
         e[0, names.index(expression)] = 1.0
         x_c = torch.as_tensor(points, device=session.device, dtype=torch.float32)
         res = deform.solve_continued(lambda t: session.warp_fn(self.z_id, e * t), x_c, 1,
-                                     deform.continuation_steps(e))
+                                     deform.continuation_steps(e), refine=deform.REFINE_PATH)
         return (res.vertices[0] - x_c).cpu().numpy().astype(np.float64), res.converged[0].cpu().numpy()
 
     def __call__(self, points: np.ndarray, expression: str) -> np.ndarray:

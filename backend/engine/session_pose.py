@@ -116,7 +116,7 @@ def _solve(session: Session, canonical: np.ndarray, z_id: torch.Tensor, zr: torc
         path = torch.as_tensor(path_np, device=session.device)
     # along the path 0 -> e (deform.solve_continued): where lips touch, a start at x_c finds the other lip's root
     result = deform.solve_continued(lambda t: session.warp_fn(z_id, e * t), x_c, e.shape[0], steps,
-                                    path_points=path, zero_frames=(e == 0).all(1))
+                                    path_points=path, refine=deform.REFINE_PATH, zero_frames=(e == 0).all(1))
     assert result.root_vector is not None and result.stats is not None  # deform.solve fills both
     chunk = session.chunk
     with torch.no_grad():
