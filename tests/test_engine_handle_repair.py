@@ -280,3 +280,38 @@ def test_a_cut_through_a_sheet_is_not_made(monkeypatch):
     monkeypatch.setattr(handle_repair, "MAX_SHEET_MM", float("inf"))  # the repair before the sheet test
     old = _repair(_creased_box(0.004), 0.004)[2][2]
     assert old.points_cut == 31 and old.handles_removed == 1 and old.plugs_through_sheet == 0
+
+
+# ---------------------------------------------------------------- no notch carved into a body
+# Seed 2 at 96 (docs/surface.md, 2026-12-07): the lattice around the radius-2 cut plug that carved a block out of
+# the right mouth corner (both lips, x -27..-10 mm), after the cut: signs (9, 8, 8) packed, the plug's 19 points
+# and their SDF (mm) before it. The air beside it was one piece (no sheet), the solid stays one piece round it.
+_SEED2_BOX = ("e0e0e0e0e0e0e0c0f0f0f0f0f0f0f0e0f8f8f0787878787078380000001818183c1c0000000c0c181e0e0000020e0c080e0e"
+              "060006060e0c0f0f0600060706060f07060007070606")
+_SEED2_PLUG = [[4, 3, 4], [3, 3, 3], [5, 3, 5], [3, 4, 5], [3, 2, 4], [5, 2, 4], [3, 4, 3], [4, 2, 4], [3, 3, 4],
+               [4, 4, 4], [3, 2, 3], [5, 2, 5], [4, 4, 5], [5, 4, 5], [3, 4, 4], [3, 5, 5], [2, 2, 4], [3, 2, 2],
+               [6, 3, 5]]
+_SEED2_DEPTH = [-0.03, -0.07, -0.3, -0.38, -0.38, -0.9, -0.98, -1.15, -1.24, -1.32, -1.53, -1.75, -2.22, -2.66,
+                -3.06, -0.03, -0.12, -0.13, -0.16]
+
+
+def test_a_deep_notch_is_not_cut_a_bridge_is():
+    """Seed 2's mouth corner at 96 had a black hole where the repair cut a 19-point block 3.06 mm deep out of both
+    lips (the mesh's handle cut removes the same handle along a loop of 19.5 mm): such a notch is not cut. A cut
+    across a bar (a bridge: its ends apart around the cut) or a notch at most MAX_NOTCH_MM / 2 deep still is."""
+    inside = np.unpackbits(np.frombuffer(bytes.fromhex(_SEED2_BOX), np.uint8))[:9 * 8 * 8].astype(bool)
+    inside = inside.reshape(9, 8, 8)
+    plug = np.array(_SEED2_PLUG)
+    value = np.full(inside.shape, np.nan, np.float32)
+    value[tuple(plug.T)] = np.array(_SEED2_DEPTH) * 1e-3
+    assert not inside[tuple(plug.T)].any()  # cut
+    assert not handle_repair._through_sheet(inside, plug, value)  # the sheet rule let it through
+    assert handle_repair._notch(inside, plug, value)
+    assert not handle_repair._notch(inside, plug, value * 2.94 / 3.06)  # as deep as seed 6's upper lip at 128: cut
+
+    bar = np.zeros((9, 9, 9), bool)
+    bar[1:8, 3:6, 3:6] = True
+    cut = np.argwhere(bar & (np.indices(bar.shape)[0] == 4))
+    bar[tuple(cut.T)] = False
+    deep = np.full(bar.shape, -0.004, np.float32)
+    assert not handle_repair._notch(bar, cut, deep)

@@ -17,7 +17,9 @@ flipping the signs of a few lattice points, smallest radius first, then the smal
    pocket of air is undone (lattice_sparse.splits), and so is a cut that opens a passage through a sheet thicker
    than MAX_SHEET_MM (_through_sheet: where a lip meets the other only diagonally, marching cubes' own passages
    make a handle that a cut through the lip beside them removes; that leaves a hole in the lip, while the mesh's
-   handle cut, engine/handle_cut.py, removes the same handle along a loop of a few mm);
+   handle cut, engine/handle_cut.py, removes the same handle along a loop of a few mm), and so is a cut that
+   carves a notch deeper than MAX_NOTCH_MM / 2 out of solid that stays one piece around it (_notch: at a mouth
+   corner a block of both lips, a hole into the mouth);
 3. marching cubes then runs on the changed cells. Lattice edges without a flipped end keep their values, so
    every vertex away from a plug is bitwise the one without the repair; a plug point's value is its SDF with
    the sign flipped (points whose value was only certified are evaluated).
@@ -46,8 +48,12 @@ MIN_VALUE = 1e-7  # m: a flipped value's smallest magnitude (a 0 would count as 
 # thick, twice its deepest point's |SDF|: the film where the lips touch, not a lip or a nostril's wall
 MAX_SHEET_MM = 2.0
 SHEET_MARGIN = 2  # voxels around a cut plug in which the air on its sides is apart or joined
+# a cut whose solid around it stays one piece (a notch carved into a body, not a bridge cut through) is made only
+# where its deepest point is at most half this deep: seed 2's mouth corner at 96 (docs/surface.md, 2026-12-07)
+MAX_NOTCH_MM = 6.0
 _CROSS = ndimage.generate_binary_structure(3, 1)
 _STEPS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+_OFFSETS = np.argwhere(np.ones((3, 3, 3), bool)) - 1  # a point's 26 neighbours and itself
 # corner pairs (lower, upper) of a cell's 4 edges along axis 0
 _AXIS0_EDGES = [(int(a), int(b)) if CORNERS[a, 0] < CORNERS[b, 0] else (int(b), int(a))
                 for a, b in EDGES if CORNERS[a, 0] != CORNERS[b, 0]]
@@ -63,6 +69,7 @@ class RepairStats:
     points_evaluated: int = 0  # certified-only lattice points whose value the changed cells needed
     plugs_too_large: int = 0  # clusters that would have removed a handle with a plug above MAX_PLUG_MM2
     plugs_through_sheet: int = 0  # cuts not made: they would have opened a passage through a sheet (MAX_SHEET_MM)
+    plugs_notch: int = 0  # cuts not made: a notch deeper than MAX_NOTCH_MM / 2 into solid that stays one piece
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -209,6 +216,23 @@ def _through_sheet(inside: np.ndarray, plug: np.ndarray, value: np.ndarray) -> b
     return int((pieces > 0).sum()) >= 2
 
 
+def _notch(inside: np.ndarray, plug: np.ndarray, value: np.ndarray) -> bool:
+    """Whether a cut plug (points (P,3), air now in `inside`) is a notch deeper than MAX_NOTCH_MM / 2 (`value`,
+    NaN where only the sign is known: deep): the solid beside its points (26-neighbours) within one voxel of it
+    is one 6-connected piece. A cut through a bridge leaves the bridge's ends apart there; a notch carves a
+    block out of a body (seed 2's mouth corner at 96: 19 points, 3.06 mm deep, a hole into the mouth)."""
+    depth = np.abs(value[tuple(plug.T)])
+    if np.where(np.isnan(depth), np.inf, depth).max() * 2e3 <= MAX_NOTCH_MM:
+        return False
+    lo = np.maximum(plug.min(axis=0) - 1, 0)
+    hi = np.minimum(plug.max(axis=0) + 2, inside.shape)
+    solid = inside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    label = ndimage.label(solid, _CROSS)[0]
+    beside = (plug[:, None, :] - lo + _OFFSETS[None]).reshape(-1, 3)
+    beside = beside[((beside >= 0) & (beside < hi - lo)).all(axis=1)]
+    return int((np.unique(label[tuple(beside.T)]) > 0).sum()) <= 1
+
+
 def _grow_order(depth: np.ndarray, priority: np.ndarray, limit: int) -> np.ndarray:
     """Indices of a cluster's points in breadth-first order (depth: 26-neighbour hops from a seed), each layer
     in order of priority; the layers up to the one that reaches `limit` points."""
@@ -259,6 +283,9 @@ def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int,
                 elif not fill and _through_sheet(inside, np.array(plug), value):
                     _toggle(inside, plug)
                     stats.plugs_through_sheet += 1
+                elif not fill and _notch(inside, np.array(plug), value):
+                    _toggle(inside, plug)
+                    stats.plugs_notch += 1
                 else:
                     plugs.append((plug, change[cluster]))
             # a fill must not enclose a pocket of air, a cut not split off a piece of solid
