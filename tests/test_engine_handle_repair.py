@@ -278,6 +278,7 @@ def test_a_cut_through_a_sheet_is_not_made(monkeypatch):
     assert thin.plugs_through_sheet == 0 and thin.points_cut == 31 and thin.handles_removed == 1
 
     monkeypatch.setattr(handle_repair, "MAX_SHEET_MM", float("inf"))  # the repair before the sheet test
+    monkeypatch.setattr(handle_repair, "MAX_NOTCH_MM", float("inf"))  # (and the notch test, which also refuses it)
     old = _repair(_creased_box(0.004), 0.004)[2][2]
     assert old.points_cut == 31 and old.handles_removed == 1 and old.plugs_through_sheet == 0
 
@@ -297,8 +298,9 @@ _SEED2_DEPTH = [-0.03, -0.07, -0.3, -0.38, -0.38, -0.9, -0.98, -1.15, -1.24, -1.
 
 def test_a_deep_notch_is_not_cut_a_bridge_is():
     """Seed 2's mouth corner at 96 had a black hole where the repair cut a 19-point block 3.06 mm deep out of both
-    lips (the mesh's handle cut removes the same handle along a loop of 19.5 mm): such a notch is not cut. A cut
-    across a bar (a bridge: its ends apart around the cut) or a notch at most MAX_NOTCH_MM / 2 deep still is."""
+    lips (the mesh's handle cut removes the same handle along a loop of 19.5 mm): such a notch is not cut, nor one
+    as deep as seed 6's upper lip at 128. A cut across a bar (a bridge: its ends apart around the cut) or a notch
+    at most MAX_NOTCH_MM / 2 deep still is."""
     inside = np.unpackbits(np.frombuffer(bytes.fromhex(_SEED2_BOX), np.uint8))[:9 * 8 * 8].astype(bool)
     inside = inside.reshape(9, 8, 8)
     plug = np.array(_SEED2_PLUG)
@@ -307,7 +309,8 @@ def test_a_deep_notch_is_not_cut_a_bridge_is():
     assert not inside[tuple(plug.T)].any()  # cut
     assert not handle_repair._through_sheet(inside, plug, value)  # the sheet rule let it through
     assert handle_repair._notch(inside, plug, value)
-    assert not handle_repair._notch(inside, plug, value * 2.94 / 3.06)  # as deep as seed 6's upper lip at 128: cut
+    assert handle_repair._notch(inside, plug, value * 2.94 / 3.06)  # as deep as seed 6's upper lip at 128
+    assert not handle_repair._notch(inside, plug, value * 0.96 / 3.06)  # as deep as seed 12's at 128: cut
 
     bar = np.zeros((9, 9, 9), bool)
     bar[1:8, 3:6, 3:6] = True

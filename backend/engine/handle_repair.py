@@ -49,8 +49,9 @@ MIN_VALUE = 1e-7  # m: a flipped value's smallest magnitude (a 0 would count as 
 MAX_SHEET_MM = 2.0
 SHEET_MARGIN = 2  # voxels around a cut plug in which the air on its sides is apart or joined
 # a cut whose solid around it stays one piece (a notch carved into a body, not a bridge cut through) is made only
-# where its deepest point is at most half this deep: seed 2's mouth corner at 96 (docs/surface.md, 2026-12-07)
-MAX_NOTCH_MM = 6.0
+# where its deepest point is at most half this deep, as for a sheet: seed 2's mouth corner at 96, seed 6's upper lip
+# at 128 (docs/surface.md, 2026-12-07)
+MAX_NOTCH_MM = 2.0
 _CROSS = ndimage.generate_binary_structure(3, 1)
 _STEPS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
 _OFFSETS = np.argwhere(np.ones((3, 3, 3), bool)) - 1  # a point's 26 neighbours and itself
