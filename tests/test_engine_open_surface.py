@@ -326,6 +326,8 @@ def test_generated_head_is_one_piece_with_a_planar_neck(session, opened_head):
     assert sm.topology(raw["faces"]).boundary_loops == 0  # as extracted: closed, lips joined
 
 
+@pytest.mark.xfail(strict=True, reason="known defect with run 2 piece 12's weights (docs/surface.md, 'Seed 0's slit "
+                   "at 96'): the lattice repair's plugs leave the middle of seed 0's slit inside the lower lip at 96")
 def test_lip_boundaries_open_under_jaw_open(session, opened_head):
     params, arrays = opened_head
     names = session.region_names
