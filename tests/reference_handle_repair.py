@@ -11,7 +11,7 @@ from scipy import ndimage
 # are the fast version's own (the chi table is tested against the meshes' V - E + F directly, the sheet test on its
 # own lattice); the reference pins the lattice work.
 from backend.engine.handle_repair import (MAX_PLUG_MM2, MAX_RADIUS, MIN_VALUE, PLUG_SEEDS, Evaluate, RepairStats,
-                                          _chi_table, _notch, _through_sheet, _toggle)
+                                          _chi_table, _refused_cut, _toggle)
 from backend.engine.mc import CORNERS
 
 _CUBE = np.ones((3, 3, 3), bool)
@@ -163,13 +163,7 @@ def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int,
                 plug = _plug(inside, points, magnitude[tuple(points.T)], change[cluster], limit)
                 if plug is None:
                     stats.plugs_too_large += 1
-                elif not fill and _through_sheet(inside, np.array(plug), value):
-                    _toggle(inside, plug)
-                    stats.plugs_through_sheet += 1
-                elif not fill and _notch(inside, np.array(plug), value):
-                    _toggle(inside, plug)
-                    stats.plugs_notch += 1
-                else:
+                elif fill or not _refused_cut(inside, plug, value, stats):
                     plugs.append((plug, change[cluster]))
             if not plugs:
                 continue

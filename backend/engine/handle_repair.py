@@ -234,6 +234,21 @@ def _notch(inside: np.ndarray, plug: np.ndarray, value: np.ndarray) -> bool:
     return int((np.unique(label[tuple(beside.T)]) > 0).sum()) <= 1
 
 
+def _refused_cut(inside: np.ndarray, plug: list[tuple[int, int, int]], value: np.ndarray,
+                 stats: RepairStats) -> bool:
+    """Whether a cut plug (already made in `inside`) goes through a sheet or carves a notch; if so it is undone
+    and counted in `stats`."""
+    points = np.array(plug)
+    if _through_sheet(inside, points, value):
+        stats.plugs_through_sheet += 1
+    elif _notch(inside, points, value):
+        stats.plugs_notch += 1
+    else:
+        return False
+    _toggle(inside, plug)
+    return True
+
+
 def _grow_order(depth: np.ndarray, priority: np.ndarray, limit: int) -> np.ndarray:
     """Indices of a cluster's points in breadth-first order (depth: 26-neighbour hops from a seed), each layer
     in order of priority; the layers up to the one that reaches `limit` points."""
@@ -281,13 +296,7 @@ def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int,
                 plug = _plug(inside, members, priority, change[cluster], limit)
                 if plug is None:
                     stats.plugs_too_large += 1
-                elif not fill and _through_sheet(inside, np.array(plug), value):
-                    _toggle(inside, plug)
-                    stats.plugs_through_sheet += 1
-                elif not fill and _notch(inside, np.array(plug), value):
-                    _toggle(inside, plug)
-                    stats.plugs_notch += 1
-                else:
+                elif fill or not _refused_cut(inside, plug, value, stats):
                     plugs.append((plug, change[cluster]))
             # a fill must not enclose a pocket of air, a cut not split off a piece of solid
             for plug, rise in plugs:
