@@ -149,16 +149,12 @@ if triton is not None:
         t10 = tl.dot(tl.where(col_axis[None, :] == 0, den, 0.0), w1, input_precision=PREC_T)
         t11 = tl.dot(tl.where(col_axis[None, :] == 1, den, 0.0), w1, input_precision=PREC_T)
         t12 = tl.dot(tl.where(col_axis[None, :] == 2, den, 0.0), w1, input_precision=PREC_T)
-        sg = tl.sigmoid(a1)
-        h1 = a1 * sg
-        s1 = sg * (1 + a1 * (1 - sg))
+        h1, s1 = _silu(a1)
         a2 = _mm(h1, w2, LOWP, PREC) + b2
         t20 = _mm(t10 * s1, w2, LOWP, PREC)
         t21 = _mm(t11 * s1, w2, LOWP, PREC)
         t22 = _mm(t12 * s1, w2, LOWP, PREC)
-        sg = tl.sigmoid(a2)
-        h2 = a2 * sg
-        s2 = sg * (1 + a2 * (1 - sg))
+        h2, s2 = _silu(a2)
         g = _mm(h2, wo, LOWP, PREC) + bo
         tg0 = _mm(t20 * s2, wo, LOWP, PREC)
         tg1 = _mm(t21 * s2, wo, LOWP, PREC)
@@ -233,9 +229,8 @@ if triton is not None:
             # input layer: value ("tf32x3") and tangents, cast at once to the next layer's operand type
             w1 = tl.load(w1_ptr + s * EP * HP + ci[:, None] * HP + hi[None, :])
             a1 = tl.dot(enc, w1, input_precision=PREC_V) + tl.load(cb_ptr + (b * R + r) * HP + hi)[None, :]
-            sg = tl.sigmoid(a1)
-            s1 = sg * (1 + a1 * (1 - sg))
-            h1 = _op(a1 * sg, LOWP)
+            h1, s1 = _silu(a1)
+            h1 = _op(h1, LOWP)
             u10 = _op(tl.dot(tl.where(col_axis[None, :] == 0, den, 0.0), w1, input_precision=PREC_T) * s1, LOWP)
             u11 = _op(tl.dot(tl.where(col_axis[None, :] == 1, den, 0.0), w1, input_precision=PREC_T) * s1, LOWP)
             u12 = _op(tl.dot(tl.where(col_axis[None, :] == 2, den, 0.0), w1, input_precision=PREC_T) * s1, LOWP)
@@ -245,9 +240,7 @@ if triton is not None:
                 hc = c * HC + tl.arange(0, HC)
                 w2 = tl.load(w2_ptr + s * HP * HP + hi[:, None] * HP + hc[None, :])
                 a2 = _dot(h1, w2, LOWP, PREC) + tl.load(b2_ptr + s * HP + hc)[None, :]
-                sg = tl.sigmoid(a2)
-                s2 = sg * (1 + a2 * (1 - sg))
-                h2 = a2 * sg
+                h2, s2 = _silu(a2)
                 wo = tl.load(wo_ptr + s * HP * FD + hc[:, None] * FD + fi[None, :])
                 feat = _dot_acc(w[:, None] * h2, wo, feat, LOWP, PREC)
                 tf0 = _dot_acc(dw0[:, None] * h2 + w[:, None] * (_dot(u10, w2, LOWP, PREC) * s2), wo, tf0, LOWP, PREC)
@@ -264,6 +257,21 @@ if triton is not None:
         tl.store(tfeat_ptr + to, tf0, mask=mask[:, None])
         tl.store(tfeat_ptr + to + FD, tf1, mask=mask[:, None])
         tl.store(tfeat_ptr + to + 2 * FD, tf2, mask=mask[:, None])
+
+    @triton.jit
+    def _silu(a):
+        """silu(a) and its derivative."""
+        sg = tl.sigmoid(a)
+        return a * sg, sg * (1 + a * (1 - sg))
+
+    @triton.jit
+    def _weight_grad(acc, h, t0, t1, t2, s, g, gt0, gt1, gt2, LOWP: tl.constexpr, PREC: tl.constexpr):
+        """acc + the gradient of a layer's weight over a block: its inputs are the values h and the tangents
+        t_c silu'(a) = t_c s, its output gradients g and gt_c."""
+        acc = _mm_acc(h, g, acc, LOWP, PREC)
+        acc = _mm_acc(t0 * s, gt0, acc, LOWP, PREC)
+        acc = _mm_acc(t1 * s, gt1, acc, LOWP, PREC)
+        return _mm_acc(t2 * s, gt2, acc, LOWP, PREC)
 
     @triton.jit
     def _silu_back(ga, gt0, gt1, gt2, a, t0, t1, t2):
@@ -371,28 +379,18 @@ if triton is not None:
             gtg0 = w[:, None] * gt0
             gtg1 = w[:, None] * gt1
             gtg2 = w[:, None] * gt2
-            sg = tl.sigmoid(a2)
-            h2 = a2 * sg
-            s2 = sg * (1 + a2 * (1 - sg))
+            h2, s2 = _silu(a2)
             if PART != 2:  # output layer's weight gradient
-                acc_wo = _mm_acc(h2, gg, acc_wo, LOWP, PREC)
-                acc_wo = _mm_acc(t20 * s2, gtg0, acc_wo, LOWP, PREC)
-                acc_wo = _mm_acc(t21 * s2, gtg1, acc_wo, LOWP, PREC)
-                acc_wo = _mm_acc(t22 * s2, gtg2, acc_wo, LOWP, PREC)
+                acc_wo = _weight_grad(acc_wo, h2, t20, t21, t22, s2, gg, gtg0, gtg1, gtg2, LOWP, PREC)
                 acc_bo += tl.sum(gg, axis=0)
             wot = tl.trans(wo)
             ga2, gt20, gt21, gt22 = _silu_back(_mm(gg, wot, LOWP, PREC), _mm(gtg0, wot, LOWP, PREC),
                                                _mm(gtg1, wot, LOWP, PREC), _mm(gtg2, wot, LOWP, PREC),
                                                a2, t20, t21, t22)
             # hidden layer
-            sg = tl.sigmoid(a1)
-            h1 = a1 * sg
-            s1 = sg * (1 + a1 * (1 - sg))
+            h1, s1 = _silu(a1)
             if PART != 2:  # hidden layer's weight gradient
-                acc_w2 = _mm_acc(h1, ga2, acc_w2, LOWP, PREC)
-                acc_w2 = _mm_acc(t10 * s1, gt20, acc_w2, LOWP, PREC)
-                acc_w2 = _mm_acc(t11 * s1, gt21, acc_w2, LOWP, PREC)
-                acc_w2 = _mm_acc(t12 * s1, gt22, acc_w2, LOWP, PREC)
+                acc_w2 = _weight_grad(acc_w2, h1, t10, t11, t12, s1, ga2, gt20, gt21, gt22, LOWP, PREC)
                 acc_b2 += tl.sum(ga2, axis=0)
             if PART != 1:  # back through the hidden and input layers: dW1, code bias, positions
                 w2t = tl.trans(w2)
