@@ -96,7 +96,7 @@ class FitCaptureReply(HeadReply):
 
     OP = "fit_capture"
     capture: dict[str, Any] | None = doc("{frames, fps, width, height, focal_px, faces_found, landmark_error_px, "
-                                         "silhouette, silhouette_iou, fit_seconds}")
+                                         "silhouette, silhouette_iou, outline_error_px, fit_seconds}")
     expressions: np.ndarray | None = doc("weights per frame", array="(T,53) f32")
     rotations: np.ndarray | None = doc("x_cam = R x + t", array="(T,3,3) f32")
     translations: np.ndarray | None = doc("metres", array="(T,3) f32")

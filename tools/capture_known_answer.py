@@ -1,10 +1,12 @@
 """Fit the known-answer clip (tools/capture_clip.py) back and print the measures (docs/capture.md):
 
     .venv/bin/python tools/capture_known_answer.py DIR [--device cpu|cuda] [--steps N] [--json OUT]
+        [--set FIELD=VALUE ...]
 
 Face CD-L1 of the fitted neutral head against the rendered one, expression weight MAE over the 53 weights and
 all frames (and over the five animated ones), head rotation error (absolute, and relative to the first
-frame), landmark error and time per frame. Not shipped."""
+frame), landmark error and time per frame. `--set` changes a field of backend.capture.fit.FitSettings (e.g.
+`--set silhouette_term=contour`; values are read as JSON where they parse, else as text). Not shipped."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights: Path | None = None,
-             silhouette: bool = True) -> dict:
+             silhouette: bool = True, settings: dict | None = None) -> dict:
     from backend.capture import metrics
     from backend.capture.op import run as fit_capture
     from backend.engine.head import HeadSpec
@@ -35,7 +37,7 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
     if steps is not None:
         params["steps"] = steps
     t0 = time.perf_counter()
-    out, arrays = fit_capture(s, params, NullProgress())
+    out, arrays = fit_capture(s, params, NullProgress(), settings)
     seconds = time.perf_counter() - t0
     _, zr, k = s.decode(HeadSpec(identity=np.asarray(truth["identity"], np.float32)))
     true_mesh, _, _ = s.canonical_mesh(zr, k, truth["resolution"])
@@ -64,6 +66,7 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
         "relative_rotation_error_deg_mean": float(rot_rel.mean()),
         "relative_rotation_error_deg_max": float(rot_rel.max()),
         "landmark_error_px": cap["landmark_error_px"], "silhouette_iou": cap["silhouette_iou"],
+        "outline_error_px": cap["outline_error_px"], "settings": settings or {},
         "focal_px": cap["focal_px"], "true_focal_px": truth["camera"]["focal_px"],
         "true_yaw_deg": [round(a, 2) for a in truth["yaw_deg"]],
         "fitted_yaw_deg": [round(float(np.degrees(np.arctan2(r[0, 2], r[2, 2]))), 2) for r in arrays["rotations"]],
@@ -85,6 +88,18 @@ def _mean_head_cd(s, true_mesh, resolution: int) -> float:
     return metrics.face_cd_l1_mm(mean_mesh.vertices, mean_mesh.faces, true_mesh.vertices, true_mesh.faces)
 
 
+def _setting(item: str) -> tuple[str, object]:
+    from backend.capture.fit import FitSettings
+
+    name, sep, text = item.partition("=")
+    if not sep or name not in FitSettings.__dataclass_fields__:
+        raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a FitSettings field")
+    try:
+        return name, json.loads(text)
+    except json.JSONDecodeError:
+        return name, text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("clip", type=Path)
@@ -93,8 +108,10 @@ def main() -> int:
     parser.add_argument("--weights", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-silhouette", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args()
-    result = evaluate(args.clip, args.device, args.steps, args.weights, not args.no_silhouette)
+    settings = dict(_setting(item) for item in args.set)
+    result = evaluate(args.clip, args.device, args.steps, args.weights, not args.no_silhouette, settings)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json is not None:

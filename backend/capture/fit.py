@@ -9,9 +9,11 @@ landmarks (no network), then everything through the network:
   Gauss-Newton) is carried through the inverse of the backward expression warp to frame t's posed head
   (x_p + warp(x_p) = x_c), projected and compared with the detection; both solves get their gradients by
   implicit differentiation at the solution (surface.attach), as IMavatar's root finding does;
-- silhouette: rays through a jittered pixel grid per frame are sphere-traced against the posed SDF; where
-  the traced hit and the foreground mask disagree, the SDF at the ray's closest approach is pushed through a
-  binary cross-entropy on sigmoid(-sdf / 1 mm) (IMavatar's mask loss);
+- silhouette, one of two terms: "rays": rays through a jittered pixel grid per frame are sphere-traced
+  against the posed SDF; where the traced hit and the foreground mask disagree, the SDF at the ray's closest
+  approach is pushed through a binary cross-entropy on sigmoid(-sdf / 1 mm) (IMavatar's mask loss);
+  "contour": points of the posed head's occluding contour, found from fixed rays along the mask's outline and
+  attached by implicit differentiation, against the outline's distance transform (contour.py);
 - photometric (videos): skin points spread over the face, found and carried to each frame as the landmarks
   are, must show the same colour in consecutive frames (photometric.py);
 - temporal: squared second differences of pose and expressions (videos).
@@ -23,13 +25,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..model.inversion import CodeAdam
-from . import photometric, surface
+from . import contour, photometric, surface
 from .camera import pixel_rays, project, rotvec_to_matrix
 from .correspondence import WEIGHTS, USED
 
@@ -46,6 +49,13 @@ EYE_OUTER = (USED.index(36), USED.index(45))
 # steps between fresh Jacobians of the landmark solves (chord steps in between). On the known-answer clip
 # (docs/capture.md) 8 let the expression solve diverge (landmark error 35 px): fresh every step.
 JACOBIAN_EVERY = 1
+# outline search (contour.py): a ray's closest approach counts as edge-on from this far inside the surface to
+# this far outside (m; deeper inside, the chord's minimum is not the outline's); steps along the outline's
+# normal are clipped (px), and the rays stay within CONTOUR_REACH px of the mask's outline
+CONTOUR_INSIDE = 3e-3
+CONTOUR_OUTSIDE = 6e-3
+CONTOUR_STEP = 6.0
+CONTOUR_REACH = 24.0
 
 
 @dataclass
@@ -53,6 +63,12 @@ class FitSettings:
     steps: int = 120  # network stage
     pose_steps: int = 300
     silhouette: bool = True
+    # "rays": IMavatar's mask loss on random traced rays; "contour": the occluding contour against the mask's
+    # outline (contour.py)
+    silhouette_term: Literal["rays", "contour"] = "rays"
+    contour_weight: float = 1.0  # 1: an outline pixel costs half a landmark pixel (contour.loss)
+    contour_points: int = 64  # outline anchors per frame
+    contour_fits_identity: bool = True  # the outline reaches the identity (unlike the other image terms)
     rays_per_side: int = 16  # silhouette rays per frame: a jittered grid over the head's box
     silhouette_frames: int = 8  # frames traced per trace (a random subset)
     trace_every: int = 4  # steps between traces; in between the same rays' closest approaches are re-evaluated
@@ -93,6 +109,7 @@ class CaptureFit:
     projected: np.ndarray  # (T, L, 2) px, the fitted head's landmarks
     landmark_error_px: float  # mean over frames with a face
     silhouette_iou: float | None
+    outline_error_px: float | None  # the contour term's mean distance to the mask's outline
     seconds: float
     losses: list[float]
 
@@ -130,6 +147,17 @@ class _Problem:
         self.J_pose: Tensor | None = None
         self.calls = 0
         self.box = _box(masks) if masks is not None and masks.any() else None  # silhouette rays' pixel box
+        self.outline: tuple[Tensor, Tensor, Tensor] | None = None  # contour points, their SDF gradients, weights
+        self.outline_px: float | None = None
+        if masks is not None and masks.any() and settings.silhouette_term == "contour":
+            dist = contour.signed_distance(masks)
+            pos, nrm, ok = contour.outline_anchors(masks, dist, settings.contour_points)
+            self.distance = torch.as_tensor(dist, device=dev)
+            self.anchor = torch.as_tensor(pos, device=dev)
+            self.anchor_normal = torch.as_tensor(nrm, device=dev)
+            self.anchor_ok = torch.as_tensor(ok, device=dev) & (self.frame_w[:, None] > 0)
+            self.anchor_offset = torch.zeros(ok.shape, device=dev)  # px along the normal: the search's warm start
+            self.anchor_s: Tensor | None = None  # distance along each anchor's ray to its closest approach
 
     # ------------------------------------------------------------------ landmarks
     def landmarks(self, z: Tensor, e: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -239,6 +267,59 @@ class _Problem:
         m = self.model
         return m.sdf(x + m.warp(x, e, z), zr, k, topk)
 
+    def find_contour(self, z: Tensor, e: Tensor, rot: Tensor, trans: Tensor, focal: Tensor, iters: int) -> None:
+        """Contour points of every frame's posed head (no graph), one per outline anchor: each anchor's ray is
+        moved along the outline's normal by the pixels its closest approach misses the surface by (a secant
+        step with the known slope focal / distance), then that closest approach is moved onto the surface
+        along the normal (contour.py). The rays are sphere-traced the first time only; later searches look for
+        the closest approach near the last one's (the pose and the shape move little between searches)."""
+        T = self.T
+        with torch.no_grad():
+            zr, k = self.model.decode(z)
+            zt, zr_t, k_t = z.expand(T, -1), zr.expand(T, -1, -1), k.expand(T, -1, -1)
+
+            def posed(x: Tensor, topk: int | None = TRACE_TOPK) -> Tensor:  # (T, ..., 3) -> (T, ...)
+                return self._posed_sdf(x.reshape(T, -1, 3), topk, zt, e, zr_t, k_t).view(x.shape[:-1])
+
+            centre = torch.tensor(HEAD_CENTRE, device=self.dev)
+            for _ in range(iters):
+                px = self.anchor + self.anchor_offset[..., None] * self.anchor_normal
+                origin, direction = pixel_rays(px, rot, trans, focal, self.width, self.height)
+                origin = origin.expand_as(direction)
+                meets, near, far = surface.ray_sphere(origin, direction, centre, HEAD_RADIUS)
+                if self.anchor_s is None:
+                    _, s0, _ = surface.sphere_trace(posed, origin, direction, near, far)
+                    s, gap = contour.closest_approach(posed, origin, direction, s0)
+                else:
+                    s, gap = contour.closest_approach(posed, origin, direction, self.anchor_s, 0.01, 0.01, 9)
+                self.anchor_s = s
+                step = (gap * focal / s.clamp_min(1e-3)).clamp(-CONTOUR_STEP, CONTOUR_STEP)
+                self.anchor_offset = (self.anchor_offset - step).clamp(-CONTOUR_REACH, CONTOUR_REACH)
+        x0 = origin + s[..., None] * direction
+        g, J = surface.residual_and_jacobian(lambda x: posed(x, FIT_TOPK)[..., None], x0)
+        grad = J[..., 0, :]
+        x_star = contour.attach(x0, grad, g[..., 0])
+        with torch.no_grad():
+            pix = project(x_star, rot, trans, focal, self.width, self.height)
+            framed = ((pix > 2).all(-1) & (pix[..., 0] < self.width - 2) & (pix[..., 1] < self.height - 2))
+            use = (meets & self.anchor_ok & framed & (gap > -CONTOUR_INSIDE) & (gap < CONTOUR_OUTSIDE)
+                   & (x_star[..., 1] > NECK_Y) & torch.isfinite(x_star).all(-1))
+        self.outline = (torch.where(use[..., None], x_star, x0), grad, use.float())
+
+    def contour_loss(self, z: Tensor, e: Tensor, rot: Tensor, trans: Tensor, focal: Tensor) -> Tensor:
+        """The last search's contour points, re-attached to the current codes and expressions by implicit
+        differentiation and posed, against the mask's outline (contour.loss)."""
+        assert self.outline is not None
+        x_star, grad, w = self.outline
+        T = self.T
+        zr, k = self.model.decode(z)
+        live = self._posed_sdf(x_star, FIT_TOPK, z.expand(T, -1), e, zr.expand(T, -1, -1), k.expand(T, -1, -1))
+        pix = project(contour.attach(x_star, grad, live), rot, trans, focal, self.width, self.height)
+        d = contour.sample(self.distance, pix)
+        with torch.no_grad():
+            self.outline_px = float((d.abs() * w).sum() / w.sum().clamp_min(1))
+        return contour.loss(d, w, self.scale)
+
     def silhouette_loss(self, z: Tensor, e: Tensor, rot: Tensor, trans: Tensor, focal: Tensor) -> Tensor:
         """IMavatar's mask loss on the last trace's rays where the trace and the mask disagree, at each ray's
         closest approach to the surface, which moves with the current pose."""
@@ -296,6 +377,8 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
     p = _Problem(model, extras, targets, observed, found, masks, width, height, video, settings, images, skin)
     dev, T = p.dev, p.T
     use_sil = settings.silhouette and masks is not None and bool(masks.any())
+    use_contour = use_sil and settings.silhouette_term == "contour"
+    use_rays = use_sil and not use_contour
     fit_focal = video and settings.focal_px is None
     focal0 = settings.focal_px or 1.2 * max(width, height)
     log_f = torch.tensor([math.log(focal0)], device=dev, requires_grad=fit_focal)
@@ -345,7 +428,13 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
         if video:
             loss = loss + settings.temporal * (_second_difference(rvec) + _second_difference(e)
                                                + _second_difference(trans / 0.05))
-        if use_sil:
+        if use_contour:
+            if i % settings.trace_every == 0:  # a longer search the first time: no warm start yet
+                p.find_contour(z.detach(), e.detach(), rot.detach(), trans.detach(), log_f.detach().exp(),
+                               4 if i == 0 else 1)
+            z_c = z if settings.contour_fits_identity else z.detach()
+            loss = loss + settings.contour_weight * p.contour_loss(z_c, e, rot, trans, log_f.exp())
+        if use_rays:
             if i % settings.trace_every == 0:
                 iou = p.trace(z.detach(), e.detach(), rot.detach(), trans.detach(), log_f.detach().exp())
             z_sil = z if settings.image_terms_fit_identity else z.detach()
@@ -370,4 +459,5 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
         z_id=z[0].cpu().numpy().astype(np.float32), expressions=e.detach().cpu().numpy().astype(np.float32),
         rotation=rot.cpu().numpy().astype(np.float32), translation=trans.detach().cpu().numpy().astype(np.float32),
         focal_px=float(log_f.detach().exp()[0]), observed=observed.astype(np.float32), projected=pix.cpu().numpy(),
-        landmark_error_px=lm_err, silhouette_iou=iou, seconds=time.perf_counter() - t0, losses=losses)
+        landmark_error_px=lm_err, silhouette_iou=iou, outline_error_px=p.outline_px,
+        seconds=time.perf_counter() - t0, losses=losses)

@@ -32,7 +32,8 @@ def foreground_masks(frames: np.ndarray) -> np.ndarray | None:
     return np.stack(masks)
 
 
-def run(session, params: dict, progress) -> tuple[dict, dict]:
+def run(session, params: dict, progress, overrides: dict | None = None) -> tuple[dict, dict]:
+    """`overrides`: FitSettings fields to change (tools that compare settings; the protocol sets none)."""
     from . import media
 
     request = FitCaptureRequest.from_dict(params)
@@ -40,7 +41,7 @@ def run(session, params: dict, progress) -> tuple[dict, dict]:
     progress.report(0.0, f"reading {Path(request.path).name}")
     footage = media.load_footage(request.path, max_frames=request.max_frames)
     points, found = track(footage, progress)
-    return fit_tracked(session, request, footage, points, found, progress)
+    return fit_tracked(session, request, footage, points, found, progress, overrides)
 
 
 def track(footage, progress) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +60,7 @@ def track(footage, progress) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_tracked(session, request: FitCaptureRequest, footage, points: np.ndarray, found: np.ndarray,
-                progress) -> tuple[dict, dict]:
+                progress, overrides: dict | None = None) -> tuple[dict, dict]:
     """Everything after tracking: smoothing, the fit on the session's device and the fitted head's mesh."""
     from ..engine.session import check_cancel
     from . import landmarks, photometric
@@ -67,7 +68,7 @@ def fit_tracked(session, request: FitCaptureRequest, footage, points: np.ndarray
 
     resolution = request.resolution
     assert resolution is not None and request.seed is not None  # defaults
-    settings = FitSettings(seed=request.seed)
+    settings = FitSettings(seed=request.seed, **(overrides or {}))
     if request.steps is not None:
         settings.steps = request.steps
     if request.silhouette is not None:
@@ -103,7 +104,8 @@ def fit_tracked(session, request: FitCaptureRequest, footage, points: np.ndarray
     out["capture"] = {
         "frames": T, "fps": footage.fps, "width": W, "height": H, "focal_px": fit.focal_px,
         "faces_found": int(found.sum()), "landmark_error_px": fit.landmark_error_px,
-        "silhouette": masks is not None, "silhouette_iou": fit.silhouette_iou, "fit_seconds": fit.seconds,
+        "silhouette": masks is not None, "silhouette_iou": fit.silhouette_iou,
+        "outline_error_px": fit.outline_error_px, "fit_seconds": fit.seconds,
     }
     arrays.update(expressions=fit.expressions, rotations=fit.rotation, translations=fit.translation,
                   landmarks=fit.observed, fitted_landmarks=fit.projected.astype(np.float32),
