@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..model import ImHead
+from .locality import POINTS as LOCALITY_POINTS, SwapLocality
 
 
 MOTION_UNIT = 0.01  # m: LossWeights.deform_motion counts ICT motion in cm
@@ -36,6 +37,9 @@ class LossWeights:
     # eyeBlink 1 moves ~1 cm) are a tiny share of the plain mean, so their large errors barely pull on it
     deform_motion: float = 0.0
     corresp: float = 1000.0  # |template(x_canon) - x_template| (m)
+    # |SDF change| (m) on the surface outside a region's 1 cm margin when its code is swapped for another
+    # head's (train/locality.py; the eval's locality); 0: off, not computed
+    locality: float = 0.0
     space_clamp: float = 0.05  # off-surface SDF targets are clamped to +-this (m), like DeepSDF
 
     def to_dict(self) -> dict[str, float]:
@@ -54,6 +58,7 @@ class TrainModule(nn.Module):
     def __init__(self, model: ImHead, n_train: int, code_std: float = 0.01, id_coeff_dim: int | None = None):
         super().__init__()
         self.model = model
+        self.locality: SwapLocality | None = None  # needed when LossWeights.locality > 0
         if id_coeff_dim is None:
             self.codes = nn.Embedding(n_train, model.cfg.id_dim)
             nn.init.normal_(self.codes.weight, std=code_std)
@@ -116,6 +121,12 @@ def loss_terms(module: TrainModule, batch: dict[str, Tensor], w: LossWeights, z_
     }
     tmpl = m.template_from_features(xc[:, :ns].detach(), feat[:, :ns])
     out["corresp"] = (tmpl.float() - batch["surf_template"]).norm(dim=-1).mean()
+    if w.locality > 0:
+        if module.locality is None or "swap_region" not in batch:
+            raise ValueError("the locality term needs TrainModule.locality and batch['swap_region']")
+        n = min(LOCALITY_POINTS, ns)
+        out["locality"] = module.locality(m, zr, k, feat[:, :n], xc[:, :n].detach(), batch["surf_template"][:, :n],
+                                          batch["swap_region"])
     if m.cfg.mirror_pairs:
         pairs = torch.tensor(m.cfg.mirror_pairs, device=zr.device)
         out["symmetry"] = ((zr[:, pairs[:, 0]] - zr[:, pairs[:, 1]]).float() ** 2).sum(-1).mean()

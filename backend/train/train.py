@@ -29,6 +29,7 @@ from ..model import ImHead, ImHeadConfig
 from ..model.encoding import encoded_dim
 from .checkpoint import load_checkpoint, read_info, save_checkpoint
 from .fast_step import FastTrainModule
+from .locality import SwapLocality
 from .losses import LossWeights, TrainModule
 
 TINY: dict[str, Any] = dict(local_hidden=32, feat_dim=16, fusion_hidden=32, dec_hidden=64, lm_hidden=16,
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra sampling density per cm an expression moves a triangle: weight 1 + F x motion in "
                         "cm on surface and near-surface points (default 0: by area only); a closing lid moves "
                         "~1 cm over a few mm of skin that area-weighted samples barely reach")
+    p.add_argument("--locality-weight", type=float, default=0.0,
+                   help="weight per metre of the region-swap locality term (backend/train/locality.py): the SDF "
+                        "change on the surface outside a region's 1 cm margin when its code is swapped for another "
+                        "head's (default 0: off); --data ict only")
     p.add_argument("--local-hidden", type=int, default=None,
                    help="width of the local networks' hidden layers (default: the checkpoint's when resuming, "
                         "else the model's, 96)")
@@ -108,6 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--deform-motion-weight must be >= 0, got {args.deform_motion_weight}")
     if not args.motion_sampling >= 0.0:
         p.error(f"--motion-sampling must be >= 0, got {args.motion_sampling}")
+    if not args.locality_weight >= 0:
+        p.error(f"--locality-weight must be >= 0, got {args.locality_weight}")
+    if args.locality_weight > 0 and args.data != "ict":
+        p.error("--locality-weight needs the atlas's regions: --data ict")
     if args.local_hidden is not None and args.local_hidden < 1:
         p.error(f"--local-hidden must be at least 1, got {args.local_hidden}")
     if args.warp_pe_freqs is not None and not 0 <= args.warp_pe_freqs <= 12:
@@ -308,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_weights is not None and not resuming:
         warm_start(module, args.init_weights, args.seed)
     module = module.to(device)
+    if args.locality_weight > 0:
+        sampler = source.sampler
+        module.locality = SwapLocality(sampler.neutral.cpu().numpy(), sampler.faces.cpu().numpy(),
+                                       sampler.region.cpu().numpy(), cfg.n_regions, device=device)
     if args.step == "fused":
         from .fused_local import unsupported_reason
 
@@ -339,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         net = torch.compile(module)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[local] if device.type == "cuda" else None)
-    weights = LossWeights(deform_motion=args.deform_motion_weight * LossWeights.deform)
+    weights = LossWeights(deform_motion=args.deform_motion_weight * LossWeights.deform, locality=args.locality_weight)
     topk = args.topk if args.topk > 0 else None
 
     step, samples = int(info["step"]), int(info["samples"])
@@ -377,8 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     def draw(at_step: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(hash((args.seed, rank, at_step)) % (2**63))
         if fresh:
-            return source.batch(args.batch, args.ns, args.nq, gen, fresh_identities=True)
-        return source.batch(args.batch, args.ns, args.nq, gen)
+            batch = source.batch(args.batch, args.ns, args.nq, gen, fresh_identities=True)
+        else:
+            batch = source.batch(args.batch, args.ns, args.nq, gen)
+        if args.locality_weight > 0:  # drawn after the sampler's draws, which stay those of a run without it
+            batch["swap_region"] = torch.randint(cfg.n_regions, (args.batch,), generator=gen).to(device)
+        return batch
 
     prefetch = None if args.no_prefetch else Prefetcher(draw, device, step)
     progress = 0.0
