@@ -63,9 +63,9 @@ class FitSettings:
     steps: int = 120  # network stage
     pose_steps: int = 300
     silhouette: bool = True
-    # "rays": IMavatar's mask loss on random traced rays; "contour": the occluding contour against the mask's
-    # outline (contour.py)
-    silhouette_term: Literal["rays", "contour"] = "rays"
+    # "contour": the occluding contour against the mask's outline (contour.py); "rays": IMavatar's mask loss on
+    # random traced rays. The contour and its weight were chosen on the known-answer clips (docs/capture.md)
+    silhouette_term: Literal["rays", "contour"] = "contour"
     contour_weight: float = 1.0  # 1: an outline pixel costs half a landmark pixel (contour.loss)
     contour_points: int = 64  # outline anchors per frame
     contour_fits_identity: bool = True  # the outline reaches the identity (unlike the other image terms)
