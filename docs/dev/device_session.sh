@@ -62,7 +62,7 @@ eval)
     for w in $which; do
         dir="$WORK/new"; [ "$w" = old ] && dir=weights
         python -m backend eval --ict .data/ict.safetensors --weights "$dir" --identities "$2" --expressions 1 \
-            --steps 300 --resolution 256 --batch-points 2048 --samples 200000 --locality-regions 3 \
+            --steps 300 --resolution 256 --batch-points 2048 --samples 200000 --locality-regions 39 \
             --json "$OUT/eval_$w.json" | tail -n 12
     done
     ;;
