@@ -1,6 +1,7 @@
 """The handle repair's first version (commit 3794f7b of backend/engine/handle_repair.py), dense lattice work
-throughout, with the later test that a cut opens no passage through a sheet: the reference that
-tests/test_engine_handle_repair.py holds the fast version to (same cells and values out, same stats)."""
+throughout, with the later tests of a cut (_refused_cut: through a sheet, a notch, where the surface opener parts
+the solid): the reference that tests/test_engine_handle_repair.py holds the fast version to (same cells and values
+out, same stats)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from scipy import ndimage
 # The constants, the stats, the per-case Euler characteristic and the sheet test (a small box around a cut plug)
 # are the fast version's own (the chi table is tested against the meshes' V - E + F directly, the sheet test on its
 # own lattice); the reference pins the lattice work.
-from backend.engine.handle_repair import (MAX_PLUG_MM2, MAX_RADIUS, MIN_VALUE, PLUG_SEEDS, Evaluate, RepairStats,
-                                          _chi_table, _refused_cut, _toggle)
+from backend.engine.handle_repair import (MAX_PLUG_MM2, MAX_RADIUS, MIN_VALUE, PLUG_SEEDS, Evaluate, Parted,
+                                          RepairStats, _chi_table, _refused_cut, _toggle)
 from backend.engine.mc import CORNERS
 
 _CUBE = np.ones((3, 3, 3), bool)
@@ -143,10 +144,10 @@ def _components(inside: np.ndarray, solid: bool) -> int:
 
 
 def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int, int], voxel: float,
-                   evaluate: Evaluate) -> tuple[np.ndarray, np.ndarray, RepairStats]:
+                   evaluate: Evaluate, parted: Parted | None = None) -> tuple[np.ndarray, np.ndarray, RepairStats]:
     """The sign-changing cells (M,3) and corner values (M,8) of an extraction (lattice of `shape` points,
     `voxel` metres apart) with small handles removed (module docstring); `evaluate` gives the SDF at lattice
-    points whose value the sparse extraction only certified."""
+    points whose value the sparse extraction only certified; `parted` as in the fast version."""
     stats = RepairStats()
     inside, value = dense_signs(cells, values, shape)
     before = inside.copy()
@@ -163,7 +164,7 @@ def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int,
                 plug = _plug(inside, points, magnitude[tuple(points.T)], change[cluster], limit)
                 if plug is None:
                     stats.plugs_too_large += 1
-                elif fill or not _refused_cut(inside, plug, value, stats):
+                elif fill or not _refused_cut(inside, plug, value, stats, parted):
                     plugs.append((plug, change[cluster]))
             if not plugs:
                 continue

@@ -8,7 +8,7 @@ import reference_handle_repair as reference
 import torch
 from scipy import ndimage
 
-from backend.engine import handle_repair
+from backend.engine import handle_repair, open_surface
 from backend.engine import lattice_sparse as ls
 from backend.engine import surface_metrics as sm
 from backend.engine.extract import extract_mesh
@@ -31,8 +31,8 @@ def _slab(x: torch.Tensor, holes: list[tuple[float, float]]) -> torch.Tensor:
     return d
 
 
-def _extract(fn, repair: bool):
-    mesh, stats = extract_mesh(fn, RES, repair=repair, min_component=0.0)
+def _extract(fn, repair: bool, parted: handle_repair.Parted | None = None):
+    mesh, stats = extract_mesh(fn, RES, repair=repair, min_component=0.0, parted=parted)
     return mesh, sm.topology(mesh.faces), stats
 
 
@@ -69,6 +69,17 @@ def test_a_thin_bridge_is_cut_and_a_thick_one_stays():
     _, after, stats = _extract(fn, True)
     assert before.genus == 2 and after.genus == 1
     assert len(after.pieces) == 1 and stats.handle_repair["points_cut"] >= 1
+
+    differentiated = []
+
+    def parted(points: np.ndarray) -> bool:  # (the opener's root finder differentiates the warp)
+        x = torch.as_tensor(points).requires_grad_(True)
+        differentiated.append(torch.autograd.grad((x ** 2).sum(), x)[0].shape == x.shape)
+        return True
+
+    _, kept, stats = _extract(fn, True, parted)  # where the opener parts the solid, no cut: the bridge stays
+    assert differentiated and all(differentiated)
+    assert kept.genus == 2 and stats.handle_repair["plugs_parted"] >= 1 and stats.handle_repair["points_cut"] == 0
 
 
 def test_a_pocket_is_not_sealed():
@@ -318,3 +329,33 @@ def test_a_deep_notch_is_not_cut_a_bridge_is():
     bar[tuple(cut.T)] = False
     deep = np.full(bar.shape, -0.004, np.float32)
     assert not handle_repair._notch(bar, cut, deep)
+
+
+# ---------------------------------------------------------------- no cut where the surface opener parts the solid
+def test_no_cut_where_the_opener_parts_the_solid():
+    """Seed 0 at 96 (docs/surface.md, 2026-12-07): a 2-point cut where the lips touch took the upper lip's rim off
+    the slit. The thin creased wall is cut (31 points) unless the opener's expression parts its two halves (the
+    lower one moving 30 mm down, as the lower lip under jawOpen): then the slit opens it, not the repair. A motion
+    that moves both halves alike, one that another expression makes, or unsolved roots part nothing."""
+    voxel = 0.004
+    field = _creased_box(voxel) * 0.25
+    cells, values = _cells_of(field)
+
+    def repair(motion, fn=handle_repair.repair_handles):
+        def parted(index: np.ndarray) -> bool:
+            return open_surface.parted(motion, index * voxel)
+        return fn(cells, values, field.shape, voxel, lambda index: field[tuple(index.T)], parted)[2]
+
+    def jaw(down: float, expressions=("jawOpen",), lower_only=True):
+        def motion(points: np.ndarray, expression: str) -> np.ndarray:
+            moves = (points[:, 1] < 8.5 * voxel) | (not lower_only)
+            return np.where(moves[:, None] & (expression in expressions), [0.0, -down, 0.0], 0.0)
+        return motion
+
+    stats = repair(jaw(0.03))
+    assert stats.plugs_parted == 1 and stats.points_cut == 0 and stats.handles_removed == 0
+    ref = repair(jaw(0.03), reference.repair_handles)  # (radii 1-3: no reach limit)
+    assert ref.plugs_parted == 1 and ref.points_cut == 0
+    for motion in (jaw(0.03, lower_only=False), jaw(0.03, ("mouthClose",)), jaw(np.nan), jaw(0.005)):
+        stats = repair(motion)
+        assert stats.plugs_parted == 0 and stats.points_cut == 31 and stats.handles_removed == 1

@@ -22,7 +22,7 @@ from ..payloads import check_resolution
 from .components import drop_small_pieces
 from .extract_grid import Grid as Grid, SdfFn, _evaluate, _unkey, make_grid
 from .extract_sparse import CoarseSdf, ExtractStats, _extract_once
-from .handle_repair import repair_handles, repair_radii
+from .handle_repair import Parted, repair_handles, repair_radii
 from .mc import marching_cubes_cells
 
 MIN_COMPONENT = 0.01  # pieces with fewer faces than this x the largest piece's are dropped (floaters) ...
@@ -47,6 +47,7 @@ def extract_mesh(
     samples: list | None = None,
     coarse: CoarseSdf | None = None,
     repair: bool = False,
+    parted: Parted | None = None,
 ) -> tuple[Mesh, ExtractStats]:
     """Sparse coarse-to-fine extraction (see module docstring). `lipschitz` is the floor L0 of the per-cell
     bound; pieces with fewer than `min_component` x the largest piece's faces are dropped. If `samples` is a
@@ -55,7 +56,7 @@ def extract_mesh(
     `coarse_cells`: cells along the longest side of the first, dense lattice (default: 32 on CUDA, where a
     level of the descent costs more in launches and syncs than evaluating ~30k more points, else 16).
     `repair`: small handles are removed from the sign lattice before marching cubes (engine/handle_repair.py,
-    on the host)."""
+    on the host), with no cut where `parted` (world points (N,3) -> bool) says the surface opener parts the solid."""
     resolution = check_resolution(resolution)
     device = torch.device(device)
     if coarse_cells is None:
@@ -67,7 +68,7 @@ def extract_mesh(
                                                           chunk, samples, coarse)
         t1 = time.perf_counter()
         if repair and repair_radii(grid.voxel):  # (a coarse lattice is not repaired: no copy to the host)
-            cells, corner_values = _repair(cells, corner_values, grid, sdf_fn, chunk, stats)
+            cells, corner_values = _repair(cells, corner_values, grid, sdf_fn, chunk, stats, parted)
         t_repair = time.perf_counter()
         verts, faces = marching_cubes_cells(cells, corner_values, grid.points_shape)
         verts = grid.to_world(verts, torch.float64).float()
@@ -85,7 +86,7 @@ def extract_mesh(
 
 
 def _repair(cells: torch.Tensor, corner_values: torch.Tensor, grid: Grid, sdf_fn: SdfFn, chunk: int,
-            stats: ExtractStats) -> tuple[torch.Tensor, torch.Tensor]:
+            stats: ExtractStats, parted: Parted | None) -> tuple[torch.Tensor, torch.Tensor]:
     """handle_repair.repair_handles on the host, its result back on the cells' device."""
     device = cells.device
 
@@ -93,11 +94,22 @@ def _repair(cells: torch.Tensor, corner_values: torch.Tensor, grid: Grid, sdf_fn
         return _evaluate(sdf_fn, grid.to_world(torch.as_tensor(index, device=device)), chunk).cpu().numpy()
 
     new_cells, new_values, repaired = repair_handles(cells.cpu().numpy(), corner_values.cpu().numpy(),
-                                                     grid.points_shape, grid.voxel, evaluate)
+                                                     grid.points_shape, grid.voxel, evaluate,
+                                                     None if parted is None else _on_lattice(parted, grid))
     stats.handle_repair = repaired.to_dict()
     stats.points_evaluated += repaired.points_evaluated
     return (torch.as_tensor(new_cells, device=device),
             torch.as_tensor(new_values, device=device, dtype=corner_values.dtype))
+
+
+def _on_lattice(parted: Parted, grid: Grid) -> Parted:
+    """`parted` of world points as one of the lattice's indices (on the host), out of the extraction's inference
+    mode: the expressions' root finder differentiates the warp."""
+    def at(index: np.ndarray) -> bool:
+        with torch.inference_mode(False):
+            return parted(grid.to_world(torch.as_tensor(index), torch.float64).numpy())
+
+    return at
 
 
 _PINNED: dict[torch.device, torch.Tensor] = {}

@@ -19,7 +19,9 @@ flipping the signs of a few lattice points, smallest radius first, then the smal
    make a handle that a cut through the lip beside them removes; that leaves a hole in the lip, while the mesh's
    handle cut, engine/handle_cut.py, removes the same handle along a loop of a few mm), and so is a cut that
    carves a notch deeper than MAX_NOTCH_MM / 2 out of solid that stays one piece around it (_notch: at a mouth
-   corner a block of both lips, a hole into the mouth);
+   corner a block of both lips, a hole into the mouth), and so is a cut whose sides the surface opener's
+   expressions part (`parted`: where the lips touch, the opener's slit opens the contact along the motion's jump;
+   a lattice cut there took the upper lip's rim off seed 0's slit at 96);
 3. marching cubes then runs on the changed cells. Lattice edges without a flipped end keep their values, so
    every vertex away from a plug is bitwise the one without the repair; a plug point's value is its SDF with
    the sign flipped (points whose value was only certified are evaluated).
@@ -60,6 +62,8 @@ _AXIS0_EDGES = [(int(a), int(b)) if CORNERS[a, 0] < CORNERS[b, 0] else (int(b), 
                 for a, b in EDGES if CORNERS[a, 0] != CORNERS[b, 0]]
 
 Evaluate = Callable[[np.ndarray], np.ndarray]  # lattice indices (N,3) -> SDF values (N,)
+# lattice indices (N,3) -> whether the surface opener's expressions part those points (open_surface.parted)
+Parted = Callable[[np.ndarray], bool]
 
 
 @dataclass
@@ -71,6 +75,7 @@ class RepairStats:
     plugs_too_large: int = 0  # clusters that would have removed a handle with a plug above MAX_PLUG_MM2
     plugs_through_sheet: int = 0  # cuts not made: they would have opened a passage through a sheet (MAX_SHEET_MM)
     plugs_notch: int = 0  # cuts not made: a notch deeper than MAX_NOTCH_MM / 2 into solid that stays one piece
+    plugs_parted: int = 0  # cuts not made: the surface opener's expressions part their sides (it slits there)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -234,15 +239,28 @@ def _notch(inside: np.ndarray, plug: np.ndarray, value: np.ndarray) -> bool:
     return int((np.unique(label[tuple(beside.T)]) > 0).sum()) <= 1
 
 
+def _beside_parted(inside: np.ndarray, plug: np.ndarray, parted: Parted) -> bool:
+    """Whether `parted` holds for the solid beside a cut plug (points (P,3), air now in `inside`; their
+    26-neighbours): the surface opener slits the mesh there (where the lips touch, the solid above and below a
+    cut), so the cut is left to it."""
+    beside = np.unique((plug[:, None, :] + _OFFSETS[None]).reshape(-1, 3), axis=0)
+    beside = beside[((beside >= 0) & (beside < inside.shape)).all(axis=1)]
+    beside = beside[inside[tuple(beside.T)]]
+    return len(beside) >= 2 and parted(beside)
+
+
 def _refused_cut(inside: np.ndarray, plug: list[tuple[int, int, int]], value: np.ndarray,
-                 stats: RepairStats) -> bool:
-    """Whether a cut plug (already made in `inside`) goes through a sheet or carves a notch; if so it is undone
-    and counted in `stats`."""
+                 stats: RepairStats, parted: Parted | None = None) -> bool:
+    """Whether a cut plug (already made in `inside`) goes through a sheet, carves a notch or is where the
+    surface opener parts the solid (`parted`, tested last: it solves the expressions); if so it is undone and
+    counted in `stats`."""
     points = np.array(plug)
     if _through_sheet(inside, points, value):
         stats.plugs_through_sheet += 1
     elif _notch(inside, points, value):
         stats.plugs_notch += 1
+    elif parted is not None and _beside_parted(inside, points, parted):
+        stats.plugs_parted += 1
     else:
         return False
     _toggle(inside, plug)
@@ -269,10 +287,11 @@ def repair_radii(voxel: float) -> list[int]:
 
 
 def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int, int], voxel: float,
-                   evaluate: Evaluate) -> tuple[np.ndarray, np.ndarray, RepairStats]:
+                   evaluate: Evaluate, parted: Parted | None = None) -> tuple[np.ndarray, np.ndarray, RepairStats]:
     """The sign-changing cells (M,3) and corner values (M,8) of an extraction (lattice of `shape` points,
     `voxel` metres apart) with small handles removed (module docstring); `evaluate` gives the SDF at lattice
-    points whose value the sparse extraction only certified."""
+    points whose value the sparse extraction only certified; no cut is made whose solid beside it `parted` says
+    the surface opener parts (None: the mesh is not opened)."""
     stats = RepairStats()
     radii = repair_radii(voxel)
     if not radii:
@@ -296,7 +315,7 @@ def repair_handles(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int,
                 plug = _plug(inside, members, priority, change[cluster], limit)
                 if plug is None:
                     stats.plugs_too_large += 1
-                elif fill or not _refused_cut(inside, plug, value, stats):
+                elif fill or not _refused_cut(inside, plug, value, stats, parted):
                     plugs.append((plug, change[cluster]))
             # a fill must not enclose a pocket of air, a cut not split off a piece of solid
             for plug, rise in plugs:

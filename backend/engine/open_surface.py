@@ -419,6 +419,19 @@ class ExpressionMotion:
         return d
 
 
+def parted(motion: Motion, points: np.ndarray) -> bool:
+    """Whether an expression that the opener slits by (MOTION_CUTS) moves two of the points (P,3) apart by more
+    than (STRETCH_CUT - 1) x their distance, as it does a bridge edge's ends (`motion` NaN where unsolved: such a
+    point parts nothing). The lattice repair makes no cut there (handle_repair.Parted): where the lips touch, the
+    slit opens them along the motion's jump, and a cut beside it moves the slit off one lip's rim."""
+    rest = np.linalg.norm(points[:, None] - points[None], axis=2)
+    for expression, *_ in MOTION_CUTS:
+        d = motion(points, expression)
+        if (np.linalg.norm(d[:, None] - d[None], axis=2) > (STRETCH_CUT - 1) * rest).any():
+            return True
+    return False
+
+
 def expression_motion(session, z_id: torch.Tensor) -> Motion:
     """ExpressionMotion of a session's head."""
     return ExpressionMotion(session, z_id)

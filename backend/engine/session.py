@@ -6,7 +6,7 @@ requests are checked by engine/requests.py, the head's field at points is engine
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -19,6 +19,7 @@ from ..data.atlas import load_atlas
 from ..weights import load_model
 from . import deform, edit, open_surface, session_pose
 from .extract import CoarseSdf, ExtractStats, Mesh, extract_mesh
+from .handle_repair import Parted
 from .head import HeadSpec
 from .point_field import PointField
 from .progress import NullProgress, Progress, check_cancel
@@ -175,10 +176,10 @@ class Session:
         return self.point_field(zr, k, self.residual_drop_tol).sdf
 
     def canonical_mesh(self, zr: torch.Tensor, k: torch.Tensor, resolution: int, samples: list | None = None,
-                       repair: bool = False) -> tuple[Mesh, ExtractStats, float]:
+                       repair: bool = False, parted: Parted | None = None) -> tuple[Mesh, ExtractStats, float]:
         """Extract the canonical (neutral) surface; also returns the largest blend-weight mass left out.
         self.topk None: all 39 regions everywhere on every device. `repair`: small handles removed
-        (engine/handle_repair.py)."""
+        (engine/handle_repair.py), with no cut where `parted` (world points -> bool) says the opener parts them."""
         mode = "dense" if self.topk is None else self.extract_mode
         half = self.extract_half and mode == "dense"
         fn = HeadSdf(self.model, zr, k, mode=mode, drop_tol=EXTRACT_DROP_TOL,
@@ -187,7 +188,7 @@ class Session:
         coarse = CoarseSdf(fn.approximate, EXTRACT_COARSE_ERROR, fn.exact_below) if fn.is_approximate else None
         mesh, stats = extract_mesh(fn, resolution, device=self.device, lipschitz=EXTRACT_LIPSCHITZ,
                                    chunk=for_device(EXTRACT_CHUNKS, self.device.type), samples=samples, coarse=coarse,
-                                   repair=repair)
+                                   repair=repair, parted=parted)
         return mesh, stats, fn.max_dropped
 
     def sdf_grad_template(self, x: np.ndarray, zr: torch.Tensor, k: torch.Tensor
@@ -220,7 +221,11 @@ class Session:
         """Canonical mesh of a head with every attribute, posed by the head's expression."""
         z_id, zr, k = self.decode(head)
         progress.report(PROGRESS_EXTRACT, "extracting the surface")
-        mesh, ext, dropped = self.canonical_mesh(zr, k, resolution, repair=self.repair_handles)
+        # where the opener's expressions part the surface (the lips' contact) its slit opens it, not a repair cut
+        parted: Parted | None = None
+        if self.open_surfaces:
+            parted = partial(open_surface.parted, open_surface.ExpressionMotion(self, z_id).solved)
+        mesh, ext, dropped = self.canonical_mesh(zr, k, resolution, repair=self.repair_handles, parted=parted)
         if len(mesh.faces) == 0:
             raise errors.BackendError("the model produced no surface inside the canonical box", code="empty_surface")
         check_cancel(progress)
