@@ -1,6 +1,6 @@
 """backend/capture without Blender: decoding and its errors, the face detector's errors, the landmark
-correspondence, implicit-differentiation gradients, the camera, a landmark fit with a known answer, and the
-op's parameter checks."""
+correspondence, implicit-differentiation gradients, the camera, a landmark fit with a known answer, the
+op's parameter checks and the expression prior."""
 
 from __future__ import annotations
 
@@ -275,3 +275,23 @@ def test_a_singular_point_does_not_stop_the_others():
     r = torch.ones(3, 3)
     out = surface._normal_solve(J, r, 0.0)
     assert out[0].tolist() == pytest.approx([1.0, 1.0, 1.0]) and out[1:].abs().sum() == 0
+
+
+def test_expression_prior_l1_and_log():
+    from backend.capture.fit import expression_prior
+
+    e = torch.tensor([[1e-6, 0.3, 0.6], [0.1, 0.0, 0.0]], requires_grad=True)
+    # eps 0: the L1, the frames' sums averaged
+    assert float(expression_prior(e, 0.0)) == pytest.approx((1e-6 + 0.9 + 0.1) / 2)
+    # eps > 0: sum of eps log(1 + e / eps) per frame, slope 1 at zero and eps / (eps + e) elsewhere
+    eps = 0.05
+    value = expression_prior(e, eps)
+    expected = eps * sum(math.log1p(w / eps) for w in (1e-6, 0.3, 0.6, 0.1)) / 2
+    assert float(value) == pytest.approx(expected, rel=1e-6)
+    value.backward()
+    assert e.grad is not None
+    slope = (eps / (eps + e.detach())) / 2 * (e.detach() > 0)  # the weights are clamped to >= 0 in the fit
+    assert torch.allclose(e.grad, slope, rtol=1e-5)
+    assert float(e.grad[0, 0]) == pytest.approx(0.5, rel=1e-4)  # as steep as the L1 near zero (two frames)
+    assert float(e.grad[0, 2]) < 0.1 * 0.5  # a weight of 0.6 is pulled at less than a tenth of the L1's slope
+    assert float(expression_prior(e, eps)) < float(expression_prior(e, 0.0))

@@ -78,6 +78,11 @@ class FitSettings:
     # 16); chosen on the known-answer clip of seed 5, checked on seed 11 (docs/capture.md)
     id_lr: float = 0.01
     exp_l1: float = 3e-4  # per unit of summed weights in a frame: a weight of 1 costs a ~2% eye-distance miss
+    # 0: the expression prior is exp_l1 times the weights' sum (L1); > 0: exp_l1 times the sum of
+    # eps log(1 + e / eps) (expression_prior), as steep as the L1 at 0, so small spurious weights are still
+    # held at zero, but a weight e is pulled by only eps / (eps + e) of the L1's force: the L1 shrinks large
+    # true weights such as the jaw's opening (docs/capture.md)
+    exp_log_eps: float = 0.0
     temporal: float = 0.01  # at 6 fps a +-30 degree turn's own second differences cost ~4e-5
     silhouette_weight: float = 0.01  # 0.03 diverged on the known-answer clip (docs/capture.md)
     # per-landmark offsets on the neutral head shared by all frames (MediaPipe's points do not sit exactly on
@@ -360,6 +365,16 @@ class _Adam:
             o.step()
 
 
+def expression_prior(e: Tensor, eps: float) -> Tensor:
+    """Per-frame sparsity prior of the expression weights e (T, 53) in [0, 1], mean over frames: their sum (L1)
+    for eps = 0, else the sum of eps log(1 + e / eps) (a log penalty, iteratively reweighted L1's objective):
+    slope 1 at 0 like the L1, eps / (eps + e) at e."""
+    w = e.abs()
+    if eps > 0:
+        w = eps * torch.log1p(w / eps)
+    return w.sum(-1).mean()
+
+
 def _second_difference(a: Tensor) -> Tensor:
     return (a[2:] - 2 * a[1:-1] + a[:-2]).square().mean() if len(a) > 2 else a.new_zeros(())
 
@@ -422,7 +437,8 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
         rot = rotvec_to_matrix(rvec)
         pts = p.landmarks(z, e, bias)
         loss = p.landmark_loss(project(pts, rot, trans, log_f.exp(), width, height))
-        loss = loss + settings.id_prior * u.square().mean() + settings.exp_l1 * e.abs().sum(-1).mean()
+        loss = (loss + settings.id_prior * u.square().mean()
+                + settings.exp_l1 * expression_prior(e, settings.exp_log_eps))
         if bias is not None:
             loss = loss + settings.landmark_bias * (bias / 0.01).square().sum(-1).mean()
         if video:
