@@ -1,6 +1,8 @@
 """Open head surfaces: mesh cuts (plane, slit), topology measurements, and the generated head's neck, lips and
 pieces (engine/open_surface.py, engine/mesh_cut.py, engine/surface_metrics.py)."""
 
+from typing import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -277,6 +279,79 @@ def test_settle_reports_the_vertices_it_could_not_place():
     assert moved == 0 and out is arrays and np.flatnonzero(left).tolist() == [2]
     out, moved, left = open_surface._settle(arrays, np.ones(25, bool), lambda p: unsolved(p, 0.0005))
     assert moved == 1 and not left.any()
+
+
+def _plate_with_a_sliver(h: float = 0.003, gap: float = 0.0004) -> dict[str, np.ndarray]:
+    """A 5 x 5 plate of h-squares in z = 0 whose boundary edge (2, 3) at y = 0 (a slit's rim) is split by a vertex
+    `gap` from vertex 2, as marching cubes leaves a vertex beside another where a slit ends."""
+    ij = np.stack(np.meshgrid(np.arange(5), np.arange(5), indexing="ij"), -1).reshape(-1, 2)[:, ::-1]
+    canon = np.concatenate([ij * h, np.zeros((25, 1))], 1)  # vertex 5 j + i at (i h, j h)
+    canon = np.concatenate([canon, [[2 * h + gap, 0.0, 0.0]]]).astype(np.float32)
+    quads = [(j * 5 + i, j * 5 + i + 1, (j + 1) * 5 + i + 1, (j + 1) * 5 + i) for j in range(4) for i in range(4)]
+    faces = [f for a, b, c, d in quads for f in ((a, b, c), (a, c, d))]
+    faces[faces.index((2, 3, 8))] = (2, 25, 8)
+    faces.append((25, 3, 8))
+    return {"canonical": canon, "vertices": canon.copy(), "faces": np.array(faces, np.int32),
+            mesh_cut.NEW: np.zeros(26, bool)}
+
+
+def test_a_sliver_edge_where_the_slit_ends_is_collapsed_not_stretched():
+    """The two lips' motions meet in a ramp 0.4 mm wide (x from 2 h to 2 h + 0.4 mm) where the slit ends: the
+    0.4 mm rim edge there stretches by the ramp's slope (6x), every h edge across the ramp by less than 2x.
+    Collapsing it onto one end leaves no edge beyond STRETCH_LIMIT, the same topology, no face turned over and
+    every kept vertex where it was; a ramp as wide as the plate's edges stretches nothing beyond the limit, and a
+    short edge the motion does not stretch stays."""
+    arrays = _plate_with_a_sliver()
+    h, canon, faces = 0.003, arrays["canonical"], arrays["faces"]
+
+    def ramp(width: float) -> Callable[[np.ndarray], np.ndarray]:
+        def motion(p: np.ndarray) -> np.ndarray:
+            s = np.clip((p[:, 0] - 2 * h) / width, 0.0, 1.0)
+            return np.stack([np.zeros_like(s), -0.002 * s, np.zeros_like(s)], 1)
+        return motion
+
+    motion = ramp(0.0004)
+    assert sm.edge_stretch(canon, canon + motion(canon), faces).max() > open_surface.STRETCH_LIMIT
+    out, collapsed = open_surface._collapse_stretched(arrays, np.ones(26, bool), motion)
+    assert collapsed == 1 and len(out["canonical"]) == 25 and len(out["faces"]) == len(faces) - 1
+    v, f = out["canonical"], out["faces"]
+    assert sm.edge_stretch(v, v + motion(v), f).max() <= open_surface.STRETCH_LIMIT
+    before, after = sm.topology(faces), sm.topology(f)
+    assert (after.genus, after.boundary_loops, after.pieces, after.nonmanifold_edges) == (0, 1, [25], 0)
+    assert before.genus == 0 and before.boundary_loops == 1
+    normal_z = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])[:, 2]
+    assert (normal_z > 0).all()
+    assert all((np.abs(canon - p).max(1) == 0).any() for p in v)  # kept vertices do not move
+    assert len(out[mesh_cut.NEW]) == 25 and not out[mesh_cut.NEW].any()
+    same, none = open_surface._collapse_stretched(arrays, np.ones(26, bool), ramp(h))
+    assert none == 0 and same is arrays
+    same, none = open_surface._collapse_stretched(arrays, np.zeros(26, bool), motion)  # outside the zone
+    assert none == 0 and same is arrays
+
+
+def test_a_stretched_boundary_fan_with_an_ear_goes_whole():
+    """Beyond the plate's boundary edge (2, 3) two faces (2, D, 3) and (2, E, D) with E an ear (one face): the
+    motion's ramp stretches the 1 mm rim edge D-3 (3.6x). D's two faces go (their inner edge joins two boundary
+    vertices, but every corner keeps one fan) and E with them: the plate as it was, no edge beyond the limit."""
+    h = 0.003
+    arrays = _plate_with_a_sliver()  # vertex 25 (on the edge (2, 3)) is replaced by D and E
+    canon = np.concatenate([arrays["canonical"][:25], [[2.7 * h, -0.15 * h, 0.0], [2.4 * h, -0.2 * h, 0.0]]])
+    plate = [f for f in arrays["faces"].tolist() if 25 not in f] + [[2, 3, 8]]
+    faces = np.array(plate + [[2, 25, 3], [2, 26, 25]], np.int32)
+    arrays = {"canonical": canon.astype(np.float32), "vertices": canon.astype(np.float32), "faces": faces}
+
+    def motion(p: np.ndarray) -> np.ndarray:
+        s = np.clip((p[:, 0] - 2.7 * h) / (0.3 * h), 0.0, 1.0)
+        return np.stack([np.zeros_like(s), 0.003 * s, np.zeros_like(s)], 1)
+
+    v = arrays["canonical"]
+    assert sm.edge_stretch(v, v + motion(v), faces).max() > open_surface.STRETCH_LIMIT
+    out, collapsed = open_surface._collapse_stretched(arrays, np.ones(27, bool), motion)
+    v, f = out["canonical"], out["faces"]
+    assert collapsed == 1 and len(v) == 25 and len(f) == len(plate)
+    assert sm.edge_stretch(v, v + motion(v), f).max() <= open_surface.STRETCH_LIMIT
+    topo = sm.topology(f)
+    assert (topo.genus, topo.boundary_loops, topo.pieces, topo.nonmanifold_edges) == (0, 1, [25], 0)
 
 
 def test_solve_continued_with_one_step_is_solve():

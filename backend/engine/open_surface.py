@@ -63,6 +63,8 @@ SETTLE_STEP, SETTLE_TRIES = 0.25, 3  # a vertex with a non-robust root moves thi
 # take over anywhere within ~0.3 mm of a vertex (docs/surface.md), which 2 um tries alone do not see.
 SETTLE_JITTERS = (JITTER,) * 2 + (2e-5,) * 2 + (5e-5,) * 2
 STRETCH_LIMIT = 3.0  # issue 13's limit: a settled vertex keeps most of its edges within it under the expression
+SHORT_EDGE = 0.75  # of the median edge: where the slit ends, only edges this short are collapsed (_collapse_stretched)
+COLLAPSE_PASSES = 3  # rounds of _collapse_stretched (a collapse can leave the kept end's other edges to collapse)
 LEVEL_RINGS = 2  # edge rings around a vertex that set its own cut level (_local_level)
 MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut (the expression does not part them)
 # Vertices whose template point is within this of the MOTION_CUTS zones' template vertices follow the expression
@@ -81,6 +83,7 @@ class OpenStats:
     eyelid_edges_opened: int  # by the template (upper lid - sclera)
     motion_edges_opened: int  # by the expressions' motion (lips under jawOpen, lids under eyeBlink)
     vertices_settled: int = 0  # vertices by a motion slit moved off a root that rounding can change (_settle)
+    edges_collapsed: int = 0  # short edges by a motion slit that the expression stretched (_collapse_stretched)
     pinches_split: int = 0  # vertices where fans of faces met (a slit on two sides of them), one copy per fan
     handles_cut: int = 0  # handles the lattice repair left, cut along a short loop and capped (handle_cut)
     handle_loops_mm: list[float] = field(default_factory=list)  # those loops' lengths
@@ -141,7 +144,7 @@ class SurfaceOpener:
         # The head as one piece before the lips are slit: a slit that cuts a real part off (a fitted head lost its
         # mouth and chin so, docs/capture.md) must not delete it with the floaters.
         arrays["_head"] = mesh_cut.largest_piece_mask(arrays).astype(np.float32)
-        arrays, moved, settled, pinches = self._open_by_motion(arrays, motion)
+        arrays, moved, settled, pinches, collapsed = self._open_by_motion(arrays, motion)
         arrays, more = mesh_cut.split_pinches(arrays)
         pinches += more
         arrays, dropped = mesh_cut.keep_largest_piece(arrays, keep_from=arrays["_head"] > 0.5,
@@ -150,7 +153,7 @@ class SurfaceOpener:
         for k in ("_tface", "_tbary", "_head"):
             arrays.pop(k)
         return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved,
-                                 settled, pinches, cuts.handles_cut, cuts.loops_mm)
+                                 settled, collapsed, pinches, cuts.handles_cut, cuts.loops_mm)
 
     def _zone(self, arrays: dict[str, np.ndarray], regions: tuple[str, ...]) -> np.ndarray:
         """Vertices whose closest template triangle has a corner in one of the regions."""
@@ -158,14 +161,16 @@ class SurfaceOpener:
         return np.isin(self.atlas.region[self.faces[arrays["_tface"]]], ids).any(1)
 
     def _open_by_motion(self, arrays: dict[str, np.ndarray], motion: Motion
-                        ) -> tuple[dict[str, np.ndarray], int, int, int]:
+                        ) -> tuple[dict[str, np.ndarray], int, int, int, int]:
         """For each MOTION_CUTS expression: its displacement |D| of the zone's vertices (and two rings around them)
         at weight 1, phi = |D| - tau with tau halfway between the medians of the two sides' vertices; a bridge
         is an edge of two of those vertices (the zone and two rings: the jump can run past the mouth regions at a
         corner) across phi = 0 whose ends move apart by more than (STRETCH_CUT - 1) x its
         length. The mesh is slit there (mesh_cut.slit), then vertices by the slit whose root is not robust are
-        moved (_settle). Returns the arrays, the opened edges, the moved vertices and the pinches split."""
-        opened = settled = pinches = 0
+        moved (_settle), and edges by the slit that it still stretches beyond STRETCH_LIMIT are collapsed
+        (_collapse_stretched). Returns the arrays, the opened edges, the moved vertices, the pinches split and the
+        collapsed edges."""
+        opened = settled = pinches = collapsed = 0
         for expression, zone_regions, side_a, side_b in MOTION_CUTS:
             zone = self._zone(arrays, zone_regions)
             if not zone.any():
@@ -212,7 +217,9 @@ class SurfaceOpener:
                     arrays, again, _ = _settle(arrays, zone_now & left, along)
                     moved += again
                 settled += moved
-        return arrays, opened, settled, pinches
+                arrays, count = _collapse_stretched(arrays, self._zone(arrays, zone_regions), along)
+                collapsed += count
+        return arrays, opened, settled, pinches, collapsed
 
     def _open_eyelids(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """Slit each upper lid from its eyeball where an edge joins a vertex on the template's upper lid to one on
@@ -344,6 +351,143 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     if mesh_cut.NEW in out:  # moved: their attributes are no longer theirs
         out[mesh_cut.NEW] = out[mesh_cut.NEW] | moved
     return out, int(moved.sum()), left
+
+
+def _collapse_stretched(arrays: dict[str, np.ndarray], zone: np.ndarray,
+                        motion: Callable[[np.ndarray], np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """Remove the zone's edges on or next to the mesh boundary that the motion (NaN rows: unsolved) stretches
+    beyond STRETCH_LIMIT by collapsing one of their ends onto a neighbour (the other end or another). Where the
+    slit ends, both lips' motions meet in a steep but continuous ramp, and marching cubes leaves edges there far
+    shorter than the ramp is wide: such an edge stretches by the ramp's slope, a longer edge across it by less.
+    A collapse is made where the collapsed edge is shorter than SHORT_EDGE x the mesh's median edge, the kept
+    vertex (which does not move: its root and attributes stay) gets no new edge beyond STRETCH_LIMIT, the mesh
+    stays a manifold of the same topology and no face turns over (_collapse_cost); the collapse whose new edges
+    stretch least is taken. Up to COLLAPSE_PASSES rounds, each over disjoint neighbourhoods. Returns the arrays
+    and the number of edges collapsed."""
+    faces = np.asarray(arrays["faces"], np.int64)
+    edges, count = unique_edges(faces)
+    n = len(arrays["canonical"])
+    canon = arrays["canonical"].astype(np.float64)
+    short = SHORT_EDGE * float(np.median(np.linalg.norm(canon[edges[:, 0]] - canon[edges[:, 1]], axis=1)))
+    on_boundary = np.zeros(n, bool)
+    on_boundary[edges[count == 1].ravel()] = True
+    cand = _grow(on_boundary, edges) & zone
+    if not cand.any():
+        return arrays, 0
+    reach = _grow(_grow(cand, edges), edges)  # the candidates' neighbours may be kept, and gain their edges
+    disp = np.full((n, 3), np.nan)
+    disp[reach] = motion(canon[reach])
+    posed = canon + disp
+    total = 0
+    for _ in range(COLLAPSE_PASSES):
+        edges, count = unique_edges(faces)
+        on_boundary[:] = False
+        on_boundary[edges[count == 1].ravel()] = True
+        a, b = edges[:, 0], edges[:, 1]
+        with np.errstate(invalid="ignore"):
+            stretch = np.linalg.norm(posed[a] - posed[b], axis=1) / np.linalg.norm(canon[a] - canon[b], axis=1)
+        todo = np.flatnonzero(cand[a] & cand[b] & (stretch > STRETCH_LIMIT))
+        if not len(todo):
+            break
+        order = np.argsort(faces.ravel(), kind="stable")
+        starts = np.searchsorted(faces.ravel()[order], np.arange(n + 1))
+
+        def faces_of(v: int, order=order, starts=starts) -> np.ndarray:
+            return order[starts[v]:starts[v + 1]] // 3
+
+        locked = np.zeros(n, bool)
+        alive = np.ones(len(faces), bool)
+        done = 0
+        for e in todo[np.argsort(-stretch[todo])]:
+            u, w = int(a[e]), int(b[e])
+            if locked[u] or locked[w]:
+                continue
+            best: tuple[float, int, int] | None = None
+            for drop in (u, w):
+                for keep in np.unique(faces[faces_of(drop)]).tolist():
+                    if keep == drop or locked[keep]:
+                        continue
+                    worst = _collapse_cost(faces, faces_of, keep, drop, on_boundary, canon, posed, short)
+                    if worst is not None and worst <= STRETCH_LIMIT and (best is None or worst < best[0]):
+                        best = (worst, keep, drop)
+            if best is None:
+                continue
+            _, keep, drop = best
+            f_keep, f_drop = faces_of(keep), faces_of(drop)
+            alive[f_drop[(faces[f_drop] == keep).any(1)]] = False
+            locked[np.unique(faces[np.concatenate([f_keep, f_drop])])] = True
+            faces[f_drop] = np.where(faces[f_drop] == drop, keep, faces[f_drop])
+            done += 1
+        faces = faces[alive]
+        total += done
+        if not done:
+            break
+    if not total:
+        return arrays, 0
+    out = dict(arrays)
+    out["faces"] = faces.astype(arrays["faces"].dtype)
+    return mesh_cut.compact(out), total
+
+
+def _collapse_cost(faces: np.ndarray, faces_of: Callable[[int], np.ndarray], keep: int, drop: int,
+                   on_boundary: np.ndarray, canon: np.ndarray, posed: np.ndarray, short: float) -> float | None:
+    """The largest stretch of the edges that collapsing `drop` onto `keep` gives `keep` (0 if none), or None where
+    the collapse is not made: its edge is not shorter than `short` (the surface would move too far), it would
+    change the topology (the link condition: the two ends share only the third corners of the faces on their
+    edge; an inner edge of two boundary vertices would pinch the surface, unless all of drop's faces go and every
+    corner they leave keeps at most two boundary edges), leave no face, turn a face over (its canonical normal
+    against the old one) or join an unsolved vertex."""
+    f_keep, f_drop = faces_of(keep), faces_of(drop)
+    on_edge = (faces[f_drop] == keep).any(1)
+    shared, moved = f_drop[on_edge], f_drop[~on_edge]
+    if not 0 < len(shared) <= 2 or len(shared) == len(f_drop) == len(f_keep):
+        return None
+    if np.linalg.norm(canon[keep] - canon[drop]) >= short:
+        return None
+    if len(shared) == 2 and on_boundary[keep] and on_boundary[drop]:
+        if len(moved) or not _stays_manifold(faces, faces_of, shared, drop):
+            return None
+    n_keep = set(faces[f_keep].ravel().tolist()) - {keep, drop}
+    n_drop = set(faces[f_drop].ravel().tolist()) - {keep, drop}
+    if len(moved) and n_keep & n_drop != set(faces[shared].ravel().tolist()) - {keep, drop}:
+        return None
+    old = faces[moved]
+    new = np.where(old == drop, keep, old)
+
+    def normals(f: np.ndarray) -> np.ndarray:
+        return np.cross(canon[f[:, 1]] - canon[f[:, 0]], canon[f[:, 2]] - canon[f[:, 0]])
+
+    if ((normals(old) * normals(new)).sum(1) <= 0).any():
+        return None
+    others = np.asarray(sorted(n_drop - n_keep), np.int64)
+    if not len(others):
+        return 0.0
+    now = np.linalg.norm(posed[others] - posed[keep], axis=1)
+    if not np.isfinite(now).all():
+        return None
+    return float((now / np.linalg.norm(canon[others] - canon[keep], axis=1)).max())
+
+
+def _stays_manifold(faces: np.ndarray, faces_of: Callable[[int], np.ndarray], gone: np.ndarray, drop: int) -> bool:
+    """Whether every corner of the faces `gone` but `drop` keeps at most two boundary edges without them (one fan
+    of faces: no pinch) or no face at all."""
+    for v in set(faces[gone].ravel().tolist()) - {drop}:
+        left = np.setdiff1d(faces_of(v), gone)
+        if not len(left):
+            continue
+        f = faces[left]
+        edges, count = unique_edges(f)
+        if int(((count == 1) & (edges == v).any(1)).sum()) > 2:
+            return False
+    return True
+
+
+def _grow(mask: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """mask and its vertices' neighbours over the edges."""
+    out = mask.copy()
+    out[edges[mask[edges[:, 0]], 1]] = True
+    out[edges[mask[edges[:, 1]], 0]] = True
+    return out
 
 
 def _local_level(size: np.ndarray, edges: np.ndarray, near: np.ndarray, level: float) -> np.ndarray:
