@@ -147,3 +147,45 @@ def test_a_handle_whose_waist_touches_the_boundary_is_cut_round_it():
     rim = m["canonical"][np.unique(edges[count == 1])]
     edges, count = sm.unique_edges(out["faces"])
     assert _kept(rim, out["canonical"][np.unique(edges[count == 1])]) == len(rim)
+
+
+def banded_ring() -> dict[str, np.ndarray]:
+    """A flat ring one square wide (every vertex on its boundary) whose hole and outer rim a band of two
+    triangles joins: genus 1 with one boundary loop, and no loop off the boundary (a slit's rim bridged)."""
+    grid = np.array([(i, j) for j in range(4) for i in range(4)], float)
+    pos = np.c_[grid * 0.002, np.zeros(16)]
+
+    def at(i: int, j: int) -> int:
+        return j * 4 + i
+
+    faces = []
+    for j in range(3):
+        for i in range(3):
+            if (i, j) != (1, 1):
+                a, b, c, d = at(i, j), at(i + 1, j), at(i + 1, j + 1), at(i, j + 1)
+                faces += [(a, b, c), (a, c, d)]
+    # the band's quad runs along the hole's edge (1,1)->(2,1) and the rim's (1,3)->(2,3) against the ring's
+    # own winding there, so the surface stays oriented
+    faces += [(at(1, 1), at(2, 1), at(1, 3)), (at(1, 1), at(1, 3), at(2, 3))]
+    return {"canonical": pos, "faces": np.array(faces, np.int64)}
+
+
+def test_a_bridge_across_the_boundary_is_opened_along_one_edge():
+    mesh = banded_ring()
+    assert _oriented(mesh["faces"])
+    before = sm.topology(mesh["faces"])
+    assert before.genus == 1 and before.boundary_loops == 1
+    out, stats = handle_cut.cut_handles(mesh)
+    after = sm.topology(out["faces"])
+    assert (stats.handles_cut, stats.arcs_cut, stats.handles_left) == (0, 1, 0)
+    assert after.genus == 0 and len(after.pieces) == 1 and after.boundary_loops == 2
+    assert _oriented(out["faces"]) and len(out["faces"]) == len(mesh["faces"])
+    assert len(out["canonical"]) == 18  # the opened edge's two ends got a copy per side
+
+
+def test_no_edge_is_opened_where_opening_would_cut_a_piece_off():
+    mesh = banded_ring()
+    mesh["faces"] = mesh["faces"][:-2]  # the plain ring: genus 0, and every inner edge's cut separates it
+    out, stats = handle_cut.cut_handles(mesh)
+    assert stats.arcs_cut == 0 and len(out["faces"]) == 16
+    assert handle_cut._cut_arc(mesh, 1.0, "canonical") is None

@@ -87,6 +87,7 @@ class OpenStats:
     pinches_split: int = 0  # vertices where fans of faces met (a slit on two sides of them), one copy per fan
     handles_cut: int = 0  # handles the lattice repair left, cut along a short loop and capped (handle_cut)
     handle_loops_mm: list[float] = field(default_factory=list)  # those loops' lengths
+    handle_arcs_cut: int = 0  # handles through a slit's rim, opened along an edge across it (handle_cut)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -153,7 +154,7 @@ class SurfaceOpener:
         for k in ("_tface", "_tbary", "_head"):
             arrays.pop(k)
         return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved,
-                                 settled, collapsed, pinches, cuts.handles_cut, cuts.loops_mm)
+                                 settled, collapsed, pinches, cuts.handles_cut, cuts.loops_mm, cuts.arcs_cut)
 
     def _zone(self, arrays: dict[str, np.ndarray], regions: tuple[str, ...]) -> np.ndarray:
         """Vertices whose closest template triangle has a corner in one of the regions."""
