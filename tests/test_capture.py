@@ -295,3 +295,69 @@ def test_expression_prior_l1_and_log():
     assert float(e.grad[0, 0]) == pytest.approx(0.5, rel=1e-4)  # as steep as the L1 near zero (two frames)
     assert float(e.grad[0, 2]) < 0.1 * 0.5  # a weight of 0.6 is pulled at less than a tenth of the L1's slope
     assert float(expression_prior(e, eps)) < float(expression_prior(e, 0.0))
+
+
+def test_distance_prior_on_a_known_track():
+    """fit.distance_prior: the mean squared first difference of the camera distance in cm, with its gradient;
+    no cost for a constant distance, sideways motion or a single frame."""
+    from backend.capture.fit import distance_prior
+
+    trans = torch.tensor([[0.0, 0.0, -0.70], [0.05, 0.0, -0.72], [0.0, -0.03, -0.71]], requires_grad=True)
+    value = distance_prior(trans)
+    assert float(value.detach()) == pytest.approx((2.0**2 + 1.0**2) / 2, rel=1e-4)  # steps of -2 cm and +1 cm
+    value.backward()
+    assert trans.grad is not None
+    # d/dz of ((z1 - z0)^2 + (z2 - z1)^2) / (2 * 0.01^2)
+    assert trans.grad[:, 2].tolist() == pytest.approx([200.0, -300.0, 100.0], rel=1e-3)
+    assert float(trans.grad[:, :2].abs().sum()) == 0.0
+    still = torch.tensor([[0.0, 0.0, -0.7], [0.1, 0.2, -0.7]])
+    assert float(distance_prior(still)) == 0.0 and float(distance_prior(still[:1])) == 0.0
+
+
+def test_jaw_offsets_follow_the_jaw_weight():
+    """fit.jaw_shift interpolates linearly from no offset at a closed jaw to the table's at a weight of 1; in
+    the landmark solve it moves the posed landmarks (not the skin points) by exactly that, and its gradient
+    reaches the jaw's weight."""
+    from backend.capture.fit import FitSettings, _Problem, jaw_shift
+    from backend.engine.session import Session
+
+    offsets = torch.tensor([[0.0, -0.004, 0.001], [0.002, 0.0, 0.0]])
+    shift = jaw_shift(torch.tensor([0.0, 0.5, 1.0]), offsets)
+    assert shift.shape == (3, 2, 3)
+    assert float(shift[0].abs().sum()) == 0.0
+    assert torch.allclose(shift[1], 0.5 * offsets) and torch.allclose(shift[2], offsets)
+
+    s = Session(device="cpu")
+    jaw = s.expression_names.index(correspondence.JAW_EXPRESSION)
+    targets = s.atlas.vertices[correspondence.template_vertices()]
+    L = len(targets)
+    table = np.zeros((L, 3), np.float32)
+    lower_lip = correspondence.USED.index(57)
+    table[lower_lip] = (0.0, 0.006, -0.002)
+    obs = np.zeros((2, L, 2), np.float32)
+    args = (s.model, s.extras, targets, obs, np.ones(2, bool), None, 200, 200, True, FitSettings())
+    plain, moved = _Problem(*args), _Problem(*args, jaw=(jaw, table))
+    z = s.extras["id_mean"][None].float()
+    e = torch.zeros(2, 53)
+    e[1, jaw] = 0.4
+    e.requires_grad_(True)
+    before = plain.landmarks(z, e).detach()
+    after = moved.landmarks(z, e)
+    expected = torch.zeros(2, L, 3)
+    expected[1, lower_lip] = 0.4 * torch.as_tensor(table[lower_lip])
+    assert torch.allclose(after.detach() - before, expected, atol=1e-5)
+    (g_moved,) = torch.autograd.grad(after[1, lower_lip, 1], e)
+    (g_plain,) = torch.autograd.grad(plain.landmarks(z, e)[1, lower_lip, 1], e)
+    assert float(g_moved[1, jaw] - g_plain[1, jaw]) == pytest.approx(0.006, abs=3e-4)
+
+
+def test_jaw_offsets_table(tmp_path):
+    """correspondence.jaw_offsets reads the jaw table in USED order; landmarks it leaves out, and a table
+    without the jaw's part (the shipped one), get none."""
+    path = tmp_path / "offsets.json"
+    path.write_text('{"offsets": {}, "jaw_offsets": {"57": [0.0, -0.004, 0.001]}}')
+    table = correspondence.jaw_offsets(path)
+    assert table.shape == (len(correspondence.USED), 3)
+    assert table[correspondence.USED.index(57)].tolist() == pytest.approx([0.0, -0.004, 0.001])
+    assert float(np.abs(table).sum()) == pytest.approx(0.005)
+    assert float(np.abs(correspondence.jaw_offsets()).sum()) == 0.0

@@ -16,7 +16,8 @@ landmarks (no network), then everything through the network:
   attached by implicit differentiation, against the outline's distance transform (contour.py);
 - photometric (videos): skin points spread over the face, found and carried to each frame as the landmarks
   are, must show the same colour in consecutive frames (photometric.py);
-- temporal: squared second differences of pose and expressions (videos).
+- temporal: squared second differences of pose and expressions, squared first differences of the camera
+  distance (videos).
 All frames are batched; everything runs on the model's device."""
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class FitSettings:
     # true weights such as the jaw's opening (docs/capture.md)
     exp_log_eps: float = 0.0
     temporal: float = 0.01  # at 6 fps a +-30 degree turn's own second differences cost ~4e-5
+    # weight of the squared first differences of the camera distance in cm (videos, both stages;
+    # distance_prior): the landmarks alone let the distance follow the jaw's opening (docs/capture.md)
+    distance_prior: float = 0.0
     silhouette_weight: float = 0.01  # 0.03 diverged on the known-answer clip (docs/capture.md)
     # per-landmark offsets on the neutral head shared by all frames (MediaPipe's points do not sit exactly on
     # the ICT vertices they are mapped to): prior weight on |offset / 1 cm|^2; 0: no offsets
@@ -125,7 +129,8 @@ Report = Callable[[float, str], None]  # may raise errors.Cancelled
 class _Problem:
     def __init__(self, model, extras: dict, targets: np.ndarray, observed: np.ndarray, found: np.ndarray,
                  masks: np.ndarray | None, width: int, height: int, video: bool, settings: FitSettings,
-                 images: np.ndarray | None = None, skin: np.ndarray | None = None):
+                 images: np.ndarray | None = None, skin: np.ndarray | None = None,
+                 jaw: tuple[int, np.ndarray] | None = None):
         dev = next(model.parameters()).device
         self.model, self.dev, self.settings = model, dev, settings
         self.width, self.height, self.video = width, height, video
@@ -141,6 +146,10 @@ class _Problem:
         self.obs = torch.as_tensor(observed, dtype=torch.float32, device=dev)
         self.frame_w = torch.as_tensor(found, dtype=torch.float32, device=dev)
         self.lm_w = torch.as_tensor(WEIGHTS, device=dev)
+        # (expression index, (L, 3) model-frame offsets per unit weight): MediaPipe follows only part of the jaw's
+        # opening, so the posed landmarks move by the frame's weight of that expression times these
+        self.jaw_index = -1 if jaw is None else jaw[0]
+        self.jaw_offsets = None if jaw is None else torch.as_tensor(jaw[1], dtype=torch.float32, device=dev)
         eyes = (self.obs[:, EYE_OUTER[0]] - self.obs[:, EYE_OUTER[1]]).norm(dim=-1)
         self.scale = float(eyes[self.frame_w > 0].median())  # px: landmark residuals in eye distances
         self.masks = None if masks is None else torch.as_tensor(masks, device=dev)
@@ -213,7 +222,11 @@ class _Problem:
             L = self.L
             live = torch.cat([pose_res(self.x_pose[:, :L], e, z.expand(T, -1), x_c[:, :L].expand(T, -1, -1)),
                               pose_res(self.x_pose[:, L:], e, zt_d, xc_d[:, L:])], 1)
-        return surface.attach(self.x_pose, self.J_pose, live)
+        posed = surface.attach(self.x_pose, self.J_pose, live)
+        if self.jaw_offsets is None:
+            return posed
+        return torch.cat([posed[:, : self.L] + jaw_shift(e[:, self.jaw_index], self.jaw_offsets),
+                          posed[:, self.L:]], 1)
 
     def landmark_loss(self, pixels: Tensor) -> Tensor:
         r2 = ((pixels[:, : self.L] - self.obs) / self.scale).square().sum(-1)  # (T, L)
@@ -375,21 +388,37 @@ def expression_prior(e: Tensor, eps: float) -> Tensor:
     return w.sum(-1).mean()
 
 
+def jaw_shift(weight: Tensor, offsets: Tensor) -> Tensor:
+    """(T, L, 3) landmark offsets of frames whose jaw-opening weight is weight (T,): linear in the weight, from
+    none at a closed jaw to `offsets` (L, 3) at a weight of 1 (tools/calibrate_landmarks.py)."""
+    return weight[:, None, None] * offsets[None]
+
+
+def distance_prior(trans: Tensor) -> Tensor:
+    """Mean squared first difference of the camera distance (the translation's z, m) in cm between consecutive
+    frames: a head does not approach the camera by centimetres while it opens its mouth, but the landmarks of
+    an opening jaw look like a nearer face."""
+    return ((trans[1:, 2] - trans[:-1, 2]) / 0.01).square().mean() if len(trans) > 1 else trans.new_zeros(())
+
+
 def _second_difference(a: Tensor) -> Tensor:
     return (a[2:] - 2 * a[1:-1] + a[:-2]).square().mean() if len(a) > 2 else a.new_zeros(())
 
 
 def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, found: np.ndarray,
                 masks: np.ndarray | None, width: int, height: int, video: bool, settings: FitSettings,
-                report: Report, images: np.ndarray | None = None, skin: np.ndarray | None = None) -> CaptureFit:
+                report: Report, images: np.ndarray | None = None, skin: np.ndarray | None = None,
+                jaw: tuple[int, np.ndarray] | None = None) -> CaptureFit:
     """targets (L,3): the template points of the landmarks; observed (T,L,2) px; found (T,) bool; images
-    (T,H,W,3) uint8 and skin (P,3) template points for the photometric term (used where its weight > 0)."""
+    (T,H,W,3) uint8 and skin (P,3) template points for the photometric term (used where its weight > 0); jaw:
+    the jaw-opening expression's index and the landmarks' model-frame offsets per unit of its weight
+    (correspondence.jaw_offsets)."""
     t0 = time.perf_counter()
     if settings.photometric <= 0:
         images = skin = None
     elif images is not None and images.shape[:3] != (len(observed), height, width):
         raise ValueError(f"images {images.shape} do not match {len(observed)} frames of {width}x{height}")
-    p = _Problem(model, extras, targets, observed, found, masks, width, height, video, settings, images, skin)
+    p = _Problem(model, extras, targets, observed, found, masks, width, height, video, settings, images, skin, jaw)
     dev, T = p.dev, p.T
     use_sil = settings.silhouette and masks is not None and bool(masks.any())
     use_contour = use_sil and settings.silhouette_term == "contour"
@@ -415,7 +444,8 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
             report(0.1 * i / settings.pose_steps, "fitting the head pose")
         opt.zero_grad()
         pix = project(tpts, rotvec_to_matrix(rvec), trans, log_f.exp(), width, height)
-        loss = p.landmark_loss(pix) + settings.temporal * _second_difference(rvec)
+        loss = (p.landmark_loss(pix) + settings.temporal * _second_difference(rvec)
+                + settings.distance_prior * distance_prior(trans))
         loss.backward()
         opt.step()
 
@@ -444,6 +474,7 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
         if video:
             loss = loss + settings.temporal * (_second_difference(rvec) + _second_difference(e)
                                                + _second_difference(trans / 0.05))
+            loss = loss + settings.distance_prior * distance_prior(trans)
         if use_contour:
             if i % settings.trace_every == 0:  # a longer search the first time: no warm start yet
                 p.find_contour(z.detach(), e.detach(), rot.detach(), trans.detach(), log_f.detach().exp(),
