@@ -1,16 +1,14 @@
 """Calibrate where MediaPipe's landmarks sit on the template (docs/capture.md): on clips of generated heads with
 known answers (tools/capture_clip.py), find per landmark the template point whose surface point, posed by
-the true identity, expressions and head pose, projects onto MediaPipe's detections, and for the lower face's
-landmarks a model-frame offset per unit of the jaw's opening (fit.jaw_shift):
+the true identity, expressions and head pose, projects onto MediaPipe's detections:
 
     .venv/bin/python tools/capture_clip.py --out DIR_n --seed n        (several seeds, not the test's)
     .venv/bin/python tools/calibrate_landmarks.py DIR_1 DIR_2 ... [--out backend/capture/landmark_offsets.json]
 
 MediaPipe's points are not exactly the ICT vertices the Multi-PIE markup maps them to (its brows sit lower,
 its eye corners higher); the fit would otherwise bend the identity to absorb that. The offsets are template
-coordinates (identity-free), one 3D vector per landmark shared by every head, pose and expression. MediaPipe
-also reports only part of the jaw's opening (docs/capture.md): the chin's and the mouth's landmarks get a second
-offset, times the frame's jawOpen weight, added to the posed point. Not shipped; its output is."""
+coordinates (identity-free), one 3D vector per landmark shared by every head, pose and expression. Not
+shipped; its output is."""
 
 from __future__ import annotations
 
@@ -26,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 
 # the known-answer clips' heads (tests/test_capture_known_answer.py, docs/capture.md): never calibrated on
 EVALUATION_SEEDS = (5, 11)
-JAW_LANDMARKS = (8, *range(48, 68))  # chin and mouth: the landmarks the jaw moves
 STEPS = 200
 LR = 2e-4  # m per Adam step
 PRIOR = 1e-3  # weight of |offset / 1 cm|^2 (per landmark, mean): keeps directions the views do not see at 0
@@ -43,7 +40,7 @@ def main() -> int:
 
     from backend.capture import landmarks, media, metrics
     from backend.capture.camera import project
-    from backend.capture.correspondence import JAW_EXPRESSION, USED, template_vertices
+    from backend.capture.correspondence import USED, template_vertices
     from backend.capture.fit import FitSettings, _Problem
     from backend.engine.session import Session
 
@@ -61,7 +58,7 @@ def main() -> int:
             points = landmarks.smooth(points)
         T, H, W, _ = footage.frames.shape
         p = _Problem(s.model, s.extras, base.numpy(), landmarks.fit_landmarks(points), found, None, W, H, True,
-                     FitSettings(), jaw=(s.expression_names.index(JAW_EXPRESSION), np.zeros((len(USED), 3))))
+                     FitSettings())
         z = torch.as_tensor(np.asarray(truth["identity"], np.float32))[None]
         e = torch.as_tensor(np.asarray(truth["expressions"], np.float32))
         rot = torch.as_tensor(np.stack([metrics.yaw_matrix(a) for a in truth["yaw_deg"]]), dtype=torch.float32)
@@ -70,19 +67,13 @@ def main() -> int:
         problems.append((clip, p, z, e, rot, trans, focal))
 
     offset = torch.zeros_like(base, requires_grad=True)
-    jaw = torch.zeros_like(base, requires_grad=True)
-    jaw_used = torch.tensor([i in JAW_LANDMARKS for i in USED])[:, None]
-    opt = torch.optim.Adam([offset, jaw], lr=LR)
-
-    def set_offsets(p: _Problem) -> None:
-        p.targets = base + offset
-        p.jaw_offsets = jaw * jaw_used
+    opt = torch.optim.Adam([offset], lr=LR)
 
     def errors() -> list[float]:
         out = []
         with torch.no_grad():
             for _, p, z, e, rot, trans, focal in problems:
-                set_offsets(p)
+                p.targets = base + offset
                 for _ in range(3):  # the solves start from the last step's points: let them settle
                     x = p.landmarks(z, e)
                 pix = project(x, rot, trans, focal, p.width, p.height)
@@ -92,9 +83,9 @@ def main() -> int:
     before = errors()
     for step in range(STEPS):
         opt.zero_grad()
-        loss = PRIOR * ((offset / 0.01).square().sum(-1).mean() + (jaw / 0.01).square().sum(-1).mean())
+        loss = PRIOR * (offset / 0.01).square().sum(-1).mean()
         for _, p, z, e, rot, trans, focal in problems:
-            set_offsets(p)
+            p.targets = base + offset
             loss = loss + p.landmark_loss(project(p.landmarks(z, e), rot, trans, focal, p.width, p.height))
         loss.backward()
         opt.step()
@@ -104,18 +95,13 @@ def main() -> int:
     for (clip, *_), b, a in zip(problems, before, after):
         print(f"{clip}: true head's landmark error {b:.2f} px -> {a:.2f} px with the offsets")
     values = offset.detach().numpy().astype(np.float64)
-    slopes = jaw.detach().numpy().astype(np.float64)
     args.out.write_text(json.dumps({
         "about": "template-space offsets (m) of MediaPipe's landmarks from their ICT vertices, Multi-PIE index "
                  "-> [x, y, z]; written by tools/calibrate_landmarks.py",
         "clips": [f"seed {json.loads((c / 'truth.json').read_text())['seed']}" for c, *_ in problems],
         "offsets": {str(i): [round(float(v), 5) for v in values[k]] for k, i in enumerate(USED)},
-        "about_jaw": f"model-frame offsets (m) of the posed landmarks per unit of {JAW_EXPRESSION}'s weight",
-        "jaw_offsets": {str(i): [round(float(v), 5) for v in slopes[k]] for k, i in enumerate(USED)
-                        if i in JAW_LANDMARKS},
     }, indent=1) + "\n")
-    print(f"wrote {args.out}: mean |offset| {1e3 * np.linalg.norm(values, axis=1).mean():.2f} mm, mean |jaw "
-          f"offset| {1e3 * np.linalg.norm(slopes[jaw_used[:, 0].numpy()], axis=1).mean():.2f} mm per unit weight")
+    print(f"wrote {args.out}: mean |offset| {1e3 * np.linalg.norm(values, axis=1).mean():.2f} mm")
     return 0
 
 

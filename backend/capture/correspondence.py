@@ -3,8 +3,7 @@ ICT-FaceKit template vertices (the ICT-FaceKit README's "Multi-PIE 68 point faci
 atlas keeps ICT's vertex numbering). The 17 jawline points are left out: on a photo they lie on the face's
 outline, which slides over the skin as the head turns, not on fixed skin points. The chin (8) is kept.
 MediaPipe's points do not sit exactly on those vertices: landmark_offsets.json (tools/calibrate_landmarks.py,
-from rendered generated heads with known answers) moves each target to where MediaPipe puts it, and its
-jaw table moves the posed landmarks of the lower face with the jaw's opening (MediaPipe follows only part of it)."""
+from rendered generated heads with known answers) moves each target to where MediaPipe puts it."""
 
 from __future__ import annotations
 
@@ -50,13 +49,3 @@ def template_targets(template: np.ndarray, offsets: Path = OFFSETS) -> np.ndarra
     table = json.loads(offsets.read_text())["offsets"]
     shift = np.array([table[str(i)] for i in USED], np.float32)
     return template[template_vertices()].astype(np.float32) + shift
-
-
-JAW_EXPRESSION = "jawOpen"
-
-
-def jaw_offsets(offsets: Path = OFFSETS) -> np.ndarray:
-    """(52, 3) model-frame offsets of the posed landmarks per unit of the jaw-opening weight (fit.jaw_shift), in
-    USED order; landmarks the table leaves out (those the jaw does not move) get none."""
-    table = json.loads(offsets.read_text()).get("jaw_offsets", {})
-    return np.array([table.get(str(i), (0.0, 0.0, 0.0)) for i in USED], np.float32)

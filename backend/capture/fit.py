@@ -16,8 +16,8 @@ landmarks (no network), then everything through the network:
   attached by implicit differentiation, against the outline's distance transform (contour.py);
 - photometric (videos): skin points spread over the face, found and carried to each frame as the landmarks
   are, must show the same colour in consecutive frames (photometric.py);
-- temporal: squared second differences of pose and expressions, squared first differences of the camera
-  distance (videos).
+- temporal: squared second differences of pose and expressions (videos); optionally squared first
+  differences of the camera distance (FitSettings.distance_prior).
 All frames are batched; everything runs on the model's device."""
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ class FitSettings:
     exp_log_eps: float = 0.0
     temporal: float = 0.01  # at 6 fps a +-30 degree turn's own second differences cost ~4e-5
     # weight of the squared first differences of the camera distance in cm (videos, both stages;
-    # distance_prior): the landmarks alone let the distance follow the jaw's opening (docs/capture.md)
+    # distance_prior); 0: off. The landmarks let the distance follow the jaw's opening by centimetres; the
+    # prior holds it for a subject who stays at one distance, but it did not improve both known-answer clips,
+    # so it is off by default (docs/capture.md)
     distance_prior: float = 0.0
     silhouette_weight: float = 0.01  # 0.03 diverged on the known-answer clip (docs/capture.md)
     # per-landmark offsets on the neutral head shared by all frames (MediaPipe's points do not sit exactly on
@@ -129,8 +131,7 @@ Report = Callable[[float, str], None]  # may raise errors.Cancelled
 class _Problem:
     def __init__(self, model, extras: dict, targets: np.ndarray, observed: np.ndarray, found: np.ndarray,
                  masks: np.ndarray | None, width: int, height: int, video: bool, settings: FitSettings,
-                 images: np.ndarray | None = None, skin: np.ndarray | None = None,
-                 jaw: tuple[int, np.ndarray] | None = None):
+                 images: np.ndarray | None = None, skin: np.ndarray | None = None):
         dev = next(model.parameters()).device
         self.model, self.dev, self.settings = model, dev, settings
         self.width, self.height, self.video = width, height, video
@@ -146,10 +147,6 @@ class _Problem:
         self.obs = torch.as_tensor(observed, dtype=torch.float32, device=dev)
         self.frame_w = torch.as_tensor(found, dtype=torch.float32, device=dev)
         self.lm_w = torch.as_tensor(WEIGHTS, device=dev)
-        # (expression index, (L, 3) model-frame offsets per unit weight): MediaPipe follows only part of the jaw's
-        # opening, so the posed landmarks move by the frame's weight of that expression times these
-        self.jaw_index = -1 if jaw is None else jaw[0]
-        self.jaw_offsets = None if jaw is None else torch.as_tensor(jaw[1], dtype=torch.float32, device=dev)
         eyes = (self.obs[:, EYE_OUTER[0]] - self.obs[:, EYE_OUTER[1]]).norm(dim=-1)
         self.scale = float(eyes[self.frame_w > 0].median())  # px: landmark residuals in eye distances
         self.masks = None if masks is None else torch.as_tensor(masks, device=dev)
@@ -222,11 +219,7 @@ class _Problem:
             L = self.L
             live = torch.cat([pose_res(self.x_pose[:, :L], e, z.expand(T, -1), x_c[:, :L].expand(T, -1, -1)),
                               pose_res(self.x_pose[:, L:], e, zt_d, xc_d[:, L:])], 1)
-        posed = surface.attach(self.x_pose, self.J_pose, live)
-        if self.jaw_offsets is None:
-            return posed
-        return torch.cat([posed[:, : self.L] + jaw_shift(e[:, self.jaw_index], self.jaw_offsets),
-                          posed[:, self.L:]], 1)
+        return surface.attach(self.x_pose, self.J_pose, live)
 
     def landmark_loss(self, pixels: Tensor) -> Tensor:
         r2 = ((pixels[:, : self.L] - self.obs) / self.scale).square().sum(-1)  # (T, L)
@@ -388,12 +381,6 @@ def expression_prior(e: Tensor, eps: float) -> Tensor:
     return w.sum(-1).mean()
 
 
-def jaw_shift(weight: Tensor, offsets: Tensor) -> Tensor:
-    """(T, L, 3) landmark offsets of frames whose jaw-opening weight is weight (T,): linear in the weight, from
-    none at a closed jaw to `offsets` (L, 3) at a weight of 1 (tools/calibrate_landmarks.py)."""
-    return weight[:, None, None] * offsets[None]
-
-
 def distance_prior(trans: Tensor) -> Tensor:
     """Mean squared first difference of the camera distance (the translation's z, m) in cm between consecutive
     frames: a head does not approach the camera by centimetres while it opens its mouth, but the landmarks of
@@ -407,18 +394,15 @@ def _second_difference(a: Tensor) -> Tensor:
 
 def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, found: np.ndarray,
                 masks: np.ndarray | None, width: int, height: int, video: bool, settings: FitSettings,
-                report: Report, images: np.ndarray | None = None, skin: np.ndarray | None = None,
-                jaw: tuple[int, np.ndarray] | None = None) -> CaptureFit:
+                report: Report, images: np.ndarray | None = None, skin: np.ndarray | None = None) -> CaptureFit:
     """targets (L,3): the template points of the landmarks; observed (T,L,2) px; found (T,) bool; images
-    (T,H,W,3) uint8 and skin (P,3) template points for the photometric term (used where its weight > 0); jaw:
-    the jaw-opening expression's index and the landmarks' model-frame offsets per unit of its weight
-    (correspondence.jaw_offsets)."""
+    (T,H,W,3) uint8 and skin (P,3) template points for the photometric term (used where its weight > 0)."""
     t0 = time.perf_counter()
     if settings.photometric <= 0:
         images = skin = None
     elif images is not None and images.shape[:3] != (len(observed), height, width):
         raise ValueError(f"images {images.shape} do not match {len(observed)} frames of {width}x{height}")
-    p = _Problem(model, extras, targets, observed, found, masks, width, height, video, settings, images, skin, jaw)
+    p = _Problem(model, extras, targets, observed, found, masks, width, height, video, settings, images, skin)
     dev, T = p.dev, p.T
     use_sil = settings.silhouette and masks is not None and bool(masks.any())
     use_contour = use_sil and settings.silhouette_term == "contour"

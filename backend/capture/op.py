@@ -9,7 +9,7 @@ import numpy as np
 
 from ..engine.head import HeadSpec
 from ..payloads import FitCaptureRequest
-from .correspondence import JAW_EXPRESSION, jaw_offsets, template_targets
+from .correspondence import template_targets
 
 BACKGROUND_SPREAD = 12.0  # RGB levels: a border mostly this uniform (median) counts as a plain background
 FOREGROUND_DISTANCE = 40.0  # RGB distance from the background colour that counts as foreground
@@ -90,8 +90,7 @@ def fit_tracked(session, request: FitCaptureRequest, footage, points: np.ndarray
     skin = atlas.vertices[photometric.skin_vertices(atlas.vertices, atlas.region, atlas.names,
                                                     settings.photo_points, request.seed)]
     fit = fit_capture(session.model, session.extras, targets, observed, found, masks, W, H, footage.is_video,
-                      settings, report, images=footage.frames, skin=skin,
-                      jaw=(session.expression_names.index(JAW_EXPRESSION), jaw_offsets()))
+                      settings, report, images=footage.frames, skin=skin)
     check_cancel(progress)
     head = HeadSpec(identity=fit.z_id)
 
