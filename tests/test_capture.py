@@ -295,3 +295,20 @@ def test_expression_prior_l1_and_log():
     assert float(e.grad[0, 0]) == pytest.approx(0.5, rel=1e-4)  # as steep as the L1 near zero (two frames)
     assert float(e.grad[0, 2]) < 0.1 * 0.5  # a weight of 0.6 is pulled at less than a tenth of the L1's slope
     assert float(expression_prior(e, eps)) < float(expression_prior(e, 0.0))
+
+
+def test_distance_prior_on_a_known_track():
+    """fit.distance_prior: the mean squared first difference of the camera distance in cm, with its gradient;
+    no cost for a constant distance, sideways motion or a single frame."""
+    from backend.capture.fit import distance_prior
+
+    trans = torch.tensor([[0.0, 0.0, -0.70], [0.05, 0.0, -0.72], [0.0, -0.03, -0.71]], requires_grad=True)
+    value = distance_prior(trans)
+    assert float(value.detach()) == pytest.approx((2.0**2 + 1.0**2) / 2, rel=1e-4)  # steps of -2 cm and +1 cm
+    value.backward()
+    assert trans.grad is not None
+    # d/dz of ((z1 - z0)^2 + (z2 - z1)^2) / (2 * 0.01^2)
+    assert trans.grad[:, 2].tolist() == pytest.approx([200.0, -300.0, 100.0], rel=1e-3)
+    assert float(trans.grad[:, :2].abs().sum()) == 0.0
+    still = torch.tensor([[0.0, 0.0, -0.7], [0.1, 0.2, -0.7]])
+    assert float(distance_prior(still)) == 0.0 and float(distance_prior(still[:1])) == 0.0

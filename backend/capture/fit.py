@@ -16,7 +16,8 @@ landmarks (no network), then everything through the network:
   attached by implicit differentiation, against the outline's distance transform (contour.py);
 - photometric (videos): skin points spread over the face, found and carried to each frame as the landmarks
   are, must show the same colour in consecutive frames (photometric.py);
-- temporal: squared second differences of pose and expressions (videos).
+- temporal: squared second differences of pose and expressions (videos); optionally squared first
+  differences of the camera distance (FitSettings.distance_prior).
 All frames are batched; everything runs on the model's device."""
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ class FitSettings:
     # true weights such as the jaw's opening (docs/capture.md)
     exp_log_eps: float = 0.0
     temporal: float = 0.01  # at 6 fps a +-30 degree turn's own second differences cost ~4e-5
+    # weight of the squared first differences of the camera distance in cm (videos, both stages;
+    # distance_prior); 0: off. The landmarks let the distance follow the jaw's opening by centimetres; the
+    # prior holds it for a subject who stays at one distance, but it did not improve both known-answer clips,
+    # so it is off by default (docs/capture.md)
+    distance_prior: float = 0.0
     silhouette_weight: float = 0.01  # 0.03 diverged on the known-answer clip (docs/capture.md)
     # per-landmark offsets on the neutral head shared by all frames (MediaPipe's points do not sit exactly on
     # the ICT vertices they are mapped to): prior weight on |offset / 1 cm|^2; 0: no offsets
@@ -375,6 +381,13 @@ def expression_prior(e: Tensor, eps: float) -> Tensor:
     return w.sum(-1).mean()
 
 
+def distance_prior(trans: Tensor) -> Tensor:
+    """Mean squared first difference of the camera distance (the translation's z, m) in cm between consecutive
+    frames: a head does not approach the camera by centimetres while it opens its mouth, but the landmarks of
+    an opening jaw look like a nearer face."""
+    return ((trans[1:, 2] - trans[:-1, 2]) / 0.01).square().mean() if len(trans) > 1 else trans.new_zeros(())
+
+
 def _second_difference(a: Tensor) -> Tensor:
     return (a[2:] - 2 * a[1:-1] + a[:-2]).square().mean() if len(a) > 2 else a.new_zeros(())
 
@@ -415,7 +428,8 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
             report(0.1 * i / settings.pose_steps, "fitting the head pose")
         opt.zero_grad()
         pix = project(tpts, rotvec_to_matrix(rvec), trans, log_f.exp(), width, height)
-        loss = p.landmark_loss(pix) + settings.temporal * _second_difference(rvec)
+        loss = (p.landmark_loss(pix) + settings.temporal * _second_difference(rvec)
+                + settings.distance_prior * distance_prior(trans))
         loss.backward()
         opt.step()
 
@@ -444,6 +458,7 @@ def fit_capture(model, extras: dict, targets: np.ndarray, observed: np.ndarray, 
         if video:
             loss = loss + settings.temporal * (_second_difference(rvec) + _second_difference(e)
                                                + _second_difference(trans / 0.05))
+            loss = loss + settings.distance_prior * distance_prior(trans)
         if use_contour:
             if i % settings.trace_every == 0:  # a longer search the first time: no warm start yet
                 p.find_contour(z.detach(), e.detach(), rot.detach(), trans.detach(), log_f.detach().exp(),
