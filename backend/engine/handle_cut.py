@@ -75,7 +75,7 @@ def cut_handles(arrays: dict[str, np.ndarray], key: str = "canonical") -> tuple[
             opened = _cut_arc(arrays, genus, key)
             if opened is None:
                 break
-            arrays, genus = opened, topology(opened["faces"]).genus
+            arrays, genus = opened
             stats.arcs_cut += 1
             continue
         stats.handles_cut += len(loops)
@@ -377,11 +377,12 @@ def _separates(faces: np.ndarray, edges: np.ndarray, fe: np.ndarray, count: np.n
 # ---------------------------------------------------------------------------------------------------- the cut
 
 
-def _cut_arc(arrays: dict[str, np.ndarray], genus: float, key: str) -> dict[str, np.ndarray] | None:
+def _cut_arc(arrays: dict[str, np.ndarray], genus: float, key: str
+             ) -> tuple[dict[str, np.ndarray], float] | None:
     """The mesh opened along the shortest inner edge whose ends lie on the same boundary loop where that lowers the
-    genus by one, or None. Such an edge is a bridge across a slit (seed 5 at 128 with run 2 piece 15's weights: a
-    band of a few faces joins the lip slit's rim to itself by the mouth corner); every loop round that handle
-    runs along the rim, so _find_loops has none to offer. Opening the edge keeps the piece whole and adds no
+    genus by one, and its genus; or None. Such an edge is a bridge across a slit (seed 5 at 128 with run 2 piece
+    15's weights: a band of a few faces joins the lip slit's rim to itself by the mouth corner); every loop round
+    that handle runs along the rim, so _find_loops has none to offer. Opening the edge keeps the piece whole and adds no
     vertex away from it (its two ends get a copy per side, as a pinch does)."""
     faces = np.asarray(arrays["faces"], np.int64)
     n = len(arrays[key])
@@ -398,7 +399,7 @@ def _cut_arc(arrays: dict[str, np.ndarray], genus: float, key: str) -> dict[str,
         out, _ = mesh_cut.split_pinches(arrays, pull=PULL, key=key, cut=edges[e][None])
         topo = topology(out["faces"])
         if topo.genus <= genus - 1 and len(topo.pieces) == pieces:
-            return mesh_cut.compact(out)
+            return mesh_cut.compact(out), topo.genus
     return None
 
 
