@@ -177,3 +177,18 @@ def test_widened_warm_start_computes_the_shipped_function(one_thread):
         small_cfg = ImHeadConfig.from_json(cfg.to_json())
         small_cfg.local_hidden = cfg.local_hidden - 32
         train.warm_start(TrainModule(ImHead(small_cfg, anchor_init=anchors), 1, id_coeff_dim=100), WEIGHTS, 0)
+
+
+def test_warm_restart_ramps_the_learning_rate_up_again(tmp_path, one_thread):
+    """--restart-minutes starts the cosine again at that cumulative time: right after it the LR is on the
+    restart's one-minute ramp (5 % of --lr upwards), not at the value the schedule from 0 would give (≈ --lr)."""
+    with pytest.raises(SystemExit):
+        train.parse_args(ARGS + ["--ckpt", str(tmp_path / "x"), "--schedule-minutes", "5", "--restart-minutes", "5"])
+    with pytest.raises(SystemExit):
+        train.parse_args(ARGS + ["--ckpt", str(tmp_path / "x"), "--restart-minutes", "1"])
+    for name, extra in (("plain", []), ("restart", ["--restart-minutes", "0"])):
+        train.main(ARGS + ["--ckpt", str(tmp_path / name), "--schedule-minutes", "60", "--max-steps", "41"] + extra)
+    lr = {name: [json.loads(line)["lr"] for line in open(tmp_path / f"{name}.log.jsonl")][-1]
+          for name in ("plain", "restart")}
+    assert lr["plain"] == pytest.approx(2e-3, rel=1e-2)
+    assert 0.05 * 2e-3 <= lr["restart"] < 0.5 * 2e-3

@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--schedule-minutes)")
     p.add_argument("--schedule-minutes", type=float, default=None,
                    help="if set, the LR schedule runs on cumulative training minutes instead of steps")
+    p.add_argument("--restart-minutes", type=float, default=None,
+                   help="warm restart: the cosine of --schedule-minutes starts again (from --lr) at this many "
+                        "cumulative training minutes, ramping up over its first minute (default: no restart)")
     p.add_argument("--max-steps", type=int, default=None, help="stop this piece after this global step")
     p.add_argument("--batch", type=int, default=16, help="identities per GPU per step")
     p.add_argument("--n-train", type=int, default=4096,
@@ -115,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--motion-sampling must be >= 0, got {args.motion_sampling}")
     if not args.locality_weight >= 0:
         p.error(f"--locality-weight must be >= 0, got {args.locality_weight}")
+    if args.restart_minutes is not None and not (
+            args.schedule_minutes and 0 <= args.restart_minutes < args.schedule_minutes):
+        p.error("--restart-minutes needs --schedule-minutes and must lie in [0, --schedule-minutes)")
     if args.locality_weight > 0 and args.data != "ict":
         p.error("--locality-weight needs the atlas's regions: --data ict")
     if args.local_hidden is not None and args.local_hidden < 1:
@@ -380,10 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         """Fraction of the LR schedule done; on training time it is taken from rank 0 so all ranks agree."""
         if not args.schedule_minutes:
             return (step - args.warmup) / max(1, args.total_steps - args.warmup)
-        t = torch.tensor([(info["elapsed_s"] + time.time() - t_start) / (60 * args.schedule_minutes)], device=device)
+        t = torch.tensor([(info["elapsed_s"] + time.time() - t_start) / 60], device=device)
         if world > 1:
             dist.broadcast(t, 0)
-        return float(t)
+        start = args.restart_minutes or 0.0
+        return (float(t) - start) / (args.schedule_minutes - start)
 
     fresh = args.identities == "encoder" and args.data == "ict"
 
@@ -404,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.log_every == 0 or step == int(info["step"]):
             progress = schedule_progress()
         f = lr_factor(step, args.warmup, progress)
+        if args.restart_minutes is not None:  # the restart's ramp: a minute from 5 % to the cosine
+            f *= min(1.0, 0.05 + progress * (args.schedule_minutes - args.restart_minutes))
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * f
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
