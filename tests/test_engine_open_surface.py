@@ -261,6 +261,30 @@ def test_settle_moves_a_boundary_vertex_off_the_other_sides_root():
     assert out[mesh_cut.NEW][v] and np.linalg.norm(out["canonical"][v] - canon[v]) >= 0.0005
 
 
+def test_settle_moves_a_rim_vertex_off_an_island_of_another_root():
+    """A rim vertex on a 0.3 mm island of a third root (seed 2's mouth corner at 256) follows three of its four
+    neighbours but stretches its edge to the fourth 3.5x: it moves toward them, off the island, to where none of
+    its edges stretches beyond STRETCH_LIMIT; the neighbour at the other end of that edge stays."""
+    h = 0.003
+    ij = np.stack(np.meshgrid(np.arange(5), np.arange(5), indexing="ij"), -1).reshape(-1, 2)
+    canon = np.concatenate([ij * h, np.zeros((25, 1))], 1).astype(np.float32)
+    quads = [(i * 5 + j, (i + 1) * 5 + j, (i + 1) * 5 + j + 1, i * 5 + j + 1) for i in range(4) for j in range(4)]
+    faces = np.array([f for a, b, c, d in quads for f in ((a, b, c), (a, c, d))], np.int32)
+    v = 2  # on the boundary x = 0
+    arrays = {"canonical": canon, "vertices": canon.copy(), "faces": faces, mesh_cut.NEW: np.zeros(25, bool)}
+
+    def motion(p: np.ndarray) -> np.ndarray:
+        island = np.linalg.norm(p - canon[v], axis=1) < 0.0003
+        return np.where(island[:, None], [0.0, -2.5 * h, 0.0], 0.0)
+
+    stretch = sm.edge_stretch(canon, canon + motion(canon), faces)
+    assert (stretch > open_surface.STRETCH_LIMIT).sum() == 1
+    out, moved, left = open_surface._settle(arrays, np.ones(25, bool), motion)
+    assert moved == 1 and out[mesh_cut.NEW][v] and not left.any()
+    v_out = out["canonical"]
+    assert sm.edge_stretch(v_out, v_out + motion(v_out), faces).max() < 1.01
+
+
 def test_settle_reports_the_vertices_it_could_not_place():
     """A slit vertex with no root within reach of its trial positions stays and is reported (the opener tries it
     again once its neighbours have moved); a vertex that found a position is not."""
@@ -329,6 +353,28 @@ def test_a_sliver_edge_where_the_slit_ends_is_collapsed_not_stretched():
     assert none == 0 and same is arrays
 
 
+def test_a_stretched_edge_at_the_slits_end_collapses_on_a_fine_mesh_too():
+    """The plate at 256's edge length (1.5 mm): the rim edge (2, 25) of 1.2 mm (0.8 of the median edge) crosses
+    the ramp where the lips' motions meet (4 mm over 0.4 mm) and stretches 3.5x; the motion's ramp does not get
+    wider with the resolution, so edges up to SHORT_EDGE_M collapse on any mesh."""
+    h = 0.0015
+    arrays = _plate_with_a_sliver(h, gap=0.0012)
+    canon, faces = arrays["canonical"], arrays["faces"]
+    assert 0.0012 > open_surface.SHORT_EDGE * h and 0.0012 < open_surface.SHORT_EDGE_M
+
+    def motion(p: np.ndarray) -> np.ndarray:
+        s = np.clip((p[:, 0] - 2 * h) / 0.0004, 0.0, 1.0)
+        return np.stack([np.zeros_like(s), -0.004 * s, np.zeros_like(s)], 1)
+
+    assert (sm.edge_stretch(canon, canon + motion(canon), faces) > open_surface.STRETCH_LIMIT).sum() == 1
+    out, collapsed = open_surface._collapse_stretched(arrays, np.ones(26, bool), motion)
+    v, f = out["canonical"], out["faces"]
+    assert collapsed == 1 and len(v) == 25
+    assert sm.edge_stretch(v, v + motion(v), f).max() <= open_surface.STRETCH_LIMIT
+    topo = sm.topology(f)
+    assert (topo.genus, topo.boundary_loops, topo.pieces, topo.nonmanifold_edges) == (0, 1, [25], 0)
+
+
 def test_a_stretched_boundary_fan_with_an_ear_goes_whole():
     """Beyond the plate's boundary edge (2, 3) two faces (2, D, 3) and (2, E, D) with E an ear (one face): the
     motion's ramp stretches the 1 mm rim edge D-3 (3.6x). D's two faces go (their inner edge joins two boundary
@@ -352,6 +398,37 @@ def test_a_stretched_boundary_fan_with_an_ear_goes_whole():
     assert sm.edge_stretch(v, v + motion(v), f).max() <= open_surface.STRETCH_LIMIT
     topo = sm.topology(f)
     assert (topo.genus, topo.boundary_loops, topo.pieces, topo.nonmanifold_edges) == (0, 1, [25], 0)
+
+
+def test_an_ear_that_moves_with_the_other_side_goes_at_any_size():
+    """Below the plate's boundary edge (2, 3) an ear E (a rim vertex with one face, edges 0.94 h: longer than
+    SHORT_EDGE x the median edge) that the motion moves with the other lip (30 mm, its neighbours 0): its face
+    straddles the motion's jump, as seed 11's at the right mouth corner at 256 (14x). The face goes, nothing
+    moves; an ear that follows its neighbours stays."""
+    h = 0.003
+    plate = _plate_with_a_sliver()
+    canon = np.concatenate([plate["canonical"][:25], [[2.5 * h, -0.8 * h, 0.0]]]).astype(np.float32)
+    faces = np.array([f for f in plate["faces"].tolist() if 25 not in f] + [[2, 3, 8], [3, 2, 25]], np.int32)
+    arrays = {"canonical": canon, "vertices": canon.copy(), "faces": faces}
+    edge = np.linalg.norm(canon[25] - canon[2])
+    assert edge > open_surface.SHORT_EDGE * h
+
+    def other_side(p: np.ndarray) -> np.ndarray:
+        return np.where((np.abs(p - canon[25]).max(1) == 0)[:, None], [0.0, -0.03, 0.0], 0.0)
+
+    assert sm.edge_stretch(canon, canon + other_side(canon), faces).max() > 10
+    out, collapsed = open_surface._collapse_stretched(arrays, np.ones(26, bool), other_side)
+    v, f = out["canonical"], out["faces"]
+    assert collapsed == 1 and len(v) == 25 and len(f) == len(faces) - 1
+    assert np.array_equal(v, canon[:25]) and sm.edge_stretch(v, v + other_side(v), f).max() < 1.01
+    topo = sm.topology(f)
+    assert (topo.genus, topo.boundary_loops, topo.pieces, topo.nonmanifold_edges) == (0, 1, [25], 0)
+
+    def follows(p: np.ndarray) -> np.ndarray:
+        return np.stack([np.zeros(len(p)), -0.3 * p[:, 1], np.zeros(len(p))], 1)
+
+    same, none = open_surface._collapse_stretched(arrays, np.ones(26, bool), follows)
+    assert none == 0 and same is arrays
 
 
 def test_solve_continued_with_one_step_is_solve():

@@ -64,7 +64,10 @@ SETTLE_STEP, SETTLE_TRIES = 0.25, 3  # a vertex with a non-robust root moves thi
 SETTLE_JITTERS = (JITTER,) * 2 + (2e-5,) * 2 + (5e-5,) * 2
 STRETCH_LIMIT = 3.0  # issue 13's limit: a settled vertex keeps most of its edges within it under the expression
 SHORT_EDGE = 0.75  # of the median edge: where the slit ends, only edges this short are collapsed (_collapse_stretched)
-COLLAPSE_PASSES = 3  # rounds of _collapse_stretched (a collapse can leave the kept end's other edges to collapse)
+# m: and edges this short at any resolution. The motion grows like the square root of the distance from the slit's
+# end (a crack's tip), so an edge there stretches the more the shorter it is (seed 16 at 256: docs/surface.md)
+SHORT_EDGE_M = 0.002
+COLLAPSE_PASSES = 8  # most rounds of _collapse_stretched: until one collapses nothing (a kept end or an ear is left)
 LEVEL_RINGS = 2  # edge rings around a vertex that set its own cut level (_local_level)
 MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut (the expression does not part them)
 # Vertices whose template point is within this of the MOTION_CUTS zones' template vertices follow the expression
@@ -263,7 +266,9 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     SETTLE_JITTERS; `motion` may give NaN rows where it has no root: not robust) or parts from most of their
     neighbours' (an edge to them would stretch beyond STRETCH_LIMIT: the other lip's root) a step toward their
     neighbours' mean (SETTLE_STEP of the way, up to SETTLE_TRIES times), away from the contact where the root is
-    ambiguous, and keep the first position that is robust and follows the neighbours; a vertex that is unsolved
+    ambiguous, and keep the first position that is robust and follows the neighbours. A vertex that follows most
+    of them but stretches an edge beyond STRETCH_LIMIT (on a small island of a third root: seed 2's mouth corner
+    at 256, docs/surface.md) moves only to a position where none of its edges does. A vertex that is unsolved
     or does not follow them takes, failing that, the first position that follows (on the CPU the opener's roots
     are the deform op's: deform.MIN_ROWS); else the vertex stays. Their attributes are then recomputed
     (mesh_cut.NEW). Returns the arrays, how many vertices moved and which vertices (N,) bool are unsolved or do not
@@ -306,20 +311,25 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     pairs = np.concatenate([pairs, pairs[:, ::-1]])
     pairs = pairs[is_cand[pairs[:, 0]]]  # (candidate, neighbour)
 
-    def follows(v: np.ndarray, pos: np.ndarray, dv: np.ndarray) -> np.ndarray:
-        """Whether candidates v at positions pos moving dv keep at least half their edges within STRETCH_LIMIT."""
+    def follows(v: np.ndarray, pos: np.ndarray, dv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Whether candidates v at positions pos moving dv keep at least half their edges within STRETCH_LIMIT,
+        and whether they keep all of them (edges to unsolved neighbours do not count)."""
         slot = np.full(n, -1, np.int64)
         slot[v] = np.arange(len(v))  # v: distinct vertices
         p = pairs[slot[pairs[:, 0]] >= 0]
         i = slot[p[:, 0]]
         rest = np.linalg.norm(pos[i] - canon[p[:, 1]], axis=1)
         now = np.linalg.norm(pos[i] + dv[i] - canon[p[:, 1]] - disp[p[:, 1]], axis=1)
-        known = np.isfinite(disp[p[:, 1]]).all(1)  # unsolved neighbours do not count
+        known = np.isfinite(disp[p[:, 1]]).all(1)
         good = np.bincount(i, (now <= STRETCH_LIMIT * rest) & known, minlength=len(v))
-        return good >= 0.5 * np.bincount(i, known, minlength=len(v))
+        known_count = np.bincount(i, known, minlength=len(v))
+        return good >= 0.5 * known_count, good >= known_count
 
-    follows0 = follows(cand, canon[cand], d)  # False where unsolved too
-    bad = np.flatnonzero(~(ok0 & follows0))
+    follows0, taut0 = follows(cand, canon[cand], d)  # False where unsolved too
+    # on an island of another root: an edge stretches, and the vertex parts from its neighbours' mean motion by
+    # more than such an edge's ends do (the neighbour at the other end of that edge stays)
+    island = ok0 & follows0 & ~taut0 & _parts_from_neighbours(cand, disp, pairs, reach / np.maximum(degree, 1))
+    bad = np.flatnonzero(~(ok0 & follows0) | island)
     steps = np.minimum(1.0, np.arange(1, SETTLE_TRIES + 1) * SETTLE_STEP)
     trials = canon[cand[bad]][None] + steps[:, None, None] * (mean[cand[bad]] - canon[cand[bad]])[None]
     ok = np.zeros((len(steps), len(bad)), bool)
@@ -328,7 +338,10 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
         ok = okt.reshape(len(steps), len(bad))
         dt = dt.reshape(len(steps), len(bad), 3)
         misplaced = ~follows0[bad]  # unsolved or on the other side's root
-        with_root = np.stack([follows(cand[bad], trials[j], dt[j]) for j in range(len(steps))])  # finite too
+        fits = [follows(cand[bad], trials[j], dt[j]) for j in range(len(steps))]
+        with_root = np.stack([half for half, _ in fits])  # finite too
+        # a vertex that follows but stretches an edge (an island of another root) moves only where none stretches
+        with_root &= np.stack([whole for _, whole in fits]) | ~island[bad][None]
         # robust positions first; a misplaced vertex, failing those, takes the first one that follows
         ok = np.concatenate([ok & with_root, with_root & misplaced[None]])
         trials = np.concatenate([trials, trials])
@@ -354,22 +367,37 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     return out, int(moved.sum()), left
 
 
+def _parts_from_neighbours(cand: np.ndarray, disp: np.ndarray, pairs: np.ndarray, edge: np.ndarray) -> np.ndarray:
+    """Whether each candidate's motion (disp rows: NaN unsolved) differs from the mean of its solved neighbours'
+    (pairs: (candidate, neighbour) rows) by more than (STRETCH_LIMIT - 1) x its mean edge length `edge`."""
+    slot = np.full(len(disp), -1, np.int64)
+    slot[cand] = np.arange(len(cand))
+    i, d = slot[pairs[:, 0]], disp[pairs[:, 1]]
+    known = np.isfinite(d).all(1)
+    total = np.zeros((len(cand), 3))
+    np.add.at(total, i[known], d[known])
+    mean = total / np.maximum(np.bincount(i[known], minlength=len(cand)), 1)[:, None]
+    return np.linalg.norm(disp[cand] - mean, axis=1) > (STRETCH_LIMIT - 1) * edge[cand]
+
+
 def _collapse_stretched(arrays: dict[str, np.ndarray], zone: np.ndarray,
                         motion: Callable[[np.ndarray], np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
     """Remove the zone's edges on or next to the mesh boundary that the motion (NaN rows: unsolved) stretches
     beyond STRETCH_LIMIT by collapsing one of their ends onto a neighbour (the other end or another). Where the
     slit ends, both lips' motions meet in a steep but continuous ramp, and marching cubes leaves edges there far
     shorter than the ramp is wide: such an edge stretches by the ramp's slope, a longer edge across it by less.
-    A collapse is made where the collapsed edge is shorter than SHORT_EDGE x the mesh's median edge, the kept
-    vertex (which does not move: its root and attributes stay) gets no new edge beyond STRETCH_LIMIT, the mesh
-    stays a manifold of the same topology and no face turns over (_collapse_cost); the collapse whose new edges
-    stretch least is taken. Up to COLLAPSE_PASSES rounds, each over disjoint neighbourhoods. Returns the arrays
-    and the number of edges collapsed."""
+    A collapse is made where the collapsed edge is shorter than SHORT_EDGE x the mesh's median edge or than
+    SHORT_EDGE_M (or drops an ear, a rim vertex with one face, of any size: that face straddles the motion's jump,
+    as a bridge does), the kept vertex (which does not move: its root and attributes stay) gets no new edge beyond
+    STRETCH_LIMIT, the mesh stays a manifold of the same topology and no face turns over (_collapse_cost); the
+    collapse whose new edges stretch least is taken. Rounds over disjoint neighbourhoods until one collapses
+    nothing (at most COLLAPSE_PASSES). Returns the arrays and the number of edges collapsed."""
     faces = np.asarray(arrays["faces"], np.int64)
     edges, count = unique_edges(faces)
     n = len(arrays["canonical"])
     canon = arrays["canonical"].astype(np.float64)
-    short = SHORT_EDGE * float(np.median(np.linalg.norm(canon[edges[:, 0]] - canon[edges[:, 1]], axis=1)))
+    median = float(np.median(np.linalg.norm(canon[edges[:, 0]] - canon[edges[:, 1]], axis=1)))
+    short = max(SHORT_EDGE * median, SHORT_EDGE_M)
     on_boundary = np.zeros(n, bool)
     on_boundary[edges[count == 1].ravel()] = True
     cand = _grow(on_boundary, edges) & zone
@@ -433,17 +461,21 @@ def _collapse_stretched(arrays: dict[str, np.ndarray], zone: np.ndarray,
 def _collapse_cost(faces: np.ndarray, faces_of: Callable[[int], np.ndarray], keep: int, drop: int,
                    on_boundary: np.ndarray, canon: np.ndarray, posed: np.ndarray, short: float) -> float | None:
     """The largest stretch of the edges that collapsing `drop` onto `keep` gives `keep` (0 if none), or None where
-    the collapse is not made: its edge is not shorter than `short` (the surface would move too far), it would
-    change the topology (the link condition: the two ends share only the third corners of the faces on their
-    edge; an inner edge of two boundary vertices would pinch the surface, unless all of drop's faces go and every
-    corner they leave keeps at most two boundary edges), leave no face, turn a face over (its canonical normal
-    against the old one) or join an unsolved vertex."""
+    the collapse is not made: its edge is not shorter than `short` (the surface would move too far; an ear, drop
+    with one face, goes at any length: nothing moves and no edge is added), it would change the topology (the
+    link condition: the two ends share only the third corners of the faces on their edge; an inner edge of two
+    boundary vertices would pinch the surface, unless all of drop's faces go and every corner they leave keeps at
+    most two boundary edges), leave no face, turn a face over (its canonical normal against the old one) or join
+    an unsolved vertex."""
     f_keep, f_drop = faces_of(keep), faces_of(drop)
     on_edge = (faces[f_drop] == keep).any(1)
     shared, moved = f_drop[on_edge], f_drop[~on_edge]
     if not 0 < len(shared) <= 2 or len(shared) == len(f_drop) == len(f_keep):
         return None
-    if np.linalg.norm(canon[keep] - canon[drop]) >= short:
+    ear = len(f_drop) == 1
+    if ear and not _stays_manifold(faces, faces_of, shared, drop):
+        return None
+    if np.linalg.norm(canon[keep] - canon[drop]) >= short and not ear:
         return None
     if len(shared) == 2 and on_boundary[keep] and on_boundary[drop]:
         if len(moved) or not _stays_manifold(faces, faces_of, shared, drop):
