@@ -86,8 +86,10 @@ class FitReply(HeadReply):
     OP = "fit"
     error: dict[str, Any] | None = doc("fit error: trimmed one-sided Chamfer distance, mm and input units")
     transform: dict[str, Any] | None = doc("{scale, rotation, translation}: x_model = s R x_input + t")
-    alignment: dict[str, Any] | None = doc("the alignment's score, coverage and inliers")
-    fit: dict[str, Any] | None = doc("{steps, batch_points, normals, final_loss}")
+    alignment: dict[str, Any] | None = doc("the alignment's score, coverage and inliers (near the mean head, then "
+                                           "near the fitted head), and the pose_refinement {rotation_deg, "
+                                           "centroid_shift_m} the latent fit made")
+    fit: dict[str, Any] | None = doc("{steps (per round), rounds, batch_points, normals, final_loss}")
 
 
 @dataclass(frozen=True)

@@ -56,14 +56,16 @@ FIT_RESOLUTION = 128
 FIT_SAMPLES = 20_000  # input surface samples a fit aligns and fits to (request default)
 ALIGN_TEMPLATE_SAMPLES = 20_000  # samples of the mean head's surface the aligner matches the input against
 FIT_MIN_WEIGHT = 0.02  # fitted expression weights below this are noise (the fit starts every weight at ~0.007)
-# Latent-fit budget per device: (steps, points per step, use normals). The normal term needs a double
-# backward pass and did not pay for it; a caller may still ask for normals.
+# Latent-fit budget per device: (steps of each of the fit's rounds, points per step, use normals). The normal
+# term needs a double backward pass and did not pay for it, nor did the eval's budget on CPU (weights/MODEL_CARD.md,
+# "The fit CLI against the eval"); a caller may still ask for normals.
 FIT_BUDGET = {"cuda": (300, 4096, False), "cpu": (100, 1024, False)}
 # Local networks evaluated per point in the latent fit: on CUDA all 39 (exact, and a few batched kernels per
 # layer instead of a loop over regions with a host sync); on CPU the nearest TOPK (fewer FLOPs).
 FIT_TOPK = {"cuda": None, "cpu": TOPK}
-# Aligned input points kept for the latent fit: within this multiple of the median distance to the mean head,
-# or FIT_INLIER_FLOOR_M, whichever is larger; a fit needs at least FIT_MIN_INLIERS of them.
+# Input points kept for a latent fit's round: within this multiple of the median distance to the mean head (the
+# first round) or to the head fitted so far (|SDF|, the next), or FIT_INLIER_FLOOR_M, whichever is larger; a fit
+# needs at least FIT_MIN_INLIERS of them.
 FIT_INLIER_MEDIANS = 2.5
 FIT_INLIER_FLOOR_M = 0.003
 FIT_MIN_INLIERS = 50

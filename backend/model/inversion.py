@@ -12,6 +12,11 @@ so that dropping or adding one point changes the minibatches by at most that poi
 are drawn up front on the CPU and sent to the device once, and the loop has no host synchronisation (losses
 stay on the device until the end), so on a GPU the steps queue back to back.
 
+With `fit_pose` the points' rigid pose is fitted with the codes, by the same optimiser: an input aligned to the
+mean head sits a few degrees and millimetres off the pose of its own head (the identity differs from the mean),
+and codes fitted at that pose bend the head to follow it; re-aligning to the fitted head afterwards barely moves
+it, since the bent head already matches (weights/MODEL_CARD.md, "The fit CLI against the eval").
+
 Optionally the 39 region codes are then refined directly (regularised toward their decoded values), which is
 how the HeadSpec's `region_overrides` can carry detail that z_id alone does not reach.
 """
@@ -36,6 +41,13 @@ class FitResult:
     zr: Tensor  # (B, 39, 32) final region codes (decoded from z_id unless refine_regions)
     losses: list[float] = field(default_factory=list)
     final_abs_sdf: Tensor | None = None  # (B,) mean |sdf| at the input points after fitting (m)
+    pose: Tensor | None = None  # (B,3,4) [R | t] with fit_pose: the points as fitted are R x + t
+
+
+# The pose's coordinates: a rotation vector times POSE_RADIUS and a translation, both metres of displacement at
+# about a head's radius, so that one learning rate (POSE_LR, metres per step) suits both.
+POSE_RADIUS = 0.1
+POSE_LR = 3e-4
 
 
 class CodeAdam:
@@ -106,6 +118,25 @@ def minibatches(point_ids: np.ndarray, steps: int, n_batch: int, seed: int) -> T
     return torch.from_numpy(out)
 
 
+def _skew(w: Tensor) -> Tensor:
+    """(B,3) -> (B,3,3) cross-product matrices."""
+    o = torch.zeros_like(w[:, 0])
+    return torch.stack([o, -w[:, 2], w[:, 1], w[:, 2], o, -w[:, 0], -w[:, 1], w[:, 0], o], -1).view(-1, 3, 3)
+
+
+def pose_matrix(motion: Tensor, centre: Tensor) -> Tensor:
+    """[R | t] (B,3,4) of a motion (B,6) (rotation vector and translation, see POSE_RADIUS), turning about
+    centre (B,3)."""
+    rot = torch.linalg.matrix_exp(_skew(motion[:, :3] / POSE_RADIUS))
+    t = centre + motion[:, 3:] - (rot @ centre[:, :, None])[:, :, 0]
+    return torch.cat([rot, t[:, :, None]], -1)
+
+
+def apply_pose(m: Tensor, x: Tensor) -> Tensor:
+    """[R | t] (B,3,4) applied to points (B,N,3)."""
+    return x @ m[:, :, :3].transpose(1, 2) + m[:, None, :, 3]
+
+
 def _batched(points: Tensor) -> Tensor:
     if points.dim() == 2:
         points = points[None]
@@ -137,6 +168,7 @@ def fit_latents(
     callback: Callable[[int, Tensor], None] | None = None,
     point_ids: Tensor | None = None,
     final_abs: bool = True,
+    fit_pose: bool = False,
 ) -> FitResult:
     """Fit latents so that `points` (model frame, metres) lie on the zero level set.
 
@@ -145,7 +177,9 @@ def fit_latents(
     device: float() it only when needed (on a GPU that waits for the queued steps). `steps`
     identity(+expression) steps are followed by `region_steps` steps that refine the region codes directly.
     point_ids: (N,) distinct non-negative integers naming the points for the minibatch draw (default
-    0..N-1). final_abs: also evaluate the mean |sdf| at all points after fitting (FitResult.final_abs_sdf)."""
+    0..N-1). final_abs: also evaluate the mean |sdf| at all points after fitting (FitResult.final_abs_sdf).
+    fit_pose: fit a rotation and translation of the points (about their centroid) with the identity steps
+    (FitResult.pose)."""
     pts = _batched(points)
     B, N, _ = pts.shape
     nrm = None
@@ -183,6 +217,11 @@ def fit_latents(
         e_logit = torch.full((B, model.cfg.n_expressions), -5.0, device=dev, requires_grad=fit_expression)
         params = [u] + ([e_logit] if fit_expression else [])
         opt = CodeAdam(params, lr=lr, cosine_steps=max(steps, 1), lr_min=lr * 0.05)
+        centre = pts.mean(1)
+        motion = torch.zeros(B, 6, device=dev, requires_grad=fit_pose)
+        pose_opt = CodeAdam([motion] if fit_pose else [], lr=POSE_LR, cosine_steps=max(steps, 1),
+                            lr_min=POSE_LR * 0.05)
+        pose: Tensor | None = None
         losses: list[Tensor] = []
 
         neutral = torch.zeros(B, model.cfg.n_expressions, device=dev)
@@ -190,28 +229,40 @@ def fit_latents(
         def z_exp_now() -> Tensor:
             return torch.sigmoid(e_logit) if fit_expression else neutral
 
-        def surface_loss(zr: Tensor, k: Tensor, z_id: Tensor, zexp: Tensor, step: int) -> Tensor:
+        def surface_loss(zr: Tensor, k: Tensor, z_id: Tensor, zexp: Tensor, step: int, pose: Tensor | None
+                         ) -> Tensor:
             sel = selection[step]
-            x = pts[:, sel].requires_grad_(nrm is not None)  # indexing copies: a fresh leaf
+            x = pts[:, sel].requires_grad_(nrm is not None and pose is None)  # indexing copies: a fresh leaf
+            n = None if nrm is None else nrm[:, sel]
+            if pose is not None:
+                x = apply_pose(pose, x)
+                n = None if n is None else n @ pose[:, :, :3].transpose(1, 2)
             xc = x + model.warp(x, zexp, z_id) if fit_expression else x
             s = model.sdf(xc, zr, k, topk=topk)
             loss = s.abs().mean()
-            if nrm is not None:
+            if n is not None:
                 (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)
-                cos = torch.nn.functional.cosine_similarity(g, nrm[:, sel], dim=-1)
-                loss = loss + normal_weight * (1 - cos).mean()
+                loss = loss + normal_weight * (1 - torch.nn.functional.cosine_similarity(g, n, dim=-1)).mean()
             return loss
 
         for step in range(steps):
             z_id = mean + u @ chol.T
             zr, k = model.decode(z_id)
-            loss = surface_loss(zr, k, z_id, z_exp_now(), step) + prior_weight * (u**2).sum(-1).mean() / D
+            pose = pose_matrix(motion, centre) if fit_pose else None
+            loss = surface_loss(zr, k, z_id, z_exp_now(), step, pose) + prior_weight * (u**2).sum(-1).mean() / D
             opt.zero_grad()
+            pose_opt.zero_grad()
             loss.backward()
             opt.step()
+            pose_opt.step()
             losses.append(loss.detach())
             if callback is not None:
                 callback(step, losses[-1])
+        if fit_pose:
+            with torch.no_grad():
+                pose = pose_matrix(motion, centre)
+            pts = apply_pose(pose, pts)  # the region steps and final_abs see the points as fitted
+            nrm = None if nrm is None else nrm @ pose[:, :, :3].transpose(1, 2)
 
         with torch.no_grad():
             z_id = (mean + u @ chol.T).detach()
@@ -221,7 +272,7 @@ def fit_latents(
             zr.requires_grad_(True)
             ropt = CodeAdam([zr] + ([e_logit] if fit_expression else []), lr=lr * 0.1)
             for step in range(region_steps):
-                loss = surface_loss(zr, model.anchors(zr), z_id, z_exp_now(), steps + step)
+                loss = surface_loss(zr, model.anchors(zr), z_id, z_exp_now(), steps + step, None)
                 loss = loss + region_weight * ((zr - zr0) ** 2).sum((-1, -2)).mean() / zr.shape[1]
                 ropt.zero_grad()
                 loss.backward()
@@ -240,7 +291,7 @@ def fit_latents(
                     [model.sdf(c, zr, k, topk=topk).abs() for c in xs.split(8192, dim=1)], dim=1
                 ).mean(-1)
         loss_list = torch.stack(losses).tolist() if losses else []
-        return FitResult(z_id=z_id, z_exp=zexp, zr=zr, losses=loss_list, final_abs_sdf=final)
+        return FitResult(z_id=z_id, z_exp=zexp, zr=zr, losses=loss_list, final_abs_sdf=final, pose=pose)
     finally:
         if flush:
             torch.set_flush_denormal(False)  # PyTorch's default
