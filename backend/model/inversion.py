@@ -47,7 +47,7 @@ class FitResult:
 # The pose's coordinates: a rotation vector times POSE_RADIUS and a translation, both metres of displacement at
 # about a head's radius, so that one learning rate (POSE_LR, metres per step) suits both.
 POSE_RADIUS = 0.1
-POSE_LR = 3e-4
+POSE_LR = 1e-3
 
 
 class CodeAdam:
@@ -156,7 +156,7 @@ def fit_latents(
     steps: int = 300,
     id_mean: Tensor | None = None,
     id_chol: Tensor | None = None,
-    lr: float = 0.03,
+    lr: float = 0.1,
     prior_weight: float = 1e-4,
     normal_weight: float = 0.01,
     batch_points: int = 4096,
