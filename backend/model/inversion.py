@@ -45,9 +45,10 @@ class FitResult:
 
 
 # The pose's coordinates: a rotation vector times POSE_RADIUS and a translation, both metres of displacement at
-# about a head's radius, so that one learning rate (POSE_LR, metres per step) suits both.
+# about a head's radius, so that one learning rate (metres per step) suits both: POSE_LR per unit of the codes'
+# learning rate, so that the pose keeps pace with the codes (which otherwise bend the head to a wrong pose).
 POSE_RADIUS = 0.1
-POSE_LR = 1e-3
+POSE_LR = 0.01
 
 
 class CodeAdam:
@@ -219,8 +220,8 @@ def fit_latents(
         opt = CodeAdam(params, lr=lr, cosine_steps=max(steps, 1), lr_min=lr * 0.05)
         centre = pts.mean(1)
         motion = torch.zeros(B, 6, device=dev, requires_grad=fit_pose)
-        pose_opt = CodeAdam([motion] if fit_pose else [], lr=POSE_LR, cosine_steps=max(steps, 1),
-                            lr_min=POSE_LR * 0.05)
+        pose_opt = CodeAdam([motion] if fit_pose else [], lr=POSE_LR * lr, cosine_steps=max(steps, 1),
+                            lr_min=POSE_LR * lr * 0.05)
         pose: Tensor | None = None
         losses: list[Tensor] = []
 
