@@ -217,16 +217,22 @@ def test_slit_copies_avoid_roots_that_move_with_rounding():
     assert 0 < t_a[0] and np.linalg.norm(d[1] - d[0]) <= (open_surface.COPY_STRETCH - 1) * t_a[0] * length
 
 
-def test_settle_moves_a_boundary_vertex_off_the_other_sides_root():
-    """A vertex on the slit whose root is the other lip's within 0.5 mm of it (robust to the jitters) would
-    stretch its edges 10x: it moves toward its neighbours, out of that root's reach; the others stay."""
-    h = 0.003
+def _grid_plate(h: float) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A 5 x 5 vertex plate of spacing h in z = 0: canonical positions, triangles and the opener's arrays."""
     ij = np.stack(np.meshgrid(np.arange(5), np.arange(5), indexing="ij"), -1).reshape(-1, 2)
     canon = np.concatenate([ij * h, np.zeros((25, 1))], 1).astype(np.float32)
     quads = [(i * 5 + j, (i + 1) * 5 + j, (i + 1) * 5 + j + 1, i * 5 + j + 1) for i in range(4) for j in range(4)]
     faces = np.array([f for a, b, c, d in quads for f in ((a, b, c), (a, c, d))], np.int32)
-    v = 2  # on the boundary x = 0
     arrays = {"canonical": canon, "vertices": canon.copy(), "faces": faces, mesh_cut.NEW: np.zeros(25, bool)}
+    return canon, faces, arrays
+
+
+def test_settle_moves_a_boundary_vertex_off_the_other_sides_root():
+    """A vertex on the slit whose root is the other lip's within 0.5 mm of it (robust to the jitters) would
+    stretch its edges 10x: it moves toward its neighbours, out of that root's reach; the others stay."""
+    h = 0.003
+    canon, faces, arrays = _grid_plate(h)
+    v = 2  # on the boundary x = 0
 
     def motion(p: np.ndarray) -> np.ndarray:
         wrong = np.linalg.norm(p - canon[v], axis=1) < 0.0005
@@ -266,12 +272,8 @@ def test_settle_moves_a_rim_vertex_off_an_island_of_another_root():
     neighbours but stretches its edge to the fourth 3.5x: it moves toward them, off the island, to where none of
     its edges stretches beyond STRETCH_LIMIT; the neighbour at the other end of that edge stays."""
     h = 0.003
-    ij = np.stack(np.meshgrid(np.arange(5), np.arange(5), indexing="ij"), -1).reshape(-1, 2)
-    canon = np.concatenate([ij * h, np.zeros((25, 1))], 1).astype(np.float32)
-    quads = [(i * 5 + j, (i + 1) * 5 + j, (i + 1) * 5 + j + 1, i * 5 + j + 1) for i in range(4) for j in range(4)]
-    faces = np.array([f for a, b, c, d in quads for f in ((a, b, c), (a, c, d))], np.int32)
+    canon, faces, arrays = _grid_plate(h)
     v = 2  # on the boundary x = 0
-    arrays = {"canonical": canon, "vertices": canon.copy(), "faces": faces, mesh_cut.NEW: np.zeros(25, bool)}
 
     def motion(p: np.ndarray) -> np.ndarray:
         island = np.linalg.norm(p - canon[v], axis=1) < 0.0003
