@@ -56,7 +56,8 @@ wait)
 eval)
     mkdir -p "$WORK/new" "$OUT/weights"
     cp weights/*.safetensors weights/*.sha256 weights/MODEL_CARD.md "$WORK/new/"
-    python -m backend.train.export --ckpt "$WORK/run" --out "$WORK/new/imhead.safetensors"
+    ckpt="$WORK/run"; [ -f "$ckpt/state.safetensors" ] || ckpt=training_state/run  # a fresh machine
+    python -m backend.train.export --ckpt "$ckpt" --out "$WORK/new/imhead.safetensors"
     cp "$WORK/new/imhead.safetensors" "$WORK/new/imhead.safetensors.sha256" "$OUT/weights/"
     which="new old"; [ "${3:-both}" = new ] && which=new
     for w in $which; do
