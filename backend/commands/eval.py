@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ import torch
 
 from .. import errors
 from ..weights import default_weights_dir
+
+if TYPE_CHECKING:
+    from ..engine.extract import Mesh
 
 TARGETS = {"cd_l1_mm": 0.30, "nc": 0.99, "f1mm": 0.95, "exp_cd_l1_mm": 0.40, "corr_mm": 1.5, "locality_p95_mm": 0.1}
 CARD_BEGIN, CARD_END = "<!-- eval:begin -->", "<!-- eval:end -->"
@@ -76,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
     from ..data import metrics, splits
     from ..data.atlas import load_atlas
     from ..data.ict import load_ict
-    from ..engine.extract import extract_mesh
     from ..model.inversion import fit_latents
     from ..weights import load_model
 
@@ -107,18 +110,7 @@ def run(args: argparse.Namespace) -> int:
                            id_mean=ex["id_mean"], id_chol=ex["id_chol"], batch_points=args.batch_points,
                            topk=topk, init_z_id=init, seed=seed)
 
-    def mesh_of(zr: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor | None):
-        k = model.anchors(zr)
-
-        def sdf(p: torch.Tensor) -> torch.Tensor:
-            x = p[None]
-            if z_exp is not None:
-                x = x + model.warp(x, z_exp, z_id)
-            return model.sdf(x, zr, k, topk=topk)[0]
-
-        with torch.no_grad():
-            return extract_mesh(sdf, args.resolution, device=dev)[0]
-
+    mesh_of = partial(surface_of, model, resolution=args.resolution, topk=topk, device=dev)
     rows: list[dict] = []
     fits = []
     for i, c in enumerate(ids):
@@ -175,6 +167,26 @@ def run(args: argparse.Namespace) -> int:
     if args.write_card:
         write_card(args.write_card, table)
     return 0
+
+
+def surface_of(model, zr: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor | None, *, resolution: int,
+               topk: int | None, device: torch.device) -> Mesh:
+    """The fitted head's surface (posed by z_exp, else neutral): model.sdf through extract_mesh in the engine's
+    network-call chunks (tuning.CHUNKS, CUDA's being extract_mesh's default): on CPU the all-region activations
+    of the default chunk do not fit in memory at resolution 256 (docs/benchmarks.md)."""
+    from ..engine.extract import extract_mesh
+    from ..engine.tuning import CHUNKS, for_device
+
+    k = model.anchors(zr)
+
+    def sdf(p: torch.Tensor) -> torch.Tensor:
+        x = p[None]
+        if z_exp is not None:
+            x = x + model.warp(x, z_exp, z_id)
+        return model.sdf(x, zr, k, topk=topk)[0]
+
+    with torch.no_grad():
+        return extract_mesh(sdf, resolution, device=device, chunk=for_device(CHUNKS, device.type))[0]
 
 
 def skin_vertices(ict) -> np.ndarray:
