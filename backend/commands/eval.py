@@ -189,6 +189,16 @@ def surface_of(model, zr: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor 
         return extract_mesh(sdf, resolution, device=device, chunk=for_device(CHUNKS, device.type))[0]
 
 
+def sdf_at(model, x: torch.Tensor, zr: torch.Tensor, topk: int | None) -> torch.Tensor:
+    """model.sdf at points (N,3) -> (N,), in the engine's network-call chunks as surface_of (CUDA's 2^18 points
+    take a 256^3 mesh's vertices in one call)."""
+    from ..engine.tuning import CHUNKS, for_device
+
+    chunk = for_device(CHUNKS, x.device.type)
+    k = model.anchors(zr)
+    return torch.cat([model.sdf(x[None, i : i + chunk], zr, k, topk=topk)[0] for i in range(0, len(x), chunk)])
+
+
 def skin_vertices(ict) -> np.ndarray:
     """The ICT vertices of the face and head/neck surfaces (not sockets, eyeballs or the neck cap)."""
     return np.unique(ict.faces[np.isin(ict.face_part, [ict.face_parts.index(n) for n in SKIN_PARTS])])
@@ -230,7 +240,7 @@ def locality(model, fits, atlas, mesh_of, args, topk, dev) -> dict[str, Any]:
 
     (ra, gta), (rb, _) = fits[0], fits[1]
     mesh = mesh_of(ra.zr, ra.z_id, None)
-    v = torch.as_tensor(mesh.vertices, device=dev)[None]
+    v = torch.as_tensor(mesh.vertices, device=dev)
     regions = np.linspace(0, model.cfg.n_regions - 1, args.locality_regions).round().astype(int)
     samples, label = labelled_surface_samples(gta, atlas.faces, atlas.region, LOCALITY_SAMPLES)
     p95: list[float] = []
@@ -244,8 +254,7 @@ def locality(model, fits, atlas, mesh_of, args, topk, dev) -> dict[str, Any]:
             dist_j, _ = cKDTree(samples[label == j]).query(mesh.vertices)
             outside = dist_j >= LOCALITY_MARGIN
             for tk, out in ((topk, p95), (None, p95_dense)):
-                d = (model.sdf(v, zr, model.anchors(zr), topk=tk) - model.sdf(v, ra.zr, model.anchors(ra.zr), topk=tk))
-                d = d[0].abs().cpu().numpy() * 1e3
+                d = (sdf_at(model, v, zr, tk) - sdf_at(model, v, ra.zr, tk)).abs().cpu().numpy() * 1e3
                 out.append(float(np.percentile(d[outside], 95)))
                 if tk is topk:
                     inside.append(float(np.percentile(d[dist_j < 0.005], 95)) if (dist_j < 0.005).any() else 0.0)
