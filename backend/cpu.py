@@ -89,9 +89,9 @@ def thread_slices(n: int, chunk: int) -> list[slice]:
 
 def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """[fn(item) for item in items] on as many Python threads as torch has intra-op threads, each running torch's
-    ops on one thread (restored after). For work that does not parallelise inside its ops: the per-region network
-    products (engine/extract_grid.py, Session.sdf_grad_template) and MeshIndex's cKDTree searches
-    (engine/template.py)."""
+    ops on one thread (restored after) under the caller's grad mode. For work that does not parallelise inside its
+    ops: the per-region network products (engine/extract_grid.py, Session.sdf_grad_template) and MeshIndex's
+    cKDTree searches (engine/template.py)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -100,8 +100,16 @@ def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     threads = torch.get_num_threads()
     if min(threads, len(items)) <= 1:
         return [fn(item) for item in items]
+    # grad mode is per thread: a new thread records autograd graphs even for a caller under no_grad (an SDF of
+    # parameters that require grad then kept every chunk's activations alive: the CPU eval's extraction)
+    grad = torch.is_grad_enabled()
+
+    def start_thread() -> None:
+        torch.set_num_threads(1)
+        torch.set_grad_enabled(grad)
+
     try:
-        with ThreadPoolExecutor(min(threads, len(items)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        with ThreadPoolExecutor(min(threads, len(items)), initializer=start_thread) as pool:
             return list(pool.map(fn, items))
     finally:
         torch.set_num_threads(threads)

@@ -37,6 +37,14 @@ def test_thread_map_raises_and_restores(two_threads):
     assert torch.get_num_threads() == 2
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_thread_map_runs_items_under_the_callers_grad_mode(two_threads, grad):
+    """Grad mode is per thread: under no_grad the items must record no autograd graph either."""
+    with torch.set_grad_enabled(grad):
+        assert thread_map(lambda i: torch.is_grad_enabled(), range(4)) == [grad] * 4
+    assert torch.is_grad_enabled()
+
+
 def test_thread_map_on_one_thread_runs_inline():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,4 +1,7 @@
-"""The eval command's table and model-card block (the metrics themselves are tested with the data code)."""
+"""The eval command's table, model-card block and surface extraction (the metrics themselves are tested with the
+data code)."""
+
+import torch
 
 from backend.commands import eval as ev
 
@@ -28,3 +31,35 @@ def test_card_block_is_replaced_not_duplicated(tmp_path):
     assert text.startswith("# card\nintro\n")
     assert "second table" in text and "first table" not in text
     assert text.count(ev.CARD_BEGIN) == 1 and text.count(ev.CARD_END) == 1
+
+
+def test_surface_extraction_runs_in_bounded_chunks_without_autograd(monkeypatch):
+    """The eval's extraction evaluates the model in the engine's chunks and, on the worker threads too, records no
+    graph (the model's parameters require grad): either one unbounded took the CPU eval at 256 past 20 GB."""
+    from backend.engine import tuning
+    from backend.weights import load_model
+
+    loaded = load_model(None, "cpu")
+    model = loaded.model
+    calls: list[tuple[int, bool]] = []
+    sdf = model.sdf
+
+    def spy(x: torch.Tensor, *rest, **kw) -> torch.Tensor:
+        out = sdf(x, *rest, **kw)
+        calls.append((x.shape[1], out.requires_grad))
+        return out
+
+    monkeypatch.setattr(model, "sdf", spy)
+    monkeypatch.setitem(tuning.CHUNKS, "cpu", 512)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the chunks on worker threads
+    try:
+        with torch.no_grad():
+            zr = model.region_codes(loaded.extras["id_mean"][None].float())
+        mesh = ev.surface_of(model, zr, None, None, resolution=24, topk=None, device=torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(mesh.faces) > 100
+    assert sum(n for n, _ in calls) > 4 * 512
+    assert max(n for n, _ in calls) <= 512
+    assert not any(graph for _, graph in calls)

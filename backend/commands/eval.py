@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ import torch
 
 from .. import errors
 from ..weights import default_weights_dir
+
+if TYPE_CHECKING:
+    from ..engine.extract import Mesh
 
 TARGETS = {"cd_l1_mm": 0.30, "nc": 0.99, "f1mm": 0.95, "exp_cd_l1_mm": 0.40, "corr_mm": 1.5, "locality_p95_mm": 0.1}
 CARD_BEGIN, CARD_END = "<!-- eval:begin -->", "<!-- eval:end -->"
@@ -76,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
     from ..data import metrics, splits
     from ..data.atlas import load_atlas
     from ..data.ict import load_ict
-    from ..engine.extract import extract_mesh
     from ..model.inversion import fit_latents
     from ..weights import load_model
 
@@ -107,18 +110,7 @@ def run(args: argparse.Namespace) -> int:
                            id_mean=ex["id_mean"], id_chol=ex["id_chol"], batch_points=args.batch_points,
                            topk=topk, init_z_id=init, seed=seed)
 
-    def mesh_of(zr: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor | None):
-        k = model.anchors(zr)
-
-        def sdf(p: torch.Tensor) -> torch.Tensor:
-            x = p[None]
-            if z_exp is not None:
-                x = x + model.warp(x, z_exp, z_id)
-            return model.sdf(x, zr, k, topk=topk)[0]
-
-        with torch.no_grad():
-            return extract_mesh(sdf, args.resolution, device=dev)[0]
-
+    mesh_of = partial(surface_of, model, resolution=args.resolution, topk=topk, device=dev)
     rows: list[dict] = []
     fits = []
     for i, c in enumerate(ids):
@@ -177,6 +169,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def surface_of(model, zr: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor | None, *, resolution: int,
+               topk: int | None, device: torch.device) -> Mesh:
+    """The fitted head's surface (posed by z_exp, else neutral): model.sdf through extract_mesh in the engine's
+    network-call chunks (tuning.CHUNKS, CUDA's being extract_mesh's default): on CPU the all-region activations
+    of the default chunk do not fit in memory at resolution 256 (docs/benchmarks.md)."""
+    from ..engine.extract import extract_mesh
+    from ..engine.tuning import CHUNKS, for_device
+
+    k = model.anchors(zr)
+
+    def sdf(p: torch.Tensor) -> torch.Tensor:
+        x = p[None]
+        if z_exp is not None:
+            x = x + model.warp(x, z_exp, z_id)
+        return model.sdf(x, zr, k, topk=topk)[0]
+
+    with torch.no_grad():
+        return extract_mesh(sdf, resolution, device=device, chunk=for_device(CHUNKS, device.type))[0]
+
+
+def sdf_at(model, x: torch.Tensor, zr: torch.Tensor, topk: int | None) -> torch.Tensor:
+    """model.sdf at points (N,3) -> (N,), in the engine's network-call chunks as surface_of (CUDA's 2^18 points
+    take a 256^3 mesh's vertices in one call)."""
+    from ..engine.tuning import CHUNKS, for_device
+
+    chunk = for_device(CHUNKS, x.device.type)
+    k = model.anchors(zr)
+    return torch.cat([model.sdf(x[None, i : i + chunk], zr, k, topk=topk)[0] for i in range(0, len(x), chunk)])
+
+
 def skin_vertices(ict) -> np.ndarray:
     """The ICT vertices of the face and head/neck surfaces (not sockets, eyeballs or the neck cap)."""
     return np.unique(ict.faces[np.isin(ict.face_part, [ict.face_parts.index(n) for n in SKIN_PARTS])])
@@ -218,7 +240,7 @@ def locality(model, fits, atlas, mesh_of, args, topk, dev) -> dict[str, Any]:
 
     (ra, gta), (rb, _) = fits[0], fits[1]
     mesh = mesh_of(ra.zr, ra.z_id, None)
-    v = torch.as_tensor(mesh.vertices, device=dev)[None]
+    v = torch.as_tensor(mesh.vertices, device=dev)
     regions = np.linspace(0, model.cfg.n_regions - 1, args.locality_regions).round().astype(int)
     samples, label = labelled_surface_samples(gta, atlas.faces, atlas.region, LOCALITY_SAMPLES)
     p95: list[float] = []
@@ -232,8 +254,7 @@ def locality(model, fits, atlas, mesh_of, args, topk, dev) -> dict[str, Any]:
             dist_j, _ = cKDTree(samples[label == j]).query(mesh.vertices)
             outside = dist_j >= LOCALITY_MARGIN
             for tk, out in ((topk, p95), (None, p95_dense)):
-                d = (model.sdf(v, zr, model.anchors(zr), topk=tk) - model.sdf(v, ra.zr, model.anchors(ra.zr), topk=tk))
-                d = d[0].abs().cpu().numpy() * 1e3
+                d = (sdf_at(model, v, zr, tk) - sdf_at(model, v, ra.zr, tk)).abs().cpu().numpy() * 1e3
                 out.append(float(np.percentile(d[outside], 95)))
                 if tk is topk:
                     inside.append(float(np.percentile(d[dist_j < 0.005], 95)) if (dist_j < 0.005).any() else 0.0)
