@@ -573,12 +573,24 @@ class ExpressionMotion:
     points the path leaves unconverged, deform.REFINE_PATH: the slits and the settle must see the roots the deform
     op will find, docs/surface.md 2026-12-07) at weight 1; where it does not converge, its best iterate (as the
     deform op returns it). `solved` gives NaN rows there instead (_settle moves such vertices: the deform op would
-    report them unsolved)."""
+    report them unsolved). A point solved before for the same expression is not solved again (_Roots)."""
 
     def __init__(self, session, z_id: torch.Tensor):
         self.session, self.z_id = session, z_id
+        self._roots: dict[str, _Roots] = {}
 
     def _solve(self, points: np.ndarray, expression: str) -> tuple[np.ndarray, np.ndarray]:
+        p = np.asarray(points, np.float32)
+        roots = self._roots.setdefault(expression, _Roots())
+        keys = _point_keys(p)
+        at = roots.find(keys)
+        new = at < 0
+        if new.any():
+            roots.add(keys[new], *self._solve_new(p[new], expression))
+            at = roots.find(keys)
+        return roots.disp[at], roots.converged[at]
+
+    def _solve_new(self, points: np.ndarray, expression: str) -> tuple[np.ndarray, np.ndarray]:
         session, names = self.session, self.session.expression_names
         e = torch.zeros((1, len(names)), device=session.device)
         e[0, names.index(expression)] = 1.0
@@ -594,6 +606,38 @@ class ExpressionMotion:
         d, converged = self._solve(points, expression)
         d[~converged] = np.nan
         return d
+
+
+class _Roots:
+    """The displacements and convergence of the points an expression was solved at, by the float32 point (sorted
+    _point_keys). A point's root does not depend on the other points of its solve (deform.MIN_ROWS), so a point
+    asked for again (the collapse's vertices, the settle's neighbours: solved with the zone) takes it from here:
+    on a GPU each solve costs its iterations' launches, whatever its points."""
+
+    def __init__(self) -> None:
+        self.keys = _point_keys(np.zeros((0, 3), np.float32))
+        self.disp = np.zeros((0, 3))
+        self.converged = np.zeros(0, bool)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Each key's row (-1: not solved yet)."""
+        if not len(self.keys):
+            return np.full(len(keys), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[at] == keys, at, -1)
+
+    def add(self, keys: np.ndarray, disp: np.ndarray, converged: np.ndarray) -> None:
+        keys, first = np.unique(keys, return_index=True)  # a point given twice: one root
+        keys = np.concatenate([self.keys, keys])
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.disp = np.concatenate([self.disp, disp[first]])[order]
+        self.converged = np.concatenate([self.converged, converged[first]])[order]
+
+
+def _point_keys(points: np.ndarray) -> np.ndarray:
+    """(P,) keys that are equal where the float32 points (P,3) are (their bytes), sortable."""
+    return np.ascontiguousarray(points, np.float32).view(np.dtype((np.void, 12))).ravel()
 
 
 def parted(motion: Motion, points: np.ndarray) -> bool:
