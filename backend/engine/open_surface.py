@@ -245,19 +245,23 @@ class SurfaceOpener:
 
 
 def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol: np.ndarray,
-            jitters: tuple[float, ...] = (JITTER,) * JITTER_TRIES) -> tuple[np.ndarray, np.ndarray]:
+            jitters: tuple[float, ...] = (JITTER,) * JITTER_TRIES, also: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The motion at points (P,3) and whether it stays within tol (P,) when the points move by each of `jitters`
     (m, one try each): near the lips' contact the backward warp has nearly singular roots, and which one the root
-    finder takes can change with its float rounding (the batch of points, the threads, the device)."""
+    finder takes can change with its float rounding (the batch of points, the threads, the device). Third: the
+    motion at the points `also` (Q,3), solved in the same call."""
     flat = np.asarray(points, np.float32)
     rng = np.random.default_rng(0)
     tries = [flat] + [flat + rng.normal(0.0, j, flat.shape).astype(np.float32) for j in jitters]
+    extra = np.zeros((0, 3), np.float32) if also is None else np.asarray(also, np.float32)
     # One root-finding call for all tries: on a GPU its cost is the iteration count, not the points.
-    d, *moved = np.split(motion(np.concatenate(tries)), len(tries))
+    out = motion(np.concatenate([*tries, extra]))
+    d, *moved = np.split(out[:len(tries) * len(flat)], len(tries))
     robust = np.ones(len(flat), bool)
     for m in moved:
         robust &= np.linalg.norm(m - d, axis=1) <= tol
-    return d, robust
+    return d, robust, out[len(tries) * len(flat):]
 
 
 def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
@@ -302,11 +306,10 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     ring[edges[is_cand[edges[:, 1]], 0]] = True
     ring &= ~is_cand
     others = np.flatnonzero(ring)
-    d, ok0 = _robust(canon[cand], motion, tol[cand], SETTLE_JITTERS)
+    d, ok0, disp_others = _robust(canon[cand], motion, tol[cand], SETTLE_JITTERS, also=canon[others])
     disp = np.zeros((n, 3))
     disp[cand] = d
-    if len(others):
-        disp[others] = motion(canon[others])
+    disp[others] = disp_others
     pairs = edges[is_cand[edges[:, 0]] | is_cand[edges[:, 1]]]
     pairs = np.concatenate([pairs, pairs[:, ::-1]])
     pairs = pairs[is_cand[pairs[:, 0]]]  # (candidate, neighbour)
@@ -334,7 +337,7 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     trials = canon[cand[bad]][None] + steps[:, None, None] * (mean[cand[bad]] - canon[cand[bad]])[None]
     ok = np.zeros((len(steps), len(bad)), bool)
     if len(bad):
-        dt, okt = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand[bad]], len(steps)), SETTLE_JITTERS)
+        dt, okt, _ = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand[bad]], len(steps)), SETTLE_JITTERS)
         ok = okt.reshape(len(steps), len(bad))
         dt = dt.reshape(len(steps), len(bad), 3)
         misplaced = ~follows0[bad]  # unsolved or on the other side's root
@@ -551,7 +554,7 @@ def _motion_jump(a: np.ndarray, b: np.ndarray, motion: Callable[[np.ndarray], np
     t = np.linspace(0.0, 1.0, JUMP_SAMPLES + 1)
     pts = a[:, None] + t[None, :, None] * (b - a)[:, None]
     tol = np.repeat(ROBUST_TOL * np.linalg.norm(b - a, axis=1), len(t))
-    d, robust = _robust(pts.reshape(-1, 3), motion, tol)
+    d, robust, _ = _robust(pts.reshape(-1, 3), motion, tol)
     d, robust = d.reshape(len(a), len(t), 3), robust.reshape(len(a), len(t))
     near_a = np.linalg.norm(d - d[:, :1], axis=2) < np.linalg.norm(d - d[:, -1:], axis=2)
     run_a = np.argmin(near_a, axis=1) - 1  # last index of the run from a (near_a[:, 0] is always true)
