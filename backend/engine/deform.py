@@ -198,7 +198,7 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
         r = f.norm(dim=1)
         s0 = -w0 if start is None else x - y  # that step; F(y) = -s0
     stats["warp_points"] += 2 * x.shape[0]
-    active = torch.nonzero((r > tol) & torch.isfinite(r)).squeeze(1)
+    active = torch.nonzero((r > tol) & (r < math.inf)).squeeze(1)  # a norm: below inf is finite, one launch
     stats["stopped_at_x0"] += x.shape[0] - active.numel()
     if not active.numel():
         return x, f, r, 0
@@ -225,11 +225,14 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
             for _ in range(2):
                 if not worse.numel():
                     break
-                step[worse] *= 0.5
-                xn[worse] = xa[worse] + step[worse]
-                fn[worse] = xn[worse] + warp(xn[worse], fra[worse]) - xca[worse]
+                half = step[worse] * 0.5  # each gather once (launches)
+                step[worse] = half
+                xw = xa[worse] + half
+                xn[worse] = xw
+                fw = xw + warp(xw, fra[worse]) - xca[worse]
+                fn[worse] = fw
                 stats["warp_points"] += worse.numel()
-                worse = worse[fn[worse].norm(dim=1) > ra[worse]]
+                worse = worse[fw.norm(dim=1) > ra[worse]]
             rn = fn.norm(dim=1)
             better = rn < best_r  # (no boolean indexing: no host sync on GPU)
             best_r = torch.where(better, rn, best_r)
@@ -237,7 +240,7 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
             f.index_copy_(0, active, torch.where(better[:, None], fn, f[active]))
             r.index_copy_(0, active, best_r)
             # Diverging points (non-finite) stop here and keep their best iterate.
-            keep = torch.nonzero((rn > tol) & torch.isfinite(rn)).squeeze(1)
+            keep = torch.nonzero((rn > tol) & (rn < math.inf)).squeeze(1)
             if not keep.numel() or it == max_iter:
                 break
             step, fn, xn, fa = step[keep], fn[keep], xn[keep], fa[keep]
