@@ -215,7 +215,7 @@ def test_landmark_fit_recovers_a_known_pose():
     pts = prob.landmarks(z, e).detach()
     observed = camera.project(pts, rot, trans, torch.tensor([1.2 * W]), W, H).numpy()
     fit = fit_capture(s.model, s.extras, targets, observed, np.ones(T, bool), None, W, H, False,
-                      FitSettings(steps=100, silhouette=False), lambda f, m: None)
+                      FitSettings(steps=150, silhouette=False), lambda f, m: None)
     rel = fit.rotation[0] @ rot[0].numpy().T
     angle = math.degrees(math.acos(np.clip((np.trace(rel) - 1) / 2, -1, 1)))
     # 2-D landmarks leave part of a yaw to the identity's shape, which a short fit has not yet given back
@@ -257,7 +257,10 @@ def test_landmark_offsets_move_only_the_landmarks():
     prob = _Problem(s.model, s.extras, targets, obs, np.ones(1, bool), None, 200, 200, False, FitSettings())
     z = s.extras["id_mean"][None].float()
     e = torch.zeros(1, 53)
-    plain = prob.landmarks(z, e).detach()
+    # each call refines the cached roots (chord steps): converge them first, so that the two calls below differ
+    # by the offset, not by the solver's last step (one landmark converges at ~0.6x a step with piece 18's weights)
+    for _ in range(8):
+        plain = prob.landmarks(z, e).detach()
     bias = torch.zeros(1, len(targets), 3, requires_grad=True)
     with torch.no_grad():
         bias[0, 5] = torch.tensor([0.002, -0.001, 0.003])

@@ -447,6 +447,37 @@ def test_solve_continued_with_one_step_is_solve():
     assert deform.continuation_steps(torch.tensor([[0.2, -0.9]])) == 4
 
 
+class _SineSession:
+    """What ExpressionMotion uses of a session: a smooth warp per expression."""
+
+    expression_names = ["jawOpen", "eyeBlink_L"]
+    device = torch.device("cpu")
+
+    def warp_fn(self, z_id: torch.Tensor, e: torch.Tensor) -> deform.WarpFn:
+        return lambda x, frame: 0.05 * torch.sin(3 * x + e[frame][:, :1] - e[frame][:, 1:2]) * e[frame].sum(1, True)
+
+
+def test_expression_motion_solves_a_point_once(monkeypatch):
+    solved = []
+    solve_continued = deform.solve_continued
+
+    def counting(make_warp: Callable, x_c: torch.Tensor, *args, **kwargs) -> deform.DeformResult:
+        solved.append(len(x_c))
+        return solve_continued(make_warp, x_c, *args, **kwargs)
+
+    monkeypatch.setattr(deform, "solve_continued", counting)
+    p = np.random.default_rng(0).normal(size=(40, 3)) * 0.1
+    motion = open_surface.ExpressionMotion(_SineSession(), torch.zeros(1))
+    first = motion(p[:30], "jawOpen")
+    again = motion(p[29::-1], "jawOpen")
+    assert solved == [30] and np.array_equal(again, first[::-1])  # nothing solved again
+    both = motion(np.concatenate([p, p[35:]]), "jawOpen")
+    assert solved == [30, 15]  # only the new points (a point given twice is solved with its copy)
+    fresh = open_surface.ExpressionMotion(_SineSession(), torch.zeros(1))
+    assert np.array_equal(both[:40], fresh(p, "jawOpen"))  # the same roots as in one solve
+    assert not np.allclose(motion(p, "eyeBlink_L"), both[:40])  # per expression
+
+
 @pytest.fixture(scope="module")
 def session():
     return Session(device="cpu")

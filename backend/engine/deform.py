@@ -70,7 +70,7 @@ def model_warp(model, z_id: torch.Tensor, expressions: torch.Tensor, chunk: int)
     if not (all(isinstance(m, nn.Linear) for m in linear) and all(isinstance(m, nn.SiLU) for m in layers[1::2])
             and len(layers) % 2 == 1 and linear[-1].out_features == 3 * n_exp):
         return _generic_model_warp(model, z_id, expressions, chunk)
-    from ..model.encoding import positional_encoding
+    from ..model.encoding import encoding_freqs, positional_encoding
 
     first, hidden, last = linear[0], linear[1:-1], linear[-1]
     e = expressions.to(first.weight.dtype)
@@ -83,11 +83,14 @@ def model_warp(model, z_id: torch.Tensor, expressions: torch.Tensor, chunk: int)
         b_last = cfg.warp_scale * e @ last.bias.view(n_exp, 3)  # (T,3)
 
     n_frames = e.shape[0]
+    freqs = encoding_freqs(cfg.warp_pe_freqs, w_enc.device, w_enc.dtype)
 
     def head(h: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
         # Frames [lo, hi] in this chunk (all of them without a host sync when there are few).
         lo, hi = (0, n_frames - 1) if 3 * n_frames <= last.out_features else torch.stack(torch.aminmax(frame)).tolist()
         span = hi - lo + 1
+        if span == 1:  # the same product as below, without picking each point's frame (fewer launches)
+            return h @ w_last[lo : lo + 1].reshape(3, -1).T + b_last[lo]
         if 3 * span <= last.out_features:  # all frames of the chunk in one matmul, then pick each point's own
             y = (h @ w_last[lo : hi + 1].reshape(3 * span, -1).T).view(-1, span, 3)
             y = y.gather(1, (frame - lo)[:, None, None].expand(-1, 1, 3))[:, 0]
@@ -107,11 +110,13 @@ def model_warp(model, z_id: torch.Tensor, expressions: torch.Tensor, chunk: int)
             if rows < MIN_ROWS:  # a few points: padded, so each point's warp is the same in any batch
                 xs = torch.cat([xs, xs[:1].expand(MIN_ROWS - rows, -1)])
                 fs = torch.cat([fs, fs[:1].expand(MIN_ROWS - rows)])
-            enc = positional_encoding(xs.to(w_enc.dtype), cfg.warp_pe_freqs, cfg.global_pe_scale)
+            enc = positional_encoding(xs.to(w_enc.dtype), cfg.warp_pe_freqs, cfg.global_pe_scale, freqs)
             h = silu(torch.addmm(bias1[fs], enc, w_enc.T), inplace=inplace)
             for layer in hidden:
                 h = silu(torch.addmm(layer.bias, h, layer.weight.T), inplace=inplace)
             out.append(head(h, fs)[:rows].to(x.dtype))
+        if len(out) == 1:  # no copy
+            return out[0]
         return torch.cat(out) if out else x.new_zeros((0, 3))
 
     return warp
@@ -193,7 +198,7 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
         r = f.norm(dim=1)
         s0 = -w0 if start is None else x - y  # that step; F(y) = -s0
     stats["warp_points"] += 2 * x.shape[0]
-    active = torch.nonzero((r > tol) & torch.isfinite(r)).squeeze(1)
+    active = torch.nonzero((r > tol) & (r < math.inf)).squeeze(1)  # a norm: below inf is finite, one launch
     stats["stopped_at_x0"] += x.shape[0] - active.numel()
     if not active.numel():
         return x, f, r, 0
@@ -220,11 +225,14 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
             for _ in range(2):
                 if not worse.numel():
                     break
-                step[worse] *= 0.5
-                xn[worse] = xa[worse] + step[worse]
-                fn[worse] = xn[worse] + warp(xn[worse], fra[worse]) - xca[worse]
+                half = step[worse] * 0.5  # each gather once (launches)
+                step[worse] = half
+                xw = xa[worse] + half
+                xn[worse] = xw
+                fw = xw + warp(xw, fra[worse]) - xca[worse]
+                fn[worse] = fw
                 stats["warp_points"] += worse.numel()
-                worse = worse[fn[worse].norm(dim=1) > ra[worse]]
+                worse = worse[fw.norm(dim=1) > ra[worse]]
             rn = fn.norm(dim=1)
             better = rn < best_r  # (no boolean indexing: no host sync on GPU)
             best_r = torch.where(better, rn, best_r)
@@ -232,7 +240,7 @@ def _solve_chunk(warp: WarpFn, x_c: torch.Tensor, frame: torch.Tensor, tol: floa
             f.index_copy_(0, active, torch.where(better[:, None], fn, f[active]))
             r.index_copy_(0, active, best_r)
             # Diverging points (non-finite) stop here and keep their best iterate.
-            keep = torch.nonzero((rn > tol) & torch.isfinite(rn)).squeeze(1)
+            keep = torch.nonzero((rn > tol) & (rn < math.inf)).squeeze(1)
             if not keep.numel() or it == max_iter:
                 break
             step, fn, xn, fa = step[keep], fn[keep], xn[keep], fa[keep]

@@ -245,19 +245,23 @@ class SurfaceOpener:
 
 
 def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol: np.ndarray,
-            jitters: tuple[float, ...] = (JITTER,) * JITTER_TRIES) -> tuple[np.ndarray, np.ndarray]:
+            jitters: tuple[float, ...] = (JITTER,) * JITTER_TRIES, also: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The motion at points (P,3) and whether it stays within tol (P,) when the points move by each of `jitters`
     (m, one try each): near the lips' contact the backward warp has nearly singular roots, and which one the root
-    finder takes can change with its float rounding (the batch of points, the threads, the device)."""
+    finder takes can change with its float rounding (the batch of points, the threads, the device). Third: the
+    motion at the points `also` (Q,3), solved in the same call."""
     flat = np.asarray(points, np.float32)
     rng = np.random.default_rng(0)
     tries = [flat] + [flat + rng.normal(0.0, j, flat.shape).astype(np.float32) for j in jitters]
+    extra = np.zeros((0, 3), np.float32) if also is None else np.asarray(also, np.float32)
     # One root-finding call for all tries: on a GPU its cost is the iteration count, not the points.
-    d, *moved = np.split(motion(np.concatenate(tries)), len(tries))
+    out = motion(np.concatenate([*tries, extra]))
+    d, *moved = np.split(out[:len(tries) * len(flat)], len(tries))
     robust = np.ones(len(flat), bool)
     for m in moved:
         robust &= np.linalg.norm(m - d, axis=1) <= tol
-    return d, robust
+    return d, robust, out[len(tries) * len(flat):]
 
 
 def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
@@ -302,11 +306,10 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     ring[edges[is_cand[edges[:, 1]], 0]] = True
     ring &= ~is_cand
     others = np.flatnonzero(ring)
-    d, ok0 = _robust(canon[cand], motion, tol[cand], SETTLE_JITTERS)
+    d, ok0, disp_others = _robust(canon[cand], motion, tol[cand], SETTLE_JITTERS, also=canon[others])
     disp = np.zeros((n, 3))
     disp[cand] = d
-    if len(others):
-        disp[others] = motion(canon[others])
+    disp[others] = disp_others
     pairs = edges[is_cand[edges[:, 0]] | is_cand[edges[:, 1]]]
     pairs = np.concatenate([pairs, pairs[:, ::-1]])
     pairs = pairs[is_cand[pairs[:, 0]]]  # (candidate, neighbour)
@@ -334,7 +337,7 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     trials = canon[cand[bad]][None] + steps[:, None, None] * (mean[cand[bad]] - canon[cand[bad]])[None]
     ok = np.zeros((len(steps), len(bad)), bool)
     if len(bad):
-        dt, okt = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand[bad]], len(steps)), SETTLE_JITTERS)
+        dt, okt, _ = _robust(trials.reshape(-1, 3), motion, np.tile(tol[cand[bad]], len(steps)), SETTLE_JITTERS)
         ok = okt.reshape(len(steps), len(bad))
         dt = dt.reshape(len(steps), len(bad), 3)
         misplaced = ~follows0[bad]  # unsolved or on the other side's root
@@ -551,7 +554,7 @@ def _motion_jump(a: np.ndarray, b: np.ndarray, motion: Callable[[np.ndarray], np
     t = np.linspace(0.0, 1.0, JUMP_SAMPLES + 1)
     pts = a[:, None] + t[None, :, None] * (b - a)[:, None]
     tol = np.repeat(ROBUST_TOL * np.linalg.norm(b - a, axis=1), len(t))
-    d, robust = _robust(pts.reshape(-1, 3), motion, tol)
+    d, robust, _ = _robust(pts.reshape(-1, 3), motion, tol)
     d, robust = d.reshape(len(a), len(t), 3), robust.reshape(len(a), len(t))
     near_a = np.linalg.norm(d - d[:, :1], axis=2) < np.linalg.norm(d - d[:, -1:], axis=2)
     run_a = np.argmin(near_a, axis=1) - 1  # last index of the run from a (near_a[:, 0] is always true)
@@ -573,12 +576,24 @@ class ExpressionMotion:
     points the path leaves unconverged, deform.REFINE_PATH: the slits and the settle must see the roots the deform
     op will find, docs/surface.md 2026-12-07) at weight 1; where it does not converge, its best iterate (as the
     deform op returns it). `solved` gives NaN rows there instead (_settle moves such vertices: the deform op would
-    report them unsolved)."""
+    report them unsolved). A point solved before for the same expression is not solved again (_Roots)."""
 
     def __init__(self, session, z_id: torch.Tensor):
         self.session, self.z_id = session, z_id
+        self._roots: dict[str, _Roots] = {}
 
     def _solve(self, points: np.ndarray, expression: str) -> tuple[np.ndarray, np.ndarray]:
+        p = np.asarray(points, np.float32)
+        roots = self._roots.setdefault(expression, _Roots())
+        keys = _point_keys(p)
+        at = roots.find(keys)
+        new = at < 0
+        if new.any():
+            roots.add(keys[new], *self._solve_new(p[new], expression))
+            at = roots.find(keys)
+        return roots.disp[at], roots.converged[at]
+
+    def _solve_new(self, points: np.ndarray, expression: str) -> tuple[np.ndarray, np.ndarray]:
         session, names = self.session, self.session.expression_names
         e = torch.zeros((1, len(names)), device=session.device)
         e[0, names.index(expression)] = 1.0
@@ -594,6 +609,38 @@ class ExpressionMotion:
         d, converged = self._solve(points, expression)
         d[~converged] = np.nan
         return d
+
+
+class _Roots:
+    """The displacements and convergence of the points an expression was solved at, by the float32 point (sorted
+    _point_keys). A point's root does not depend on the other points of its solve (deform.MIN_ROWS), so a point
+    asked for again (the collapse's vertices, the settle's neighbours: solved with the zone) takes it from here:
+    on a GPU each solve costs its iterations' launches, whatever its points."""
+
+    def __init__(self) -> None:
+        self.keys = _point_keys(np.zeros((0, 3), np.float32))
+        self.disp = np.zeros((0, 3))
+        self.converged = np.zeros(0, bool)
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Each key's row (-1: not solved yet)."""
+        if not len(self.keys):
+            return np.full(len(keys), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[at] == keys, at, -1)
+
+    def add(self, keys: np.ndarray, disp: np.ndarray, converged: np.ndarray) -> None:
+        keys, first = np.unique(keys, return_index=True)  # a point given twice: one root
+        keys = np.concatenate([self.keys, keys])
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.disp = np.concatenate([self.disp, disp[first]])[order]
+        self.converged = np.concatenate([self.converged, converged[first]])[order]
+
+
+def _point_keys(points: np.ndarray) -> np.ndarray:
+    """(P,) keys that are equal where the float32 points (P,3) are (their bytes), sortable."""
+    return np.ascontiguousarray(points, np.float32).view(np.dtype((np.void, 12))).ravel()
 
 
 def parted(motion: Motion, points: np.ndarray) -> bool:
