@@ -248,13 +248,14 @@ def locality(model, fits, atlas, mesh_of, args, topk, dev) -> dict[str, Any]:
     p95_vertex: list[float] = []
     inside: list[float] = []
     with torch.no_grad():
+        base = {tk: sdf_at(model, v, ra.zr, tk) for tk in (topk, None)}  # A's own field: once, not per region
         for j in regions:
             zr = ra.zr.clone()
             zr[:, j] = rb.zr[:, j]
             dist_j, _ = cKDTree(samples[label == j]).query(mesh.vertices)
             outside = dist_j >= LOCALITY_MARGIN
             for tk, out in ((topk, p95), (None, p95_dense)):
-                d = (sdf_at(model, v, zr, tk) - sdf_at(model, v, ra.zr, tk)).abs().cpu().numpy() * 1e3
+                d = (sdf_at(model, v, zr, tk) - base[tk]).abs().cpu().numpy() * 1e3
                 out.append(float(np.percentile(d[outside], 95)))
                 if tk is topk:
                     inside.append(float(np.percentile(d[dist_j < 0.005], 95)) if (dist_j < 0.005).any() else 0.0)
