@@ -1,9 +1,11 @@
 """Render the known-answer clip for the photo/video fit (docs/capture.md) with Blender (Cycles on CPU):
 
     .venv/bin/python tools/capture_clip.py --out DIR [--frames 18] [--fps 6] [--size 192] [--seed 5]
+        [--curve NAME=PEAK ...]
 
 A generated head (identity `--seed`), posed per frame through the `deform` op by an expression curve
-(jawOpen, mouthSmile_L/R, browInnerUp_L/R), turns about its vertical axis by +-30 degrees in front of a fixed
+(jawOpen, mouthSmile_L/R, browInnerUp_L/R; `--curve` names other expressions and peaks, e.g. `--curve
+jawOpen=0.6` for a clip that moves the jaw alone), turns about its vertical axis by +-30 degrees in front of a fixed
 camera on a plain background, with a procedural skin texture. Writes DIR/frame_NNN.png, DIR/clip.mp4 (PyAV,
 H.264) and DIR/truth.json (identity, per-frame expression weights and yaw, the camera). Not shipped; the
 known-answer test (tests/test_capture_known_answer.py) runs it."""
@@ -28,12 +30,13 @@ LENS_MM = 70.0
 SENSOR_MM = 36.0
 
 
-def truth(frames: int, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def truth(frames: int, names: list[str], curve: dict[str, float] = CURVE) -> tuple[np.ndarray, np.ndarray]:
     """Expression weights (T, 53) and yaw in degrees (T,): the mouth opens and closes once, the smile and the
-    brows follow phase-shifted bumps, the head turns right, left and back."""
+    brows follow phase-shifted bumps (each pair of `curve`'s entries a later phase), the head turns right,
+    left and back."""
     t = np.arange(frames) / max(frames - 1, 1)
     w = np.zeros((frames, len(names)), np.float32)
-    for i, (name, peak) in enumerate(CURVE.items()):
+    for i, (name, peak) in enumerate(curve.items()):
         phase = (t - 0.15 * (i // 2)) % 1.0
         w[:, names.index(name)] = peak * np.sin(np.pi * phase) ** 2
     yaw = YAW_DEG * np.sin(2 * np.pi * t)
@@ -125,7 +128,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--resolution", type=int, default=128, help="extraction resolution of the rendered head")
     parser.add_argument("--weights", type=Path, default=None)
+    parser.add_argument("--curve", action="append", default=[], metavar="NAME=PEAK",
+                        help="an animated expression and its peak weight (repeat); default: " + ", ".join(
+                            f"{k}={v}" for k, v in CURVE.items()))
     args = parser.parse_args()
+    curve = {name: float(peak) for name, _, peak in (c.partition("=") for c in args.curve)} or CURVE
 
     import bpy
     from skimage.io import imread
@@ -138,7 +145,10 @@ def main() -> int:
     head = HeadSpec(identity=s.sample_identity(args.seed))
     _, zr, k = s.decode(head)
     mesh, _, _ = s.canonical_mesh(zr, k, args.resolution)
-    weights, yaw = truth(args.frames, s.expression_names)
+    unknown = set(curve) - set(s.expression_names)
+    if unknown:
+        raise SystemExit(f"--curve: no such expression {sorted(unknown)}")
+    weights, yaw = truth(args.frames, s.expression_names, curve)
     _, posed = s.deform({"head": head.to_dict()}, {"canonical": mesh.vertices, "expressions": weights})
     sc, mat = build_scene(args.size)
     ob = head_object(np.zeros_like(mesh.vertices), mesh.faces, mat, sc)

@@ -1,12 +1,14 @@
 """Fit the known-answer clip (tools/capture_clip.py) back and print the measures (docs/capture.md):
 
     .venv/bin/python tools/capture_known_answer.py DIR [--device cpu|cuda] [--steps N] [--json OUT]
-        [--set FIELD=VALUE ...]
+        [--set FIELD=VALUE ...] [--offsets landmark_offsets.json] [--seed N]
 
 Face CD-L1 of the fitted neutral head against the rendered one, expression weight MAE over the 53 weights and
 all frames (and over the five animated ones), head rotation error (absolute, and relative to the first
 frame), landmark error and time per frame. `--set` changes a field of backend.capture.fit.FitSettings (e.g.
-`--set silhouette_term=contour`; values are read as JSON where they parse, else as text). Not shipped."""
+`--set silhouette_term=contour`; values are read as JSON where they parse, else as text); `--offsets` fits with
+another landmark offset table (tools/calibrate_landmarks.py --out) instead of the shipped one; `--seed` the fit's
+random choices (the request's seed). Not shipped."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -23,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights: Path | None = None,
-             silhouette: bool = True, settings: dict | None = None) -> dict:
-    from backend.capture import metrics
-    from backend.capture.op import run as fit_capture
+             silhouette: bool = True, settings: dict | None = None, offsets: Path | None = None,
+             seed: int | None = None) -> dict:
+    from backend.capture import correspondence, metrics, op
     from backend.engine.head import HeadSpec
     from backend.engine.session import NullProgress, Session
 
@@ -36,8 +41,13 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
                     "focal_px": truth["camera"]["focal_px"], "silhouette": silhouette}
     if steps is not None:
         params["steps"] = steps
+    if seed is not None:  # the fit's random choices (the photometric term's skin points)
+        params["seed"] = seed
     t0 = time.perf_counter()
-    out, arrays = fit_capture(s, params, NullProgress(), settings)
+    table = nullcontext() if offsets is None else mock.patch.object(
+        op, "template_targets", partial(correspondence.template_targets, offsets=offsets))
+    with table:
+        out, arrays = op.run(s, params, NullProgress(), settings)
     seconds = time.perf_counter() - t0
     _, zr, k = s.decode(HeadSpec(identity=np.asarray(truth["identity"], np.float32)))
     true_mesh, _, _ = s.canonical_mesh(zr, k, truth["resolution"])
@@ -67,6 +77,7 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
         "relative_rotation_error_deg_max": float(rot_rel.max()),
         "landmark_error_px": cap["landmark_error_px"], "silhouette_iou": cap["silhouette_iou"],
         "outline_error_px": cap["outline_error_px"], "settings": settings or {},
+        "offsets": str(offsets) if offsets is not None else None, "seed": seed,
         "focal_px": cap["focal_px"], "true_focal_px": truth["camera"]["focal_px"],
         "true_yaw_deg": [round(a, 2) for a in truth["yaw_deg"]],
         "fitted_yaw_deg": [round(float(np.degrees(np.arctan2(r[0, 2], r[2, 2]))), 2) for r in arrays["rotations"]],
@@ -109,9 +120,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-silhouette", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--offsets", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     settings = dict(_setting(item) for item in args.set)
-    result = evaluate(args.clip, args.device, args.steps, args.weights, not args.no_silhouette, settings)
+    result = evaluate(args.clip, args.device, args.steps, args.weights, not args.no_silhouette, settings,
+                      args.offsets, args.seed)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json is not None:
