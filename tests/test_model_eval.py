@@ -67,7 +67,7 @@ def test_surface_extraction_runs_in_bounded_chunks_without_autograd(monkeypatch)
 
 class _LinearRegionsModel:
     """A stand-in model whose SDF is x times the sum of the region codes' first entries (swapping one region's
-    code changes it everywhere), recording the topk of every call."""
+    code changes it everywhere), recording the topk of every point it evaluates."""
 
     def __init__(self, n_regions: int):
         from types import SimpleNamespace
@@ -79,7 +79,7 @@ class _LinearRegionsModel:
         return None
 
     def sdf(self, x, zr, k, topk=None):
-        self.calls.append(topk)
+        self.calls.extend([topk] * x.shape[1])  # one entry per point: chunks and threads split a call's points
         return x[..., 0] * zr[:, :, 0].sum(-1, keepdim=True)
 
 
@@ -98,12 +98,12 @@ def test_locality_scores_a_dense_eval_once_and_a_pruned_one_both_ways():
     zb[:, :, 0] = torch.linspace(0.1, 0.5, za.shape[1])
     fits = [(SimpleNamespace(zr=za, z_id=None), verts.astype(np.float64)), (SimpleNamespace(zr=zb, z_id=None), None)]
     args = SimpleNamespace(locality_regions=2)
-    regions = 2
-    for topk, calls in ((None, [None] * (1 + regions)), (8, [8, None] + [8, None] * regions)):
+    regions, mesh = 2, Mesh(verts[::10], np.zeros((0, 3), np.int32))
+    for topk, evaluations in ((None, [None] * (1 + regions)), (8, [8, None] + [8, None] * regions)):
         model = _LinearRegionsModel(za.shape[1])
-        out = ev.locality(model, fits, atlas, lambda *a: Mesh(verts[::10], np.zeros((0, 3), np.int32)), args, topk,
-                          torch.device("cpu"))
-        assert model.calls == calls  # A's own field once per setting, then once per region and setting
+        out = ev.locality(model, fits, atlas, lambda *a: mesh, args, topk, torch.device("cpu"))
+        # A's own field once per setting, then once per region and setting, each at every vertex
+        assert model.calls == [tk for tk in evaluations for _ in range(len(mesh.vertices))]
         assert out["locality_regions"] == [0, za.shape[1] - 1]
         assert out["locality_p95_mm"] > 0 and out["locality_p95_dense_mm"] == out["locality_p95_mm"]
         assert out["locality_inside_p95_mm"] > 0 and out["locality_p95_vertex_margin_mm"] > 0

@@ -190,13 +190,14 @@ def surface_of(model, zr: torch.Tensor, z_id: torch.Tensor, z_exp: torch.Tensor 
 
 
 def sdf_at(model, x: torch.Tensor, zr: torch.Tensor, topk: int | None) -> torch.Tensor:
-    """model.sdf at points (N,3) -> (N,), in the engine's network-call chunks as surface_of (CUDA's 2^18 points
-    take a 256^3 mesh's vertices in one call)."""
+    """model.sdf at points (N,3) -> (N,), chunked as the engine evaluates a lattice (extract_grid._evaluate: the
+    engine's network-call chunks, threads on CPU, non-finite values raise; CUDA's 2^18 points take a 256^3 mesh's
+    vertices in one call)."""
+    from ..engine.extract_grid import _evaluate
     from ..engine.tuning import CHUNKS, for_device
 
-    chunk = for_device(CHUNKS, x.device.type)
     k = model.anchors(zr)
-    return torch.cat([model.sdf(x[None, i : i + chunk], zr, k, topk=topk)[0] for i in range(0, len(x), chunk)])
+    return _evaluate(lambda p: model.sdf(p[None], zr, k, topk=topk)[0], x, for_device(CHUNKS, x.device.type))
 
 
 def skin_vertices(ict) -> np.ndarray:
