@@ -69,7 +69,8 @@ def measure(session, seed: int, resolution: int) -> dict:
            "neck_planarity_m": None if neck is None else neck.planarity_m,
            "neck_smoothness": None if neck is None else neck.smoothness, "generate_s": seconds,
            "handles_cut": out["stats"].get("surface", {}).get("handles_cut", 0),
-           "handle_arcs_cut": out["stats"].get("surface", {}).get("handle_arcs_cut", 0)}
+           "handle_arcs_cut": out["stats"].get("surface", {}).get("handle_arcs_cut", 0),
+           "holes_capped": out["stats"].get("surface", {}).get("holes_capped", 0)}
     for i, name in enumerate(EXPRESSIONS):
         stretch = sm.edge_stretch(canonical, posed["vertices"][i], faces)
         row[name] = {"unsolved": int((posed["converged"][i] == 0).sum()),

@@ -307,10 +307,10 @@ def largest_piece_mask(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def keep_largest_piece(arrays: dict[str, np.ndarray], keep_from: np.ndarray | None = None,
-                       min_size: int = 0) -> tuple[dict[str, np.ndarray], int]:
+                       min_size: int = 0) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
     """The connected piece with the most vertices, plus every piece of at least `min_size` vertices that has a
     vertex in `keep_from` (N,) bool (a part of the surface that a cut separated, not a floater); returns how
-    many pieces were dropped."""
+    many pieces were dropped and which of the input's vertices (N,) bool were."""
     label, used, sizes = _pieces(arrays)
     kept = np.arange(len(sizes)) == int(np.argmax(sizes))
     if keep_from is not None:
@@ -319,4 +319,82 @@ def keep_largest_piece(arrays: dict[str, np.ndarray], keep_from: np.ndarray | No
         kept |= marked & (sizes >= min_size)
     out = dict(arrays)
     out["faces"] = arrays["faces"][kept[label[np.asarray(arrays["faces"], np.int64)[:, 0]]]]
-    return compact(out), int((sizes > 0).sum() - kept.sum())
+    lost = np.zeros(len(label), bool)
+    lost[used] = ~kept[label[used]]
+    return compact(out), int((sizes > 0).sum() - kept.sum()), lost
+
+
+def boundary_cycles(faces: np.ndarray) -> list[np.ndarray]:
+    """Simple boundary loops, each ordered against the winding of the faces along it (so a cap triangulating
+    the loop in its order has the mesh's winding). Boundary vertices where several loops touch end no cycle:
+    loops through them are left out."""
+    faces = np.asarray(faces, np.int64)
+    a, b = faces.ravel(), faces[:, [1, 2, 0]].ravel()
+    n = int(faces.max()) + 1 if faces.size else 1
+    keys = edge_keys(a, b, n)  # undirected: a boundary edge's key occurs once
+    uniq, counts = np.unique(keys, return_counts=True)
+    single = np.isin(keys, uniq[counts == 1])
+    ra, rb = a[single], b[single]  # boundary edges as the faces run them (ra -> rb)
+    out_deg = np.bincount(rb, minlength=n)  # walked backwards: rb -> ra, the cap's direction
+    if len(ra) == 0:
+        return []
+    if (out_deg > 1).any():
+        bad = np.flatnonzero(out_deg > 1)
+        keep = ~np.isin(ra, bad) & ~np.isin(rb, bad)
+        ra, rb = ra[keep], rb[keep]
+    step = np.full(n, -1, np.int64)
+    step[rb] = ra
+    seen = np.zeros(n, bool)
+    cycles = []
+    for start in rb.tolist():
+        if seen[start]:
+            continue
+        loop, cur = [start], int(step[start])
+        seen[start] = True
+        while cur >= 0 and not seen[cur]:
+            seen[cur] = True
+            loop.append(cur)
+            cur = int(step[cur])
+        if cur == start:
+            cycles.append(np.asarray(loop, np.int64))
+    return cycles
+
+
+def min_area_triangulation(pos: np.ndarray) -> np.ndarray:
+    """(T,3) indices into a closed 3D polygon pos (P,3) in its order: the triangulation with the least total
+    area (dynamic programming over the polygon's diagonals, O(P^3)); it adds no vertex. Triangles follow the
+    polygon's order (i < k < j)."""
+    p = len(pos)
+    pos = np.asarray(pos, np.float64)
+    cost = np.zeros((p, p))
+    best = np.zeros((p, p), np.int64)
+    for gap in range(2, p):
+        for i in range(p - gap):
+            j = i + gap
+            mid = np.arange(i + 1, j)
+            area = 0.5 * np.linalg.norm(np.cross(pos[mid] - pos[i], pos[j] - pos[i]), axis=1)
+            total = cost[i, mid] + cost[mid, j] + area
+            m = int(np.argmin(total))
+            cost[i, j], best[i, j] = total[m], mid[m]
+    tris: list[tuple[int, int, int]] = []
+    stack = [(0, p - 1)]
+    while stack:
+        i, j = stack.pop()
+        if j - i < 2:
+            continue
+        k = int(best[i, j])
+        tris.append((i, k, j))
+        stack += [(i, k), (k, j)]
+    return np.asarray(tris, np.int64).reshape(-1, 3)
+
+
+def cap_loops(arrays: dict[str, np.ndarray], loops: list[np.ndarray], key: str = "canonical"
+              ) -> dict[str, np.ndarray]:
+    """Close each boundary cycle (as `boundary_cycles` orders them) with triangles between its own vertices."""
+    if not loops:
+        return arrays
+    pos = np.asarray(arrays[key], np.float64)
+    caps = [loop[min_area_triangulation(pos[loop])] for loop in loops]
+    out = dict(arrays)
+    out["faces"] = np.concatenate([np.asarray(arrays["faces"], np.int64), *caps]).astype(arrays["faces"].dtype)
+    return out

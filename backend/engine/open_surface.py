@@ -16,7 +16,9 @@ vertex attributes (each vertex's template position: its closest point on the mea
    puts vertices that the warp moves with the upper lip on the lower lip (docs/surface.md);
 4. pinches: where a slit passes on two sides of a vertex, its fans of faces get a copy each (a manifold);
 5. pieces: keeps the largest connected piece (drops an inner mouth shell, floaters, slivers the slits cut
-   off), and any piece of at least KEPT_PIECE of the vertices that was part of the head before the slits.
+   off), and any piece of at least KEPT_PIECE of the vertices that was part of the head before the slits;
+6. holes: a slit's loop with one side only, beside a piece of the head that step 5 dropped, is capped
+   between its own vertices (_one_sided_loops).
 
 A slit vertex becomes two, pulled slightly apart toward their own sides (mesh_cut.slit), and the deform op
 follows the path from weight 0 (deform.solve_continued), so each side keeps to its own root of the warp.
@@ -73,6 +75,7 @@ MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut 
 # Vertices whose template point is within this of the MOTION_CUTS zones' template vertices follow the expression
 # path in the deform op (deform.solve_continued's path_points; docs/surface.md measures the margin)
 PATH_MARGIN = 0.005
+SIDE = "_side"  # int8 per vertex: +-(index of the MOTION_CUTS entry + 1) by the sign of its phi, 0 outside its zones
 
 
 Motion = Callable[[np.ndarray, str], np.ndarray]  # (canonical points (P,3), expression) -> displacement (P,3)
@@ -91,6 +94,7 @@ class OpenStats:
     handles_cut: int = 0  # handles the lattice repair left, cut along a short loop and capped (handle_cut)
     handle_loops_mm: list[float] = field(default_factory=list)  # those loops' lengths
     handle_arcs_cut: int = 0  # handles through a slit's rim, opened along an edge across it (handle_cut)
+    holes_capped: int = 0  # slit loops with one side only (the other side's piece was dropped: _one_sided_loops)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -151,13 +155,17 @@ class SurfaceOpener:
         arrays, moved, settled, pinches, collapsed = self._open_by_motion(arrays, motion)
         arrays, more = mesh_cut.split_pinches(arrays)
         pinches += more
-        arrays, dropped = mesh_cut.keep_largest_piece(arrays, keep_from=arrays["_head"] > 0.5,
-                                                      min_size=int(KEPT_PIECE * len(arrays["canonical"])))
+        before, head = arrays, arrays["_head"] > 0.5
+        arrays, dropped, lost = mesh_cut.keep_largest_piece(arrays, keep_from=head,
+                                                            min_size=int(KEPT_PIECE * len(arrays["canonical"])))
+        holes = _one_sided_loops(arrays, before["canonical"][lost & head])
+        arrays = mesh_cut.cap_loops(arrays, holes)
         arrays, cuts = handle_cut.cut_handles(arrays)
-        for k in ("_tface", "_tbary", "_head"):
+        for k in ("_tface", "_tbary", "_head", SIDE):
             arrays.pop(k)
         return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved,
-                                 settled, collapsed, pinches, cuts.handles_cut, cuts.loops_mm, cuts.arcs_cut)
+                                 settled, collapsed, pinches, cuts.handles_cut, cuts.loops_mm, cuts.arcs_cut,
+                                 len(holes))
 
     def _zone(self, arrays: dict[str, np.ndarray], regions: tuple[str, ...]) -> np.ndarray:
         """Vertices whose closest template triangle has a corner in one of the regions."""
@@ -175,7 +183,8 @@ class SurfaceOpener:
         (_collapse_stretched). Returns the arrays, the opened edges, the moved vertices, the pinches split and the
         collapsed edges."""
         opened = settled = pinches = collapsed = 0
-        for expression, zone_regions, side_a, side_b in MOTION_CUTS:
+        arrays[SIDE] = np.zeros(len(arrays["canonical"]), np.int8)
+        for cut_id, (expression, zone_regions, side_a, side_b) in enumerate(MOTION_CUTS, start=1):
             zone = self._zone(arrays, zone_regions)
             if not zone.any():
                 continue
@@ -195,6 +204,8 @@ class SurfaceOpener:
             if abs(med_a - med_b) < MIN_SEPARATION:
                 continue
             phi = np.where(near, size - _local_level(size, edges, near, 0.5 * (med_a + med_b)), 1.0)
+            untagged = near & (arrays[SIDE] == 0)  # a slit's copies take their own end's tag
+            arrays[SIDE] = np.where(untagged, np.where(phi > 0, cut_id, -cut_id), arrays[SIDE]).astype(np.int8)
 
             def is_bridge(e: np.ndarray, zone=near, disp=disp) -> np.ndarray:
                 a, b = e[:, 0], e[:, 1]
@@ -242,6 +253,30 @@ class SurfaceOpener:
             arrays, count = mesh_cut.slit(arrays, phi, is_bridge, pull=EYELID_PULL)
             opened += count
         return arrays, opened
+
+
+def _one_sided_loops(arrays: dict[str, np.ndarray], lost: np.ndarray) -> list[np.ndarray]:
+    """Boundary cycles (mesh_cut.boundary_cycles) left where a piece of the head was dropped: all their vertices
+    lie on one side of one motion slit (SIDE) and within two of the loop's median edge lengths of the dropped
+    vertices `lost` (P,3). Such a loop is a hole, not a slit: the piece on its other side (e.g. a strip of the
+    lower lip's top that the warp moves with the upper lip, cut off by the jawOpen slit: docs/surface.md) is
+    gone. A slit's loops stay open, also where a slit all around a band leaves each side its own loop.
+    Capping a hole between its own vertices closes that side again with no vertex whose root could be the
+    other side's."""
+    if not len(lost):
+        return []
+    from scipy.spatial import cKDTree
+
+    side, pos = arrays[SIDE], arrays["canonical"].astype(np.float64)
+    tree = cKDTree(np.asarray(lost, np.float64))
+    holes = []
+    for loop in mesh_cut.boundary_cycles(arrays["faces"]):
+        if side[loop[0]] == 0 or (side[loop] != side[loop[0]]).any():
+            continue
+        reach = 2.0 * float(np.median(np.linalg.norm(pos[loop] - pos[np.roll(loop, -1)], axis=1)))
+        if np.isfinite(tree.query(pos[loop], distance_upper_bound=reach)[0]).all():
+            holes.append(loop)
+    return holes
 
 
 def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol: np.ndarray,
