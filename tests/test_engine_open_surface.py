@@ -318,6 +318,27 @@ def test_settle_moves_a_boundary_vertex_off_the_other_sides_root():
     assert out[mesh_cut.NEW][v] and np.linalg.norm(out["canonical"][v] - canon[v]) >= 0.0005
 
 
+def test_settle_anywhere_moves_an_inner_vertex_off_the_other_sides_root():
+    """A copy a handle cut leaves inside the surface (capped) can sit on the other lip's root too: with
+    `anywhere` the zone's inner vertices are candidates, not only those on or next to the boundary."""
+    h = 0.003
+    canon, faces, arrays = _grid_plate(h)
+    v = 12  # the plate's centre: two rings from its boundary, off its neighbours' mean as a pulled copy is
+    canon[v, 0] += 0.0012
+    arrays["canonical"], arrays["vertices"] = canon.copy(), canon.copy()
+
+    def motion(p: np.ndarray) -> np.ndarray:
+        wrong = np.linalg.norm(p - canon[v], axis=1) < 0.0005
+        return np.where(wrong[:, None], [0.0, -0.03, 0.0], [0.0, -0.001, 0.0])
+
+    _, moved, _ = open_surface._settle(arrays, np.ones(25, bool), motion)
+    assert moved == 0  # not a rim vertex
+    out, moved, _ = open_surface._settle(arrays, np.ones(25, bool), motion, anywhere=True)
+    assert moved == 1 and out[mesh_cut.NEW][v] and out[mesh_cut.NEW].sum() == 1
+    posed = out["canonical"] + motion(out["canonical"])
+    assert sm.edge_stretch(out["canonical"], posed, faces).max() < 1.01
+
+
 def test_settle_moves_a_rim_vertex_off_an_island_of_another_root():
     """A rim vertex on a 0.3 mm island of a third root (seed 2's mouth corner at 256) follows three of its four
     neighbours but stretches its edge to the fourth 3.5x: it moves toward them, off the island, to where none of

@@ -26,6 +26,7 @@ follows the path from weight 0 (deform.solve_continued), so each side keeps to i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
@@ -75,6 +76,7 @@ MIN_SEPARATION = 0.001  # m: sides whose median motions differ less are not cut 
 # Vertices whose template point is within this of the MOTION_CUTS zones' template vertices follow the expression
 # path in the deform op (deform.solve_continued's path_points; docs/surface.md measures the margin)
 PATH_MARGIN = 0.005
+SOURCE = "_source"  # int64 per vertex while the handles are cut: the vertex it was, or was copied from
 SIDE = "_side"  # int8 per vertex: +-(index of the MOTION_CUTS entry + 1) by the sign of its phi, 0 outside its zones
 
 
@@ -160,8 +162,11 @@ class SurfaceOpener:
                                                             min_size=int(KEPT_PIECE * len(arrays["canonical"])))
         holes = _one_sided_loops(arrays, before["canonical"][lost & head])
         arrays = mesh_cut.cap_loops(arrays, holes)
+        arrays[SOURCE] = np.arange(len(arrays["canonical"]))
         arrays, cuts = handle_cut.cut_handles(arrays)
-        for k in ("_tface", "_tbary", "_head", SIDE):
+        arrays, more = self._settle_handle_copies(arrays, motion)
+        settled += more
+        for k in ("_tface", "_tbary", "_head", SIDE, SOURCE):
             arrays.pop(k)
         return arrays, OpenStats([float(x) for x in point], [float(x) for x in normal], dropped, lids, moved,
                                  settled, collapsed, pinches, cuts.handles_cut, cuts.loops_mm, cuts.arcs_cut,
@@ -236,6 +241,25 @@ class SurfaceOpener:
                 collapsed += count
         return arrays, opened, settled, pinches, collapsed
 
+    def _settle_handle_copies(self, arrays: dict[str, np.ndarray], motion: Motion) -> tuple[dict[str, np.ndarray], int]:
+        """_settle the vertices the handle cuts made (copies of one source vertex, SOURCE) in the MOTION_CUTS
+        zones, off the boundary too: a loop round a handle at the lips' contact need not run where the motion
+        jumps, so a copy there can take the other lip's root (seed 5 at 128, run 2 piece 19: one upper-lip copy
+        dropped 21 mm with the jaw, stretching its six edges up to 15x; docs/surface.md)."""
+        source = arrays[SOURCE]
+        copies = np.bincount(source, minlength=int(source.max()) + 1)[source] > 1
+        moved = 0
+        if not copies.any():
+            return arrays, moved
+        solved = getattr(motion, "solved", motion)
+        for expression, zone_regions, _, _ in MOTION_CUTS:
+            zone = self._zone(arrays, zone_regions) & copies
+            if zone.any():
+                arrays, count, _ = _settle(arrays, zone, functools.partial(_call, solved, expression=expression),
+                                           anywhere=True)
+                moved += count
+        return arrays, moved
+
     def _open_eyelids(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """Slit each upper lid from its eyeball where an edge joins a vertex on the template's upper lid to one on
         its sclera (a separate closed surface of the template), through the edge's middle."""
@@ -253,6 +277,10 @@ class SurfaceOpener:
             arrays, count = mesh_cut.slit(arrays, phi, is_bridge, pull=EYELID_PULL)
             opened += count
         return arrays, opened
+
+
+def _call(motion: Motion, points: np.ndarray, expression: str) -> np.ndarray:
+    return motion(points, expression)
 
 
 def _one_sided_loops(arrays: dict[str, np.ndarray], lost: np.ndarray) -> list[np.ndarray]:
@@ -299,8 +327,8 @@ def _robust(points: np.ndarray, motion: Callable[[np.ndarray], np.ndarray], tol:
     return d, robust, out[len(tries) * len(flat):]
 
 
-def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[np.ndarray], np.ndarray]
-            ) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[np.ndarray], np.ndarray],
+            anywhere: bool = False) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
     """Move the zone's vertices on or next to the mesh boundary whose root is not robust (_robust with
     SETTLE_JITTERS; `motion` may give NaN rows where it has no root: not robust) or parts from most of their
     neighbours' (an edge to them would stretch beyond STRETCH_LIMIT: the other lip's root) a step toward their
@@ -310,8 +338,9 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     at 256, docs/surface.md) moves only to a position where none of its edges does. A vertex that is unsolved
     or does not follow them takes, failing that, the first position that follows (on the CPU the opener's roots
     are the deform op's: deform.MIN_ROWS); else the vertex stays. Their attributes are then recomputed
-    (mesh_cut.NEW). Returns the arrays, how many vertices moved and which vertices (N,) bool are unsolved or do not
-    follow their neighbours and found no position (a second pass, after their neighbours moved, may)."""
+    (mesh_cut.NEW). With `anywhere`, every zone vertex is a candidate, on the boundary or not. Returns the arrays,
+    how many vertices moved and which vertices (N,) bool are unsolved or do not follow their neighbours and found
+    no position (a second pass, after their neighbours moved, may)."""
     faces = np.asarray(arrays["faces"], np.int64)
     edges, count = unique_edges(faces)
     n = len(arrays["canonical"])
@@ -321,7 +350,7 @@ def _settle(arrays: dict[str, np.ndarray], zone: np.ndarray, motion: Callable[[n
     near = on_boundary.copy()
     near[edges[on_boundary[edges[:, 0]], 1]] = True
     near[edges[on_boundary[edges[:, 1]], 0]] = True
-    cand = np.flatnonzero(near & zone)
+    cand = np.flatnonzero(zone if anywhere else near & zone)
     left = np.zeros(n, bool)
     if not len(cand):
         return arrays, 0, left
