@@ -1,10 +1,11 @@
 """Render jawOpen = 1 before and after the surface opening (engine/open_surface.py) with Blender (Cycles, CPU).
 
     .venv/bin/python tools/render_open_mouth.py --out docs/pictures [--seed 0] [--resolution 128] [--samples 16]
+        [--weights DIR]
 
 Writes open_mouth.png (whole heads) and open_mouth_closeup.png (the mouth). "before": the mesh as extracted,
 posed by a single solve from each canonical vertex (the deform op before continuation); "after": the opened
-mesh through the deform op's root finding (deform.solve_continued). A docs tool: not shipped, not a test.
+mesh posed by the deform op (Session.pose: the lips' and lids' vertices along the expression path). A docs tool: not shipped, not a test.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from render_docs import Panel, Picture, cut_neck, log, place, render  # noqa: E402
 
+from backend.commands.surface import pose  # noqa: E402
 from backend.engine import deform  # noqa: E402
 from backend.engine import surface_metrics as sm  # noqa: E402
 from backend.engine.session import Session  # noqa: E402
@@ -35,12 +37,14 @@ def jaw_open(s: Session, seed: int, res: int, opened: bool) -> tuple[np.ndarray,
     z_id, _, _ = s.decode_params(out["head"])
     e = torch.zeros((1, len(s.expression_names)))
     e[0, s.expression_names.index("jawOpen")] = 1.0
-    x_c = torch.as_tensor(arrays["canonical"])
-    steps = deform.continuation_steps(e) if opened else 1
-    res_ = deform.solve_continued(lambda t: s.warp_fn(z_id, e * t), x_c, 1, steps)
-    posed = res_.vertices[0].numpy()
+    if opened:  # as the deform op poses it
+        res = pose(s, out["head"], arrays["canonical"], e.numpy())
+        posed, converged = res["vertices"][0], res["converged"][0].astype(bool)
+    else:
+        one = deform.solve_continued(lambda t: s.warp_fn(z_id, e * t), torch.as_tensor(arrays["canonical"]), 1, 1)
+        posed, converged = one.vertices[0].numpy(), one.converged.numpy().reshape(-1)
     stretch = sm.edge_stretch(arrays["canonical"], posed, arrays["faces"])
-    info = {"unsolved": int((~res_.converged).sum()), "stretched": int((stretch > 3).sum()),
+    info = {"unsolved": int((~converged).sum()), "stretched": int((stretch > 3).sum()),
             "max": float(stretch.max()), "genus": sm.topology(arrays["faces"]).genus}
     faces = arrays["faces"]
     if not opened:  # the extracted neck bottom is closed and ragged: show both at the same height
@@ -54,10 +58,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--weights", type=Path, default=None, help="weights folder (default: the repository's)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    s = Session(device="cpu")
+    s = Session(weights_dir=args.weights, device="cpu")
     heads, close, lines = [], [], []
     for i, opened in enumerate((False, True)):
         posed, faces, info = jaw_open(s, args.seed, args.resolution, opened)
