@@ -5,7 +5,8 @@
 
 Writes open_mouth.png (whole heads) and open_mouth_closeup.png (the mouth). "before": the mesh as extracted,
 posed by a single solve from each canonical vertex (the deform op before continuation); "after": the opened
-mesh posed by the deform op (Session.pose: the lips' and lids' vertices along the expression path). A docs tool: not shipped, not a test.
+mesh posed by the deform op (Session.pose: the lips' and lids' vertices along the expression path). A docs tool:
+not shipped, not a test.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def jaw_open(s: Session, seed: int, res: int, opened: bool) -> tuple[np.ndarray,
     e = torch.zeros((1, len(s.expression_names)))
     e[0, s.expression_names.index("jawOpen")] = 1.0
     if opened:  # as the deform op poses it
-        res = pose(s, out["head"], arrays["canonical"], e.numpy())
-        posed, converged = res["vertices"][0], res["converged"][0].astype(bool)
+        by_op = pose(s, out["head"], arrays["canonical"], e.numpy())
+        posed, converged = by_op["vertices"][0], by_op["converged"][0].astype(bool)
     else:
         one = deform.solve_continued(lambda t: s.warp_fn(z_id, e * t), torch.as_tensor(arrays["canonical"]), 1, 1)
         posed, converged = one.vertices[0].numpy(), one.converged.numpy().reshape(-1)
