@@ -425,6 +425,11 @@ def test_a_sliver_edge_where_the_slit_ends_is_collapsed_not_stretched():
     assert none == 0 and same is arrays
     same, none = open_surface._collapse_stretched(arrays, np.zeros(26, bool), motion)  # outside the zone
     assert none == 0 and same is arrays
+    # the slit reaches two rings past its zone (a mouth corner's rim), and so does the collapse
+    lip = canon[:, 0] <= 2 * h
+    assert not lip[faces].all(1).all() and (np.abs(canon[:, 0] - 2 * h - 0.0004) < 1e-9).any()
+    _, collapsed = open_surface._collapse_stretched(arrays, lip, motion)
+    assert collapsed == 1
 
 
 def test_a_stretched_edge_at_the_slits_end_collapses_on_a_fine_mesh_too():

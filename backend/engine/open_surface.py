@@ -449,10 +449,10 @@ def _parts_from_neighbours(cand: np.ndarray, disp: np.ndarray, pairs: np.ndarray
 
 def _collapse_stretched(arrays: dict[str, np.ndarray], zone: np.ndarray,
                         motion: Callable[[np.ndarray], np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-    """Remove the zone's edges on or next to the mesh boundary that the motion (NaN rows: unsolved) stretches
-    beyond STRETCH_LIMIT by collapsing one of their ends onto a neighbour (the other end or another). Where the
-    slit ends, both lips' motions meet in a steep but continuous ramp, and marching cubes leaves edges there far
-    shorter than the ramp is wide: such an edge stretches by the ramp's slope, a longer edge across it by less.
+    """Remove the edges within two rings of the zone and of the mesh boundary that the motion (NaN rows: unsolved)
+    stretches beyond STRETCH_LIMIT by collapsing one of their ends onto a neighbour (the other end or another).
+    Where the slit ends, both lips' motions meet in a steep but continuous ramp, and marching cubes leaves edges
+    there far shorter than the ramp is wide: such an edge stretches by the ramp's slope, a longer one by less.
     A collapse is made where the collapsed edge is shorter than SHORT_EDGE x the mesh's median edge or than
     SHORT_EDGE_M (or drops an ear, a rim vertex with one face, of any size: that face straddles the motion's jump,
     as a bridge does), the kept vertex (which does not move: its root and attributes stay) gets no new edge beyond
@@ -467,7 +467,8 @@ def _collapse_stretched(arrays: dict[str, np.ndarray], zone: np.ndarray,
     short = max(SHORT_EDGE * median, SHORT_EDGE_M)
     on_boundary = np.zeros(n, bool)
     on_boundary[edges[count == 1].ravel()] = True
-    cand = _grow(on_boundary, edges) & zone
+    # a crack tip's ramp reaches two rings in from the rim, and the slit two rings past the zone (_open_by_motion)
+    cand = _grow(_grow(on_boundary, edges), edges) & _grow(_grow(zone, edges), edges)
     if not cand.any():
         return arrays, 0
     reach = _grow(_grow(cand, edges), edges)  # the candidates' neighbours may be kept, and gain their edges
