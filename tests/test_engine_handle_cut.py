@@ -76,6 +76,26 @@ def test_two_handles_are_both_cut_and_a_surface_without_one_is_left_alone():
     assert again is out and none.handles_cut == 0 and none.handles_left == 0
 
 
+def test_the_cube_search_looks_only_where_a_homology_basis_runs():
+    """_basis_vertices marks a homology basis of each piece (the greedy system's loops from one root, with their
+    paths to it); the cube search restricted to cubes holding one of its vertices finds the same handle pieces as
+    the search over every cube, on one, two and no handles, and a ball (genus 0) has no basis at all."""
+    p, origin = _lattice(0.05)
+    two = _mc(np.minimum(_torus_field(p, (-0.022, 0, 0), 0.02, 0.004),
+                         _torus_field(p, (0.022, 0, 0), 0.02, 0.004)), origin)
+    ball = _mc(np.linalg.norm(p, axis=-1) - 0.03, origin)
+    for mesh, handles in ((torus(), 1), (two, 2), (ball, 0)):
+        pos, faces = mesh["canonical"].astype(np.float64), np.asarray(mesh["faces"], np.int64)
+        basis = handle_cut._basis_vertices(pos, faces)
+        assert basis is not None and (basis.any() == (handles > 0)) and basis.mean() < 0.5
+        for stride in handle_cut.CUBE_STRIDES_MM:
+            every = handle_cut._cube_pieces(pos, faces, stride * 1e-3)
+            some = handle_cut._cube_pieces(pos, faces, stride * 1e-3, basis)
+            assert sorted(map(tuple, map(sorted, every))) == sorted(map(tuple, map(sorted, some)))
+        found = handle_cut._cube_pieces(pos, faces, handle_cut.CUBE_STRIDES_MM[-1] * 1e-3, basis)
+        assert (len(found) > 0) == (handles > 0)
+
+
 def test_a_fat_handle_is_not_cut():
     t = torus(0.03, 0.011)  # waist 2 pi 11 mm = 69 mm, inner equator 2 pi 19 mm: both > MAX_LOOP_MM
     out, stats = handle_cut.cut_handles(t)

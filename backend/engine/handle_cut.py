@@ -93,21 +93,35 @@ def _length(pos: np.ndarray, loop: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------------- where
 
 
-def _cube_pieces(pos: np.ndarray, faces: np.ndarray, stride: float
+def _cube_pieces(pos: np.ndarray, faces: np.ndarray, stride: float, basis: np.ndarray | None = None
                  ) -> list[np.ndarray]:
     """Faces (index arrays) of the cubes whose piece of surface has a handle, largest genus first. A face is in
-    every cube (two strides wide, one apart) that holds all its corners."""
+    every cube (two strides wide, one apart) that holds all its corners. With `basis` (N,) bool (_basis_vertices),
+    only cubes that hold one of its vertices are looked at: a piece with a handle holds two loops that cross once,
+    so it meets every homology basis of the surface (a cube off the basis holds no handle)."""
     cell = np.floor(pos / stride).astype(np.int64)
     fc = cell[faces]  # (F,3,3)
     lo, hi = fc.min(1), fc.max(1)
     fits = (hi - lo <= 1).all(1)
+    base, span = cell.min(0) - 1, cell.max(0) - cell.min(0) + 3
+
+    def key(origin: np.ndarray) -> np.ndarray:
+        o = origin - base
+        return (o[:, 0] * span[1] + o[:, 1]) * span[2] + o[:, 2]
+
+    if basis is not None:
+        held = np.unique(np.concatenate([key(cell[basis] - np.array(d)) for d in np.ndindex(2, 2, 2)]))
     fid, cubes = [], []
     for d in np.ndindex(2, 2, 2):
         origin = lo - np.array(d)
         ok = fits & ((hi - origin) <= 1).all(1)
+        if basis is not None:
+            ok &= np.isin(key(origin), held)
         fid.append(np.flatnonzero(ok))
         cubes.append(origin[ok])
     fid_a = np.concatenate(fid)
+    if not len(fid_a):
+        return []
     cube = np.concatenate(cubes)
     cube -= cube.min(0)
     span = cube.max(0) + 1
@@ -144,6 +158,20 @@ def _cube_pieces(pos: np.ndarray, faces: np.ndarray, stride: float
     return out
 
 
+def _basis_vertices(pos: np.ndarray, faces: np.ndarray) -> np.ndarray | None:
+    """(N,) bool: the vertices of a homology basis of each piece with its boundary loops capped (the greedy
+    system's loops from one root a piece, with their paths to it), or None on a non-manifold mesh. On a 256³
+    head the cube search then looks at a few cubes instead of every face 8 times (docs/benchmarks.md)."""
+    greedy = _Greedy(pos, faces, np.zeros(len(pos), bool))
+    if not greedy.ok:
+        return None
+    label = vertex_components(len(greedy.used), greedy.edges)
+    mark = np.zeros(len(pos), bool)
+    for root in np.unique(label, return_index=True)[1]:
+        mark[greedy.used[greedy.basis_vertices(int(root))]] = True
+    return mark
+
+
 def _find_loops(pos: np.ndarray, faces: np.ndarray) -> list[np.ndarray]:
     """Short non-separating loops (vertex indices in order) that the cut may use, from the smallest cubes with a
     handle: apart (no loop touches another's vertices or their neighbours) and together not separating."""
@@ -152,9 +180,10 @@ def _find_loops(pos: np.ndarray, faces: np.ndarray) -> list[np.ndarray]:
     n = len(pos)
     banned = np.zeros(n, bool)  # the surface's boundary and non-manifold edges' vertices
     banned[edges[count != 2].ravel()] = True
+    basis = _basis_vertices(pos, faces)
     for stride in CUBE_STRIDES_MM:
         found = []
-        for piece in _cube_pieces(pos, faces, stride * 1e-3):
+        for piece in _cube_pieces(pos, faces, stride * 1e-3, basis):
             loop = _shortest_loop(pos, faces[piece], banned)
             if loop is None:
                 continue
@@ -215,6 +244,35 @@ class _Greedy:
     def loops(self, root: int) -> tuple[float, np.ndarray | None]:
         """The shortest loop of the greedy system from `root` (local index) that avoids banned vertices (with
         `detour`, a loop through some goes round them if it can)."""
+        pred, sig, left = self._system(root)
+        a, b = self.edges[:, 0], self.edges[:, 1]
+        best: tuple[float, np.ndarray | None] = (np.inf, None)
+        for e in left[np.argsort(sig[left])]:
+            loop = _tree_loop(pred, int(a[e]), int(b[e]))
+            if loop is None:
+                continue
+            if not self.banned[loop].any():
+                return float(sig[e]), loop
+            if self.detour:
+                around = self._detour(loop)
+                if around is not None:
+                    return float(sig[e]) + _length(self.pos, around) - _length(self.pos, loop), around
+        return best
+
+    def basis_vertices(self, root: int) -> np.ndarray:
+        """(local vertices,) bool: the vertices of the greedy system's loops from `root` with their paths to the
+        root. Those loops are a homology basis of the root's piece with its boundary loops capped."""
+        pred, _, left = self._system(root)
+        mark = np.zeros(len(self.used), bool)
+        for x in self.edges[left].ravel().tolist():
+            while x >= 0 and not mark[x]:
+                mark[x] = True
+                x = int(pred[x])
+        return mark
+
+    def _system(self, root: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The shortest-path tree from `root` (predecessors), each edge's loop length and the edges left out of
+        that tree and of the dual tree of greatest loop length: one per loop of the greedy system."""
         edges = self.edges
         dist, pred = dijkstra(self.graph, directed=False, indices=root, return_predecessors=True)
         a, b = edges[:, 0], edges[:, 1]
@@ -231,19 +289,7 @@ class _Greedy:
         in_tree = np.zeros(len(rest), bool)
         in_tree[cand] = (np.asarray(mst[lo[cand], hi[cand]]).ravel() != 0) | (
             np.asarray(mst[hi[cand], lo[cand]]).ravel() != 0)
-        left = rest[~in_tree]
-        best: tuple[float, np.ndarray | None] = (np.inf, None)
-        for e in left[np.argsort(sig[left])]:
-            loop = _tree_loop(pred, int(a[e]), int(b[e]))
-            if loop is None:
-                continue
-            if not self.banned[loop].any():
-                return float(sig[e]), loop
-            if self.detour:
-                around = self._detour(loop)
-                if around is not None:
-                    return float(sig[e]) + _length(self.pos, around) - _length(self.pos, loop), around
-        return best
+        return pred, sig, rest[~in_tree]
 
     def _detour(self, loop: np.ndarray) -> np.ndarray | None:
         """The loop with each banned vertex v (between loop neighbours u and w that are not) replaced by the
