@@ -26,7 +26,6 @@ follows the path from weight 0 (deform.solve_continued), so each side keeps to i
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Callable
@@ -226,11 +225,7 @@ class SurfaceOpener:
                 # pinches first: their copies are new positions, whose roots _settle checks too
                 arrays, split = mesh_cut.split_pinches(arrays)
                 pinches += split
-                solved = getattr(motion, "solved", motion)  # NaN where not converged, if the motion tells
-
-                def along(p: np.ndarray, expression: str = expression, solved: Motion = solved) -> np.ndarray:
-                    return solved(p, expression)
-
+                along = _along(motion, expression)
                 zone_now = self._zone(arrays, zone_regions)
                 arrays, moved, left = _settle(arrays, zone_now, along)
                 if left.any():  # again, with their neighbours where the first pass moved them
@@ -251,12 +246,10 @@ class SurfaceOpener:
         moved = 0
         if not copies.any():
             return arrays, moved
-        solved = getattr(motion, "solved", motion)
         for expression, zone_regions, _, _ in MOTION_CUTS:
             zone = self._zone(arrays, zone_regions) & copies
             if zone.any():
-                arrays, count, _ = _settle(arrays, zone, functools.partial(_call, solved, expression=expression),
-                                           anywhere=True)
+                arrays, count, _ = _settle(arrays, zone, _along(motion, expression), anywhere=True)
                 moved += count
         return arrays, moved
 
@@ -279,8 +272,15 @@ class SurfaceOpener:
         return arrays, opened
 
 
-def _call(motion: Motion, points: np.ndarray, expression: str) -> np.ndarray:
-    return motion(points, expression)
+def _along(motion: Motion, expression: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The motion's displacement under one expression, NaN rows where its root finding did not converge (the
+    motion's `solved`, where it has one)."""
+    solved = getattr(motion, "solved", motion)
+
+    def along(points: np.ndarray) -> np.ndarray:
+        return solved(points, expression)
+
+    return along
 
 
 def _one_sided_loops(arrays: dict[str, np.ndarray], lost: np.ndarray) -> list[np.ndarray]:
