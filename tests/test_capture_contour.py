@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from backend.capture import camera, contour, correspondence
-from backend.capture.fit import FitSettings, _Problem
+from backend.capture.fit import REFERENCE_EYE_PX, FitSettings, _Problem
 
 W = H = 96
 FOCAL = torch.tensor([200.0])
@@ -42,31 +42,32 @@ def _pose(T: int, dx: float = 0.0) -> tuple[Tensor, Tensor]:
     return rot, trans
 
 
-def _disc_masks(T: int, radius: float) -> np.ndarray:
-    """The sphere's exact silhouette at _pose(): pixel centres whose ray passes within `radius` of the centre."""
+def _disc_masks(T: int, radius: float, k: int = 1) -> np.ndarray:
+    """The sphere's exact silhouette at _pose(): pixel centres whose ray passes within `radius` of the centre;
+    k: the footage k times larger (size and focal length)."""
     rot, trans = _pose(T)
-    y, x = np.mgrid[0:H, 0:W].astype(np.float32) + 0.5
+    y, x = np.mgrid[0 : k * H, 0 : k * W].astype(np.float32) + 0.5
     px = torch.as_tensor(np.stack([x, y], -1).reshape(1, -1, 2)).expand(T, -1, -1)
-    origin, d = camera.pixel_rays(px, rot, trans, FOCAL, W, H)
+    origin, d = camera.pixel_rays(px, rot, trans, k * FOCAL, k * W, k * H)
     miss = (origin - ((origin * d).sum(-1, keepdim=True)) * d).norm(dim=-1)
-    return (miss < radius).reshape(T, H, W).numpy()
+    return (miss < radius).reshape(T, k * H, k * W).numpy()
 
 
-def _problem(masks: np.ndarray) -> _Problem:
-    T = len(masks)
+def _problem(masks: np.ndarray, eye_px: float = 30.0) -> _Problem:
+    T, h, w = masks.shape
     targets = np.zeros((len(correspondence.USED), 3), np.float32)
-    observed = np.full((T, len(targets), 2), W / 2, np.float32)
-    observed[:, correspondence.USED.index(36), 0] -= 30  # eye distance for the landmark scale
+    observed = np.full((T, len(targets), 2), w / 2, np.float32)
+    observed[:, correspondence.USED.index(36), 0] -= eye_px  # eye distance for the landmark scale
     extras = {"id_mean": torch.zeros(2), "id_chol": torch.eye(2)}
-    return _Problem(_Sphere(), extras, targets, observed, np.ones(T, bool), masks, W, H, True,
+    return _Problem(_Sphere(), extras, targets, observed, np.ones(T, bool), masks, w, h, True,
                     FitSettings(silhouette_term="contour", contour_points=48))
 
 
-def _outline(p: _Problem, z: Tensor, trans: Tensor) -> Tensor:
+def _outline(p: _Problem, z: Tensor, trans: Tensor, k: int = 1) -> Tensor:
     rot, _ = _pose(p.T)
     e = torch.zeros(p.T, 53)
-    p.find_contour(z.detach(), e, rot, trans.detach(), FOCAL, 4)
-    return p.contour_loss(z, e, rot, trans, FOCAL)
+    p.find_contour(z.detach(), e, rot, trans.detach(), k * FOCAL, 4)
+    return p.contour_loss(z, e, rot, trans, k * FOCAL)
 
 
 def test_signed_distance_and_sampling():
@@ -131,3 +132,19 @@ def test_gradients_match_finite_differences():
     assert float(g_z[0, 0]) == pytest.approx(float(fd_z), rel=0.03)
     assert float(g_t[1, 0]) == pytest.approx(float(fd_t), rel=0.03)
     assert float(g_t[1, 0]) > 0  # moved right of the mask: pulled back left
+
+
+def test_the_outline_term_weighs_the_same_at_any_resolution():
+    """The same scene as footage three times larger: the outline error in pixels triples, the loss (in eye
+    distances, its bend in reference pixels: fit.REFERENCE_EYE_PX) stays."""
+    big = torch.tensor([[0.05, 0.0]])
+    out = []
+    for k in (1, 3):
+        p = _problem(_disc_masks(2, RADIUS, k), eye_px=60.0 * k)
+        assert p.px == pytest.approx(60.0 * k / REFERENCE_EYE_PX)
+        out.append((float(_outline(p, big, _pose(2)[1], k)), p.outline_px))
+    (loss_1, px_1), (loss_3, px_3) = out
+    assert px_1 == pytest.approx(0.05 * 27, rel=0.15) and px_3 == pytest.approx(3 * 0.05 * 27, rel=0.15)
+    # the pixel grid's staircase moves the smaller footage's outline by ~0.1 px; a bend fixed at one footage
+    # pixel would halve the larger footage's loss
+    assert loss_3 == pytest.approx(loss_1, rel=0.15)

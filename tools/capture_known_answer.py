@@ -60,6 +60,8 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
     cap = out["capture"]
     _, zr_fit, k_fit = s.decode(HeadSpec(identity=np.asarray(out["head"]["identity"], np.float32)))
     fit_closed, _, _ = s.canonical_mesh(zr_fit, k_fit, truth["resolution"])
+    gauge = _gauge(fit_closed, true_mesh, arrays["rotations"], true_rot)
+    mean_cd, mean_cd_similarity = _mean_head_cd(s, true_mesh, truth["resolution"])
     return {
         "frames": cap["frames"], "size": truth["camera"]["size"], "device": str(s.device),
         "face_cd_l1_mm": metrics.face_cd_l1_mm(arrays["vertices"], arrays["faces"], true_mesh.vertices,
@@ -69,12 +71,14 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
         "face_cd_l1_mm_canonical": metrics.face_cd_l1_mm(fit_closed.vertices, fit_closed.faces, true_mesh.vertices,
                                                          true_mesh.faces),
         "surface_pieces_dropped": out.get("stats", {}).get("surface", {}).get("pieces_dropped"),
-        "mean_head_face_cd_l1_mm": _mean_head_cd(s, true_mesh, truth["resolution"]),
+        "mean_head_face_cd_l1_mm": mean_cd,
+        "mean_head_face_cd_l1_mm_similarity": mean_cd_similarity,
         "expression_mae": metrics.expression_mae(arrays["expressions"], true_exp),
         "expression_mae_animated": metrics.expression_mae(arrays["expressions"][:, animated], true_exp[:, animated]),
         "rotation_error_deg_mean": float(rot_abs.mean()), "rotation_error_deg_max": float(rot_abs.max()),
         "relative_rotation_error_deg_mean": float(rot_rel.mean()),
         "relative_rotation_error_deg_max": float(rot_rel.max()),
+        **gauge,
         "landmark_error_px": cap["landmark_error_px"], "silhouette_iou": cap["silhouette_iou"],
         "outline_error_px": cap["outline_error_px"], "settings": settings or {},
         "offsets": str(offsets) if offsets is not None else None, "seed": seed,
@@ -85,18 +89,43 @@ def evaluate(clip: Path, device: str = "cpu", steps: int | None = None, weights:
         "animated_fitted_mean": arrays["expressions"][:, animated].mean(0).round(3).tolist(),
         "largest_fitted": {s.expression_names[j]: round(float(arrays["expressions"][:, j].mean()), 3)
                            for j in np.argsort(-arrays["expressions"].mean(0))[:8]},
+        "identity": [round(float(v), 5) for v in out["head"]["identity"]],
         "fit_seconds": cap["fit_seconds"], "total_seconds": seconds, "seconds_per_frame": seconds / cap["frames"],
     }
 
 
-def _mean_head_cd(s, true_mesh, resolution: int) -> float:
-    """The same measure for the mean identity: what the fit has to beat."""
+def _gauge(fitted, true, rotations: np.ndarray, true_rot: np.ndarray) -> dict:
+    """What of the face and rotation errors the images cannot tell (metrics.align_face): the fitted identity's
+    canonical face after the rigid and the similarity transform that best aligns it with the true one, and the
+    rotation error of the head turn the true face then sees (R_t R_a^T)."""
+    from backend.capture import metrics
+
+    row: dict = {}
+    for name, scale in (("rigid", False), ("similarity", True)):
+        s, rot, t = metrics.align_face(fitted.vertices, true.vertices, true.faces, scale=scale)
+        moved = s * fitted.vertices.astype(np.float64) @ rot.T + t
+        err = metrics.rotation_error_deg(np.einsum("tij,kj->tik", rotations.astype(np.float64), rot), true_rot)
+        row[f"face_cd_l1_mm_{name}"] = metrics.face_cd_l1_mm(moved, fitted.faces, true.vertices, true.faces)
+        row[f"{name}_align"] = {"scale": round(s, 5),
+                                "angle_deg": round(float(metrics.rotation_error_deg(rot[None], np.eye(3)[None])[0]), 3),
+                                "shift_mm": np.round(1e3 * t, 2).tolist()}
+        row[f"rotation_error_deg_mean_{name}"] = float(err.mean())
+        row[f"rotation_error_deg_max_{name}"] = float(err.max())
+    return row
+
+
+def _mean_head_cd(s, true_mesh, resolution: int) -> tuple[float, float]:
+    """The same measure for the mean identity, as it is and after the similarity alignment: what the fit has
+    to beat."""
     from backend.capture import metrics
     from backend.engine.head import HeadSpec
 
     _, zr, k = s.decode(HeadSpec(identity=s.extras["id_mean"].cpu().numpy().astype(np.float32)))
     mean_mesh, _, _ = s.canonical_mesh(zr, k, resolution)
-    return metrics.face_cd_l1_mm(mean_mesh.vertices, mean_mesh.faces, true_mesh.vertices, true_mesh.faces)
+    scale, rot, t = metrics.align_face(mean_mesh.vertices, true_mesh.vertices, true_mesh.faces, scale=True)
+    moved = scale * mean_mesh.vertices.astype(np.float64) @ rot.T + t
+    return (metrics.face_cd_l1_mm(mean_mesh.vertices, mean_mesh.faces, true_mesh.vertices, true_mesh.faces),
+            metrics.face_cd_l1_mm(moved, mean_mesh.faces, true_mesh.vertices, true_mesh.faces))
 
 
 def _setting(item: str) -> tuple[str, object]:

@@ -41,11 +41,12 @@ def signed_distance(masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def outline_anchors(masks: np.ndarray, distance: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray,
-                                                                                  np.ndarray]:
+def outline_anchors(masks: np.ndarray, distance: np.ndarray, count: int, px: float = 1.0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`count` pixels spread along each mask's outline (ordered by angle about the mask's centroid), with the
     outline's outward unit normal: (T, K, 2) positions, (T, K, 2) normals, (T, K) bool usable. Outline
-    pixels at the frame's border are left out (there the frame cuts the foreground)."""
+    pixels at the frame's border are left out (there the frame cuts the foreground). `px`: the footage's
+    pixels per reference pixel (fit.REFERENCE_EYE_PX), which the normal's smoothing scales with."""
     from scipy.ndimage import binary_erosion, gaussian_filter
 
     T, H, W = masks.shape
@@ -58,7 +59,7 @@ def outline_anchors(masks: np.ndarray, distance: np.ndarray, count: int) -> tupl
         ys, xs = np.nonzero(edge)
         if len(ys) < count:
             continue
-        smooth = gaussian_filter(distance[t].astype(np.float32), NORMAL_SMOOTH_PX)
+        smooth = gaussian_filter(distance[t].astype(np.float32), NORMAL_SMOOTH_PX * px)
         gy, gx = np.gradient(smooth)
         order = np.argsort(np.arctan2(ys - ys.mean(), xs - xs.mean()), kind="stable")
         pick = order[np.linspace(0, len(order), count, endpoint=False).astype(int)]
@@ -112,9 +113,10 @@ def attach(x_star: Tensor, grad: Tensor, live: Tensor) -> Tensor:
     return x_star.detach() - grad * (live / grad.square().sum(-1).clamp_min(1e-12))[..., None]
 
 
-def loss(distance_px: Tensor, weights: Tensor, scale: float) -> Tensor:
+def loss(distance_px: Tensor, weights: Tensor, scale: float, px: float = 1.0) -> Tensor:
     """Weighted mean Charbonnier penalty of outline distances (px), in units of `scale` (the landmark term's
-    eye distance) squared, so that a pixel costs about what a landmark's pixel costs."""
-    c = CHARBONNIER_PX
+    eye distance) squared, so that a pixel costs about what a landmark's pixel costs; its bend at CHARBONNIER_PX
+    reference pixels (`px` of the footage's each: fit.REFERENCE_EYE_PX)."""
+    c = CHARBONNIER_PX * px
     rho = c * c * ((1 + (distance_px / c).square()).sqrt() - 1)
     return (weights * rho).sum() / weights.sum().clamp_min(1e-6) / scale ** 2

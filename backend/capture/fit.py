@@ -57,6 +57,10 @@ CONTOUR_INSIDE = 3e-3
 CONTOUR_OUTSIDE = 6e-3
 CONTOUR_STEP = 6.0
 CONTOUR_REACH = 24.0
+# The pixel constants here, in contour.py and photometric.py were chosen on footage whose outer eye corners lie
+# about this many pixels apart (the 192-pixel known-answer clips, docs/capture.md); footage that shows the face
+# larger scales them with it (never below one pixel), so a term weighs the same at any resolution
+REFERENCE_EYE_PX = 45.0
 
 
 @dataclass
@@ -143,12 +147,14 @@ class _Problem:
         self.photo = images is not None and skin is not None and len(skin) > 0 and len(observed) > 1
         both = np.concatenate([targets, skin]) if self.photo and skin is not None else targets
         self.targets = torch.as_tensor(both, dtype=torch.float32, device=dev)
-        self.images = photometric.prepare(images, dev) if self.photo and images is not None else None
         self.obs = torch.as_tensor(observed, dtype=torch.float32, device=dev)
         self.frame_w = torch.as_tensor(found, dtype=torch.float32, device=dev)
         self.lm_w = torch.as_tensor(WEIGHTS, device=dev)
         eyes = (self.obs[:, EYE_OUTER[0]] - self.obs[:, EYE_OUTER[1]]).norm(dim=-1)
         self.scale = float(eyes[self.frame_w > 0].median())  # px: landmark residuals in eye distances
+        self.px = max(1.0, self.scale / REFERENCE_EYE_PX)  # footage pixels per reference pixel
+        self.images = (photometric.prepare(images, dev, photometric.BLUR_PX * self.px)
+                       if self.photo and images is not None else None)
         self.masks = None if masks is None else torch.as_tensor(masks, device=dev)
         self.gen = torch.Generator(device="cpu").manual_seed(settings.seed)
         self.can_ok: Tensor | None = None  # (N,) points whose canonical solve met the surface
@@ -162,7 +168,7 @@ class _Problem:
         self.outline_px: float | None = None
         if masks is not None and masks.any() and settings.silhouette_term == "contour":
             dist = contour.signed_distance(masks)
-            pos, nrm, ok = contour.outline_anchors(masks, dist, settings.contour_points)
+            pos, nrm, ok = contour.outline_anchors(masks, dist, settings.contour_points, self.px)
             self.distance = torch.as_tensor(dist, device=dev)
             self.anchor = torch.as_tensor(pos, device=dev)
             self.anchor_normal = torch.as_tensor(nrm, device=dev)
@@ -304,8 +310,9 @@ class _Problem:
                 else:
                     s, gap = contour.closest_approach(posed, origin, direction, self.anchor_s, 0.01, 0.01, 9)
                 self.anchor_s = s
-                step = (gap * focal / s.clamp_min(1e-3)).clamp(-CONTOUR_STEP, CONTOUR_STEP)
-                self.anchor_offset = (self.anchor_offset - step).clamp(-CONTOUR_REACH, CONTOUR_REACH)
+                step = (gap * focal / s.clamp_min(1e-3)).clamp(-CONTOUR_STEP * self.px, CONTOUR_STEP * self.px)
+                self.anchor_offset = (self.anchor_offset - step).clamp(-CONTOUR_REACH * self.px,
+                                                                       CONTOUR_REACH * self.px)
         x0 = origin + s[..., None] * direction
         g, J = surface.residual_and_jacobian(lambda x: posed(x, FIT_TOPK)[..., None], x0)
         grad = J[..., 0, :]
@@ -329,7 +336,7 @@ class _Problem:
         d = contour.sample(self.distance, pix)
         with torch.no_grad():
             self.outline_px = float((d.abs() * w).sum() / w.sum().clamp_min(1))
-        return contour.loss(d, w, self.scale)
+        return contour.loss(d, w, self.scale, self.px)
 
     def silhouette_loss(self, z: Tensor, e: Tensor, rot: Tensor, trans: Tensor, focal: Tensor) -> Tensor:
         """IMavatar's mask loss on the last trace's rays where the trace and the mask disagree, at each ray's

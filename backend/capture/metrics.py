@@ -42,3 +42,30 @@ def face_cd_l1_mm(fitted_v: np.ndarray, fitted_f: np.ndarray, true_v: np.ndarray
     a = MeshIndex(true_v, true_f).closest(inside(fitted_v))[2]
     b = MeshIndex(fitted_v, fitted_f).closest(inside(true_v))[2]
     return float(1e3 * (a.mean() + b.mean()) / 2)
+
+
+def align_face(fitted_v: np.ndarray, true_v: np.ndarray, true_f: np.ndarray, scale: bool = False,
+               iterations: int = 30) -> tuple[float, np.ndarray, np.ndarray]:
+    """The similarity (scale=True) or rigid transform y = s R x + t that moves the fitted head's face-box
+    vertices onto the true surface (ICP, point to closest surface point, Umeyama's closed form each round).
+    A photo or video fixes a head only up to such a transform traded with the camera (a larger head farther
+    away, a face turned in its own frame under the opposite head turn), so it splits a fit's face error into
+    that gauge and the shape itself."""
+    from ..engine.template import MeshIndex
+
+    index = MeshIndex(true_v, true_f)
+    x = fitted_v[((fitted_v >= FACE_BOX_MIN) & (fitted_v <= FACE_BOX_MAX)).all(1)].astype(np.float64)
+    corners = true_v[true_f].astype(np.float64)
+    s, rot, t = 1.0, np.eye(3), np.zeros(3)
+    for _ in range(iterations):
+        y = s * x @ rot.T + t
+        face, bary, _ = index.closest(y)
+        target = np.einsum("nk,nkd->nd", bary, corners[face])
+        mx, my = x.mean(0), target.mean(0)
+        cov = (target - my).T @ (x - mx) / len(x)
+        u, sig, vt = np.linalg.svd(cov)
+        d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
+        rot = u @ d @ vt
+        s = float(np.trace(np.diag(sig) @ d) / ((x - mx) ** 2).sum(1).mean()) if scale else 1.0
+        t = my - s * rot @ mx
+    return s, rot, t
