@@ -132,7 +132,7 @@ def test_photometric_term_through_the_fit_problem(monkeypatch):
         fd_u = (value(trans, u + hu * d) - value(trans, u - hu * d)) / (2 * hu)
     assert float(g_u.norm()) > 0
     assert float((g_u * d).sum()) == pytest.approx(float(fd_u), rel=0.05)
-    # by default (image_terms_fit_identity False) the term moves the pose, not the identity
+    # with image_terms_fit_identity False the term moves the pose, not the identity
     g_t0, g_u0 = torch.autograd.grad(value(trans, u, identity=False), [trans, u], allow_unused=True)
     assert g_u0 is None or float(g_u0.abs().max()) == 0.0
     assert torch.allclose(g_t0, g_t)

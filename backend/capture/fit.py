@@ -99,11 +99,13 @@ class FitSettings:
     # the ICT vertices they are mapped to): prior weight on |offset / 1 cm|^2; 0: no offsets
     landmark_bias: float = 0.0
     photometric: float = 0.05  # weight of the photometric term (videos; 0: off)
-    photo_points: int = 64  # skin points of the photometric term
-    # whether the silhouette and photometric terms move the identity too; False: the identity follows the
-    # landmarks and its prior only, the image terms fit pose and expressions (docs/capture.md: their identity
-    # gradients pulled the code away from the true head on the known-answer clips)
-    image_terms_fit_identity: bool = False
+    photo_points: int = 256  # skin points of the photometric term
+    # whether the silhouette and photometric terms move the identity too (the contour term has its own switch);
+    # False: the identity follows the landmarks, the contour and its prior, the image terms fit pose and
+    # expressions. On the 192-px featureless clips their identity gradients pulled the code away from the true
+    # head; on 512-px clips with a face's features the photometric term's (256 points) helps the shape and the
+    # pose (docs/capture.md, 2026-12-08)
+    image_terms_fit_identity: bool = True
     # the returned identity is the mean of the identity's iterates from this fraction of the network stage on
     # (1: the last iterate): the random silhouette rays and Adam's steps keep it moving about its optimum
     id_average_from: float = 0.5
