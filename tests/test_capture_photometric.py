@@ -5,6 +5,7 @@ reaching the identity through the implicitly differentiated skin points."""
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -53,6 +54,35 @@ def test_consistency_gradient_matches_finite_differences_and_pulls_together():
     assert float(loss(torch.tensor(2.0, dtype=torch.float64))) < 0.2 * float(loss(torch.tensor(0.0)))
 
 
+def test_patch_correlation_ignores_shading_and_finds_the_shift():
+    """The patch term (photometric.patch_ncc_loss): a gain and an offset of one frame's colours (its shading
+    after the turn) cost nothing, a patch of the other frame 2 px off costs, and the gradient moves it back."""
+    frames = np.stack([_pattern(64, 64), _pattern(64, 64, shift=2.0)])
+    images = photometric.prepare(frames, torch.device("cpu"))
+    normals = torch.tensor([[[0.0, 0.0, 1.0]] * 3], dtype=torch.float64)
+    offsets = photometric.patch_offsets(normals, 5, 1.0)[0, :, :, :2]  # (P, S, 2): a 5 x 5 pixel grid
+    assert offsets.shape == (3, 25, 2) and float(offsets.abs().max()) == 2.0
+    centre = torch.tensor([[20.3, 30.2], [40.7, 22.9], [31.1, 45.4]], dtype=torch.float64)
+    w = torch.ones(2, 3, dtype=torch.float64)
+
+    def colours(dx: torch.Tensor) -> torch.Tensor:
+        px = (centre[:, None] + offsets).repeat(2, 1, 1, 1)  # (T, P, S, 2)
+        px[1, ..., 0] = px[1, ..., 0] + dx
+        return photometric.sample(images, px.reshape(2, -1, 2)).reshape(2, 3, 25, 3)
+
+    aligned = colours(torch.tensor(2.0, dtype=torch.float64))
+    shaded = aligned.clone()
+    shaded[1] = 0.6 * shaded[1] + 0.1
+    assert float(photometric.patch_ncc_loss(shaded, w, 1)) < 0.02
+    dx = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    off = photometric.patch_ncc_loss(colours(dx), w, 1)
+    (g,) = torch.autograd.grad(off, dx)
+    assert float(off.detach()) > 5 * float(photometric.patch_ncc_loss(aligned, w, 1))
+    assert float(g) < 0  # frame 1's content sits to the right: its patches move right
+    one = torch.ones(1, 3, dtype=torch.float64)
+    assert float(photometric.patch_ncc_loss(aligned[:1], one, 3)) == 0.0  # one frame: no pair
+
+
 def test_visibility_and_skin_points():
     from backend.data.atlas import load_atlas
 
@@ -69,7 +99,8 @@ def test_visibility_and_skin_points():
         photometric.prepare(np.zeros((2, 8, 8), np.uint8), torch.device("cpu"))
 
 
-def _problem(s, frames: np.ndarray, points: int = 12, identity: bool = True):
+def _problem(s, frames: np.ndarray, points: int = 12, identity: bool = True,
+             term: Literal["colour", "patch"] = "colour"):
     from backend.capture.fit import FitSettings, _Problem
 
     targets = s.atlas.vertices[correspondence.template_vertices()]
@@ -78,10 +109,12 @@ def _problem(s, frames: np.ndarray, points: int = 12, identity: bool = True):
     observed = np.full((T, len(targets), 2), W / 2, np.float32)
     observed[:, correspondence.USED.index(36), 0] -= 40  # eye distance for the landmark scale
     return _Problem(s.model, s.extras, targets, observed, np.ones(T, bool), None, W, H, True,
-                    FitSettings(photometric=1.0, image_terms_fit_identity=identity), images=frames, skin=skin)
+                    FitSettings(photometric=1.0, image_terms_fit_identity=identity, photo_term=term), images=frames,
+                    skin=skin)
 
 
-def test_photometric_term_through_the_fit_problem(monkeypatch):
+@pytest.mark.parametrize("term", ["colour", "patch"])
+def test_photometric_term_through_the_fit_problem(monkeypatch, term):
     """On the model itself: the term's gradient to a frame's pose matches finite differences and has the sign
     that undoes a known image shift, and it reaches the identity through the attached skin points (checked
     against finite differences that re-solve the points from scratch)."""
@@ -108,7 +141,7 @@ def test_photometric_term_through_the_fit_problem(monkeypatch):
     e = torch.zeros(2, 53)
 
     def value(trans: torch.Tensor, u: torch.Tensor, identity: bool = True) -> torch.Tensor:
-        p = _problem(s, frames, identity=identity)
+        p = _problem(s, frames, identity=identity, term=term)
         z = z0 + u @ p.id_chol.T
         pts = p.landmarks(z, e)
         return p.photometric_loss(pts, rot, trans, focal)

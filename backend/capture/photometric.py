@@ -26,6 +26,7 @@ FACE_MAX = np.array([0.07, 0.07, 0.20])
 BLUR_PX = 1.0  # Gaussian sigma: a basin for the image gradient wider than one pixel
 VISIBLE_COS = 0.3  # a point counts from this cosine between its normal and the view ray, fully from 0.6
 CHARBONNIER = 0.01  # colour units (0..1): below this the distance is quadratic, above it nearly linear
+PATCH_EPS = 0.01  # colour units: a patch whose colours vary less than this has no correlation to offer
 
 
 def skin_vertices(vertices: np.ndarray, region: np.ndarray, names: list[str], count: int,
@@ -104,3 +105,38 @@ def consistency_loss(colours: Tensor, weights: Tensor) -> Tensor:
     d2 = (colours[1:] - colours[:-1]).square().sum(-1)
     rho = (d2 + CHARBONNIER ** 2).sqrt() - CHARBONNIER
     return (w * rho).sum() / w.sum().clamp_min(1e-6)
+
+
+def patch_offsets(normals: Tensor, size: int, spacing: float) -> Tensor:
+    """(..., P, size*size, 3) offsets (m) of a square grid of `size` x `size` points `spacing` apart in the
+    tangent plane of each normal (..., P, 3): the skin patch about a point, carried rigidly with it."""
+    n = normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+    helper = torch.zeros_like(n)
+    helper[..., 1] = 1.0  # any direction not along the face's normals (which point mostly along +z)
+    t1 = torch.linalg.cross(helper, n)
+    t1 = t1 / t1.norm(dim=-1, keepdim=True).clamp_min(1e-9)
+    t2 = torch.linalg.cross(n, t1)
+    g = (torch.arange(size, dtype=n.dtype, device=n.device) - (size - 1) / 2) * spacing
+    a, b = torch.meshgrid(g, g, indexing="ij")
+    return a.reshape(-1, 1) * t1[..., None, :] + b.reshape(-1, 1) * t2[..., None, :]
+
+
+def patch_ncc_loss(colours: Tensor, weights: Tensor, lags: int, eps: float = PATCH_EPS) -> Tensor:
+    """Mean of 1 - ZNCC between the patch colours (T, P, S, 3) one skin point shows in frames t and t + lag,
+    lag = 1 .. `lags`, weighted by both frames' weights (T, P). The normalised correlation ignores a gain and
+    an offset of the patch's colours, so a point's shading may change with the head's turn and wider baselines
+    (a stereo pair seeing depth) can be compared; eps (colour units) keeps a flat patch from correlating noise.
+    Zero for fewer than two frames or no point seen twice."""
+    T = colours.shape[0]
+    if T < 2:
+        return colours.new_zeros(())
+    v = colours.flatten(2)  # (T, P, S*3)
+    v = v - v.mean(-1, keepdim=True)
+    norm = (v.square().sum(-1) + v.shape[-1] * eps ** 2).sqrt()  # (T, P)
+    total, wsum = colours.new_zeros(()), colours.new_zeros(())
+    for lag in range(1, min(lags, T - 1) + 1):
+        ncc = (v[lag:] * v[:-lag]).sum(-1) / (norm[lag:] * norm[:-lag])
+        w = weights[lag:] * weights[:-lag]
+        total = total + (w * (1 - ncc)).sum()
+        wsum = wsum + w.sum()
+    return total / wsum.clamp_min(1e-6)
