@@ -103,9 +103,10 @@ def _cube_pieces(pos: np.ndarray, faces: np.ndarray, stride: float, basis: np.nd
     fc = cell[faces]  # (F,3,3)
     lo, hi = fc.min(1), fc.max(1)
     fits = (hi - lo <= 1).all(1)
-    base, span = cell.min(0) - 1, cell.max(0) - cell.min(0) + 3
+    base, span = cell.min(0) - 1, cell.max(0) - cell.min(0) + 3  # every cube origin lo - d, d in {0, 1}^3
 
     def key(origin: np.ndarray) -> np.ndarray:
+        """One id per cube origin, in the origins' lexicographic order."""
         o = origin - base
         return (o[:, 0] * span[1] + o[:, 1]) * span[2] + o[:, 2]
 
@@ -115,17 +116,15 @@ def _cube_pieces(pos: np.ndarray, faces: np.ndarray, stride: float, basis: np.nd
     for d in np.ndindex(2, 2, 2):
         origin = lo - np.array(d)
         ok = fits & ((hi - origin) <= 1).all(1)
+        cube = key(origin)
         if basis is not None:
-            ok &= np.isin(key(origin), held)
+            ok &= np.isin(cube, held)
         fid.append(np.flatnonzero(ok))
-        cubes.append(origin[ok])
+        cubes.append(cube[ok])
     fid_a = np.concatenate(fid)
     if not len(fid_a):
         return []
-    cube = np.concatenate(cubes)
-    cube -= cube.min(0)
-    span = cube.max(0) + 1
-    cube_id = (cube[:, 0] * span[1] + cube[:, 1]) * span[2] + cube[:, 2]
+    cube_id = np.concatenate(cubes)
     # one disjoint copy of each cube's piece: vertex (v, cube) pairs
     n = len(pos)
     vkey = cube_id[:, None] * n + faces[fid_a]
