@@ -333,7 +333,7 @@ def test_face_alignment_recovers_a_known_similarity():
     s_r, rot_r, t_r = metrics.align_face(fitted, true_v, faces, scale=True)
     assert s_r == pytest.approx(s, abs=1e-3)
     assert np.abs(rot_r - rot).max() < 2e-3 and np.abs(t_r - t).max() < 2e-4
-    moved = s_r * fitted @ rot_r.T + t_r
-    assert metrics.face_cd_l1_mm(moved, faces, true_v, faces) < 0.05
+    cd, (s_a, _, _) = metrics.aligned_face_cd_l1_mm(fitted, faces, true_v, faces, scale=True)
+    assert cd < 0.05 and s_a == s_r
     s_rigid, _, _ = metrics.align_face(fitted, true_v, faces)
     assert s_rigid == 1.0

@@ -102,10 +102,10 @@ def _gauge(fitted, true, rotations: np.ndarray, true_rot: np.ndarray) -> dict:
 
     row: dict = {}
     for name, scale in (("rigid", False), ("similarity", True)):
-        s, rot, t = metrics.align_face(fitted.vertices, true.vertices, true.faces, scale=scale)
-        moved = s * fitted.vertices.astype(np.float64) @ rot.T + t
+        cd, (s, rot, t) = metrics.aligned_face_cd_l1_mm(fitted.vertices, fitted.faces, true.vertices, true.faces,
+                                                        scale=scale)
         err = metrics.rotation_error_deg(np.einsum("tij,kj->tik", rotations.astype(np.float64), rot), true_rot)
-        row[f"face_cd_l1_mm_{name}"] = metrics.face_cd_l1_mm(moved, fitted.faces, true.vertices, true.faces)
+        row[f"face_cd_l1_mm_{name}"] = cd
         row[f"{name}_align"] = {"scale": round(s, 5),
                                 "angle_deg": round(float(metrics.rotation_error_deg(rot[None], np.eye(3)[None])[0]), 3),
                                 "shift_mm": np.round(1e3 * t, 2).tolist()}
@@ -122,10 +122,9 @@ def _mean_head_cd(s, true_mesh, resolution: int) -> tuple[float, float]:
 
     _, zr, k = s.decode(HeadSpec(identity=s.extras["id_mean"].cpu().numpy().astype(np.float32)))
     mean_mesh, _, _ = s.canonical_mesh(zr, k, resolution)
-    scale, rot, t = metrics.align_face(mean_mesh.vertices, true_mesh.vertices, true_mesh.faces, scale=True)
-    moved = scale * mean_mesh.vertices.astype(np.float64) @ rot.T + t
     return (metrics.face_cd_l1_mm(mean_mesh.vertices, mean_mesh.faces, true_mesh.vertices, true_mesh.faces),
-            metrics.face_cd_l1_mm(moved, mean_mesh.faces, true_mesh.vertices, true_mesh.faces))
+            metrics.aligned_face_cd_l1_mm(mean_mesh.vertices, mean_mesh.faces, true_mesh.vertices, true_mesh.faces,
+                                          scale=True)[0])
 
 
 def _setting(item: str) -> tuple[str, object]:

@@ -36,12 +36,22 @@ def face_cd_l1_mm(fitted_v: np.ndarray, fitted_f: np.ndarray, true_v: np.ndarray
     each measured to the other whole mesh (so the box's cut does not count as error)."""
     from ..engine.template import MeshIndex
 
-    def inside(v: np.ndarray) -> np.ndarray:
-        return v[((v >= FACE_BOX_MIN) & (v <= FACE_BOX_MAX)).all(1)]
-
-    a = MeshIndex(true_v, true_f).closest(inside(fitted_v))[2]
-    b = MeshIndex(fitted_v, fitted_f).closest(inside(true_v))[2]
+    a = MeshIndex(true_v, true_f).closest(_face(fitted_v))[2]
+    b = MeshIndex(fitted_v, fitted_f).closest(_face(true_v))[2]
     return float(1e3 * (a.mean() + b.mean()) / 2)
+
+
+def _face(v: np.ndarray) -> np.ndarray:
+    """The vertices inside the face box."""
+    return v[((v >= FACE_BOX_MIN) & (v <= FACE_BOX_MAX)).all(1)]
+
+
+def aligned_face_cd_l1_mm(fitted_v: np.ndarray, fitted_f: np.ndarray, true_v: np.ndarray, true_f: np.ndarray,
+                          scale: bool = False) -> tuple[float, tuple[float, np.ndarray, np.ndarray]]:
+    """face_cd_l1_mm after align_face's transform of the fitted head, and that transform (s, R, t)."""
+    s, rot, t = align_face(fitted_v, true_v, true_f, scale=scale)
+    moved = s * fitted_v.astype(np.float64) @ rot.T + t
+    return face_cd_l1_mm(moved, fitted_f, true_v, true_f), (s, rot, t)
 
 
 def align_face(fitted_v: np.ndarray, true_v: np.ndarray, true_f: np.ndarray, scale: bool = False,
@@ -54,7 +64,7 @@ def align_face(fitted_v: np.ndarray, true_v: np.ndarray, true_f: np.ndarray, sca
     from ..engine.template import MeshIndex
 
     index = MeshIndex(true_v, true_f)
-    x = fitted_v[((fitted_v >= FACE_BOX_MIN) & (fitted_v <= FACE_BOX_MAX)).all(1)].astype(np.float64)
+    x = _face(fitted_v).astype(np.float64)
     corners = true_v[true_f].astype(np.float64)
     s, rot, t = 1.0, np.eye(3), np.zeros(3)
     for _ in range(iterations):
